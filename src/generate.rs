@@ -1,0 +1,183 @@
+//! Sampling, stopping and streaming: prefill once, then one token per step through the KV cache.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
+use serde::Serialize;
+
+use crate::llava::LlavaModel;
+use crate::steering::Intervention;
+use crate::text::{argmax, ForwardOptions};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// Argmax, first index on ties (as torch).
+    Greedy,
+    /// Temperature then nucleus (top-p) sampling from a seeded generator.
+    TopP { temperature: f64, top_p: f64, seed: u64 },
+}
+
+impl Sampling {
+    fn sampler(&self) -> Option<LogitsProcessor> {
+        match *self {
+            Self::Greedy => None,
+            Self::TopP { temperature, top_p, seed } => Some(LogitsProcessor::from_sampling(
+                seed,
+                if top_p < 1.0 { CandleSampling::TopP { p: top_p, temperature } } else { CandleSampling::All { temperature } },
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Ids that end generation (included in the output, as HF does).
+    pub eos_ids: Vec<u32>,
+}
+
+/// One streamed token.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenEvent {
+    pub index: usize,
+    pub id: u32,
+    /// New text since the previous event (empty while a multi-byte character is incomplete).
+    pub text: String,
+}
+
+/// Result of one generation, with the timing fields of the CLI's `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub input_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub stopped_on_eos: bool,
+    /// Stopped by the caller's callback.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Incremental detokenisation: decodes the whole answer each step and emits the new suffix once
+/// it is valid text (no trailing U+FFFD from a split UTF-8 sequence).
+pub struct TextStream<'a> {
+    tokenizer: &'a tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
+        Self { tokenizer, ids: Vec::new(), emitted: 0 }
+    }
+
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.text()?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(String::new());
+        }
+        let delta = text[self.emitted..].to_owned();
+        self.emitted = text.len();
+        Ok(delta)
+    }
+
+    pub fn text(&self) -> Result<String> {
+        self.tokenizer.decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenizing failed: {e}"))
+    }
+}
+
+/// Seconds since an arbitrary origin (`Instant` is not available on wasm32-unknown-unknown).
+pub fn now_seconds() -> f64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now() / 1000.0
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+    }
+}
+
+/// Generate after a prompt whose embeddings are `embeds` `[1, T, H]` (ids `input_ids`).
+/// `on_token` is called for every token; returning `false` stops (the result is kept).
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    model: &LlavaModel,
+    tokenizer: &tokenizers::Tokenizer,
+    input_ids: &[u32],
+    embeds: &Tensor,
+    steering: Option<&Intervention>,
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+) -> Result<Generation> {
+    let prompt_len = input_ids.len();
+    let context = model.config.text.max_position_embeddings;
+    let max_new = opts.max_new_tokens.min(context.saturating_sub(prompt_len));
+    let mut cache = model.text.new_cache(prompt_len + max_new);
+    let mut sampler = opts.sampling.sampler();
+    let mut pick = |logits: &Tensor| -> Result<u32> {
+        Ok(match sampler.as_mut() {
+            None => argmax(&logits.to_vec1::<f32>()?),
+            Some(s) => s.sample(logits)?,
+        })
+    };
+    let forward_opts = ForwardOptions { steering, prompt_len, capture_layers: false, logits: true };
+
+    let t0 = now_seconds();
+    let out = model.forward(embeds, &mut cache, forward_opts).context("prefill failed")?;
+    let mut logits = out.logits.context("no logits")?;
+    let prefill_seconds = now_seconds() - t0;
+
+    let mut stream = TextStream::new(tokenizer);
+    let mut generated_ids = Vec::new();
+    let (mut stopped_on_eos, mut cancelled) = (false, false);
+    let t1 = now_seconds();
+    for index in 0..max_new {
+        let id = pick(&logits)?;
+        generated_ids.push(id);
+        let text = stream.push(id)?;
+        if !on_token(&TokenEvent { index, id, text }) {
+            cancelled = true;
+            break;
+        }
+        if opts.eos_ids.contains(&id) {
+            stopped_on_eos = true;
+            break;
+        }
+        if index + 1 == max_new {
+            break;
+        }
+        let embed = model.text.embed(&[id])?;
+        logits = model.forward(&embed, &mut cache, forward_opts)?.logits.context("no logits")?;
+    }
+    let decode_seconds = now_seconds() - t1;
+    // The first token comes from the prefill; decode steps are the ones after it.
+    let decode_steps = generated_ids.len().saturating_sub(1);
+    Ok(Generation {
+        input_ids: input_ids.to_vec(),
+        text: stream.text()?,
+        generated_ids,
+        stopped_on_eos,
+        cancelled,
+        prefill_seconds,
+        decode_seconds,
+        prefill_tokens_per_s: rate(prompt_len, prefill_seconds),
+        decode_tokens_per_s: rate(decode_steps, decode_seconds),
+    })
+}
+
+fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}

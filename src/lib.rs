@@ -1,0 +1,26 @@
+//! cmrm — a LLaVA-style vision-language model in Rust (native and wasm32) with CMRM steering.
+//!
+//! The data path, one module per stage:
+//! `image` (decode, preprocess) → `vision` (CLIP / SigLIP tower) → `projector` → `llava` (merge)
+//! → `text` (decoder layers + the `steering` hook) → `generate` (sample, stop, stream).
+//! `config`, `weights` and `processor` read a Hugging Face checkpoint; `pipeline::Vlm` ties it
+//! together for the CLI (`src/bin/cmrm.rs`) and the browser (`web`).
+
+pub mod bench;
+pub mod config;
+pub mod generate;
+pub mod image;
+pub mod llava;
+pub mod pipeline;
+pub mod processor;
+pub mod projector;
+pub mod steering;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+pub use config::LlavaConfig;
+pub use generate::{GenerateOptions, Generation, Sampling, TokenEvent};
+pub use image::{decode_image, RgbImage};
+pub use pipeline::{Prepared, Probe, PromptText, Vlm};
+pub use steering::{Intervention, Positions, SteeringVectors};

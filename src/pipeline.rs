@@ -1,0 +1,177 @@
+//! [`Vlm`]: a loaded checkpoint (model + processor + stop ids) and the request-level operations
+//! the CLI and the browser share: encode an image, build a prompt, generate, probe.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::config::LlavaConfig;
+use crate::generate::{generate, GenerateOptions, Generation, Sampling, TokenEvent};
+use crate::image::RgbImage;
+use crate::llava::LlavaModel;
+use crate::processor::{EncodedPrompt, Processor, ProcessorFiles};
+use crate::steering::Intervention;
+use crate::text::ForwardOptions;
+use crate::weights::Weights;
+
+/// What the user typed: a question for the chat template, or a full prompt used as is.
+#[derive(Debug, Clone)]
+pub enum PromptText {
+    Chat(String),
+    Raw(String),
+}
+
+/// A prompt ready for the decoder.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The full prompt text (after the chat template).
+    pub prompt: String,
+    pub encoded: EncodedPrompt,
+    /// `[1, T, H]`, image features merged in.
+    pub embeds: Tensor,
+}
+
+/// Hidden states at the last prompt position (the `probe --json` fields).
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub input_ids: Vec<u32>,
+    pub n_image_tokens: usize,
+    /// `[L+1][H]`: embeddings, block outputs 0..L-2, final norm of block L-1's output.
+    pub hidden_states: Vec<Vec<f32>>,
+    /// `[L][H]`: raw output of each block (after steering).
+    pub layer_outputs: Vec<Vec<f32>>,
+    pub logits: Vec<f32>,
+}
+
+pub struct Vlm {
+    pub model: LlavaModel,
+    pub processor: Processor,
+    pub eos_ids: Vec<u32>,
+}
+
+impl Vlm {
+    /// Build from parsed parts (the browser path; `load_dir` reads the same parts from disk).
+    pub fn from_parts(config: LlavaConfig, processor_files: &ProcessorFiles, generation_config: Option<&str>, weights: Weights) -> Result<Self> {
+        let processor = Processor::from_files(processor_files, &config)?;
+        let device = Device::Cpu;
+        let model = LlavaModel::new(&config, weights.into_var_builder(&device)).context("the weights do not fit the config")?;
+        let mut eos_ids = match generation_config {
+            Some(text) => crate::config::eos_ids_from_generation_config(text)?,
+            None => Vec::new(),
+        };
+        if eos_ids.is_empty() {
+            eos_ids = config.text.eos_token_ids.clone();
+        }
+        Ok(Self { model, processor, eos_ids })
+    }
+
+    /// Load a checkpoint folder: `config.json`, weights, tokenizer and processor files.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_dir(dir: &std::path::Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a folder (expected a Hugging Face checkpoint folder with config.json)", dir.display());
+        }
+        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let files = ProcessorFiles::read_dir(dir)?;
+        let gen_path = dir.join("generation_config.json");
+        let generation_config = std::fs::read_to_string(&gen_path).ok();
+        let weights = Weights::from_dir(dir, &Device::Cpu)?;
+        Self::from_parts(config, &files, generation_config.as_deref(), weights).with_context(|| format!("loading {}", dir.display()))
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.model.config
+    }
+
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    /// `pixel_values` `[1, 3, S, S]` of an image (and the resized u8 image).
+    pub fn pixel_values(&self, img: &RgbImage) -> Result<(RgbImage, Tensor)> {
+        let (resized, pixels) = self.processor.preprocess_image(img);
+        let s = (resized.height, resized.width);
+        Ok((resized, Tensor::from_vec(pixels, (1, 3, s.0, s.1), self.device())?))
+    }
+
+    /// Image → `image_features` `[n_img, H]` (run once, reuse for every answer).
+    pub fn encode_image(&self, img: &RgbImage) -> Result<Tensor> {
+        let (_, pixel_values) = self.pixel_values(img)?;
+        Ok(self.model.encode_image(&pixel_values)?)
+    }
+
+    /// Full prompt text for a request.
+    pub fn prompt_text(&self, text: &PromptText, with_image: bool) -> Result<String> {
+        match text {
+            PromptText::Chat(q) => self.processor.chat_prompt(q, with_image),
+            PromptText::Raw(p) => Ok(p.clone()),
+        }
+    }
+
+    /// Tokenize a full prompt and merge the image features (if any) into its embeddings.
+    pub fn prepare_prompt(&self, prompt: &str, image_features: Option<&Tensor>) -> Result<Prepared> {
+        let encoded = self.processor.encode(prompt, usize::from(image_features.is_some()))?;
+        let context = self.config().text.max_position_embeddings;
+        if encoded.input_ids.len() >= context {
+            bail!(
+                "the prompt is {} tokens ({} of them image tokens), over the model's context of {context} tokens; shorten it",
+                encoded.input_ids.len(),
+                encoded.n_image_tokens()
+            );
+        }
+        let image = match (image_features, encoded.image_span) {
+            (Some(f), Some(span)) => Some((f, span)),
+            _ => None,
+        };
+        let embeds = self.model.embed(&encoded.input_ids, image)?;
+        Ok(Prepared { prompt: prompt.to_owned(), encoded, embeds })
+    }
+
+    /// Chat prompt (or raw prompt) + optional image features → [`Prepared`].
+    pub fn prepare(&self, text: &PromptText, image_features: Option<&Tensor>) -> Result<Prepared> {
+        let prompt = self.prompt_text(text, image_features.is_some())?;
+        self.prepare_prompt(&prompt, image_features)
+    }
+
+    /// CMRM's text-only counterpart of a prompt: the placeholder removed, nothing else changed.
+    pub fn prepare_text_only(&self, prompt: &str) -> Result<Prepared> {
+        self.prepare_prompt(&self.processor.text_only(prompt), None)
+    }
+
+    pub fn default_generate_options(&self, max_new_tokens: usize, sampling: Sampling) -> GenerateOptions {
+        GenerateOptions { max_new_tokens, sampling, eos_ids: self.eos_ids.clone() }
+    }
+
+    pub fn generate(
+        &self,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        generate(&self.model, &self.processor.tokenizer, &prepared.encoded.input_ids, &prepared.embeds, steering, opts, on_token)
+    }
+
+    /// One forward pass over the prompt; hidden states, block outputs and logits at its last token.
+    pub fn probe(&self, prepared: &Prepared, steering: Option<&Intervention>) -> Result<Probe> {
+        let t = prepared.encoded.input_ids.len();
+        let mut cache = self.model.text.new_cache(t);
+        let out = self.model.forward(
+            &prepared.embeds,
+            &mut cache,
+            ForwardOptions { steering, prompt_len: t, capture_layers: true, logits: true },
+        )?;
+        let layer_outputs: Vec<Vec<f32>> = out.layer_outputs.context("no layer outputs")?.iter().map(|x| x.to_vec1()).collect::<candle_core::Result<_>>()?;
+        let mut hidden_states = Vec::with_capacity(layer_outputs.len() + 1);
+        hidden_states.push(prepared.embeds.get(0)?.get(t - 1)?.to_vec1()?);
+        hidden_states.extend(layer_outputs[..layer_outputs.len() - 1].iter().cloned());
+        hidden_states.push(out.final_norm.context("no final norm")?.to_vec1()?);
+        Ok(Probe {
+            input_ids: prepared.encoded.input_ids.clone(),
+            n_image_tokens: prepared.encoded.n_image_tokens(),
+            hidden_states,
+            layer_outputs,
+            logits: out.logits.context("no logits")?.to_vec1()?,
+        })
+    }
+}

@@ -1,0 +1,246 @@
+//! The text side of the processor: chat template (Jinja) → prompt → `input_ids` with `<image>`
+//! expanded, plus the image preprocessor read from the same checkpoint folder.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::config::LlavaConfig;
+use crate::image::{ImagePreprocessor, RgbImage};
+
+/// The processor's files, as bytes/strings, so native and browser loading share one path.
+#[derive(Default, Clone)]
+pub struct ProcessorFiles {
+    pub tokenizer_json: Vec<u8>,
+    pub tokenizer_config_json: Option<String>,
+    pub chat_template_jinja: Option<String>,
+    /// Older llava-hf repos ship `chat_template.json` = `{"chat_template": "..."}`.
+    pub chat_template_json: Option<String>,
+    pub preprocessor_config_json: Option<String>,
+    pub processor_config_json: Option<String>,
+}
+
+/// Token ids of a prompt and where its image tokens are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPrompt {
+    pub input_ids: Vec<u32>,
+    /// `[start, end)` of the expanded image tokens, if the prompt has an image.
+    pub image_span: Option<(usize, usize)>,
+}
+
+impl EncodedPrompt {
+    pub fn n_image_tokens(&self) -> usize {
+        self.image_span.map_or(0, |(s, e)| e - s)
+    }
+}
+
+pub struct Processor {
+    pub tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    template_vars: Vec<(String, String)>,
+    pub image: ImagePreprocessor,
+    /// The placeholder string (`<image>`).
+    pub image_token: String,
+    pub image_token_id: u32,
+    /// Tokens each image expands to.
+    pub image_seq_len: usize,
+}
+
+fn parse_json(name: &str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{name} is not valid JSON"))
+}
+
+impl Processor {
+    pub fn from_files(files: &ProcessorFiles, config: &LlavaConfig) -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(&files.tokenizer_json)
+            .map_err(|e| anyhow!("tokenizer.json could not be loaded: {e}"))?;
+        let tokenizer_config = files.tokenizer_config_json.as_deref().map(|t| parse_json("tokenizer_config.json", t)).transpose()?;
+        let processor_config = files.processor_config_json.as_deref().map(|t| parse_json("processor_config.json", t)).transpose()?;
+        let preprocessor_config = files.preprocessor_config_json.as_deref().map(|t| parse_json("preprocessor_config.json", t)).transpose()?;
+
+        let template_from = |v: &Option<Value>| -> Option<String> {
+            match v.as_ref()?.get("chat_template")? {
+                Value::String(s) => Some(s.clone()),
+                // A list of named templates: take "default".
+                Value::Array(items) => items
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
+                _ => None,
+            }
+        };
+        let chat_template_json = files.chat_template_json.as_deref().map(|t| parse_json("chat_template.json", t)).transpose()?;
+        let chat_template = files
+            .chat_template_jinja
+            .clone()
+            .or_else(|| template_from(&chat_template_json))
+            .or_else(|| template_from(&processor_config))
+            .or_else(|| template_from(&tokenizer_config));
+
+        let mut template_vars = Vec::new();
+        if let Some(tc) = &tokenizer_config {
+            for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+                let value = match tc.get(key) {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+                    _ => None,
+                };
+                if let Some(v) = value {
+                    template_vars.push((key.to_owned(), v));
+                }
+            }
+        }
+
+        let image_cfg = preprocessor_config
+            .as_ref()
+            .or_else(|| processor_config.as_ref().and_then(|p| p.get("image_processor")))
+            .context("no image processor settings: need preprocessor_config.json (or processor_config.json with image_processor)")?;
+        let image = ImagePreprocessor::from_value(image_cfg).context("in the image processor config")?;
+        if let Some((w, h)) = image.output_size() {
+            let s = config.vision.image_size;
+            if w != s || h != s {
+                bail!("the image processor outputs {w}×{h} but the vision tower expects {s}×{s}");
+            }
+        } else {
+            bail!("the image processor config gives no fixed output size (needs crop_size or size.height/width)");
+        }
+
+        let image_token = processor_config
+            .as_ref()
+            .and_then(|p| p.get("image_token"))
+            .and_then(Value::as_str)
+            .unwrap_or("<image>")
+            .to_owned();
+        let image_token_id = tokenizer
+            .token_to_id(&image_token)
+            .with_context(|| format!("the tokenizer has no '{image_token}' token"))?;
+        if image_token_id != config.image_token_id {
+            bail!(
+                "the tokenizer maps '{image_token}' to id {image_token_id} but config.json's image_token_index is {}",
+                config.image_token_id
+            );
+        }
+        let tokenizer_vocab = tokenizer.get_vocab_size(true);
+        if tokenizer_vocab > config.text.vocab_size {
+            bail!("the tokenizer has {tokenizer_vocab} tokens, more than the model's vocab_size {}", config.text.vocab_size);
+        }
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            template_vars,
+            image,
+            image_token,
+            image_token_id,
+            image_seq_len: config.image_tokens_per_image(),
+        })
+    }
+
+    /// Read the processor files from a checkpoint folder.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_dir(dir: &std::path::Path, config: &LlavaConfig) -> Result<Self> {
+        let files = ProcessorFiles::read_dir(dir)?;
+        Self::from_files(&files, config).with_context(|| format!("loading the processor from {}", dir.display()))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// The full prompt for one user turn, with the image placeholder where the template puts it.
+    pub fn chat_prompt(&self, question: &str, with_image: bool) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .context("the model has no chat template (chat_template.jinja, chat_template.json, tokenizer_config.json); pass the full prompt with --raw-prompt")?;
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| anyhow!("the chat template does not parse: {e}"))?;
+        let mut content = Vec::new();
+        if with_image {
+            content.push(serde_json::json!({"type": "image"}));
+        }
+        content.push(serde_json::json!({"type": "text", "text": question}));
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("messages".into(), serde_json::json!([{"role": "user", "content": content}]));
+        ctx.insert("add_generation_prompt".into(), Value::Bool(true));
+        for (k, v) in &self.template_vars {
+            ctx.insert(k.clone(), Value::String(v.clone()));
+        }
+        let tmpl = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
+        let prompt = tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| anyhow!("the chat template failed to render: {e}"))?;
+        if with_image && !prompt.contains(&self.image_token) {
+            bail!("the chat template did not place the image token '{}' in the prompt", self.image_token);
+        }
+        Ok(prompt)
+    }
+
+    /// CMRM's text-only counterpart: the same full prompt with the image placeholder removed.
+    pub fn text_only(&self, prompt: &str) -> String {
+        prompt.replace(&self.image_token, "")
+    }
+
+    /// Tokenize a full prompt (special tokens added by the tokenizer's post-processor) and expand
+    /// its `<image>` placeholder to `image_seq_len` tokens. `n_images` must match the placeholders.
+    pub fn encode(&self, prompt: &str, n_images: usize) -> Result<EncodedPrompt> {
+        let encoding = self.tokenizer.encode(prompt, true).map_err(|e| anyhow!("tokenizing the prompt failed: {e}"))?;
+        let raw = encoding.get_ids();
+        let placeholders = raw.iter().filter(|&&id| id == self.image_token_id).count();
+        if placeholders != n_images {
+            bail!(
+                "the prompt has {placeholders} '{}' placeholder(s) but {n_images} image(s) were given",
+                self.image_token
+            );
+        }
+        if n_images > 1 {
+            bail!("only one image per prompt is supported");
+        }
+        let mut input_ids = Vec::with_capacity(raw.len() + self.image_seq_len);
+        let mut image_span = None;
+        for &id in raw {
+            if id == self.image_token_id {
+                let start = input_ids.len();
+                input_ids.extend(std::iter::repeat_n(id, self.image_seq_len));
+                image_span = Some((start, input_ids.len()));
+            } else {
+                input_ids.push(id);
+            }
+        }
+        Ok(EncodedPrompt { input_ids, image_span })
+    }
+
+    /// `pixel_values` `[3, S, S]` (CHW f32) and the resized u8 image.
+    pub fn preprocess_image(&self, img: &RgbImage) -> (RgbImage, Vec<f32>) {
+        self.image.preprocess(img)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("detokenizing failed: {e}"))
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ProcessorFiles {
+    pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
+        let read_opt = |name: &str| -> Result<Option<String>> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),
+            }
+        };
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer_json = std::fs::read(&tok_path).with_context(|| format!("cannot read {}", tok_path.display()))?;
+        Ok(Self {
+            tokenizer_json,
+            tokenizer_config_json: read_opt("tokenizer_config.json")?,
+            chat_template_jinja: read_opt("chat_template.jinja")?,
+            chat_template_json: read_opt("chat_template.json")?,
+            preprocessor_config_json: read_opt("preprocessor_config.json")?,
+            processor_config_json: read_opt("processor_config.json")?,
+        })
+    }
+}

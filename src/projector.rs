@@ -1,0 +1,31 @@
+//! The multimodal projector: selected vision features `[n_img, Hv·k]` → `image_features` `[n_img, H]`
+//! (linear, activation, linear), the embeddings that replace the `<image>` tokens.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{linear_b, Linear, VarBuilder};
+
+use crate::config::{Activation, LlavaConfig};
+
+pub struct Projector {
+    linear_1: Linear,
+    act: Activation,
+    linear_2: Linear,
+}
+
+impl Projector {
+    /// `vb` points at the canonical `projector.` prefix.
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let hidden = cfg.text.hidden_size;
+        Ok(Self {
+            linear_1: linear_b(cfg.projector_in_dim(), hidden, cfg.projector_bias, vb.pp("linear_1"))?,
+            act: cfg.projector_act,
+            linear_2: linear_b(hidden, hidden, cfg.projector_bias, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for Projector {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.act.apply(&self.linear_1.forward(xs)?)?)
+    }
+}

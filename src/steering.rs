@@ -1,0 +1,229 @@
+//! Steering vectors (`layer.{l}` files) and the intervention applied to decoder-block outputs.
+//!
+//! Library convention: an [`Intervention`] *adds* `scale · v_l` to the output of block `l`
+//! (0-based), the semantics of the oracle's `steer()`. CMRM subtracts: [`Intervention::cmrm`]
+//! uses `scale = −α`, so `h_l ← h_l − α·v_l`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+
+use crate::config::LlavaConfig;
+
+/// Which positions of the sequence are steered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Every position of every forward pass: the prompt and each generated token.
+    All,
+    /// Only the last prompt token (absolute position `prompt_len − 1`). Later tokens still attend
+    /// to its steered keys and values.
+    Last,
+    /// Only generated tokens (absolute positions ≥ `prompt_len`).
+    Generated,
+}
+
+impl std::str::FromStr for Positions {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(Self::All),
+            "last" => Ok(Self::Last),
+            "generated" => Ok(Self::Generated),
+            other => bail!("positions must be all, last or generated (got '{other}')"),
+        }
+    }
+}
+
+/// `format` value of cmrm's own vector files.
+pub const VECTORS_FORMAT: &str = "cmrm-vectors/1";
+
+/// Per-layer vectors `v_l` (`[hidden]` each) with the file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteeringVectors {
+    pub hidden_size: usize,
+    /// Layer index → vector.
+    pub layers: BTreeMap<usize, Vec<f32>>,
+    /// The safetensors `__metadata__` (format, model, method, anchor, sign, defaults…).
+    pub metadata: HashMap<String, String>,
+}
+
+impl SteeringVectors {
+    pub fn new(hidden_size: usize, layers: BTreeMap<usize, Vec<f32>>) -> Result<Self> {
+        for (l, v) in &layers {
+            if v.len() != hidden_size {
+                bail!("layer.{l} has {} values, expected hidden size {hidden_size}", v.len());
+            }
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!("layer.{l} holds a non-finite value ({}) at index {i}", v[i]);
+            }
+        }
+        Ok(Self { hidden_size, layers, metadata: HashMap::new() })
+    }
+
+    /// Parse a safetensors vector file: tensors `layer.{l}` F32 `[hidden]`. `name` labels errors.
+    pub fn from_safetensors_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("{name}: not a valid safetensors file ({e})"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{name}: not a valid safetensors file ({e})"))?;
+        let mut layers = BTreeMap::new();
+        let mut hidden = None;
+        for (key, view) in st.tensors() {
+            let Some(index) = key.strip_prefix("layer.") else {
+                bail!("{name}: unexpected tensor '{key}' (a vector file holds only layer.{{l}} tensors)");
+            };
+            let l: usize = index.parse().map_err(|_| anyhow!("{name}: tensor '{key}' has no layer number"))?;
+            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+                bail!("{name}: tensor '{key}' must be F32 [hidden], got {:?} {:?}", view.dtype(), view.shape());
+            }
+            let n = view.shape()[0];
+            if *hidden.get_or_insert(n) != n {
+                bail!("{name}: tensor '{key}' has {n} values, other layers have {}", hidden.unwrap_or(0));
+            }
+            let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            layers.insert(l, values);
+        }
+        let Some(hidden_size) = hidden else { bail!("{name}: the file holds no layer.{{l}} tensors") };
+        let mut this = Self::new(hidden_size, layers).with_context(|| name.to_owned())?;
+        this.metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(this)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_safetensors_bytes(&path.display().to_string(), &bytes)
+    }
+
+    /// Serialize as a safetensors file with `layer.{l}` tensors and this metadata.
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let data: Vec<(String, Vec<u8>)> = self
+            .layers
+            .iter()
+            .map(|(l, v)| (format!("layer.{l}"), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(k, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![self.hidden_size], bytes)
+                    .map(|view| (k.clone(), view))
+                    .map_err(|e| anyhow!("{e}"))
+            })
+            .collect::<Result<_>>()?;
+        let meta = if self.metadata.is_empty() { None } else { Some(self.metadata.clone()) };
+        safetensors::serialize(views, meta).map_err(|e| anyhow!("cannot serialize vectors: {e}"))
+    }
+
+    /// Check that the vectors fit a model: hidden size, layer indices, and the `model` hint when
+    /// the file records the model's fingerprint.
+    pub fn validate_for(&self, name: &str, config: &LlavaConfig) -> Result<()> {
+        let hidden = config.text.hidden_size;
+        let n_layers = config.text.num_hidden_layers;
+        if self.hidden_size != hidden {
+            bail!("{name}: vectors have hidden size {}, the model's hidden size is {hidden} — these vectors are for another model", self.hidden_size);
+        }
+        if let Some((&l, _)) = self.layers.iter().next_back().filter(|(&l, _)| l >= n_layers) {
+            bail!("{name}: vectors include layer.{l}, the model has only {n_layers} decoder layers (0..{})", n_layers - 1);
+        }
+        if let Some(declared) = self.metadata.get("num_layers").and_then(|s| s.parse::<usize>().ok()) {
+            if declared != n_layers {
+                bail!("{name}: vectors were made for a model with {declared} layers, this model has {n_layers}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The sign convention recorded in the file (`subtract` for CMRM files; `add` otherwise).
+    pub fn sign(&self) -> &str {
+        self.metadata.get("sign").map_or("add", String::as_str)
+    }
+}
+
+/// Parse a `--layers` spec: `all`, `0,2,5`, `3-7`, or a mix (`0,3-5`).
+pub fn parse_layers(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
+    if spec.trim() == "all" {
+        return Ok((0..num_layers).collect());
+    }
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a.parse().map_err(|_| anyhow!("bad layer '{part}' in '{spec}' (use all, 0,2,5 or 3-7)"))?;
+        let b: usize = b.parse().map_err(|_| anyhow!("bad layer '{part}' in '{spec}' (use all, 0,2,5 or 3-7)"))?;
+        if a > b {
+            bail!("layer range '{part}' is reversed");
+        }
+        if b >= num_layers {
+            bail!("layer {b} is out of range: the model has {num_layers} decoder layers (0..{})", num_layers - 1);
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        bail!("no layers in '{spec}'");
+    }
+    Ok(out)
+}
+
+/// Deltas ready to add to block outputs: `delta_l = scale · v_l` as `[1, 1, H]` tensors.
+#[derive(Debug, Clone)]
+pub struct Intervention {
+    deltas: BTreeMap<usize, Tensor>,
+    pub positions: Positions,
+}
+
+impl Intervention {
+    /// `h_l ← h_l + scale·v_l` for each `l` in `layers` (every layer of the file when `None`).
+    /// Layers the file lacks are an error.
+    pub fn add(vectors: &SteeringVectors, scale: f32, layers: Option<&[usize]>, positions: Positions, device: &Device) -> Result<Self> {
+        let chosen: Vec<usize> = match layers {
+            Some(ls) => ls.to_vec(),
+            None => vectors.layers.keys().copied().collect(),
+        };
+        let mut deltas = BTreeMap::new();
+        for l in chosen {
+            let v = vectors.layers.get(&l).with_context(|| format!("the vectors have no layer.{l}"))?;
+            // scale·v in f32 first, then broadcast (the oracle's order of operations).
+            let delta: Vec<f32> = v.iter().map(|x| x * scale).collect();
+            deltas.insert(l, Tensor::from_vec(delta, (1, 1, vectors.hidden_size), device)?);
+        }
+        Ok(Self { deltas, positions })
+    }
+
+    /// CMRM: `h_l ← h_l − α·v_l`.
+    pub fn cmrm(vectors: &SteeringVectors, alpha: f32, layers: Option<&[usize]>, positions: Positions, device: &Device) -> Result<Self> {
+        Self::add(vectors, -alpha, layers, positions, device)
+    }
+
+    pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.deltas.keys().copied()
+    }
+
+    /// Apply to the output `xs` `[1, t, H]` of block `layer`, whose rows are absolute positions
+    /// `start .. start + t`; `prompt_len` counts every prompt token (BOS and image tokens included).
+    pub fn apply(&self, layer: usize, xs: &Tensor, start: usize, prompt_len: usize) -> candle_core::Result<Tensor> {
+        let Some(delta) = self.deltas.get(&layer) else { return Ok(xs.clone()) };
+        let t = xs.dim(1)?;
+        let rows: Vec<bool> = (start..start + t)
+            .map(|pos| match self.positions {
+                Positions::All => true,
+                Positions::Last => pos + 1 == prompt_len,
+                Positions::Generated => pos >= prompt_len,
+            })
+            .collect();
+        if rows.iter().all(|&r| r) {
+            return xs.broadcast_add(delta);
+        }
+        if !rows.iter().any(|&r| r) {
+            return Ok(xs.clone());
+        }
+        // Add delta only on the chosen rows; the others get an exact +0.
+        let mask: Vec<f32> = rows.iter().map(|&r| if r { 1.0 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (1, t, 1), xs.device())?;
+        xs.broadcast_add(&mask.broadcast_mul(delta)?)
+    }
+}

@@ -1,0 +1,314 @@
+//! The language model: a Llama / Qwen2 decoder with a KV cache and the per-layer steering hook.
+//!
+//! Shapes: hidden states are `[1, t, H]` (batch 1, `t` new positions); attention heads are
+//! `[1, heads, t, head_dim]`. Positions are absolute: RoPE uses `start .. start + t` over the whole
+//! sequence, image tokens included (HF `position_ids = 0..T-1`).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::config::{Activation, TextConfig};
+use crate::steering::Intervention;
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+}
+
+/// RoPE tables in the HF rotate-half convention, computed in f32 as transformers does:
+/// `inv_freq_i = 1 / θ^(2i/d)`, angle = `pos · inv_freq_i`.
+struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    fn new(cfg: &TextConfig) -> Self {
+        let d = cfg.head_dim;
+        let theta = cfg.rope_theta as f32;
+        let inv_freq = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)`, each `[t, d/2]`, for positions `start .. start + t`.
+    fn tables(&self, start: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in start..start + t {
+            for &f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear(h, cfg.num_attention_heads * d, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: linear(cfg.num_attention_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+            scale: (d as f64).powf(-0.5),
+        })
+    }
+
+    /// `xs` `[1, t, H]` at positions `start..start+t`; the cache holds positions `0..start`.
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let d = self.head_dim;
+        let q = self.q_proj.forward(xs)?.reshape((b, t, self.num_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k_proj.forward(xs)?.reshape((b, t, self.num_kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(xs)?.reshape((b, t, self.num_kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let total = k.dim(2)?;
+        // GQA without copying K/V: the query heads sharing a KV head are stacked along the row
+        // axis, `[1, kv, rep·t, d]` against `[1, kv, T, d]`.
+        let rep = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, rep * t, d))?;
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if t > 1 {
+            let mask = causal_mask(t, rep, start, total, xs.device())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?; // [1, kv, rep·t, d]
+        let out = out.reshape((b, self.num_heads, t, d))?.transpose(1, 2)?.reshape((b, t, self.num_heads * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive causal mask `[rep·t, T]`: row `r·t + i` is query position `start + i`.
+fn causal_mask(t: usize, rep: usize, start: usize, total: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(rep * t * total);
+    for _ in 0..rep {
+        for i in 0..t {
+            mask.extend((0..total).map(|j| if j <= start + i { 0f32 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Tensor::from_vec(mask, (rep * t, total), device)
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear(h, m, cfg.mlp_bias, vb.pp("gate_proj"))?,
+            up_proj: linear(h, m, cfg.mlp_bias, vb.pp("up_proj"))?,
+            down_proj: linear(m, h, cfg.mlp_bias, vb.pp("down_proj"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gated = (self.act.apply(&self.gate_proj.forward(xs)?)? * self.up_proj.forward(xs)?)?;
+        self.down_proj.forward(&gated)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, start, cache)?;
+        let xs = (xs + attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + mlp
+    }
+}
+
+/// Per-layer KV cache of one sequence.
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    /// `capacity`: positions to pre-allocate (it grows if exceeded).
+    pub fn new(num_layers: usize, capacity: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| KvCache::new(2, capacity.max(1))).collect() }
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.layers[0].current_seq_len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a forward pass returns, all at the last of its positions.
+pub struct DecoderOutput {
+    /// `[V]` logits of the last position (absent when `logits: false` was asked).
+    pub logits: Option<Tensor>,
+    /// Raw (post-steering) output of every block at the last position, `[H]` each — when asked.
+    pub layer_outputs: Option<Vec<Tensor>>,
+    /// Final-norm output at the last position, `[H]` — with `layer_outputs`.
+    pub final_norm: Option<Tensor>,
+}
+
+/// Options of one forward pass.
+#[derive(Clone, Copy)]
+pub struct ForwardOptions<'a> {
+    pub steering: Option<&'a Intervention>,
+    /// Prompt length for positional steering (`last` / `generated`).
+    pub prompt_len: usize,
+    pub capture_layers: bool,
+    pub logits: bool,
+}
+
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    /// `vb` is the root builder: weights live under canonical `lm.` and `lm_head.`.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let lm = vb.pp("lm");
+        let embed_weight = lm.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, lm.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
+        let lm_head_weight = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            embed_weight
+        } else {
+            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: Linear::new(lm_head_weight, None),
+            rope: Rope::new(cfg),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> Cache {
+        Cache::new(self.layers.len(), capacity)
+    }
+
+    /// Token embeddings `[1, t, H]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            candle_core::bail!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
+        }
+        let ids = Tensor::new(ids, self.embed_tokens.embeddings().device())?;
+        self.embed_tokens.forward(&ids)?.unsqueeze(0)
+    }
+
+    /// Run the decoder over `embeds` `[1, t, H]` at positions `cache.len() ..`, appending to the
+    /// cache. Steering is added to each chosen block's output before the next block sees it.
+    pub fn forward(&self, embeds: &Tensor, cache: &mut Cache, opts: ForwardOptions) -> Result<DecoderOutput> {
+        let start = cache.len();
+        let t = embeds.dim(1)?;
+        let (cos, sin) = self.rope.tables(start, t, embeds.device())?;
+        let mut xs = embeds.clone();
+        let mut layer_outputs = opts.capture_layers.then(|| Vec::with_capacity(self.layers.len()));
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            xs = layer.forward(&xs, &cos, &sin, start, kv)?;
+            if let Some(steering) = opts.steering {
+                xs = steering.apply(l, &xs, start, opts.prompt_len)?;
+            }
+            if let Some(outs) = layer_outputs.as_mut() {
+                outs.push(xs.get(0)?.get(t - 1)?);
+            }
+        }
+        let last = xs.narrow(1, t - 1, 1)?;
+        let normed = self.norm.forward(&last)?;
+        let logits = if opts.logits { Some(self.lm_head.forward(&normed)?.flatten_all()?) } else { None };
+        let final_norm = layer_outputs.as_ref().map(|_| normed.flatten_all()).transpose()?;
+        Ok(DecoderOutput { logits, layer_outputs, final_norm })
+    }
+
+    /// Full-sequence hidden states `[L+1, T, H]` and logits `[T, V]` without a cache (debugging
+    /// position-dependent bugs against HF's `hidden_states_full` / `logits_full`).
+    pub fn forward_full(&self, embeds: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = embeds.dim(1)?;
+        let mut cache = self.new_cache(t);
+        let (cos, sin) = self.rope.tables(0, t, embeds.device())?;
+        let mut xs = embeds.clone();
+        let mut states = vec![xs.get(0)?];
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &cos, &sin, 0, kv)?;
+            states.push(xs.get(0)?);
+        }
+        let normed = self.norm.forward(&xs)?;
+        *states.last_mut().expect("at least one layer") = normed.get(0)?;
+        let logits = self.lm_head.forward(&normed)?.get(0)?;
+        Ok((Tensor::stack(&states, 0)?, logits))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+}
+
+/// Index of the first maximal logit (torch's `argmax` tie rule).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Last-dim helper for tests: `[.., V]` → Vec.
+pub fn to_vec_last(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}

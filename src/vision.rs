@@ -1,0 +1,182 @@
+//! CLIP and SigLIP vision towers: `pixel_values` `[B, 3, S, S]` → encoder hidden states.
+//!
+//! Hidden state `k` follows HF `output_hidden_states`: 0 is the encoder input (CLIP: after
+//! `pre_layrnorm`), k is the output of encoder layer k. LLaVA never applies `post_layernorm` to the
+//! features it uses, so this tower does not load it.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+
+use crate::config::{Activation, VisionConfig, VisionKind};
+
+struct VisionAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl VisionAttention {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            q_proj: linear(h, h, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            scale: (cfg.head_dim() as f64).powf(-0.5),
+        })
+    }
+
+    /// Full (non-causal) attention over all positions. `xs`: `[B, N, H]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let heads = |t: Tensor| t.reshape((b, n, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = heads(self.q_proj.forward(xs)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, self.num_heads * self.head_dim))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+struct VisionMlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl VisionMlp {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.apply(&self.fc1.forward(xs)?)?)
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: VisionAttention,
+    layer_norm2: LayerNorm,
+    mlp: VisionMlp,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            layer_norm1: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: VisionAttention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm2: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            mlp: VisionMlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
+        &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
+    }
+}
+
+pub struct VisionTower {
+    /// Patch conv weight flattened to `[3·p·p, H]` (conv with kernel = stride = patch is a matmul).
+    patch_weight_t: Tensor,
+    patch_bias: Option<Tensor>,
+    class_embedding: Option<Tensor>,
+    position_embedding: Tensor,
+    pre_layrnorm: Option<LayerNorm>,
+    layers: Vec<EncoderLayer>,
+    cfg: VisionConfig,
+}
+
+impl VisionTower {
+    /// `vb` points at the canonical `vision.` prefix.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb.get((h, c, p, p), "patch_embedding.weight")?;
+        let patch_weight_t = patch_weight.reshape((h, c * p * p))?.t()?.contiguous()?;
+        let is_clip = cfg.kind == VisionKind::Clip;
+        let patch_bias = if is_clip { None } else { Some(emb.get(h, "patch_embedding.bias")?) };
+        let class_embedding = if is_clip { Some(emb.get(h, "class_embedding")?) } else { None };
+        let position_embedding = emb.get((cfg.num_positions(), h), "position_embedding.weight")?;
+        let pre_layrnorm = if is_clip { Some(layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?) } else { None };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self { patch_weight_t, patch_bias, class_embedding, position_embedding, pre_layrnorm, layers, cfg: cfg.clone() })
+    }
+
+    /// Patch + position embeddings (+ CLS and pre-norm for CLIP): hidden state 0, `[B, N, H]`.
+    fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (b, c, s, s2) = pixel_values.dims4()?;
+        let p = self.cfg.patch_size;
+        if s != self.cfg.image_size || s2 != s || c != self.cfg.num_channels {
+            candle_core::bail!(
+                "pixel_values are {:?}, the vision tower expects [B, 3, {}, {}]",
+                pixel_values.dims(),
+                self.cfg.image_size,
+                self.cfg.image_size
+            );
+        }
+        let g = s / p;
+        // [B, C, g, p, g, p] → [B, g, g, C, p, p]: patches in raster order, each flattened like the conv kernel.
+        let patches = pixel_values
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, g * g, c * p * p))?;
+        let mut xs = patches.broadcast_matmul(&self.patch_weight_t)?;
+        if let Some(bias) = &self.patch_bias {
+            xs = xs.broadcast_add(bias)?;
+        }
+        if let Some(cls) = &self.class_embedding {
+            let cls = cls.reshape((1, 1, self.cfg.hidden_size))?.repeat((b, 1, 1))?;
+            xs = Tensor::cat(&[cls, xs], 1)?;
+        }
+        xs = xs.broadcast_add(&self.position_embedding)?;
+        if let Some(norm) = &self.pre_layrnorm {
+            xs = norm.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// The hidden states at the given indices (0 = encoder input), each `[B, N, H]`. Layers past
+    /// the largest index are not run.
+    pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
+        let last = indices.iter().copied().max().unwrap_or(0);
+        if last > self.layers.len() {
+            candle_core::bail!("vision hidden state {last} requested, the tower has {} layers", self.layers.len());
+        }
+        let mut states = Vec::with_capacity(last + 1);
+        let mut xs = self.embeddings(pixel_values)?;
+        states.push(xs.clone());
+        for layer in &self.layers[..last] {
+            xs = layer.forward(&xs)?;
+            states.push(xs.clone());
+        }
+        Ok(indices.iter().map(|&i| states[i].clone()).collect())
+    }
+
+    /// Every hidden state `[Lv+1, B, N, H]` as a list (for parity tests and probes).
+    pub fn all_hidden_states(&self, pixel_values: &Tensor) -> Result<Vec<Tensor>> {
+        let all: Vec<usize> = (0..=self.layers.len()).collect();
+        self.hidden_states(pixel_values, &all)
+    }
+
+    /// Hidden state by index along the last dim (`D::Minus1`) — for several layers concatenated.
+    pub fn concat_hidden(states: &[Tensor]) -> Result<Tensor> {
+        Tensor::cat(states, D::Minus1)
+    }
+}

@@ -1,0 +1,239 @@
+//! Safetensors checkpoints (single file or shards) → named F32 tensors behind a candle
+//! `VarBuilder`, with errors that name the file, the tensor and the problem.
+//!
+//! Key layouts are normalised to one canonical form, so model code asks for `lm.layers.0...`,
+//! `lm_head.weight`, `vision.encoder...`, `projector.linear_1...` whichever layout was saved:
+//! - llava-hf hub layout: `language_model.model.*`, `language_model.lm_head.*`,
+//!   `vision_tower.vision_model.*`, `multi_modal_projector.*`;
+//! - transformers 5 layout: `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`
+//!   (without `vision_model.`), `model.multi_modal_projector.*`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+/// One loaded tensor and where it came from.
+struct Entry {
+    tensor: Tensor,
+    file: Arc<str>,
+    key: String,
+}
+
+/// All tensors of a checkpoint, by canonical name, as F32 on one device.
+pub struct Weights {
+    entries: HashMap<String, Entry>,
+    /// Names of the files, for messages about tensors that are missing.
+    files: Vec<Arc<str>>,
+}
+
+/// Map a saved key to the canonical name, or `None` for keys cmrm does not use.
+pub fn canonical_key(key: &str) -> Option<String> {
+    let key = key
+        .strip_prefix("model.")
+        .filter(|rest| ["language_model.", "vision_tower.", "multi_modal_projector."].iter().any(|p| rest.starts_with(p)))
+        .unwrap_or(key);
+    let mapped = if let Some(rest) = key.strip_prefix("language_model.model.") {
+        format!("lm.{rest}")
+    } else if let Some(rest) = key.strip_prefix("language_model.lm_head.") {
+        format!("lm_head.{rest}")
+    } else if let Some(rest) = key.strip_prefix("language_model.") {
+        format!("lm.{rest}")
+    } else if let Some(rest) = key.strip_prefix("lm_head.") {
+        format!("lm_head.{rest}")
+    } else if let Some(rest) = key.strip_prefix("vision_tower.vision_model.") {
+        format!("vision.{rest}")
+    } else if let Some(rest) = key.strip_prefix("vision_tower.") {
+        format!("vision.{rest}")
+    } else if let Some(rest) = key.strip_prefix("multi_modal_projector.") {
+        format!("projector.{rest}")
+    } else {
+        return None;
+    };
+    Some(mapped)
+}
+
+impl Weights {
+    pub fn empty() -> Self {
+        Self { entries: HashMap::new(), files: Vec::new() }
+    }
+
+    /// Parse one safetensors file's bytes and add its tensors (converted to F32).
+    pub fn add_file(&mut self, name: &str, bytes: &[u8], device: &Device) -> Result<()> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow!("{name}: not a valid safetensors file ({e}); the download may be truncated or corrupt"))?;
+        let file: Arc<str> = Arc::from(name);
+        self.files.push(file.clone());
+        for (key, view) in st.tensors() {
+            let Some(canonical) = canonical_key(&key) else { continue };
+            let tensor = match view.dtype() {
+                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => view
+                    .load(device)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .map_err(|e| anyhow!("{name}: tensor '{key}' cannot be read: {e}"))?,
+                other => bail!("{name}: tensor '{key}' has dtype {other:?}; cmrm reads F32, F16 and BF16"),
+            };
+            if let Some(prev) = self.entries.get(&canonical) {
+                bail!("{name}: tensor '{key}' is also in {} (as '{}')", prev.file, prev.key);
+            }
+            self.entries.insert(canonical, Entry { tensor, file: file.clone(), key });
+        }
+        Ok(())
+    }
+
+    /// Load `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_dir(dir: &std::path::Path, device: &Device) -> Result<Self> {
+        let mut weights = Self::empty();
+        for path in weight_files_in_dir(dir)? {
+            let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the map is read-only and dropped before this function returns; the tensors
+            // are copied out of it (and converted to F32) by `add_file`.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            weights.add_file(&path.display().to_string(), &mmap, device)?;
+        }
+        Ok(weights)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.entries.get(name).map(|e| &e.tensor)
+    }
+
+    pub fn into_var_builder(self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), DType::F32, device.clone())
+    }
+
+    fn describe_files(&self) -> String {
+        self.files.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The weight files of a checkpoint folder: the shards named by the index, or the single file.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn weight_files_in_dir(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let shards = shard_names_from_index(&text).with_context(|| format!("{}: invalid shard index", index.display()))?;
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if !single.exists() {
+        bail!("{}: no model.safetensors or model.safetensors.index.json in this folder", dir.display());
+    }
+    Ok(vec![single])
+}
+
+/// Distinct shard file names from a `model.safetensors.index.json`, in first-seen order.
+pub fn shard_names_from_index(text: &str) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).context("no weight_map object")?;
+    let mut shards: Vec<String> = Vec::new();
+    for file in map.values() {
+        let file = file.as_str().context("weight_map values must be file names")?;
+        if file.contains('/') || file.contains("..") {
+            bail!("shard name '{file}' is not a plain file name");
+        }
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_owned());
+        }
+    }
+    if shards.is_empty() {
+        bail!("weight_map is empty");
+    }
+    Ok(shards)
+}
+
+impl SimpleBackend for Weights {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
+        })?;
+        if entry.tensor.shape() != &s {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor '{}' has shape {:?}, but the config needs {:?}",
+                entry.file,
+                entry.key,
+                entry.tensor.dims(),
+                s.dims()
+            )));
+        }
+        entry.tensor.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
+        })?;
+        entry.tensor.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+}
+
+/// Random weights of any requested shape (benchmarks on real-size configs without a download):
+/// normal(0, 0.02) for matrices, 1 for norm weights, 0 for biases.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let is_norm = name.contains("norm") || name.contains("layrnorm");
+        if name.ends_with(".bias") {
+            return Tensor::zeros(s, dtype, dev);
+        }
+        if is_norm {
+            return Tensor::ones(s, dtype, dev);
+        }
+        use rand::{Rng, SeedableRng};
+        let mut hash = self.seed;
+        for b in name.bytes() {
+            hash = hash.wrapping_mul(0x100000001b3).wrapping_add(u64::from(b));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(hash);
+        // Uniform with the variance of N(0, 0.02²): cheap to draw for ~1e9 parameters.
+        let bound = 0.02f32 * 3f32.sqrt();
+        let data: Vec<f32> = (0..s.elem_count()).map(|_| rng.random_range(-bound..bound)).collect();
+        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("random weights need a shape for '{name}'")))
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_key;
+
+    #[test]
+    fn both_layouts_map_to_one_name() {
+        for (saved, canonical) in [
+            ("language_model.model.layers.0.mlp.up_proj.weight", "lm.layers.0.mlp.up_proj.weight"),
+            ("model.language_model.layers.0.mlp.up_proj.weight", "lm.layers.0.mlp.up_proj.weight"),
+            ("language_model.lm_head.weight", "lm_head.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+            ("vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias", "vision.encoder.layers.1.mlp.fc1.bias"),
+            ("model.vision_tower.encoder.layers.1.mlp.fc1.bias", "vision.encoder.layers.1.mlp.fc1.bias"),
+            ("model.multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
+        ] {
+            assert_eq!(canonical_key(saved).as_deref(), Some(canonical), "{saved}");
+        }
+        assert_eq!(canonical_key("something.else"), None);
+    }
+}
