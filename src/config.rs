@@ -43,7 +43,9 @@ impl Activation {
             "quick_gelu" => Self::QuickGelu,
             "silu" | "swish" => Self::Silu,
             "relu" => Self::Relu,
-            other => bail!("unsupported activation '{other}' (supported: gelu, gelu_pytorch_tanh, quick_gelu, silu, relu)"),
+            other => {
+                bail!("unsupported activation '{other}' (supported: gelu, gelu_pytorch_tanh, quick_gelu, silu, relu)")
+            }
         })
     }
 
@@ -199,17 +201,19 @@ impl LlavaConfig {
             }
             vision_feature_layers.push(index as usize);
         }
-        let feature_select = match root.get("vision_feature_select_strategy").and_then(Value::as_str).unwrap_or("default") {
-            "default" => FeatureSelect::Default,
-            "full" => FeatureSelect::Full,
-            other => bail!("unsupported vision_feature_select_strategy '{other}' (supported: default, full)"),
-        };
+        let feature_select =
+            match root.get("vision_feature_select_strategy").and_then(Value::as_str).unwrap_or("default") {
+                "default" => FeatureSelect::Default,
+                "full" => FeatureSelect::Full,
+                other => bail!("unsupported vision_feature_select_strategy '{other}' (supported: default, full)"),
+            };
         let image_token_id = root
             .get("image_token_index")
             .or_else(|| root.get("image_token_id"))
             .and_then(Value::as_u64)
             .context("config has no image_token_index")? as u32;
-        let projector_act = Activation::from_hf(root.get("projector_hidden_act").and_then(Value::as_str).unwrap_or("gelu"))?;
+        let projector_act =
+            Activation::from_hf(root.get("projector_hidden_act").and_then(Value::as_str).unwrap_or("gelu"))?;
         let projector_bias = root.get("multimodal_projector_bias").and_then(Value::as_bool).unwrap_or(true);
         if image_token_id as usize >= text.vocab_size {
             bail!("image_token_index {image_token_id} is outside the vocabulary ({})", text.vocab_size);
@@ -271,8 +275,10 @@ fn parse_vision(v: &Value) -> Result<VisionConfig> {
     if cfg.hidden_size % cfg.num_attention_heads != 0 {
         bail!("hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads);
     }
-    if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
-        bail!("image_size {} is not a multiple of patch_size {}", cfg.image_size, cfg.patch_size);
+    // Not necessarily a multiple: the patch conv has valid padding, so SigLIP-so400m/14 at 384 px
+    // sees 27×27 patches and ignores the last 6 pixel rows and columns.
+    if cfg.patch_size == 0 || cfg.patch_size > cfg.image_size {
+        bail!("patch_size {} does not fit image_size {}", cfg.patch_size, cfg.image_size);
     }
     Ok(cfg)
 }
@@ -288,7 +294,9 @@ fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
     let num_attention_heads = get_usize(v, "num_attention_heads")?;
     let num_key_value_heads = get_usize_or(v, "num_key_value_heads", num_attention_heads);
     if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-        bail!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}");
+        bail!(
+            "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+        );
     }
     let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
         Some(d) => d as usize,
@@ -309,7 +317,9 @@ fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
         .unwrap_or(10_000.0);
     let rope_type = rope_params
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
-        .or_else(|| v.get("rope_scaling").filter(|s| !s.is_null()).and_then(|s| s.get("rope_type").or_else(|| s.get("type"))))
+        .or_else(|| {
+            v.get("rope_scaling").filter(|s| !s.is_null()).and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+        })
         .and_then(Value::as_str)
         .unwrap_or("default");
     if rope_type != "default" {

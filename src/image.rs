@@ -51,11 +51,16 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
             describe_magic(bytes)
         )
     })?;
-    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP | image::ImageFormat::Gif) {
+    if !matches!(
+        format,
+        image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP | image::ImageFormat::Gif
+    ) {
         bail!("unsupported image format {format:?}: use PNG, JPEG, WebP or GIF");
     }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let (w, h) = reader.into_dimensions().with_context(|| format!("cannot read the {format:?} header: the file is corrupt or truncated"))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .with_context(|| format!("cannot read the {format:?} header: the file is corrupt or truncated"))?;
     let pixels = u64::from(w) * u64::from(h);
     if pixels > MAX_IMAGE_PIXELS {
         bail!(
@@ -71,7 +76,9 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (64 << 20));
     reader.limits(limits);
-    let decoded = reader.decode().with_context(|| format!("cannot decode the {format:?} image ({w}×{h}): the file is corrupt or truncated"))?;
+    let decoded = reader
+        .decode()
+        .with_context(|| format!("cannot decode the {format:?} image ({w}×{h}): the file is corrupt or truncated"))?;
     Ok(to_rgb(decoded))
 }
 
@@ -153,8 +160,10 @@ impl ImagePreprocessor {
             Some(if let Some(edge) = size.get("shortest_edge").and_then(Value::as_u64) {
                 ResizeRule::ShortestEdge(edge as usize)
             } else {
-                let width = size.get("width").and_then(Value::as_u64).context("size needs shortest_edge or height+width")?;
-                let height = size.get("height").and_then(Value::as_u64).context("size needs shortest_edge or height+width")?;
+                let width =
+                    size.get("width").and_then(Value::as_u64).context("size needs shortest_edge or height+width")?;
+                let height =
+                    size.get("height").and_then(Value::as_u64).context("size needs shortest_edge or height+width")?;
                 ResizeRule::Exact { width: width as usize, height: height as usize }
             })
         } else {

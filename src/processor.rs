@@ -54,9 +54,12 @@ impl Processor {
     pub fn from_files(files: &ProcessorFiles, config: &LlavaConfig) -> Result<Self> {
         let tokenizer = Tokenizer::from_bytes(&files.tokenizer_json)
             .map_err(|e| anyhow!("tokenizer.json could not be loaded: {e}"))?;
-        let tokenizer_config = files.tokenizer_config_json.as_deref().map(|t| parse_json("tokenizer_config.json", t)).transpose()?;
-        let processor_config = files.processor_config_json.as_deref().map(|t| parse_json("processor_config.json", t)).transpose()?;
-        let preprocessor_config = files.preprocessor_config_json.as_deref().map(|t| parse_json("preprocessor_config.json", t)).transpose()?;
+        let tokenizer_config =
+            files.tokenizer_config_json.as_deref().map(|t| parse_json("tokenizer_config.json", t)).transpose()?;
+        let processor_config =
+            files.processor_config_json.as_deref().map(|t| parse_json("processor_config.json", t)).transpose()?;
+        let preprocessor_config =
+            files.preprocessor_config_json.as_deref().map(|t| parse_json("preprocessor_config.json", t)).transpose()?;
 
         let template_from = |v: &Option<Value>| -> Option<String> {
             match v.as_ref()?.get("chat_template")? {
@@ -69,7 +72,8 @@ impl Processor {
                 _ => None,
             }
         };
-        let chat_template_json = files.chat_template_json.as_deref().map(|t| parse_json("chat_template.json", t)).transpose()?;
+        let chat_template_json =
+            files.chat_template_json.as_deref().map(|t| parse_json("chat_template.json", t)).transpose()?;
         let chat_template = files
             .chat_template_jinja
             .clone()
@@ -122,7 +126,10 @@ impl Processor {
         }
         let tokenizer_vocab = tokenizer.get_vocab_size(true);
         if tokenizer_vocab > config.text.vocab_size {
-            bail!("the tokenizer has {tokenizer_vocab} tokens, more than the model's vocab_size {}", config.text.vocab_size);
+            bail!(
+                "the tokenizer has {tokenizer_vocab} tokens, more than the model's vocab_size {}",
+                config.text.vocab_size
+            );
         }
         Ok(Self {
             tokenizer,
@@ -170,7 +177,9 @@ impl Processor {
             ctx.insert(k.clone(), Value::String(v.clone()));
         }
         let tmpl = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
-        let prompt = tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| anyhow!("the chat template failed to render: {e}"))?;
+        let prompt = tmpl
+            .render(minijinja::Value::from_serialize(&ctx))
+            .map_err(|e| anyhow!("the chat template failed to render: {e}"))?;
         if with_image && !prompt.contains(&self.image_token) {
             bail!("the chat template did not place the image token '{}' in the prompt", self.image_token);
         }

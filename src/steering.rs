@@ -66,7 +66,8 @@ impl SteeringVectors {
     pub fn from_safetensors_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow!("{name}: not a valid safetensors file ({e})"))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{name}: not a valid safetensors file ({e})"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow!("{name}: not a valid safetensors file ({e})"))?;
         let mut layers = BTreeMap::new();
         let mut hidden = None;
         for (key, view) in st.tensors() {
@@ -81,7 +82,8 @@ impl SteeringVectors {
             if *hidden.get_or_insert(n) != n {
                 bail!("{name}: tensor '{key}' has {n} values, other layers have {}", hidden.unwrap_or(0));
             }
-            let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let values: Vec<f32> =
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             layers.insert(l, values);
         }
         let Some(hidden_size) = hidden else { bail!("{name}: the file holds no layer.{{l}} tensors") };
@@ -90,10 +92,20 @@ impl SteeringVectors {
         Ok(this)
     }
 
+    /// Parse a vector file in either format, told apart by its first bytes: cmrm safetensors, or a
+    /// llama.cpp GGUF control vector (negated on import, see `gguf.rs`).
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        if bytes.starts_with(b"GGUF") {
+            crate::gguf::import_control_vector(name, bytes)
+        } else {
+            Self::from_safetensors_bytes(name, bytes)
+        }
+    }
+
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Self::from_safetensors_bytes(&path.display().to_string(), &bytes)
+        Self::from_bytes(&path.display().to_string(), &bytes)
     }
 
     /// Serialize as a safetensors file with `layer.{l}` tensors and this metadata.
@@ -124,7 +136,10 @@ impl SteeringVectors {
             bail!("{name}: vectors have hidden size {}, the model's hidden size is {hidden} — these vectors are for another model", self.hidden_size);
         }
         if let Some((&l, _)) = self.layers.iter().next_back().filter(|(&l, _)| l >= n_layers) {
-            bail!("{name}: vectors include layer.{l}, the model has only {n_layers} decoder layers (0..{})", n_layers - 1);
+            bail!(
+                "{name}: vectors include layer.{l}, the model has only {n_layers} decoder layers (0..{})",
+                n_layers - 1
+            );
         }
         if let Some(declared) = self.metadata.get("num_layers").and_then(|s| s.parse::<usize>().ok()) {
             if declared != n_layers {
@@ -179,7 +194,13 @@ pub struct Intervention {
 impl Intervention {
     /// `h_l ← h_l + scale·v_l` for each `l` in `layers` (every layer of the file when `None`).
     /// Layers the file lacks are an error.
-    pub fn add(vectors: &SteeringVectors, scale: f32, layers: Option<&[usize]>, positions: Positions, device: &Device) -> Result<Self> {
+    pub fn add(
+        vectors: &SteeringVectors,
+        scale: f32,
+        layers: Option<&[usize]>,
+        positions: Positions,
+        device: &Device,
+    ) -> Result<Self> {
         let chosen: Vec<usize> = match layers {
             Some(ls) => ls.to_vec(),
             None => vectors.layers.keys().copied().collect(),
@@ -195,7 +216,13 @@ impl Intervention {
     }
 
     /// CMRM: `h_l ← h_l − α·v_l`.
-    pub fn cmrm(vectors: &SteeringVectors, alpha: f32, layers: Option<&[usize]>, positions: Positions, device: &Device) -> Result<Self> {
+    pub fn cmrm(
+        vectors: &SteeringVectors,
+        alpha: f32,
+        layers: Option<&[usize]>,
+        positions: Positions,
+        device: &Device,
+    ) -> Result<Self> {
         Self::add(vectors, -alpha, layers, positions, device)
     }
 

@@ -116,7 +116,15 @@ impl VisionTower {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<_>>()?;
-        Ok(Self { patch_weight_t, patch_bias, class_embedding, position_embedding, pre_layrnorm, layers, cfg: cfg.clone() })
+        Ok(Self {
+            patch_weight_t,
+            patch_bias,
+            class_embedding,
+            position_embedding,
+            pre_layrnorm,
+            layers,
+            cfg: cfg.clone(),
+        })
     }
 
     /// Patch + position embeddings (+ CLS and pre-norm for CLIP): hidden state 0, `[B, N, H]`.
@@ -132,11 +140,11 @@ impl VisionTower {
             );
         }
         let g = s / p;
+        // Valid padding: pixels past the last whole patch are not seen.
+        let pixel_values = if g * p == s { pixel_values.clone() } else { pixel_values.narrow(2, 0, g * p)?.narrow(3, 0, g * p)? };
         // [B, C, g, p, g, p] → [B, g, g, C, p, p]: patches in raster order, each flattened like the conv kernel.
-        let patches = pixel_values
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, g * g, c * p * p))?;
+        let patches =
+            pixel_values.reshape((b, c, g, p, g, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, g * g, c * p * p))?;
         let mut xs = patches.broadcast_matmul(&self.patch_weight_t)?;
         if let Some(bias) = &self.patch_bias {
             xs = xs.broadcast_add(bias)?;

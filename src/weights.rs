@@ -35,7 +35,9 @@ pub struct Weights {
 pub fn canonical_key(key: &str) -> Option<String> {
     let key = key
         .strip_prefix("model.")
-        .filter(|rest| ["language_model.", "vision_tower.", "multi_modal_projector."].iter().any(|p| rest.starts_with(p)))
+        .filter(|rest| {
+            ["language_model.", "vision_tower.", "multi_modal_projector."].iter().any(|p| rest.starts_with(p))
+        })
         .unwrap_or(key);
     let mapped = if let Some(rest) = key.strip_prefix("language_model.model.") {
         format!("lm.{rest}")
@@ -64,8 +66,9 @@ impl Weights {
 
     /// Parse one safetensors file's bytes and add its tensors (converted to F32).
     pub fn add_file(&mut self, name: &str, bytes: &[u8], device: &Device) -> Result<()> {
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow!("{name}: not a valid safetensors file ({e}); the download may be truncated or corrupt"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+            anyhow!("{name}: not a valid safetensors file ({e}); the download may be truncated or corrupt")
+        })?;
         let file: Arc<str> = Arc::from(name);
         self.files.push(file.clone());
         for (key, view) in st.tensors() {
@@ -93,7 +96,8 @@ impl Weights {
             let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the map is read-only and dropped before this function returns; the tensors
             // are copied out of it (and converted to F32) by `add_file`.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let mmap =
+                unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
             weights.add_file(&path.display().to_string(), &mmap, device)?;
         }
         Ok(weights)
@@ -122,7 +126,8 @@ pub fn weight_files_in_dir(dir: &std::path::Path) -> Result<Vec<std::path::PathB
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let shards = shard_names_from_index(&text).with_context(|| format!("{}: invalid shard index", index.display()))?;
+        let shards =
+            shard_names_from_index(&text).with_context(|| format!("{}: invalid shard index", index.display()))?;
         return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
     }
     let single = dir.join("model.safetensors");
@@ -153,7 +158,14 @@ pub fn shard_names_from_index(text: &str) -> Result<Vec<String>> {
 }
 
 impl SimpleBackend for Weights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let entry = self.entries.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
         })?;
@@ -188,7 +200,14 @@ pub struct RandomWeights {
 }
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let is_norm = name.contains("norm") || name.contains("layrnorm");
         if name.ends_with(".bias") {
             return Tensor::zeros(s, dtype, dev);

@@ -29,32 +29,70 @@ fn check_images(vlm: &Vlm, refs: &Refs, c: &mut Checker) -> Vec<(String, Tensor)
     let mut out = Vec::new();
     for img in refs.json["images"].as_array().unwrap() {
         let name = img["name"].as_str().unwrap();
-        let bytes = std::fs::read(refs_dir(refs.json["model"].as_str().unwrap()).join(img["file"].as_str().unwrap())).unwrap();
+        let bytes =
+            std::fs::read(refs_dir(refs.json["model"].as_str().unwrap()).join(img["file"].as_str().unwrap())).unwrap();
         let rgb = decode_image(&bytes).unwrap();
         let (resized, pixel_values) = vlm.pixel_values(&rgb).unwrap();
         // resized_u8 is [3, S, S] (CHW); ours is HWC.
         let want_u8 = refs.tensor(img["resized_u8"].as_str().unwrap()).flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let plane = resized.width * resized.height;
-        let got_u8: Vec<u8> = (0..3).flat_map(|ch| (0..plane).map(move |i| (ch, i))).map(|(ch, i)| resized.data[i * 3 + ch]).collect();
+        let got_u8: Vec<u8> =
+            (0..3).flat_map(|ch| (0..plane).map(move |i| (ch, i))).map(|(ch, i)| resized.data[i * 3 + ch]).collect();
         let worst = got_u8.iter().zip(&want_u8).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
         c.equal(name, "resized_u8 max grey-level diff", worst, 0);
-        c.close(name, "pixel_values", &tensor_f32s(&pixel_values), &refs.f32s(img["pixel_values"].as_str().unwrap()), TOL_PIXELS);
+        c.close(
+            name,
+            "pixel_values",
+            &tensor_f32s(&pixel_values),
+            &refs.f32s(img["pixel_values"].as_str().unwrap()),
+            TOL_PIXELS,
+        );
 
         let states = vlm.model.vision.all_hidden_states(&pixel_values).unwrap();
         let got_states: Vec<f32> = states.iter().flat_map(tensor_f32s).collect();
-        c.close(name, "vision_hidden_states", &got_states, &refs.f32s(img["vision_hidden_states"].as_str().unwrap()), TOL_FEATURES);
+        c.close(
+            name,
+            "vision_hidden_states",
+            &got_states,
+            &refs.f32s(img["vision_hidden_states"].as_str().unwrap()),
+            TOL_FEATURES,
+        );
         let selected = vlm.model.select_vision_features(&pixel_values).unwrap();
-        c.close(name, "vision_selected", &tensor_f32s(&selected), &refs.f32s(img["vision_selected"].as_str().unwrap()), TOL_FEATURES);
+        c.close(
+            name,
+            "vision_selected",
+            &tensor_f32s(&selected),
+            &refs.f32s(img["vision_selected"].as_str().unwrap()),
+            TOL_FEATURES,
+        );
         let features = vlm.encode_image(&rgb).unwrap();
-        c.close(name, "image_features", &tensor_f32s(&features), &refs.f32s(img["image_features"].as_str().unwrap()), TOL_FEATURES);
+        c.close(
+            name,
+            "image_features",
+            &tensor_f32s(&features),
+            &refs.f32s(img["image_features"].as_str().unwrap()),
+            TOL_FEATURES,
+        );
         out.push((name.to_owned(), features));
     }
     out
 }
 
 fn check_forward(c: &mut Checker, refs: &Refs, what: &str, probe: &cmrm::Probe, want: &Value) {
-    c.close(what, "hidden_states", &flat(&probe.hidden_states), &refs.f32s(want["hidden_states"].as_str().unwrap()), TOL_STATES);
-    c.close(what, "layer_outputs", &flat(&probe.layer_outputs), &refs.f32s(want["layer_outputs"].as_str().unwrap()), TOL_STATES);
+    c.close(
+        what,
+        "hidden_states",
+        &flat(&probe.hidden_states),
+        &refs.f32s(want["hidden_states"].as_str().unwrap()),
+        TOL_STATES,
+    );
+    c.close(
+        what,
+        "layer_outputs",
+        &flat(&probe.layer_outputs),
+        &refs.f32s(want["layer_outputs"].as_str().unwrap()),
+        TOL_STATES,
+    );
     c.close(what, "logits", &probe.logits, &refs.f32s(want["logits"].as_str().unwrap()), TOL_STATES);
 }
 
@@ -80,7 +118,12 @@ fn parity(model: &str) {
         let prepared = vlm.prepare(&PromptText::Chat(question.into()), Some(image_features)).unwrap();
         c.equal(id, "mm prompt", prepared.prompt.as_str(), mm["prompt"].as_str().unwrap());
         c.equal(id, "mm input_ids", prepared.encoded.input_ids.clone(), ids(&mm["input_ids"]));
-        c.equal(id, "mm n_image_tokens", prepared.encoded.n_image_tokens() as u64, mm["n_image_tokens"].as_u64().unwrap());
+        c.equal(
+            id,
+            "mm n_image_tokens",
+            prepared.encoded.n_image_tokens() as u64,
+            mm["n_image_tokens"].as_u64().unwrap(),
+        );
         let span = mm["image_token_span"].as_array().unwrap();
         let want_span = (span[0].as_u64().unwrap() as usize, span[1].as_u64().unwrap() as usize);
         c.equal(id, "mm image_token_span", prepared.encoded.image_span, Some(want_span));
@@ -93,7 +136,13 @@ fn parity(model: &str) {
         if let Some(full_key) = mm.get("hidden_states_full").and_then(Value::as_str) {
             let (states, logits) = vlm.model.text.forward_full(&prepared.embeds).unwrap();
             c.close(id, "mm hidden_states_full", &tensor_f32s(&states), &refs.f32s(full_key), TOL_STATES);
-            c.close(id, "mm logits_full", &tensor_f32s(&logits), &refs.f32s(mm["logits_full"].as_str().unwrap()), TOL_STATES);
+            c.close(
+                id,
+                "mm logits_full",
+                &tensor_f32s(&logits),
+                &refs.f32s(mm["logits_full"].as_str().unwrap()),
+                TOL_STATES,
+            );
         }
 
         // Text-only counterpart: the same prompt with the placeholder removed.
@@ -110,7 +159,8 @@ fn parity(model: &str) {
         for sc in &steer_cases {
             let name = sc["name"].as_str().unwrap();
             let vectors = vectors_for(model, sc["vectors_file"].as_str().unwrap());
-            let layers: Vec<usize> = sc["layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as usize).collect();
+            let layers: Vec<usize> =
+                sc["layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as usize).collect();
             let positions: Positions = sc["positions"].as_str().unwrap().parse().unwrap();
             let alpha = sc["alpha"].as_f64().unwrap() as f32;
             let steering = Intervention::add(&vectors, alpha, Some(&layers), positions, vlm.device()).unwrap();
@@ -145,7 +195,10 @@ fn shift_vectors_reproduce_from_calibration_pairs() {
         let mut images = std::collections::HashMap::new();
         for img in refs.json["images"].as_array().unwrap() {
             let bytes = std::fs::read(refs_dir(model).join(img["file"].as_str().unwrap())).unwrap();
-            images.insert(img["name"].as_str().unwrap().to_owned(), vlm.encode_image(&decode_image(&bytes).unwrap()).unwrap());
+            images.insert(
+                img["name"].as_str().unwrap().to_owned(),
+                vlm.encode_image(&decode_image(&bytes).unwrap()).unwrap(),
+            );
         }
         let pairs = refs.json["calibration"]["pairs"].as_array().unwrap();
         let l = vlm.config().text.num_hidden_layers;
@@ -186,7 +239,8 @@ fn cmrm_sign_subtracts() {
     let vectors = vectors_for(model, "shift_vectors.safetensors");
     let bytes = std::fs::read(refs_dir(model).join("red_square.png")).unwrap();
     let features = vlm.encode_image(&decode_image(&bytes).unwrap()).unwrap();
-    let prepared = vlm.prepare(&PromptText::Chat(refs.json["questions"][0].as_str().unwrap().into()), Some(&features)).unwrap();
+    let prepared =
+        vlm.prepare(&PromptText::Chat(refs.json["questions"][0].as_str().unwrap().into()), Some(&features)).unwrap();
     let plain = vlm.probe(&prepared, None).unwrap();
     let subtract = Intervention::cmrm(&vectors, 0.5, Some(&[2]), Positions::All, vlm.device()).unwrap();
     let add_neg = Intervention::add(&vectors, -0.5, Some(&[2]), Positions::All, vlm.device()).unwrap();

@@ -1,1 +1,612 @@
-fn main() {}
+//! `cmrm` — the native CLI: generate, probe, extract, vectors, eval, bench.
+//! With `--json`, every subcommand prints exactly one JSON object on stdout; progress and logs go
+//! to stderr (DESIGN.md §4).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use cmrm::cmrm::{Anchor, Method};
+use cmrm::generate::{Generation, Sampling};
+use cmrm::steering::{parse_layers, Intervention, Positions, SteeringVectors};
+use cmrm::{decode_image, PromptText, Vlm};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "cmrm", version, about = "LLaVA-style VLM with CMRM steering (arXiv 2410.09047)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an answer (optionally steered, or unaltered and steered side by side).
+    Generate(GenerateArgs),
+    /// Hidden states, block outputs and logits at the last prompt token.
+    Probe(ProbeArgs),
+    /// Dataset-level CMRM vectors over a calibration set.
+    Extract(ExtractArgs),
+    /// Inspect or convert vector files.
+    #[command(subcommand)]
+    Vectors(VectorsCommand),
+    /// Answer every case unaltered and steered; refusal rate, answer length, representation gap.
+    Eval(EvalArgs),
+    /// Benchmark a real-size config with random weights.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct InputArgs {
+    /// Checkpoint folder (config.json, model.safetensors or shards, tokenizer.json, …).
+    #[arg(long)]
+    model: PathBuf,
+    /// Image file (PNG, JPEG, WebP, GIF).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The user's question (the chat template builds the full prompt).
+    #[arg(long)]
+    prompt: String,
+    /// The prompt is already the full prompt (may contain <image>); use it as is.
+    #[arg(long)]
+    raw_prompt: bool,
+}
+
+#[derive(Args, Clone)]
+struct SteeringArgs {
+    /// Steering vectors (safetensors `layer.{l}` or llama.cpp GGUF control vector).
+    #[arg(long)]
+    vectors: Option<PathBuf>,
+    /// CMRM's α: h_l ← h_l − α·v_l. Default: the file's default_alpha, else 1.0.
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Layers: all, 0,2,5 or 3-7. Default: the file's default_layers, else every layer in the file.
+    #[arg(long)]
+    layers: Option<String>,
+    /// Positions steered: all | last | generated.
+    #[arg(long, default_value = "all")]
+    positions: String,
+    /// Compute the vector for this prompt (two extra prefills) instead of reading a file.
+    #[arg(long)]
+    sample_level: bool,
+    /// Meaningless image for --sample-level: blank | noise.
+    #[arg(long, default_value = "blank")]
+    anchor: String,
+    /// Seed of the noise anchor.
+    #[arg(long, default_value_t = 0)]
+    anchor_seed: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    #[command(flatten)]
+    steering: SteeringArgs,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with = "temperature")]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 299792458)]
+    seed: u64,
+    /// Print the unaltered and the steered answer.
+    #[arg(long)]
+    compare: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    #[command(flatten)]
+    steering: SteeringArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: {"prompt": "...", "image": "path" | "blank" | "noise"} per line.
+    #[arg(long)]
+    calibration: PathBuf,
+    /// Meaningless image for lines without one: blank | noise.
+    #[arg(long, default_value = "blank")]
+    anchor: String,
+    #[arg(long, default_value_t = 0)]
+    anchor_seed: u64,
+    /// mean | pca.
+    #[arg(long, default_value = "mean")]
+    method: String,
+    /// Output file: .safetensors (cmrm format) or .gguf (llama.cpp control vector).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum VectorsCommand {
+    /// Print what a vector file holds: layers, norms, metadata.
+    Info {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert between cmrm safetensors and llama.cpp GGUF control vectors (by extension).
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// `controlvector.model_hint` for GGUF output (llama.cpp arch name, e.g. qwen2, llama).
+        #[arg(long)]
+        model_hint: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: {"prompt": "...", "image": "path" | "blank" | "noise"} per line.
+    #[arg(long)]
+    cases: PathBuf,
+    #[arg(long)]
+    vectors: Option<PathBuf>,
+    /// Per-case vectors from the anchor instead of a file.
+    #[arg(long)]
+    sample_level: bool,
+    /// Anchor for --sample-level and for cases whose image is "blank"/"noise".
+    #[arg(long, default_value = "blank")]
+    anchor: String,
+    #[arg(long, default_value_t = 0)]
+    anchor_seed: u64,
+    /// α values, comma-separated.
+    #[arg(long, default_value = "1.0")]
+    alpha: String,
+    #[arg(long, default_value = "all")]
+    layers: String,
+    #[arg(long, default_value = "all")]
+    positions: String,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Folder for SVG charts (gap per layer, refusal rate vs α).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Real-size config: llava-interleave-qwen-0.5b.
+    #[arg(long, default_value = "llava-interleave-qwen-0.5b")]
+    preset: String,
+    /// Random weights (the only mode: no download needed).
+    #[arg(long)]
+    random_weights: bool,
+    /// Text tokens in the prompt (the image adds its own tokens).
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Probe(a) => cmd_probe(a),
+        Command::Extract(a) => cmd_extract(a),
+        Command::Vectors(VectorsCommand::Info { file, json }) => cmd_vectors_info(&file, json),
+        Command::Vectors(VectorsCommand::Convert { input, output, model_hint, json }) => {
+            cmd_vectors_convert(&input, &output, model_hint.as_deref(), json)
+        }
+        Command::Eval(a) => cmd_eval(a),
+        Command::Bench(a) => cmd_bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Print the one JSON object of `--json` (a closed pipe is not an error worth a panic).
+fn emit(value: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+}
+
+fn load_model(dir: &Path) -> Result<Vlm> {
+    let t0 = std::time::Instant::now();
+    let vlm = Vlm::load_dir(dir)?;
+    eprintln!("loaded {} in {:.2}s", dir.display(), t0.elapsed().as_secs_f64());
+    Ok(vlm)
+}
+
+/// Image features (if an image was given) and the prepared prompt.
+fn prepare(vlm: &Vlm, input: &InputArgs) -> Result<(cmrm::Prepared, PromptText)> {
+    let features = match &input.image {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let img = decode_image(&bytes).with_context(|| format!("{}", path.display()))?;
+            Some(vlm.encode_image(&img)?)
+        }
+        None => None,
+    };
+    let text =
+        if input.raw_prompt { PromptText::Raw(input.prompt.clone()) } else { PromptText::Chat(input.prompt.clone()) };
+    Ok((vlm.prepare(&text, features.as_ref())?, text))
+}
+
+/// The steering asked for on the command line, with a JSON description for `--json`.
+fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<(Intervention, Value)>> {
+    let positions: Positions = args.positions.parse()?;
+    let (vectors, source, extra_s) = match (&args.vectors, args.sample_level) {
+        (Some(_), true) => bail!("use either --vectors or --sample-level, not both"),
+        (None, false) => {
+            if args.alpha.is_some() || args.layers.is_some() {
+                bail!("--alpha/--layers need --vectors FILE or --sample-level");
+            }
+            return Ok(None);
+        }
+        (Some(path), false) => {
+            let v = read_vectors(path)?;
+            v.validate_for(&path.display().to_string(), vlm.config())?;
+            (v, json!({"vectors": path.display().to_string()}), 0.0)
+        }
+        (None, true) => {
+            let anchor = Anchor::parse(&args.anchor, args.anchor_seed)?;
+            let t0 = std::time::Instant::now();
+            let v = cmrm::cmrm::sample_level_vectors(vlm, text, anchor)?;
+            let s = t0.elapsed().as_secs_f64();
+            (v, json!({"sample_level": true, "anchor": anchor.name()}), s)
+        }
+    };
+    let alpha = match args.alpha {
+        Some(a) => a,
+        None => vectors.metadata.get("default_alpha").and_then(|s| s.parse().ok()).unwrap_or(1.0),
+    };
+    let n_layers = vlm.config().text.num_hidden_layers;
+    let layers = match args.layers.as_deref().or(vectors.metadata.get("default_layers").map(String::as_str)) {
+        Some(spec) => parse_layers(spec, n_layers)?,
+        None => vectors.layers.keys().copied().collect(),
+    };
+    let intervention = Intervention::cmrm(&vectors, alpha, Some(&layers), positions, vlm.device())?;
+    let mut desc = source;
+    desc["alpha"] = json!(alpha);
+    desc["layers"] = json!(layers);
+    desc["positions"] = json!(args.positions);
+    if args.sample_level {
+        desc["sample_level_seconds"] = json!(extra_s);
+    }
+    Ok(Some((intervention, desc)))
+}
+
+/// A vector file in either format, by extension.
+fn read_vectors(path: &Path) -> Result<SteeringVectors> {
+    SteeringVectors::load(path)
+}
+
+fn generation_json(g: &Generation) -> Value {
+    json!({
+        "input_ids": g.input_ids,
+        "generated_ids": g.generated_ids,
+        "text": g.text,
+        "stopped_on_eos": g.stopped_on_eos,
+        "prefill_tokens_per_s": g.prefill_tokens_per_s,
+        "decode_tokens_per_s": g.decode_tokens_per_s,
+    })
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let vlm = load_model(&a.input.model)?;
+    let (prepared, text) = prepare(&vlm, &a.input)?;
+    let steer = steering(&vlm, &a.steering, &text)?;
+    if a.compare && steer.is_none() {
+        bail!("--compare needs steering: --vectors FILE or --sample-level");
+    }
+    let sampling = match a.temperature {
+        Some(t) if !a.greedy => Sampling::TopP { temperature: t, top_p: a.top_p, seed: a.seed },
+        _ => Sampling::Greedy,
+    };
+    let opts = vlm.default_generate_options(a.max_new_tokens, sampling);
+    let run = |label: &str, intervention: Option<&Intervention>| -> Result<Generation> {
+        if !a.json {
+            if a.compare {
+                println!("── {label} ──");
+            }
+            let mut out = std::io::stdout();
+            let g = vlm.generate(&prepared, intervention, &opts, &mut |ev| {
+                let _ = write!(out, "{}", ev.text);
+                let _ = out.flush();
+                true
+            })?;
+            println!();
+            eprintln!(
+                "{label}: {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s{}",
+                g.generated_ids.len(),
+                g.prefill_tokens_per_s,
+                g.decode_tokens_per_s,
+                if g.stopped_on_eos { ", stopped on EOS" } else { "" }
+            );
+            Ok(g)
+        } else {
+            vlm.generate(&prepared, intervention, &opts, &mut |_| true)
+        }
+    };
+    let value = match (&steer, a.compare) {
+        (Some((intervention, desc)), true) => {
+            let unaltered = run("unaltered", None)?;
+            let steered = run("CMRM", Some(intervention))?;
+            json!({"unaltered": generation_json(&unaltered), "steered": generation_json(&steered), "steering": desc})
+        }
+        (Some((intervention, desc)), false) => {
+            let mut v = generation_json(&run("CMRM", Some(intervention))?);
+            v["steering"] = desc.clone();
+            v
+        }
+        (None, _) => generation_json(&run("unaltered", None)?),
+    };
+    if a.json {
+        emit(&value);
+    }
+    Ok(())
+}
+
+fn cmd_probe(a: ProbeArgs) -> Result<()> {
+    if !a.json {
+        bail!("probe prints JSON only: add --json");
+    }
+    let vlm = load_model(&a.input.model)?;
+    let (prepared, text) = prepare(&vlm, &a.input)?;
+    let steer = steering(&vlm, &a.steering, &text)?;
+    let probe = vlm.probe(&prepared, steer.as_ref().map(|(i, _)| i))?;
+    let mut v = serde_json::to_value(&probe)?;
+    if let Some((_, desc)) = steer {
+        v["steering"] = desc;
+    }
+    emit(&v);
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically: a temp file beside it, then a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+fn cmd_extract(a: ExtractArgs) -> Result<()> {
+    output_format(&a.out)?;
+    let name = a.calibration.display().to_string();
+    let text = std::fs::read_to_string(&a.calibration).with_context(|| format!("cannot read {name}"))?;
+    let items = cmrm::cmrm::parse_calibration(&name, &text)?;
+    let anchor = Anchor::parse(&a.anchor, a.anchor_seed)?;
+    let method = Method::parse(&a.method)?;
+    let base = a.calibration.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Check every image exists before spending time on the model.
+    for (i, item) in items.iter().enumerate() {
+        if let cmrm::cmrm::CalibrationImage::Path(p) = &item.image {
+            let path = base.join(p);
+            if !path.is_file() {
+                bail!("{name}: item {} names image {p}, which does not exist ({})", i + 1, path.display());
+            }
+        }
+    }
+    let vlm = load_model(&a.model)?;
+    let load_image = |p: &str| -> Result<cmrm::RgbImage> {
+        let path = base.join(p);
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        decode_image(&bytes).with_context(|| path.display().to_string())
+    };
+    let t0 = std::time::Instant::now();
+    let vectors = cmrm::cmrm::extract(&vlm, &items, anchor, method, &load_image, &mut |p| {
+        let width = 30;
+        let filled = p.done * width / p.total.max(1);
+        eprint!(
+            "\r[{}{}] {}/{} pairs  {:.2} pairs/s  ETA {:.0}s ",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            p.done,
+            p.total,
+            p.done as f64 / p.elapsed_s.max(1e-9),
+            p.eta_s()
+        );
+        true
+    })?;
+    eprintln!();
+    let seconds = t0.elapsed().as_secs_f64();
+    let dropped = write_vectors(&a.out, &vectors, None)?;
+    let norms: Vec<f32> = vectors.layers.values().map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
+    if a.json {
+        emit(
+            &json!({"out": a.out.display().to_string(), "n_calibration": items.len(), "layers": vectors.layers.len(),
+                   "norms": norms, "seconds": seconds, "pairs_per_s": items.len() as f64 / seconds,
+                   "metadata": vectors.metadata, "dropped_layers": dropped})
+        );
+    } else {
+        eprintln!(
+            "wrote {} ({} layers, {} calibration items, {:.1}s)",
+            a.out.display(),
+            vectors.layers.len(),
+            items.len(),
+            seconds
+        );
+    }
+    Ok(())
+}
+
+/// Output format by extension: `.safetensors` or `.gguf`.
+fn output_format(path: &Path) -> Result<&'static str> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => Ok("safetensors"),
+        Some("gguf") => Ok("gguf"),
+        _ => bail!("{}: the output must end in .safetensors or .gguf", path.display()),
+    }
+}
+
+/// Write vectors in the format of `path`'s extension (atomically). Returns layers a GGUF control
+/// vector cannot hold (layer 0), which were left out.
+fn write_vectors(path: &Path, vectors: &SteeringVectors, model_hint: Option<&str>) -> Result<Vec<usize>> {
+    match output_format(path)? {
+        "gguf" => {
+            let hint = model_hint.or(vectors.metadata.get("model_hint").map(String::as_str)).unwrap_or("llava");
+            let export = cmrm::gguf::export_control_vector(vectors, hint);
+            if !export.dropped_layers.is_empty() {
+                eprintln!(
+                    "note: llama.cpp control vectors start at layer 1; left out layer(s) {:?}",
+                    export.dropped_layers
+                );
+            }
+            write_atomic(path, &export.bytes)?;
+            Ok(export.dropped_layers)
+        }
+        _ => {
+            write_atomic(path, &vectors.to_safetensors_bytes()?)?;
+            Ok(vec![])
+        }
+    }
+}
+
+fn cmd_vectors_convert(input: &Path, output: &Path, model_hint: Option<&str>, as_json: bool) -> Result<()> {
+    let vectors = read_vectors(input)?;
+    let dropped = write_vectors(output, &vectors, model_hint)?;
+    if as_json {
+        emit(&json!({"input": input.display().to_string(), "output": output.display().to_string(),
+                     "layers": vectors.layers.keys().filter(|l| !dropped.contains(l)).collect::<Vec<_>>(),
+                     "dropped_layers": dropped}));
+    } else {
+        eprintln!("wrote {}", output.display());
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let name = a.cases.display().to_string();
+    let text = std::fs::read_to_string(&a.cases).with_context(|| format!("cannot read {name}"))?;
+    let items = cmrm::cmrm::parse_calibration(&name, &text)?;
+    let alphas = cmrm::eval::parse_alphas(&a.alpha)?;
+    let positions: Positions = a.positions.parse()?;
+    let anchor = Anchor::parse(&a.anchor, a.anchor_seed)?;
+    let base = a.cases.parent().map(Path::to_path_buf).unwrap_or_default();
+    let vlm = load_model(&a.model)?;
+    let size = vlm.config().vision.image_size;
+    let mut cases = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        use cmrm::cmrm::CalibrationImage as I;
+        let image = match &item.image {
+            I::Anchor => anchor.image(size),
+            I::Blank => Anchor::Blank.image(size),
+            I::Noise => Anchor::Noise { seed: a.anchor_seed }.image(size),
+            I::Path(p) => {
+                let path = base.join(p);
+                let bytes = std::fs::read(&path)
+                    .with_context(|| format!("{name}: case {} image {}: cannot read", i + 1, path.display()))?;
+                decode_image(&bytes).with_context(|| format!("{name}: case {} image {}", i + 1, path.display()))?
+            }
+        };
+        cases.push(cmrm::eval::EvalCase { prompt: item.prompt.clone(), image });
+    }
+    let file_vectors = match (&a.vectors, a.sample_level) {
+        (Some(_), true) => bail!("use either --vectors or --sample-level, not both"),
+        (None, false) => bail!("eval needs --vectors FILE or --sample-level"),
+        (Some(path), false) => {
+            let v = read_vectors(path)?;
+            v.validate_for(&path.display().to_string(), vlm.config())?;
+            Some(v)
+        }
+        (None, true) => None,
+    };
+    let layers = parse_layers(&a.layers, vlm.config().text.num_hidden_layers)?;
+    let source = match &file_vectors {
+        Some(v) => cmrm::eval::VectorSource::Dataset(v),
+        None => cmrm::eval::VectorSource::SampleLevel(anchor),
+    };
+    let report = cmrm::eval::evaluate(&vlm, &cases, source, &alphas, &layers, positions, a.max_new_tokens, &mut |i, n| {
+        eprint!("\rcase {}/{n} ", i + 1)
+    })?;
+    eprintln!();
+    let plots = match &a.plot {
+        Some(dir) => cmrm::plot::write_eval_plots(&report, dir)?,
+        None => vec![],
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["plots"] = json!(plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+        emit(&v);
+    } else {
+        println!("{} cases, layers {:?}, positions {}", report.n_cases, report.layers, a.positions);
+        for m in std::iter::once(&report.unaltered).chain(&report.steered) {
+            let mean_gap = m.gap_l2.iter().sum::<f64>() / m.gap_l2.len().max(1) as f64;
+            println!(
+                "α = {:<5} refusal rate {:>5.1}%  mean answer {:>5.1} tokens  mean gap {:.3}",
+                m.alpha,
+                100.0 * m.refusal_rate,
+                m.mean_answer_tokens,
+                mean_gap
+            );
+        }
+        for p in plots {
+            println!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn cmd_vectors_info(file: &Path, as_json: bool) -> Result<()> {
+    let v = read_vectors(file)?;
+    let norms: Vec<(usize, f32)> =
+        v.layers.iter().map(|(l, x)| (*l, x.iter().map(|a| a * a).sum::<f32>().sqrt())).collect();
+    if as_json {
+        emit(
+            &json!({"file": file.display().to_string(), "hidden_size": v.hidden_size,
+                   "layers": norms.iter().map(|(l, n)| json!({"layer": l, "norm": n})).collect::<Vec<_>>(),
+                   "metadata": v.metadata})
+        );
+    } else {
+        println!("{}: {} layers, hidden size {}", file.display(), v.layers.len(), v.hidden_size);
+        let mut meta: Vec<_> = v.metadata.iter().collect();
+        meta.sort();
+        for (k, val) in meta {
+            println!("  {k}: {val}");
+        }
+        for (l, n) in norms {
+            println!("  layer.{l:<3} ‖v‖ = {n:.4}");
+        }
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if !a.random_weights {
+        bail!("bench runs on random weights: add --random-weights");
+    }
+    let report = cmrm::bench::run(&a.preset, a.prompt_tokens, a.new_tokens, a.seed, &mut |msg| eprintln!("{msg}"))?;
+    if a.json {
+        emit(&serde_json::to_value(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}

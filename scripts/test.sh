@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test of cmrm: native (library, CLI, parity with transformers, bad inputs, GPU on
+# lavapipe), the wasm32 build, and the browser tests in headless Chromium.
+# Installs what it needs first (scripts/setup.sh). Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH" XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+bash scripts/setup.sh
+
+step() { printf '\n=== %s ===\n' "$*" >&2; }
+
+step "format and lints"
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+
+step "native tests"
+cargo test --all-targets
+
+step "wasm32 library build (simd128)"
+cargo build --target wasm32-unknown-unknown --lib --release
+
+if [ -x scripts/test-browser.sh ]; then
+  step "browser tests (headless Chromium)"
+  bash scripts/test-browser.sh
+fi

@@ -1,0 +1,305 @@
+//! CMRM (arXiv 2410.09047): the shift a meaningless image causes in the decoder's last-token
+//! states, `d_l(x) = h_l(x, img') − h_l(x)`, averaged over a calibration set (dataset-level) or
+//! taken for the current prompt (sample-level). Steering then applies `h_l ← h_l − α·v_l`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+
+use crate::image::RgbImage;
+use crate::pipeline::{PromptText, Vlm};
+use crate::steering::{SteeringVectors, VECTORS_FORMAT};
+
+/// The meaningless image that stands in for a real one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// A white image at the processor's input size.
+    Blank,
+    /// Uniform random RGB at the processor's input size, from a seed.
+    Noise { seed: u64 },
+}
+
+impl Anchor {
+    pub fn parse(name: &str, seed: u64) -> Result<Self> {
+        match name {
+            "blank" => Ok(Self::Blank),
+            "noise" => Ok(Self::Noise { seed }),
+            other => bail!("anchor must be blank or noise (got '{other}')"),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Blank => "blank",
+            Self::Noise { .. } => "noise",
+        }
+    }
+
+    /// The anchor image, `size × size`.
+    pub fn image(&self, size: usize) -> RgbImage {
+        match *self {
+            Self::Blank => RgbImage::filled(size, size, [255, 255, 255]),
+            Self::Noise { seed } => {
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let data = (0..size * size * 3).map(|_| rng.random::<u8>()).collect();
+                RgbImage { width: size, height: size, data }
+            }
+        }
+    }
+}
+
+/// `image_features` of an anchor for this model (encoded once, reused for every prompt).
+pub fn anchor_features(vlm: &Vlm, anchor: Anchor) -> Result<Tensor> {
+    vlm.encode_image(&anchor.image(vlm.config().vision.image_size))
+}
+
+/// Last-prompt-token outputs of every decoder block, `[L][H]`, for a full prompt with or without
+/// image features.
+pub fn last_token_states(vlm: &Vlm, prompt: &str, image_features: Option<&Tensor>) -> Result<Vec<Vec<f32>>> {
+    let prepared = if image_features.is_some() {
+        vlm.prepare_prompt(prompt, image_features)?
+    } else {
+        vlm.prepare_text_only(prompt)?
+    };
+    Ok(vlm.probe(&prepared, None)?.layer_outputs)
+}
+
+/// `d_l(x) = h_l(x, img) − h_l(x)` for one question (the chat template builds both prompts).
+pub fn shift_for_prompt(vlm: &Vlm, text: &PromptText, image_features: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let prompt = vlm.prompt_text(text, true)?;
+    let with_image = last_token_states(vlm, &prompt, Some(image_features))?;
+    let text_only = last_token_states(vlm, &prompt, None)?;
+    Ok(with_image.iter().zip(&text_only).map(|(m, t)| m.iter().zip(t).map(|(a, b)| a - b).collect()).collect())
+}
+
+/// Sample-level vectors for the current prompt: two extra prefills (anchor image, text-only).
+pub fn sample_level_vectors(vlm: &Vlm, text: &PromptText, anchor: Anchor) -> Result<SteeringVectors> {
+    let features = anchor_features(vlm, anchor)?;
+    let shift = shift_for_prompt(vlm, text, &features)?;
+    let mut vectors = SteeringVectors::new(vlm.config().text.hidden_size, shift.into_iter().enumerate().collect())?;
+    vectors.metadata = vector_metadata(vlm, "sample", anchor.name(), 1);
+    Ok(vectors)
+}
+
+/// How per-prompt shifts are combined into one vector per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Mean,
+    /// First principal component of the shifts, sign-aligned with the mean, scaled to its norm.
+    Pca,
+}
+
+impl Method {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "mean" => Ok(Self::Mean),
+            "pca" => Ok(Self::Pca),
+            other => bail!("method must be mean or pca (got '{other}')"),
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::Pca => "pca",
+        }
+    }
+}
+
+/// Metadata of a cmrm vector file (DESIGN §5).
+pub fn vector_metadata(vlm: &Vlm, method: &str, anchor: &str, n_calibration: usize) -> HashMap<String, String> {
+    let cfg = vlm.config();
+    HashMap::from([
+        ("format".into(), VECTORS_FORMAT.into()),
+        ("model".into(), cfg.fingerprint()),
+        ("hidden_size".into(), cfg.text.hidden_size.to_string()),
+        ("num_layers".into(), cfg.text.num_hidden_layers.to_string()),
+        ("method".into(), method.into()),
+        ("anchor".into(), anchor.into()),
+        ("n_calibration".into(), n_calibration.to_string()),
+        ("sign".into(), "subtract".into()),
+        ("default_alpha".into(), "1.0".into()),
+        ("default_layers".into(), "all".into()),
+    ])
+}
+
+/// Combine per-prompt shifts `shifts[i][l][h]` into one vector per layer.
+pub fn combine_shifts(shifts: &[Vec<Vec<f32>>], method: Method) -> Result<BTreeMap<usize, Vec<f32>>> {
+    let Some(first) = shifts.first() else { bail!("the calibration set is empty") };
+    let (n_layers, hidden) = (first.len(), first.first().map_or(0, Vec::len));
+    let n = shifts.len() as f64;
+    let mut out = BTreeMap::new();
+    for l in 0..n_layers {
+        // Sum in f64, then one division: the mean does not depend on the order much.
+        let mut mean = vec![0f64; hidden];
+        for s in shifts {
+            for (m, x) in mean.iter_mut().zip(&s[l]) {
+                *m += f64::from(*x);
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= n);
+        let v = match method {
+            Method::Mean => mean,
+            Method::Pca => first_component(shifts.iter().map(|s| &s[l]), &mean),
+        };
+        out.insert(l, v.into_iter().map(|x| x as f32).collect());
+    }
+    Ok(out)
+}
+
+/// First principal component of the rows (centred), by power iteration; sign-aligned with
+/// `mean` and scaled to `‖mean‖`.
+fn first_component<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, mean: &[f64]) -> Vec<f64> {
+    let centred: Vec<Vec<f64>> = rows.map(|r| r.iter().zip(mean).map(|(x, m)| f64::from(*x) - m).collect()).collect();
+    let hidden = mean.len();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mean_norm = norm(mean);
+    // Start from the largest-norm centred row: never orthogonal to the top component in practice.
+    let mut v = centred.iter().max_by(|a, b| norm(a).total_cmp(&norm(b))).cloned().unwrap_or_else(|| vec![1.0; hidden]);
+    if norm(&v) == 0.0 {
+        return mean.to_vec(); // all shifts equal: the mean is the only direction
+    }
+    for _ in 0..500 {
+        let mut next = vec![0f64; hidden];
+        for row in &centred {
+            let dot: f64 = row.iter().zip(&v).map(|(a, b)| a * b).sum();
+            for (n, r) in next.iter_mut().zip(row) {
+                *n += dot * r;
+            }
+        }
+        let len = norm(&next);
+        if len == 0.0 {
+            break;
+        }
+        next.iter_mut().for_each(|x| *x /= len);
+        let delta: f64 = next.iter().zip(&v).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        v = next;
+        if delta < 1e-12 {
+            break;
+        }
+    }
+    let unit_norm = norm(&v);
+    let sign = if v.iter().zip(mean).map(|(a, b)| a * b).sum::<f64>() < 0.0 { -1.0 } else { 1.0 };
+    v.iter().map(|x| sign * x / unit_norm * mean_norm).collect()
+}
+
+/// One calibration item: a question and the image to measure the shift with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationItem {
+    pub prompt: String,
+    /// `None`: the run's anchor; `Some(path)`: a real image file (measures the shift a real image causes).
+    pub image: CalibrationImage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalibrationImage {
+    /// The run's `--anchor`.
+    Anchor,
+    Blank,
+    Noise,
+    Path(String),
+}
+
+/// Parse calibration JSONL: one `{"prompt": "...", "image": "path" | "blank" | "noise"}` per line
+/// (`image` optional); blank lines and `#` comments skipped. Errors name the line.
+pub fn parse_calibration(name: &str, text: &str) -> Result<Vec<CalibrationItem>> {
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let lineno = i + 1;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{name}:{lineno}: not valid JSON"))?;
+        let prompt = v
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .with_context(|| format!("{name}:{lineno}: needs a \"prompt\" string"))?
+            .to_owned();
+        let image = match v.get("image") {
+            None | Some(serde_json::Value::Null) => CalibrationImage::Anchor,
+            Some(serde_json::Value::String(s)) if s == "blank" => CalibrationImage::Blank,
+            Some(serde_json::Value::String(s)) if s == "noise" => CalibrationImage::Noise,
+            Some(serde_json::Value::String(s)) => CalibrationImage::Path(s.clone()),
+            Some(other) => bail!("{name}:{lineno}: \"image\" must be a path, \"blank\" or \"noise\", got {other}"),
+        };
+        items.push(CalibrationItem { prompt, image });
+    }
+    if items.is_empty() {
+        bail!("{name}: the calibration set is empty");
+    }
+    Ok(items)
+}
+
+/// Progress of an extraction, for a bar with ETA.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub done: usize,
+    pub total: usize,
+    pub elapsed_s: f64,
+}
+
+impl Progress {
+    pub fn eta_s(&self) -> f64 {
+        if self.done == 0 {
+            f64::NAN
+        } else {
+            self.elapsed_s / self.done as f64 * (self.total - self.done) as f64
+        }
+    }
+}
+
+/// Dataset-level extraction: for each item, `d_l = h_l(prompt, image) − h_l(prompt)` at the last
+/// prompt token, combined by `method`. `load_image` reads the items that name a file;
+/// `on_progress` returning `false` cancels (an error, nothing returned).
+pub fn extract(
+    vlm: &Vlm,
+    items: &[CalibrationItem],
+    anchor: Anchor,
+    method: Method,
+    load_image: &dyn Fn(&str) -> Result<RgbImage>,
+    on_progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<SteeringVectors> {
+    if items.is_empty() {
+        bail!("the calibration set is empty");
+    }
+    let mut anchors: HashMap<&'static str, Tensor> = HashMap::new();
+    let mut anchor_of = |a: Anchor| -> Result<Tensor> {
+        if let Some(t) = anchors.get(a.name()) {
+            return Ok(t.clone());
+        }
+        let t = anchor_features(vlm, a)?;
+        anchors.insert(a.name(), t.clone());
+        Ok(t)
+    };
+    let seed = match anchor {
+        Anchor::Noise { seed } => seed,
+        Anchor::Blank => 0,
+    };
+    let start = crate::generate::now_seconds();
+    let mut shifts = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let features = match &item.image {
+            CalibrationImage::Anchor => anchor_of(anchor)?,
+            CalibrationImage::Blank => anchor_of(Anchor::Blank)?,
+            CalibrationImage::Noise => anchor_of(Anchor::Noise { seed })?,
+            CalibrationImage::Path(p) => {
+                let img = load_image(p).with_context(|| format!("calibration item {}: image {p}", i + 1))?;
+                vlm.encode_image(&img)?
+            }
+        };
+        let shift = shift_for_prompt(vlm, &PromptText::Chat(item.prompt.clone()), &features)
+            .with_context(|| format!("calibration item {}", i + 1))?;
+        shifts.push(shift);
+        let progress = Progress { done: i + 1, total: items.len(), elapsed_s: crate::generate::now_seconds() - start };
+        if !on_progress(progress) {
+            bail!("extraction cancelled after {} of {} items", i + 1, items.len());
+        }
+    }
+    let layers = combine_shifts(&shifts, method)?;
+    let mut vectors = SteeringVectors::new(vlm.config().text.hidden_size, layers)?;
+    vectors.metadata = vector_metadata(vlm, method.name(), anchor.name(), items.len());
+    Ok(vectors)
+}

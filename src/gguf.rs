@@ -1,0 +1,222 @@
+//! llama.cpp / repeng control vectors (GGUF): export and import of CMRM vectors.
+//!
+//! Format: GGUF v3, `general.architecture = "controlvector"`, `controlvector.model_hint`,
+//! `controlvector.layer_count`, tensors `direction.{N}` F32 `[hidden]`. llama.cpp *adds*
+//! `direction.N` to the output of block N (0-based) and never steers block 0 (its loader rejects
+//! `direction.0`). CMRM subtracts, so:
+//! - export writes `direction.l = −v_l` for l ≥ 1 (layer 0 is dropped and reported);
+//! - import reads `v_l = −direction.l`.
+//!
+//! Then `llama-cli --control-vector-scaled file.gguf:α` applies `h_l + α·(−v_l)` = CMRM with α.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+
+use crate::steering::{SteeringVectors, VECTORS_FORMAT};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const VERSION: u32 = 3;
+const ALIGNMENT: usize = 32;
+const GGML_TYPE_F32: u32 = 0;
+
+// GGUF metadata value types.
+const T_U8: u32 = 0;
+const T_I8: u32 = 1;
+const T_U16: u32 = 2;
+const T_I16: u32 = 3;
+const T_U32: u32 = 4;
+const T_I32: u32 = 5;
+const T_F32: u32 = 6;
+const T_BOOL: u32 = 7;
+const T_STRING: u32 = 8;
+const T_ARRAY: u32 = 9;
+const T_U64: u32 = 10;
+const T_I64: u32 = 11;
+const T_F64: u32 = 12;
+
+/// What an export kept and dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufExport {
+    pub bytes: Vec<u8>,
+    /// Layers not representable in a llama.cpp control vector (layer 0).
+    pub dropped_layers: Vec<usize>,
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// Serialize CMRM vectors as a llama.cpp control vector (negated, layer 0 dropped).
+pub fn export_control_vector(vectors: &SteeringVectors, model_hint: &str) -> GgufExport {
+    let exported: Vec<(usize, &Vec<f32>)> = vectors.layers.iter().filter(|(l, _)| **l >= 1).map(|(l, v)| (*l, v)).collect();
+    let dropped_layers = vectors.layers.keys().copied().filter(|&l| l == 0).collect();
+    // llama.cpp and repeng write the number of directions here.
+    let layer_count = exported.len() as u32;
+
+    let mut out = Vec::new();
+    out.extend(MAGIC);
+    out.extend(VERSION.to_le_bytes());
+    out.extend((exported.len() as u64).to_le_bytes());
+    out.extend(3u64.to_le_bytes()); // metadata entries
+    put_string(&mut out, "general.architecture");
+    out.extend(T_STRING.to_le_bytes());
+    put_string(&mut out, "controlvector");
+    put_string(&mut out, "controlvector.model_hint");
+    out.extend(T_STRING.to_le_bytes());
+    put_string(&mut out, model_hint);
+    put_string(&mut out, "controlvector.layer_count");
+    out.extend(T_U32.to_le_bytes());
+    out.extend(layer_count.to_le_bytes());
+
+    let tensor_bytes = vectors.hidden_size * 4;
+    let stride = tensor_bytes.div_ceil(ALIGNMENT) * ALIGNMENT;
+    for (i, (l, _)) in exported.iter().enumerate() {
+        put_string(&mut out, &format!("direction.{l}"));
+        out.extend(1u32.to_le_bytes());
+        out.extend((vectors.hidden_size as u64).to_le_bytes());
+        out.extend(GGML_TYPE_F32.to_le_bytes());
+        out.extend(((i * stride) as u64).to_le_bytes());
+    }
+    out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    for (_, v) in &exported {
+        let start = out.len();
+        // llama.cpp adds; CMRM subtracts.
+        out.extend(v.iter().flat_map(|x| (-x).to_le_bytes()));
+        out.resize(start + stride, 0);
+    }
+    GgufExport { bytes: out, dropped_layers }
+}
+
+struct Reader<'a> {
+    name: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            bail!("{}: truncated GGUF file (needs {n} bytes at offset {}, has {})", self.name, self.pos, self.bytes.len())
+        };
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()? as usize;
+        if n > 1 << 20 {
+            bail!("{}: implausible string length {n} at offset {}", self.name, self.pos);
+        }
+        String::from_utf8(self.take(n)?.to_vec()).with_context(|| format!("{}: a GGUF string is not UTF-8", self.name))
+    }
+    /// A metadata value: strings and integers are returned as text, the rest skipped.
+    fn value(&mut self, kind: u32) -> Result<Option<String>> {
+        let fixed = |k| match k {
+            T_U8 | T_I8 | T_BOOL => Some(1),
+            T_U16 | T_I16 => Some(2),
+            T_U32 | T_I32 | T_F32 => Some(4),
+            T_U64 | T_I64 | T_F64 => Some(8),
+            _ => None,
+        };
+        Ok(match kind {
+            T_STRING => Some(self.string()?),
+            T_U32 => Some(self.u32()?.to_string()),
+            T_I32 => Some((self.u32()? as i32).to_string()),
+            T_U64 => Some(self.u64()?.to_string()),
+            T_ARRAY => {
+                let inner = self.u32()?;
+                let n = self.u64()? as usize;
+                for _ in 0..n {
+                    self.value(inner)?;
+                }
+                None
+            }
+            k => match fixed(k) {
+                Some(size) => {
+                    self.take(size)?;
+                    None
+                }
+                None => bail!("{}: unknown GGUF value type {k}", self.name),
+            },
+        })
+    }
+}
+
+/// Read a llama.cpp control vector as CMRM vectors (`v_l = −direction.l`).
+pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors> {
+    let mut r = Reader { name, bytes, pos: 0 };
+    if r.take(4).ok() != Some(MAGIC.as_slice()) {
+        bail!("{name}: not a GGUF file (no GGUF magic)");
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        bail!("{name}: GGUF version {version} is not supported (2 or 3)");
+    }
+    let n_tensors = r.u64()? as usize;
+    let n_kv = r.u64()? as usize;
+    let mut meta = HashMap::new();
+    for _ in 0..n_kv {
+        let key = r.string()?;
+        let kind = r.u32()?;
+        if let Some(v) = r.value(kind)? {
+            meta.insert(key, v);
+        }
+    }
+    if meta.get("general.architecture").map(String::as_str) != Some("controlvector") {
+        bail!("{name}: a GGUF file but not a control vector (general.architecture is {:?})", meta.get("general.architecture"));
+    }
+    let alignment = meta.get("general.alignment").and_then(|s| s.parse::<usize>().ok()).unwrap_or(ALIGNMENT);
+    let mut infos = Vec::with_capacity(n_tensors.min(4096));
+    for _ in 0..n_tensors {
+        let tname = r.string()?;
+        let n_dims = r.u32()? as usize;
+        if n_dims > 4 {
+            bail!("{name}: tensor '{tname}' has {n_dims} dimensions");
+        }
+        let dims: Vec<u64> = (0..n_dims).map(|_| r.u64()).collect::<Result<_>>()?;
+        let kind = r.u32()?;
+        let offset = r.u64()? as usize;
+        infos.push((tname, dims, kind, offset));
+    }
+    let data_start = r.pos.div_ceil(alignment.max(1)) * alignment.max(1);
+    let mut layers = BTreeMap::new();
+    let mut hidden = None;
+    for (tname, dims, kind, offset) in infos {
+        let Some(index) = tname.strip_prefix("direction.") else { continue };
+        let l: usize = index.parse().with_context(|| format!("{name}: tensor '{tname}' has no layer number"))?;
+        if kind != GGML_TYPE_F32 {
+            bail!("{name}: tensor '{tname}' is ggml type {kind}; only F32 control vectors are supported");
+        }
+        let n: usize = dims.iter().product::<u64>() as usize;
+        if *hidden.get_or_insert(n) != n {
+            bail!("{name}: tensor '{tname}' has {n} values, other directions have {}", hidden.unwrap_or(0));
+        }
+        let mut data = Reader { name, bytes, pos: data_start + offset };
+        let raw = data.take(n * 4)?;
+        layers.insert(l, raw.chunks_exact(4).map(|b| -f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+    }
+    let Some(hidden_size) = hidden else { bail!("{name}: the control vector holds no direction.N tensors") };
+    let mut vectors = SteeringVectors::new(hidden_size, layers).with_context(|| name.to_owned())?;
+    vectors.metadata = HashMap::from([
+        ("format".into(), VECTORS_FORMAT.into()),
+        ("sign".into(), "subtract".into()),
+        ("hidden_size".into(), hidden_size.to_string()),
+        ("imported_from".into(), "gguf-controlvector".into()),
+    ]);
+    if let Some(hint) = meta.get("controlvector.model_hint") {
+        vectors.metadata.insert("model_hint".into(), hint.clone());
+    }
+    if let Some(count) = meta.get("controlvector.layer_count") {
+        vectors.metadata.insert("gguf_layer_count".into(), count.clone());
+    }
+    Ok(vectors)
+}

@@ -1,0 +1,136 @@
+//! The `cmrm` binary's contract (DESIGN.md §4): flags, `--json` fields, CMRM's sign, errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn cmrm(args: &[&str]) -> (bool, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmrm")).args(args).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let json = if out.status.success() {
+        assert_eq!(stdout.lines().count(), 1, "--json must print exactly one line:\n{stdout}");
+        serde_json::from_str(&stdout).unwrap()
+    } else {
+        Value::Null
+    };
+    (out.status.success(), json, stderr)
+}
+
+fn s(p: std::path::PathBuf) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn generate_json_matches_the_oracle() {
+    for model in MODELS {
+        let refs = Refs::load(model);
+        let case = &refs.json["cases"][4]; // img1_q1
+        let image = s(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap())));
+        let (ok, v, err) = cmrm(&[
+            "generate", "--model", &s(model_dir(model)), "--image", &image,
+            "--prompt", case["question"].as_str().unwrap(), "--max-new-tokens", "12", "--json",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(ids(&v["input_ids"]), ids(&case["multimodal"]["input_ids"]));
+        assert_eq!(ids(&v["generated_ids"]), ids(&case["multimodal"]["generated_ids"]));
+        assert_eq!(v["stopped_on_eos"], case["multimodal"]["stopped_on_eos"]);
+        assert!(v["text"].is_string());
+        assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(v["decode_tokens_per_s"].as_f64().unwrap() >= 0.0);
+    }
+}
+
+/// The oracle's `shift` vectors hold text − multimodal and its cases *add* α·v. The CLI is CMRM:
+/// `h ← h − α·v`, so `--alpha −0.5` must reproduce the oracle's `shift_mid_a0.5` case.
+#[test]
+fn cli_alpha_subtracts() {
+    let model = MODELS[1];
+    let refs = Refs::load(model);
+    let case = &refs.json["cases"][0];
+    let want = &case["steered_multimodal"]["shift_mid_a0.5"];
+    let image = s(refs_dir(model).join("red_square.png"));
+    let vectors = s(refs_dir(model).join("shift_vectors.safetensors"));
+    let base = ["--model", &s(model_dir(model)), "--image", &image, "--prompt", case["question"].as_str().unwrap()];
+    let steer = ["--vectors", &vectors, "--alpha=-0.5", "--layers", "1"];
+
+    let mut args = vec!["generate"];
+    args.extend(base);
+    args.extend(steer);
+    args.extend(["--max-new-tokens", "12", "--compare", "--json"]);
+    let (ok, v, err) = cmrm(&args);
+    assert!(ok, "{err}");
+    assert_eq!(ids(&v["steered"]["generated_ids"]), ids(&want["generated_ids"]));
+    assert_eq!(ids(&v["unaltered"]["generated_ids"]), ids(&case["multimodal"]["generated_ids"]));
+    assert_eq!(v["steering"]["alpha"].as_f64().unwrap(), -0.5);
+    assert_eq!(v["steering"]["layers"], serde_json::json!([1]));
+
+    let mut args = vec!["probe"];
+    args.extend(base);
+    args.extend(steer);
+    args.push("--json");
+    let (ok, v, err) = cmrm(&args);
+    assert!(ok, "{err}");
+    let logits: Vec<f32> = v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let d = max_abs_diff(&logits, &refs.f32s(want["logits"].as_str().unwrap()));
+    assert!(d <= 2e-4, "steered logits differ by {d}");
+}
+
+#[test]
+fn probe_json_fields() {
+    let model = MODELS[0];
+    let refs = Refs::load(model);
+    let case = &refs.json["cases"][0];
+    let (ok, v, err) = cmrm(&[
+        "probe", "--model", &s(model_dir(model)), "--image", &s(refs_dir(model).join("red_square.png")),
+        "--prompt", case["question"].as_str().unwrap(), "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["n_image_tokens"], 16);
+    assert_eq!(v["hidden_states"].as_array().unwrap().len(), 5);
+    assert_eq!(v["layer_outputs"].as_array().unwrap().len(), 4);
+    assert_eq!(v["logits"].as_array().unwrap().len(), 642);
+    let hs: Vec<f32> = v["hidden_states"].as_array().unwrap().iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let d = max_abs_diff(&hs, &refs.f32s(case["multimodal"]["hidden_states"].as_str().unwrap()));
+    assert!(d <= 2e-4, "{d}");
+}
+
+#[test]
+fn raw_prompt_is_used_as_is() {
+    let model = MODELS[0];
+    let refs = Refs::load(model);
+    let case = &refs.json["cases"][0];
+    let (ok, v, err) = cmrm(&[
+        "generate", "--model", &s(model_dir(model)), "--raw-prompt",
+        "--prompt", case["text_only"]["prompt"].as_str().unwrap(), "--max-new-tokens", "12", "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(ids(&v["input_ids"]), ids(&case["text_only"]["input_ids"]));
+    assert_eq!(ids(&v["generated_ids"]), ids(&case["text_only"]["generated_ids"]));
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let model = s(model_dir(MODELS[0]));
+    let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--image", "/nonexistent.png"]);
+    assert!(!ok);
+    assert!(err.contains("cannot read /nonexistent.png"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--alpha", "1"]);
+    assert!(!ok);
+    assert!(err.contains("--alpha/--layers need --vectors FILE or --sample-level"), "{err}");
+
+    let vectors = s(refs_dir(MODELS[0]).join("steer_random.safetensors"));
+    let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--vectors", &vectors, "--layers", "9"]);
+    assert!(!ok);
+    assert!(err.contains("layer 9 is out of range"), "{err}");
+
+    let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--vectors", &vectors, "--positions", "first"]);
+    assert!(!ok);
+    assert!(err.contains("positions must be all, last or generated"), "{err}");
+}
