@@ -81,6 +81,13 @@ pub struct BenchReport {
     pub steered_layers: usize,
     /// Bytes of decoder weights read per decode step (f32), for the bandwidth bound.
     pub weight_bytes_per_token: usize,
+    /// CMRM dataset-level extraction: calibration pairs per second (one multimodal and one
+    /// text-only prefill per pair; the anchor image is encoded once per run).
+    pub extract_pairs_per_s: f64,
+    /// Sample-level CMRM's extra work before answering: anchor encode + two prefills.
+    pub sample_level_extra_s: f64,
+    /// (plain generation + sample-level extra) ÷ plain generation, for `new_tokens` tokens.
+    pub sample_level_ratio: f64,
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -155,6 +162,26 @@ pub fn run(
         decode_s = decode_s.min(d);
         steered_decode_s = steered_decode_s.min(sd);
     }
+    // CMRM extraction / sample-level: last-token block outputs of the multimodal and the
+    // text-only prompt (no logits), the path `cmrm::shift_for_prompt` takes.
+    log("CMRM: multimodal and text-only prefills…");
+    let text_ids: Vec<u32> = ids.iter().copied().filter(|&id| id != cfg.image_token_id).collect();
+    let text_embeds = model.embed(&text_ids, None)?;
+    let capture = |embeds: &Tensor, len: usize| -> Result<f64> {
+        let mut cache = model.text.new_cache(len);
+        let t = now_seconds();
+        let out = model.forward(
+            embeds,
+            &mut cache,
+            ForwardOptions { steering: None, prompt_len: len, capture_layers: true, logits: false },
+        )?;
+        out.layer_outputs.context("no layer outputs")?;
+        Ok(now_seconds() - t)
+    };
+    let pair_s = capture(&embeds, ids.len())? + capture(&text_embeds, text_ids.len())?;
+    let sample_level_extra_s = image_encode_s + pair_s;
+    let plain_s = image_encode_s + prefill_s + decode_s;
+
     let steps = new_tokens.saturating_sub(1).max(1) as f64;
     Ok(BenchReport {
         preset: preset.to_owned(),
@@ -173,6 +200,9 @@ pub fn run(
         steered_decode_ratio: steered_decode_s / decode_s,
         steered_layers: cfg.text.num_hidden_layers,
         weight_bytes_per_token: decoder_weight_bytes(&cfg),
+        extract_pairs_per_s: 1.0 / pair_s,
+        sample_level_extra_s,
+        sample_level_ratio: (plain_s + sample_level_extra_s) / plain_s,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }

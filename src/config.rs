@@ -272,7 +272,7 @@ fn parse_vision(v: &Value) -> Result<VisionConfig> {
     if cfg.num_channels != 3 {
         bail!("num_channels = {} (only RGB vision towers are supported)", cfg.num_channels);
     }
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         bail!("hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads);
     }
     // Not necessarily a multiple: the patch conv has valid padding, so SigLIP-so400m/14 at 384 px
@@ -293,7 +293,7 @@ fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
     let hidden_size = get_usize(v, "hidden_size")?;
     let num_attention_heads = get_usize(v, "num_attention_heads")?;
     let num_key_value_heads = get_usize_or(v, "num_key_value_heads", num_attention_heads);
-    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+    if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
         bail!(
             "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
         );
@@ -301,7 +301,7 @@ fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
     let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
         Some(d) => d as usize,
         None => {
-            if hidden_size % num_attention_heads != 0 {
+            if num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads) {
                 bail!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}");
             }
             hidden_size / num_attention_heads

@@ -50,7 +50,8 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
 
 /// Serialize CMRM vectors as a llama.cpp control vector (negated, layer 0 dropped).
 pub fn export_control_vector(vectors: &SteeringVectors, model_hint: &str) -> GgufExport {
-    let exported: Vec<(usize, &Vec<f32>)> = vectors.layers.iter().filter(|(l, _)| **l >= 1).map(|(l, v)| (*l, v)).collect();
+    let exported: Vec<(usize, &Vec<f32>)> =
+        vectors.layers.iter().filter(|(l, _)| **l >= 1).map(|(l, v)| (*l, v)).collect();
     let dropped_layers = vectors.layers.keys().copied().filter(|&l| l == 0).collect();
     // llama.cpp and repeng write the number of directions here.
     let layer_count = exported.len() as u32;
@@ -99,7 +100,12 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let Some(end) = end else {
-            bail!("{}: truncated GGUF file (needs {n} bytes at offset {}, has {})", self.name, self.pos, self.bytes.len())
+            bail!(
+                "{}: truncated GGUF file (needs {n} bytes at offset {}, has {})",
+                self.name,
+                self.pos,
+                self.bytes.len()
+            )
         };
         let out = &self.bytes[self.pos..end];
         self.pos = end;
@@ -172,7 +178,10 @@ pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors
         }
     }
     if meta.get("general.architecture").map(String::as_str) != Some("controlvector") {
-        bail!("{name}: a GGUF file but not a control vector (general.architecture is {:?})", meta.get("general.architecture"));
+        bail!(
+            "{name}: a GGUF file but not a control vector (general.architecture is {:?})",
+            meta.get("general.architecture")
+        );
     }
     let alignment = meta.get("general.alignment").and_then(|s| s.parse::<usize>().ok()).unwrap_or(ALIGNMENT);
     let mut infos = Vec::with_capacity(n_tensors.min(4096));

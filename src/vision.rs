@@ -141,7 +141,8 @@ impl VisionTower {
         }
         let g = s / p;
         // Valid padding: pixels past the last whole patch are not seen.
-        let pixel_values = if g * p == s { pixel_values.clone() } else { pixel_values.narrow(2, 0, g * p)?.narrow(3, 0, g * p)? };
+        let pixel_values =
+            if g * p == s { pixel_values.clone() } else { pixel_values.narrow(2, 0, g * p)?.narrow(3, 0, g * p)? };
         // [B, C, g, p, g, p] → [B, g, g, C, p, p]: patches in raster order, each flattened like the conv kernel.
         let patches =
             pixel_values.reshape((b, c, g, p, g, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, g * g, c * p * p))?;

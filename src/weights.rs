@@ -115,6 +115,12 @@ impl Weights {
         VarBuilder::from_backend(Box::new(self), DType::F32, device.clone())
     }
 
+    fn entry(&self, name: &str) -> candle_core::Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
+        })
+    }
+
     fn describe_files(&self) -> String {
         self.files.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
     }
@@ -166,9 +172,7 @@ impl SimpleBackend for Weights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
-        })?;
+        let entry = self.entry(name)?;
         if entry.tensor.shape() != &s {
             return Err(candle_core::Error::Msg(format!(
                 "{}: tensor '{}' has shape {:?}, but the config needs {:?}",
@@ -182,10 +186,7 @@ impl SimpleBackend for Weights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
-        })?;
-        entry.tensor.to_dtype(dtype)?.to_device(dev)
+        self.entry(name)?.tensor.to_dtype(dtype)?.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

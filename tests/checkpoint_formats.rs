@@ -40,7 +40,8 @@ fn sharded_checkpoint_with_index() {
     for model in MODELS {
         let all = tensors(model);
         let dir = copy_model(model, &format!("shard-{model}"));
-        let (lm, rest): (HashMap<_, _>, HashMap<_, _>) = all.into_iter().partition(|(k, _)| k.starts_with("language_model."));
+        let (lm, rest): (HashMap<_, _>, HashMap<_, _>) =
+            all.into_iter().partition(|(k, _)| k.starts_with("language_model."));
         candle_core::safetensors::save(&lm, dir.join("model-00001-of-00002.safetensors")).unwrap();
         candle_core::safetensors::save(&rest, dir.join("model-00002-of-00002.safetensors")).unwrap();
         let mut weight_map = serde_json::Map::new();
@@ -66,9 +67,11 @@ fn sharded_checkpoint_with_index() {
 fn half_precision_weights_compute_in_f32() {
     let model = MODELS[0];
     for dtype in [DType::BF16, DType::F16] {
-        let half: HashMap<String, Tensor> = tensors(model).into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+        let half: HashMap<String, Tensor> =
+            tensors(model).into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
         // The same values, rounded to half precision, stored as F32.
-        let rounded: HashMap<String, Tensor> = half.iter().map(|(k, t)| (k.clone(), t.to_dtype(DType::F32).unwrap())).collect();
+        let rounded: HashMap<String, Tensor> =
+            half.iter().map(|(k, t)| (k.clone(), t.to_dtype(DType::F32).unwrap())).collect();
         let half_dir = copy_model(model, &format!("{dtype:?}"));
         let rounded_dir = copy_model(model, &format!("{dtype:?}-f32"));
         candle_core::safetensors::save(&half, half_dir.join("model.safetensors")).unwrap();

@@ -31,8 +31,16 @@ fn generate_json_matches_the_oracle() {
         let case = &refs.json["cases"][4]; // img1_q1
         let image = s(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap())));
         let (ok, v, err) = cmrm(&[
-            "generate", "--model", &s(model_dir(model)), "--image", &image,
-            "--prompt", case["question"].as_str().unwrap(), "--max-new-tokens", "12", "--json",
+            "generate",
+            "--model",
+            &s(model_dir(model)),
+            "--image",
+            &image,
+            "--prompt",
+            case["question"].as_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--json",
         ]);
         assert!(ok, "{err}");
         assert_eq!(ids(&v["input_ids"]), ids(&case["multimodal"]["input_ids"]));
@@ -85,16 +93,26 @@ fn probe_json_fields() {
     let refs = Refs::load(model);
     let case = &refs.json["cases"][0];
     let (ok, v, err) = cmrm(&[
-        "probe", "--model", &s(model_dir(model)), "--image", &s(refs_dir(model).join("red_square.png")),
-        "--prompt", case["question"].as_str().unwrap(), "--json",
+        "probe",
+        "--model",
+        &s(model_dir(model)),
+        "--image",
+        &s(refs_dir(model).join("red_square.png")),
+        "--prompt",
+        case["question"].as_str().unwrap(),
+        "--json",
     ]);
     assert!(ok, "{err}");
     assert_eq!(v["n_image_tokens"], 16);
     assert_eq!(v["hidden_states"].as_array().unwrap().len(), 5);
     assert_eq!(v["layer_outputs"].as_array().unwrap().len(), 4);
     assert_eq!(v["logits"].as_array().unwrap().len(), 642);
-    let hs: Vec<f32> = v["hidden_states"].as_array().unwrap().iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let hs: Vec<f32> = v["hidden_states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .collect();
     let d = max_abs_diff(&hs, &refs.f32s(case["multimodal"]["hidden_states"].as_str().unwrap()));
     assert!(d <= 2e-4, "{d}");
 }
@@ -105,8 +123,15 @@ fn raw_prompt_is_used_as_is() {
     let refs = Refs::load(model);
     let case = &refs.json["cases"][0];
     let (ok, v, err) = cmrm(&[
-        "generate", "--model", &s(model_dir(model)), "--raw-prompt",
-        "--prompt", case["text_only"]["prompt"].as_str().unwrap(), "--max-new-tokens", "12", "--json",
+        "generate",
+        "--model",
+        &s(model_dir(model)),
+        "--raw-prompt",
+        "--prompt",
+        case["text_only"]["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--json",
     ]);
     assert!(ok, "{err}");
     assert_eq!(ids(&v["input_ids"]), ids(&case["text_only"]["input_ids"]));
@@ -130,7 +155,8 @@ fn errors_are_one_clear_line() {
     assert!(!ok);
     assert!(err.contains("layer 9 is out of range"), "{err}");
 
-    let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--vectors", &vectors, "--positions", "first"]);
+    let (ok, _, err) =
+        cmrm(&["generate", "--model", &model, "--prompt", "hi", "--vectors", &vectors, "--positions", "first"]);
     assert!(!ok);
     assert!(err.contains("positions must be all, last or generated"), "{err}");
 }

@@ -104,8 +104,10 @@ fn generated_positions_leave_the_prompt_alone() {
 }
 
 fn sample_vectors(layers: &[usize]) -> SteeringVectors {
-    let map: BTreeMap<usize, Vec<f32>> =
-        layers.iter().map(|&l| (l, (0..64).map(|i| ((i * 37 + l * 11) % 23) as f32 * 0.173 - 1.9 + 1e-7 * i as f32).collect())).collect();
+    let map: BTreeMap<usize, Vec<f32>> = layers
+        .iter()
+        .map(|&l| (l, (0..64).map(|i| ((i * 37 + l * 11) % 23) as f32 * 0.173 - 1.9 + 1e-7 * i as f32).collect()))
+        .collect();
     let mut v = SteeringVectors::new(64, map).unwrap();
     v.metadata.insert("format".into(), "cmrm-vectors/1".into());
     v.metadata.insert("sign".into(), "subtract".into());
@@ -156,7 +158,8 @@ fn bad_gguf_files() {
 fn pca_is_sign_aligned_and_scaled_to_the_mean() {
     // Shifts along one direction d with different lengths: PC1 = ±d, aligned and scaled = mean.
     let d: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 4.0).collect();
-    let shifts: Vec<Vec<Vec<f32>>> = [1.0f32, 2.0, 4.5].iter().map(|s| vec![d.iter().map(|x| x * s).collect()]).collect();
+    let shifts: Vec<Vec<Vec<f32>>> =
+        [1.0f32, 2.0, 4.5].iter().map(|s| vec![d.iter().map(|x| x * s).collect()]).collect();
     let mean = combine_shifts(&shifts, Method::Mean).unwrap();
     let pca = combine_shifts(&shifts, Method::Pca).unwrap();
     assert!(max_abs_diff(&mean[&0], &pca[&0]) < 1e-5);
@@ -217,8 +220,14 @@ fn cli_extract_reproduces_the_oracle_shift_vectors() {
         std::fs::write(dir.join("calib.jsonl"), jsonl).unwrap();
         let out = dir.join("v.safetensors");
         let o = cmrm_cli(&[
-            "extract", "--model", &model_dir(model).display().to_string(),
-            "--calibration", &dir.join("calib.jsonl").display().to_string(), "--out", &out.display().to_string(), "--json",
+            "extract",
+            "--model",
+            &model_dir(model).display().to_string(),
+            "--calibration",
+            &dir.join("calib.jsonl").display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--json",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -244,7 +253,15 @@ fn cli_extract_fails_cleanly_and_writes_nothing() {
     let out = dir.join("v.safetensors");
     let run = |calib: &str| {
         std::fs::write(dir.join("c.jsonl"), calib).unwrap();
-        let o = cmrm_cli(&["extract", "--model", &model, "--calibration", &dir.join("c.jsonl").display().to_string(), "--out", &out.display().to_string()]);
+        let o = cmrm_cli(&[
+            "extract",
+            "--model",
+            &model,
+            "--calibration",
+            &dir.join("c.jsonl").display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ]);
         assert!(!o.status.success());
         assert!(!out.exists(), "a failed extraction left {}", out.display());
         String::from_utf8(o.stderr).unwrap()
@@ -272,9 +289,21 @@ fn cli_eval_reports_every_alpha_and_draws_charts() {
     )
     .unwrap();
     let o = cmrm_cli(&[
-        "eval", "--model", &model_dir(model).display().to_string(), "--cases", &dir.join("cases.jsonl").display().to_string(),
-        "--sample-level", "--alpha", "0.5,1", "--layers", "1", "--max-new-tokens", "6",
-        "--plot", &dir.join("plots").display().to_string(), "--json",
+        "eval",
+        "--model",
+        &model_dir(model).display().to_string(),
+        "--cases",
+        &dir.join("cases.jsonl").display().to_string(),
+        "--sample-level",
+        "--alpha",
+        "0.5,1",
+        "--layers",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--plot",
+        &dir.join("plots").display().to_string(),
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -44,7 +44,8 @@ fn seeded_sampling_is_reproducible_and_seed_dependent() {
     };
     assert_eq!(run(7), run(7));
     assert_ne!(run(7), run(8));
-    let greedy = vlm.generate(&prepared, None, &vlm.default_generate_options(24, Sampling::Greedy), &mut |_| true).unwrap();
+    let greedy =
+        vlm.generate(&prepared, None, &vlm.default_generate_options(24, Sampling::Greedy), &mut |_| true).unwrap();
     assert_ne!(run(7), greedy.generated_ids);
 }
 
@@ -54,24 +55,26 @@ fn stops_on_eos_max_tokens_and_cancel() {
     let model = MODELS[1];
     let refs = Refs::load(model);
     let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
-    let eos_case = refs.json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["text_only"]["stopped_on_eos"].as_bool().unwrap() || c["multimodal"]["stopped_on_eos"].as_bool().unwrap());
+    let eos_case = refs.json["cases"].as_array().unwrap().iter().find(|c| {
+        c["text_only"]["stopped_on_eos"].as_bool().unwrap() || c["multimodal"]["stopped_on_eos"].as_bool().unwrap()
+    });
     if let Some(case) = eos_case {
         let which = if case["text_only"]["stopped_on_eos"].as_bool().unwrap() { "text_only" } else { "multimodal" };
         let want = ids(&case[which]["generated_ids"]);
         assert_eq!(*want.last().unwrap(), 642);
         let prompt = case[which]["prompt"].as_str().unwrap();
         let features = if which == "multimodal" {
-            let img = decode_image(&std::fs::read(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap()))).unwrap()).unwrap();
+            let img = decode_image(
+                &std::fs::read(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap()))).unwrap(),
+            )
+            .unwrap();
             Some(vlm.encode_image(&img).unwrap())
         } else {
             None
         };
         let prepared = vlm.prepare(&PromptText::Raw(prompt.into()), features.as_ref()).unwrap();
-        let g = vlm.generate(&prepared, None, &vlm.default_generate_options(50, Sampling::Greedy), &mut |_| true).unwrap();
+        let g =
+            vlm.generate(&prepared, None, &vlm.default_generate_options(50, Sampling::Greedy), &mut |_| true).unwrap();
         assert!(g.stopped_on_eos);
         assert_eq!(g.generated_ids, want);
     } else {

@@ -71,12 +71,25 @@ struct SteeringArgs {
     /// Compute the vector for this prompt (two extra prefills) instead of reading a file.
     #[arg(long)]
     sample_level: bool,
-    /// Meaningless image for --sample-level: blank | noise.
+    #[command(flatten)]
+    anchor: AnchorArgs,
+}
+
+/// The meaningless image of CMRM.
+#[derive(Args, Clone)]
+struct AnchorArgs {
+    /// Meaningless image (for --sample-level, and calibration/eval lines without an image): blank | noise.
     #[arg(long, default_value = "blank")]
     anchor: String,
     /// Seed of the noise anchor.
     #[arg(long, default_value_t = 0)]
     anchor_seed: u64,
+}
+
+impl AnchorArgs {
+    fn parse(&self) -> Result<Anchor> {
+        Anchor::parse(&self.anchor, self.anchor_seed)
+    }
 }
 
 #[derive(Args)]
@@ -120,11 +133,8 @@ struct ExtractArgs {
     /// JSONL: {"prompt": "...", "image": "path" | "blank" | "noise"} per line.
     #[arg(long)]
     calibration: PathBuf,
-    /// Meaningless image for lines without one: blank | noise.
-    #[arg(long, default_value = "blank")]
-    anchor: String,
-    #[arg(long, default_value_t = 0)]
-    anchor_seed: u64,
+    #[command(flatten)]
+    anchor: AnchorArgs,
     /// mean | pca.
     #[arg(long, default_value = "mean")]
     method: String,
@@ -167,11 +177,8 @@ struct EvalArgs {
     /// Per-case vectors from the anchor instead of a file.
     #[arg(long)]
     sample_level: bool,
-    /// Anchor for --sample-level and for cases whose image is "blank"/"noise".
-    #[arg(long, default_value = "blank")]
-    anchor: String,
-    #[arg(long, default_value_t = 0)]
-    anchor_seed: u64,
+    #[command(flatten)]
+    anchor: AnchorArgs,
     /// α values, comma-separated.
     #[arg(long, default_value = "1.0")]
     alpha: String,
@@ -274,7 +281,7 @@ fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<
             (v, json!({"vectors": path.display().to_string()}), 0.0)
         }
         (None, true) => {
-            let anchor = Anchor::parse(&args.anchor, args.anchor_seed)?;
+            let anchor = args.anchor.parse()?;
             let t0 = std::time::Instant::now();
             let v = cmrm::cmrm::sample_level_vectors(vlm, text, anchor)?;
             let s = t0.elapsed().as_secs_f64();
@@ -402,7 +409,7 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     let name = a.calibration.display().to_string();
     let text = std::fs::read_to_string(&a.calibration).with_context(|| format!("cannot read {name}"))?;
     let items = cmrm::cmrm::parse_calibration(&name, &text)?;
-    let anchor = Anchor::parse(&a.anchor, a.anchor_seed)?;
+    let anchor = a.anchor.parse()?;
     let method = Method::parse(&a.method)?;
     let base = a.calibration.parent().map(Path::to_path_buf).unwrap_or_default();
     // Check every image exists before spending time on the model.
@@ -440,11 +447,9 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     let dropped = write_vectors(&a.out, &vectors, None)?;
     let norms: Vec<f32> = vectors.layers.values().map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
     if a.json {
-        emit(
-            &json!({"out": a.out.display().to_string(), "n_calibration": items.len(), "layers": vectors.layers.len(),
+        emit(&json!({"out": a.out.display().to_string(), "n_calibration": items.len(), "layers": vectors.layers.len(),
                    "norms": norms, "seconds": seconds, "pairs_per_s": items.len() as f64 / seconds,
-                   "metadata": vectors.metadata, "dropped_layers": dropped})
-        );
+                   "metadata": vectors.metadata, "dropped_layers": dropped}));
     } else {
         eprintln!(
             "wrote {} ({} layers, {} calibration items, {:.1}s)",
@@ -508,7 +513,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let items = cmrm::cmrm::parse_calibration(&name, &text)?;
     let alphas = cmrm::eval::parse_alphas(&a.alpha)?;
     let positions: Positions = a.positions.parse()?;
-    let anchor = Anchor::parse(&a.anchor, a.anchor_seed)?;
+    let anchor = a.anchor.parse()?;
     let base = a.cases.parent().map(Path::to_path_buf).unwrap_or_default();
     let vlm = load_model(&a.model)?;
     let size = vlm.config().vision.image_size;
@@ -518,7 +523,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         let image = match &item.image {
             I::Anchor => anchor.image(size),
             I::Blank => Anchor::Blank.image(size),
-            I::Noise => Anchor::Noise { seed: a.anchor_seed }.image(size),
+            I::Noise => Anchor::Noise { seed: a.anchor.anchor_seed }.image(size),
             I::Path(p) => {
                 let path = base.join(p);
                 let bytes = std::fs::read(&path)
@@ -543,9 +548,10 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         Some(v) => cmrm::eval::VectorSource::Dataset(v),
         None => cmrm::eval::VectorSource::SampleLevel(anchor),
     };
-    let report = cmrm::eval::evaluate(&vlm, &cases, source, &alphas, &layers, positions, a.max_new_tokens, &mut |i, n| {
-        eprint!("\rcase {}/{n} ", i + 1)
-    })?;
+    let report =
+        cmrm::eval::evaluate(&vlm, &cases, source, &alphas, &layers, positions, a.max_new_tokens, &mut |i, n| {
+            eprint!("\rcase {}/{n} ", i + 1)
+        })?;
     eprintln!();
     let plots = match &a.plot {
         Some(dir) => cmrm::plot::write_eval_plots(&report, dir)?,
@@ -579,11 +585,9 @@ fn cmd_vectors_info(file: &Path, as_json: bool) -> Result<()> {
     let norms: Vec<(usize, f32)> =
         v.layers.iter().map(|(l, x)| (*l, x.iter().map(|a| a * a).sum::<f32>().sqrt())).collect();
     if as_json {
-        emit(
-            &json!({"file": file.display().to_string(), "hidden_size": v.hidden_size,
+        emit(&json!({"file": file.display().to_string(), "hidden_size": v.hidden_size,
                    "layers": norms.iter().map(|(l, n)| json!({"layer": l, "norm": n})).collect::<Vec<_>>(),
-                   "metadata": v.metadata})
-        );
+                   "metadata": v.metadata}));
     } else {
         println!("{}: {} layers, hidden size {}", file.display(), v.layers.len(), v.hidden_size);
         let mut meta: Vec<_> = v.metadata.iter().collect();

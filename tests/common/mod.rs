@@ -78,7 +78,7 @@ impl Checker {
         let d = max_abs_diff(got, want);
         let w = self.worst.entry(field.to_owned()).or_insert(0.0);
         *w = w.max(d);
-        if !(d <= tol) {
+        if d.is_nan() || d > tol {
             self.failures.push(format!("{what}: {field} max |diff| {d:e} > {tol:e}"));
         }
     }
