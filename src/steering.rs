@@ -141,6 +141,12 @@ impl SteeringVectors {
                 n_layers - 1
             );
         }
+        // cmrm files record the architecture fingerprint of the model they were extracted from.
+        if self.metadata.get("format").map(String::as_str) == Some(VECTORS_FORMAT) {
+            if let Some(model) = self.metadata.get("model").filter(|m| **m != config.fingerprint()) {
+                bail!("{name}: vectors were extracted from model '{model}', this model is '{}'", config.fingerprint());
+            }
+        }
         if let Some(declared) = self.metadata.get("num_layers").and_then(|s| s.parse::<usize>().ok()) {
             if declared != n_layers {
                 bail!("{name}: vectors were made for a model with {declared} layers, this model has {n_layers}");

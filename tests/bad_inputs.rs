@@ -137,6 +137,21 @@ fn vectors_that_do_not_fit_the_model() {
     .unwrap();
     let msg = declared.validate_for("v.safetensors", vlm.config()).unwrap_err().to_string();
     assert_mentions(&msg, &["4 layers", "this model has 3"]);
+
+    // Same shapes, another architecture: the recorded fingerprint tells them apart.
+    let other = SteeringVectors::from_safetensors_bytes(
+        "v.safetensors",
+        &vectors_file(64, &[0], &[("format", VECTORS_FORMAT), ("model", "llama-l3-h64-v642+clip-56px")]),
+    )
+    .unwrap();
+    let msg = other.validate_for("v.safetensors", vlm.config()).unwrap_err().to_string();
+    assert_mentions(&msg, &["extracted from model 'llama-l3-h64-v642+clip-56px'", vlm.config().fingerprint().as_str()]);
+    let own = SteeringVectors::from_safetensors_bytes(
+        "v.safetensors",
+        &vectors_file(64, &[0], &[("format", VECTORS_FORMAT), ("model", vlm.config().fingerprint().as_str())]),
+    )
+    .unwrap();
+    own.validate_for("v.safetensors", vlm.config()).unwrap();
 }
 
 #[test]
@@ -150,6 +165,9 @@ fn corrupt_vectors_files() {
     bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
     let msg = format!("{:#}", SteeringVectors::from_safetensors_bytes("nan.safetensors", &bytes).unwrap_err());
     assert_mentions(&msg, &["nan.safetensors", "layer.0", "non-finite"]);
+    bytes[n - 4..].copy_from_slice(&f32::NEG_INFINITY.to_le_bytes());
+    let msg = format!("{:#}", SteeringVectors::from_safetensors_bytes("inf.safetensors", &bytes).unwrap_err());
+    assert_mentions(&msg, &["inf.safetensors", "non-finite value (-inf)"]);
 }
 
 #[test]

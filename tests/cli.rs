@@ -160,3 +160,44 @@ fn errors_are_one_clear_line() {
     assert!(!ok);
     assert!(err.contains("positions must be all, last or generated"), "{err}");
 }
+
+/// `--model owner/name` resolves from a pre-populated Hugging Face cache with the network off.
+#[test]
+fn hub_repo_id_from_the_offline_cache() {
+    let model = MODELS[1];
+    let home = std::env::temp_dir().join(format!("cmrm-hf-home-{}", std::process::id()));
+    let repo = home.join("hub/models--tiny--llava-siglip-qwen2");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for e in std::fs::read_dir(model_dir(model)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snapshot.join(e.file_name())).unwrap();
+    }
+    let run = |spec: &str| {
+        Command::new(env!("CARGO_BIN_EXE_cmrm"))
+            .args(["generate", "--model", spec, "--prompt", "What is in the image?", "--max-new-tokens", "4", "--json"])
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HTTPS_PROXY", "http://127.0.0.1:9") // any network use would fail loudly
+            .output()
+            .unwrap()
+    };
+    let out = run("tiny/llava-siglip-qwen2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4);
+
+    // A revision that is not cached, and a missing weight file, are named.
+    let out = run("tiny/llava-siglip-qwen2@v2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("config.json of tiny/llava-siglip-qwen2@v2"), "{err}");
+    assert!(err.contains("huggingface-cli download tiny/llava-siglip-qwen2 --revision v2"), "{err}");
+    std::fs::remove_file(snapshot.join("model.safetensors")).unwrap();
+    let out = run("tiny/llava-siglip-qwen2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model.safetensors of tiny/llava-siglip-qwen2@main"), "{err}");
+    let _ = std::fs::remove_dir_all(&home);
+}

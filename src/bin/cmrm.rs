@@ -40,7 +40,8 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct InputArgs {
-    /// Checkpoint folder (config.json, model.safetensors or shards, tokenizer.json, …).
+    /// Checkpoint folder (config.json, model.safetensors or shards, tokenizer.json, …) or a
+    /// Hugging Face repo id owner/name[@revision].
     #[arg(long)]
     model: PathBuf,
     /// Image file (PNG, JPEG, WebP, GIF).
@@ -242,9 +243,12 @@ fn emit(value: &Value) {
     let _ = writeln!(out, "{value}");
 }
 
-fn load_model(dir: &Path) -> Result<Vlm> {
+/// `--model`: a checkpoint folder, or a Hub repo id `owner/name[@revision]` (HF cache, `HF_HOME`,
+/// `HF_HUB_OFFLINE`).
+fn load_model(spec: &Path) -> Result<Vlm> {
     let t0 = std::time::Instant::now();
-    let vlm = Vlm::load_dir(dir)?;
+    let dir = cmrm::hub::resolve_model(&spec.to_string_lossy())?;
+    let vlm = Vlm::load_dir(&dir)?;
     eprintln!("loaded {} in {:.2}s", dir.display(), t0.elapsed().as_secs_f64());
     Ok(vlm)
 }
