@@ -19,12 +19,16 @@ pub enum Sampling {
 }
 
 impl Sampling {
-    fn sampler(&self) -> Option<LogitsProcessor> {
+    pub fn sampler(&self) -> Option<LogitsProcessor> {
         match *self {
             Self::Greedy => None,
             Self::TopP { temperature, top_p, seed } => Some(LogitsProcessor::from_sampling(
                 seed,
-                if top_p < 1.0 { CandleSampling::TopP { p: top_p, temperature } } else { CandleSampling::All { temperature } },
+                if top_p < 1.0 {
+                    CandleSampling::TopP { p: top_p, temperature }
+                } else {
+                    CandleSampling::All { temperature }
+                },
             )),
         }
     }
@@ -63,25 +67,30 @@ pub struct Generation {
     pub decode_tokens_per_s: f64,
 }
 
-/// Incremental detokenisation: decodes the whole answer each step and emits the new suffix once
-/// it is valid text (no trailing U+FFFD from a split UTF-8 sequence).
+/// Incremental detokenisation: decodes the whole answer each step and emits the new suffix.
+/// A trailing U+FFFD is held back for up to 3 tokens (a UTF-8 character split over byte tokens);
+/// after that it is real output (random-weight models produce lone bytes) and is emitted.
 pub struct TextStream<'a> {
     tokenizer: &'a tokenizers::Tokenizer,
     ids: Vec<u32>,
     emitted: usize,
+    held: usize,
 }
 
 impl<'a> TextStream<'a> {
     pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), emitted: 0 }
+        Self { tokenizer, ids: Vec::new(), emitted: 0, held: 0 }
     }
 
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = self.text()?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+        let incomplete = text.ends_with('\u{FFFD}') && self.held < 3;
+        if incomplete || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+            self.held += 1;
             return Ok(String::new());
         }
+        self.held = 0;
         let delta = text[self.emitted..].to_owned();
         self.emitted = text.len();
         Ok(delta)
@@ -106,6 +115,44 @@ pub fn now_seconds() -> f64 {
     }
 }
 
+/// What picks the next token: the logits, or a token a backend already chose (greedy on the GPU).
+pub enum Next {
+    Logits(Tensor),
+    Token(u32),
+}
+
+/// One sequence being decoded by some backend (CPU candle here; `gpu::GpuSession` for wgpu).
+pub trait DecodeSession {
+    /// Run the prompt `embeds` `[1, T, H]`.
+    fn prefill(&mut self, embeds: &Tensor) -> Result<Next>;
+    /// Append one generated token.
+    fn step(&mut self, id: u32) -> Result<Next>;
+}
+
+/// The CPU decoder over a KV cache.
+pub struct CpuSession<'a> {
+    pub model: &'a LlavaModel,
+    pub cache: crate::text::Cache,
+    pub opts: ForwardOptions<'a>,
+}
+
+impl DecodeSession for CpuSession<'_> {
+    fn prefill(&mut self, embeds: &Tensor) -> Result<Next> {
+        let out = self.model.forward(embeds, &mut self.cache, self.opts).context("prefill failed")?;
+        Ok(Next::Logits(out.logits.context("no logits")?))
+    }
+
+    fn step(&mut self, id: u32) -> Result<Next> {
+        let embed = self.model.text.embed(&[id])?;
+        Ok(Next::Logits(self.model.forward(&embed, &mut self.cache, self.opts)?.logits.context("no logits")?))
+    }
+}
+
+/// New tokens that fit the context after a prompt of `prompt_len` tokens.
+pub fn max_new_tokens(context: usize, prompt_len: usize, opts: &GenerateOptions) -> usize {
+    opts.max_new_tokens.min(context.saturating_sub(prompt_len))
+}
+
 /// Generate after a prompt whose embeddings are `embeds` `[1, T, H]` (ids `input_ids`).
 /// `on_token` is called for every token; returning `false` stops (the result is kept).
 #[allow(clippy::too_many_arguments)]
@@ -119,21 +166,37 @@ pub fn generate(
     on_token: &mut dyn FnMut(&TokenEvent) -> bool,
 ) -> Result<Generation> {
     let prompt_len = input_ids.len();
-    let context = model.config.text.max_position_embeddings;
-    let max_new = opts.max_new_tokens.min(context.saturating_sub(prompt_len));
-    let mut cache = model.text.new_cache(prompt_len + max_new);
+    let max_new = max_new_tokens(model.config.text.max_position_embeddings, prompt_len, opts);
+    let mut session = CpuSession {
+        model,
+        cache: model.text.new_cache(prompt_len + max_new),
+        opts: ForwardOptions { steering, prompt_len, capture_layers: false, logits: true },
+    };
+    generate_on(&mut session, tokenizer, input_ids, embeds, max_new, opts, on_token)
+}
+
+/// The generation loop over any [`DecodeSession`]: prefill, then up to `max_new` tokens.
+pub fn generate_on(
+    session: &mut dyn DecodeSession,
+    tokenizer: &tokenizers::Tokenizer,
+    input_ids: &[u32],
+    embeds: &Tensor,
+    max_new: usize,
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+) -> Result<Generation> {
+    let prompt_len = input_ids.len();
     let mut sampler = opts.sampling.sampler();
-    let mut pick = |logits: &Tensor| -> Result<u32> {
-        Ok(match sampler.as_mut() {
-            None => argmax(&logits.to_vec1::<f32>()?),
-            Some(s) => s.sample(logits)?,
+    let mut pick = |next: Next| -> Result<u32> {
+        Ok(match (next, sampler.as_mut()) {
+            (Next::Token(id), _) => id,
+            (Next::Logits(logits), None) => argmax(&logits.to_vec1::<f32>()?),
+            (Next::Logits(logits), Some(s)) => s.sample(&logits)?,
         })
     };
-    let forward_opts = ForwardOptions { steering, prompt_len, capture_layers: false, logits: true };
 
     let t0 = now_seconds();
-    let out = model.forward(embeds, &mut cache, forward_opts).context("prefill failed")?;
-    let mut logits = out.logits.context("no logits")?;
+    let mut next = session.prefill(embeds)?;
     let prefill_seconds = now_seconds() - t0;
 
     let mut stream = TextStream::new(tokenizer);
@@ -141,7 +204,7 @@ pub fn generate(
     let (mut stopped_on_eos, mut cancelled) = (false, false);
     let t1 = now_seconds();
     for index in 0..max_new {
-        let id = pick(&logits)?;
+        let id = pick(next)?;
         generated_ids.push(id);
         let text = stream.push(id)?;
         if !on_token(&TokenEvent { index, id, text }) {
@@ -155,8 +218,7 @@ pub fn generate(
         if index + 1 == max_new {
             break;
         }
-        let embed = model.text.embed(&[id])?;
-        logits = model.forward(&embed, &mut cache, forward_opts)?.logits.context("no logits")?;
+        next = session.step(id)?;
     }
     let decode_seconds = now_seconds() - t1;
     // The first token comes from the prefill; decode steps are the ones after it.

@@ -7,16 +7,27 @@
 //! together for the CLI (`src/bin/cmrm.rs`) and the browser (`web`).
 
 pub mod bench;
+pub mod cmrm;
 pub mod config;
+pub mod eval;
 pub mod generate;
+pub mod gguf;
+pub mod gpu;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod hub;
 pub mod image;
 pub mod llava;
 pub mod pipeline;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod plot;
 pub mod processor;
 pub mod projector;
+pub mod quant;
 pub mod steering;
 pub mod text;
 pub mod vision;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 pub mod weights;
 
 pub use config::LlavaConfig;

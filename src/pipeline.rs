@@ -51,10 +51,16 @@ pub struct Vlm {
 
 impl Vlm {
     /// Build from parsed parts (the browser path; `load_dir` reads the same parts from disk).
-    pub fn from_parts(config: LlavaConfig, processor_files: &ProcessorFiles, generation_config: Option<&str>, weights: Weights) -> Result<Self> {
+    pub fn from_parts(
+        config: LlavaConfig,
+        processor_files: &ProcessorFiles,
+        generation_config: Option<&str>,
+        weights: Weights,
+    ) -> Result<Self> {
         let processor = Processor::from_files(processor_files, &config)?;
         let device = Device::Cpu;
-        let model = LlavaModel::new(&config, weights.into_var_builder(&device)).context("the weights do not fit the config")?;
+        let model =
+            LlavaModel::new(&config, weights.into_var_builder(&device)).context("the weights do not fit the config")?;
         let mut eos_ids = match generation_config {
             Some(text) => crate::config::eos_ids_from_generation_config(text)?,
             None => Vec::new(),
@@ -76,7 +82,8 @@ impl Vlm {
         let gen_path = dir.join("generation_config.json");
         let generation_config = std::fs::read_to_string(&gen_path).ok();
         let weights = Weights::from_dir(dir, &Device::Cpu)?;
-        Self::from_parts(config, &files, generation_config.as_deref(), weights).with_context(|| format!("loading {}", dir.display()))
+        Self::from_parts(config, &files, generation_config.as_deref(), weights)
+            .with_context(|| format!("loading {}", dir.display()))
     }
 
     pub fn config(&self) -> &LlavaConfig {
@@ -149,7 +156,15 @@ impl Vlm {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
-        generate(&self.model, &self.processor.tokenizer, &prepared.encoded.input_ids, &prepared.embeds, steering, opts, on_token)
+        generate(
+            &self.model,
+            &self.processor.tokenizer,
+            &prepared.encoded.input_ids,
+            &prepared.embeds,
+            steering,
+            opts,
+            on_token,
+        )
     }
 
     /// One forward pass over the prompt; hidden states, block outputs and logits at its last token.
@@ -161,7 +176,12 @@ impl Vlm {
             &mut cache,
             ForwardOptions { steering, prompt_len: t, capture_layers: true, logits: true },
         )?;
-        let layer_outputs: Vec<Vec<f32>> = out.layer_outputs.context("no layer outputs")?.iter().map(|x| x.to_vec1()).collect::<candle_core::Result<_>>()?;
+        let layer_outputs: Vec<Vec<f32>> = out
+            .layer_outputs
+            .context("no layer outputs")?
+            .iter()
+            .map(|x| x.to_vec1())
+            .collect::<candle_core::Result<_>>()?;
         let mut hidden_states = Vec::with_capacity(layer_outputs.len() + 1);
         hidden_states.push(prepared.embeds.get(0)?.get(t - 1)?.to_vec1()?);
         hidden_states.extend(layer_outputs[..layer_outputs.len() - 1].iter().cloned());

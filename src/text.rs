@@ -145,7 +145,11 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: candle_nn::rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
@@ -295,6 +299,59 @@ impl TextModel {
     pub fn dtype(&self) -> DType {
         self.embed_tokens.embeddings().dtype()
     }
+
+    /// Read-only views of every weight, for other compute backends (`gpu`).
+    pub fn weights(&self) -> TextWeights<'_> {
+        TextWeights {
+            embed_tokens: self.embed_tokens.embeddings(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerWeights {
+                    input_norm: l.input_layernorm.weight(),
+                    q_proj: (l.self_attn.q_proj.weight(), l.self_attn.q_proj.bias()),
+                    k_proj: (l.self_attn.k_proj.weight(), l.self_attn.k_proj.bias()),
+                    v_proj: (l.self_attn.v_proj.weight(), l.self_attn.v_proj.bias()),
+                    o_proj: (l.self_attn.o_proj.weight(), l.self_attn.o_proj.bias()),
+                    post_attention_norm: l.post_attention_layernorm.weight(),
+                    gate_proj: (l.mlp.gate_proj.weight(), l.mlp.gate_proj.bias()),
+                    up_proj: (l.mlp.up_proj.weight(), l.mlp.up_proj.bias()),
+                    down_proj: (l.mlp.down_proj.weight(), l.mlp.down_proj.bias()),
+                })
+                .collect(),
+            norm: self.norm.weight(),
+            lm_head: self.lm_head.weight(),
+            rope_inv_freq: &self.rope.inv_freq,
+        }
+    }
+}
+
+/// A linear layer's `([out, in]` weight, optional `[out]` bias).
+pub type LinearRef<'a> = (&'a Tensor, Option<&'a Tensor>);
+
+/// Read-only references to one decoder block's weights.
+pub struct LayerWeights<'a> {
+    pub input_norm: &'a Tensor,
+    pub q_proj: LinearRef<'a>,
+    pub k_proj: LinearRef<'a>,
+    pub v_proj: LinearRef<'a>,
+    pub o_proj: LinearRef<'a>,
+    pub post_attention_norm: &'a Tensor,
+    pub gate_proj: LinearRef<'a>,
+    pub up_proj: LinearRef<'a>,
+    pub down_proj: LinearRef<'a>,
+}
+
+/// Read-only references to the whole decoder's weights ([`TextModel::weights`]).
+pub struct TextWeights<'a> {
+    /// `[V, H]`.
+    pub embed_tokens: &'a Tensor,
+    pub layers: Vec<LayerWeights<'a>>,
+    pub norm: &'a Tensor,
+    /// `[V, H]` (the embedding itself when tied).
+    pub lm_head: &'a Tensor,
+    /// RoPE `inv_freq` (`[head_dim / 2]`), exactly the values the CPU path uses.
+    pub rope_inv_freq: &'a [f32],
 }
 
 /// Index of the first maximal logit (torch's `argmax` tie rule).

@@ -201,3 +201,43 @@ fn hub_repo_id_from_the_offline_cache() {
     assert!(!out.status.success() && err.contains("model.safetensors of tiny/llava-siglip-qwen2@main"), "{err}");
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// `--backend webgpu` (wgpu on lavapipe here) and `--backend cpu` answer identically, and the
+/// chosen backend is reported; `auto` never picks a software rasterizer over the CPU path.
+#[test]
+fn backends_agree_and_are_reported() {
+    let model = MODELS[0];
+    let refs = Refs::load(model);
+    let case = &refs.json["cases"][2];
+    let image = s(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap())));
+    let run = |backend: &str| {
+        let (ok, v, err) = cmrm(&[
+            "generate",
+            "--model",
+            &s(model_dir(model)),
+            "--image",
+            &image,
+            "--prompt",
+            case["question"].as_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--backend",
+            backend,
+            "--json",
+        ]);
+        assert!(ok, "{backend}: {err}");
+        v
+    };
+    let cpu = run("cpu");
+    let gpu = run("webgpu");
+    assert_eq!(cpu["backend"]["backend"], "cpu");
+    assert_eq!(gpu["backend"]["backend"], "webgpu");
+    assert!(gpu["backend"]["adapter"].is_string());
+    assert_eq!(ids(&gpu["generated_ids"]), ids(&case["multimodal"]["generated_ids"]));
+    assert_eq!(cpu["generated_ids"], gpu["generated_ids"]);
+    let auto = run("auto");
+    if gpu["backend"]["adapter"].as_str().unwrap().contains("llvmpipe") {
+        assert_eq!(auto["backend"]["backend"], "cpu");
+        assert!(auto["backend"]["fallback_reason"].as_str().unwrap().contains("software rasterizer"));
+    }
+}

@@ -113,6 +113,10 @@ struct GenerateArgs {
     /// Print the unaltered and the steered answer.
     #[arg(long)]
     compare: bool,
+    /// Decoder backend: auto (a hardware GPU adapter if one passes the self-test, else CPU) |
+    /// webgpu (wgpu: Vulkan/Metal/DX12 natively) | cpu.
+    #[arg(long, default_value = "auto")]
+    backend: String,
     #[arg(long)]
     json: bool,
 }
@@ -340,13 +344,20 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         _ => Sampling::Greedy,
     };
     let opts = vlm.default_generate_options(a.max_new_tokens, sampling);
+    let choice: cmrm::gpu::BackendChoice = a.backend.parse()?;
+    let (backend, backend_info) = cmrm::gpu::DecoderBackend::select_blocking(choice, &vlm.model.text)?;
+    if !a.json {
+        eprintln!("backend: {}", serde_json::to_string(&backend_info)?);
+    }
+    let backend = std::cell::RefCell::new(backend);
     let run = |label: &str, intervention: Option<&Intervention>| -> Result<Generation> {
+        let mut backend = backend.borrow_mut();
         if !a.json {
             if a.compare {
                 println!("── {label} ──");
             }
             let mut out = std::io::stdout();
-            let g = vlm.generate(&prepared, intervention, &opts, &mut |ev| {
+            let g = backend.generate(&vlm, &prepared, intervention, &opts, &mut |ev| {
                 let _ = write!(out, "{}", ev.text);
                 let _ = out.flush();
                 true
@@ -361,7 +372,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             );
             Ok(g)
         } else {
-            vlm.generate(&prepared, intervention, &opts, &mut |_| true)
+            backend.generate(&vlm, &prepared, intervention, &opts, &mut |_| true)
         }
     };
     let value = match (&steer, a.compare) {
@@ -378,6 +389,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         (None, _) => generation_json(&run("unaltered", None)?),
     };
     if a.json {
+        let mut value = value;
+        value["backend"] = serde_json::to_value(&backend_info)?;
         emit(&value);
     }
     Ok(())

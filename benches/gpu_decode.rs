@@ -1,0 +1,34 @@
+//! Decode tokens/s on the CPU (candle) and the wgpu engine, on the same model in one run, and
+//! the memory-bandwidth bound. Not a timed test.
+//!
+//! cargo bench --bench gpu_decode                      # synthetic "small" model (random weights)
+//! CMRM_BENCH_PRESET=qwen2-0.5b cargo bench --bench gpu_decode   # Qwen2-0.5B shapes, ~1.9 GB f32
+//! CMRM_BENCH_MODEL=path/to/checkpoint cargo bench --bench gpu_decode
+//! (CMRM_BENCH_PROMPT / CMRM_BENCH_TOKENS: prompt and decode lengths.)
+
+use std::sync::Arc;
+
+fn main() -> anyhow::Result<()> {
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let prompt = env("CMRM_BENCH_PROMPT", 32);
+    let tokens = env("CMRM_BENCH_TOKENS", 16);
+    let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) else {
+        eprintln!("no WebGPU/Vulkan adapter: nothing to compare");
+        return Ok(());
+    };
+    let ctx = Arc::new(cmrm::gpu::context::new_blocking()?);
+    let (label, text) = if let Ok(dir) = std::env::var("CMRM_BENCH_MODEL") {
+        let vlm = cmrm::Vlm::load_dir(std::path::Path::new(&dir))?;
+        (dir, vlm.model.text)
+    } else {
+        let preset = std::env::var("CMRM_BENCH_PRESET").unwrap_or_else(|_| "small".into());
+        let cfg = cmrm::gpu::bench::preset(&preset)
+            .ok_or_else(|| anyhow::anyhow!("unknown preset {preset} (small, qwen2-0.5b)"))?;
+        (format!("synthetic {preset}"), cmrm::gpu::bench::random_text_model(&cfg)?)
+    };
+    println!("model: {label}; adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+    let report = cmrm::gpu::bench::run(&text, ctx, prompt, tokens)?;
+    println!("{report}");
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

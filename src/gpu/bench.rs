@@ -1,0 +1,221 @@
+//! Decode throughput on the CPU (candle) and the GPU engine on the same model, and the
+//! memory-bandwidth bound (bytes of weights per token ÷ measured read bandwidth).
+//! Not a test: numbers only (`cargo bench --bench gpu_decode`, or call [`run`] from `cmrm bench`).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::context::GpuContext;
+use super::decoder::{GpuDecoder, GpuForwardOptions, GpuInput, Readback};
+use crate::config::{Activation, TextConfig, TextKind};
+use crate::generate::now_seconds;
+use crate::text::{argmax, ForwardOptions, TextModel};
+
+/// Decoder shapes for a synthetic (random-weight) benchmark model.
+pub fn preset(name: &str) -> Option<TextConfig> {
+    let base = |vocab, hidden, inter, layers, heads, kv, head_dim| TextConfig {
+        kind: TextKind::Qwen2,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        max_position_embeddings: 32768,
+        qkv_bias: true,
+        o_bias: false,
+        mlp_bias: false,
+        hidden_act: Activation::Silu,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    match name {
+        // llava-interleave-qwen-0.5b's language model (Qwen2-0.5B), ~1.9 GB of f32 weights.
+        "qwen2-0.5b" => Some(base(151936, 896, 4864, 24, 14, 2, 64)),
+        // A small model (~0.2 GB) for a quick run.
+        "small" => Some(base(32000, 512, 1536, 8, 8, 2, 64)),
+        _ => None,
+    }
+}
+
+/// A text model with random weights (N(0, 0.02²)-ish) of the given shapes.
+pub fn random_text_model(cfg: &TextConfig) -> Result<TextModel> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    // Touch every weight with a random init before TextModel::new reads them.
+    let lm = vb.pp("lm");
+    let (h, m, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+    lm.get_with_hints((cfg.vocab_size, h), "embed_tokens.weight", init)?;
+    for i in 0..cfg.num_hidden_layers {
+        let l = lm.pp(format!("layers.{i}"));
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", (cfg.num_attention_heads * d, h)),
+            ("self_attn.k_proj.weight", (cfg.num_key_value_heads * d, h)),
+            ("self_attn.v_proj.weight", (cfg.num_key_value_heads * d, h)),
+            ("self_attn.o_proj.weight", (h, cfg.num_attention_heads * d)),
+            ("mlp.gate_proj.weight", (m, h)),
+            ("mlp.up_proj.weight", (m, h)),
+            ("mlp.down_proj.weight", (h, m)),
+        ] {
+            l.get_with_hints(shape, name, init)?;
+        }
+        for (name, n) in [
+            ("self_attn.q_proj.bias", cfg.num_attention_heads * d),
+            ("self_attn.k_proj.bias", cfg.num_key_value_heads * d),
+            ("self_attn.v_proj.bias", cfg.num_key_value_heads * d),
+        ] {
+            l.get_with_hints(n, name, init)?;
+        }
+        l.get_with_hints(h, "input_layernorm.weight", candle_nn::Init::Const(1.0))?;
+        l.get_with_hints(h, "post_attention_layernorm.weight", candle_nn::Init::Const(1.0))?;
+    }
+    lm.get_with_hints(h, "norm.weight", candle_nn::Init::Const(1.0))?;
+    Ok(TextModel::new(cfg, vb)?)
+}
+
+/// Measured figures of one benchmark run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub adapter: String,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub cpu_decode_tokens_per_s: f64,
+    pub gpu_decode_tokens_per_s: f64,
+    pub gpu_prefill_tokens_per_s: f64,
+    pub cpu_prefill_tokens_per_s: f64,
+    pub weight_bytes_per_token: u64,
+    pub measured_read_bandwidth_gb_s: f64,
+    pub bandwidth_bound_tokens_per_s: f64,
+    /// Greedy tokens equal on both backends.
+    pub same_tokens: bool,
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "adapter: {}", self.adapter)?;
+        writeln!(f, "prompt {} tokens, decode {} tokens (greedy)", self.prompt_tokens, self.decode_tokens)?;
+        writeln!(
+            f,
+            "prefill tokens/s: cpu {:.1}  webgpu {:.1}",
+            self.cpu_prefill_tokens_per_s, self.gpu_prefill_tokens_per_s
+        )?;
+        writeln!(
+            f,
+            "decode tokens/s:  cpu {:.2}  webgpu {:.2}  (webgpu/cpu = {:.2})",
+            self.cpu_decode_tokens_per_s,
+            self.gpu_decode_tokens_per_s,
+            self.gpu_decode_tokens_per_s / self.cpu_decode_tokens_per_s
+        )?;
+        writeln!(
+            f,
+            "weights read per token: {:.1} MB; measured host read bandwidth {:.1} GB/s -> bound {:.2} tokens/s",
+            self.weight_bytes_per_token as f64 / 1e6,
+            self.measured_read_bandwidth_gb_s,
+            self.bandwidth_bound_tokens_per_s
+        )?;
+        write!(f, "greedy tokens identical on both backends: {}", self.same_tokens)
+    }
+}
+
+/// Host memory read bandwidth (GB/s): all threads summing a 256 MiB buffer, best of 3.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn measure_read_bandwidth() -> f64 {
+    let n: usize = 64 << 20; // f32s = 256 MiB
+    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(n.div_ceil(threads))
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for block in c.chunks_exact(16) {
+                            for (a, x) in acc.iter_mut().zip(block) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max((n * 4) as f64 / secs / 1e9);
+    }
+    best
+}
+
+/// Greedy decode of `decode_tokens` after a `prompt_tokens`-token prompt on both backends.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn run(model: &TextModel, ctx: Arc<GpuContext>, prompt_tokens: usize, decode_tokens: usize) -> Result<BenchReport> {
+    let cfg = model.config().clone();
+    let ids: Vec<u32> = (0..prompt_tokens).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
+    let embeds = model.embed(&ids)?;
+    let prompt_len = ids.len();
+
+    // CPU.
+    let mut cache = model.new_cache(prompt_len + decode_tokens + 1);
+    let opts = ForwardOptions { steering: None, prompt_len, capture_layers: false, logits: true };
+    let t0 = now_seconds();
+    let logits = model.forward(&embeds, &mut cache, opts)?.logits.expect("logits");
+    let cpu_prefill = now_seconds() - t0;
+    let mut next = argmax(&logits.to_vec1()?);
+    let mut cpu_tokens = vec![next];
+    let t1 = now_seconds();
+    for _ in 0..decode_tokens {
+        let e = model.embed(&[next])?;
+        next = argmax(&model.forward(&e, &mut cache, opts)?.logits.expect("logits").to_vec1()?);
+        cpu_tokens.push(next);
+    }
+    let cpu_decode = now_seconds() - t1;
+
+    // GPU.
+    let mut dec = GpuDecoder::new_blocking(ctx.clone(), model)?;
+    let mut cache = dec.new_cache(prompt_len + decode_tokens + 1)?;
+    let gopts = GpuForwardOptions { steering: None, prompt_len, capture_layers: false, readback: Readback::Argmax };
+    let data: Vec<f32> = embeds.flatten_all()?.to_vec1()?;
+    // Warm-up (pipeline / driver first-use costs), not timed.
+    let mut warm = dec.new_cache(prompt_len + 2)?;
+    let w = dec.forward_blocking(GpuInput::Embeds(&data), &mut warm, &gopts)?.token.expect("token");
+    dec.forward_blocking(GpuInput::Tokens(&[w]), &mut warm, &gopts)?;
+    drop(warm);
+    let t0 = now_seconds();
+    let mut next = dec.forward_blocking(GpuInput::Embeds(&data), &mut cache, &gopts)?.token.expect("token");
+    let gpu_prefill = now_seconds() - t0;
+    let mut gpu_tokens = vec![next];
+    let t1 = now_seconds();
+    for _ in 0..decode_tokens {
+        next = dec.forward_blocking(GpuInput::Tokens(&[next]), &mut cache, &gopts)?.token.expect("token");
+        gpu_tokens.push(next);
+    }
+    let gpu_decode = now_seconds() - t1;
+
+    let bytes = dec.weight_bytes_per_token();
+    let bw = measure_read_bandwidth();
+    Ok(BenchReport {
+        adapter: ctx.info().adapter.unwrap_or_default(),
+        prompt_tokens,
+        decode_tokens,
+        cpu_decode_tokens_per_s: decode_tokens as f64 / cpu_decode,
+        gpu_decode_tokens_per_s: decode_tokens as f64 / gpu_decode,
+        gpu_prefill_tokens_per_s: prompt_len as f64 / gpu_prefill,
+        cpu_prefill_tokens_per_s: prompt_len as f64 / cpu_prefill,
+        weight_bytes_per_token: bytes,
+        measured_read_bandwidth_gb_s: bw,
+        bandwidth_bound_tokens_per_s: bw * 1e9 / bytes as f64,
+        same_tokens: cpu_tokens == gpu_tokens,
+    })
+}

@@ -1,0 +1,165 @@
+//! Buffers: uploads, scratch, uniforms, and weight matrices split by rows so that every
+//! storage binding stays within the adapter's `max_storage_buffer_binding_size`.
+
+use anyhow::{bail, Result};
+use wgpu::util::DeviceExt;
+
+use super::context::GpuContext;
+
+pub const STORAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
+
+/// A storage buffer holding `data` (at least 4 bytes).
+pub fn upload(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
+    let bytes = (data.len() as u64 * 4).max(4);
+    if bytes > ctx.max_binding() {
+        bail!("{label}: {bytes} bytes exceed the adapter's largest storage binding ({})", ctx.max_binding());
+    }
+    let contents: &[u8] = if data.is_empty() { &[0u8; 4] } else { bytemuck::cast_slice(data) };
+    Ok(ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents,
+        usage: STORAGE,
+    }))
+}
+
+/// A zeroed storage buffer of `floats` f32 values (at least one).
+pub fn scratch(ctx: &GpuContext, label: &str, floats: usize) -> Result<wgpu::Buffer> {
+    let bytes = (floats as u64 * 4).max(4);
+    if bytes > ctx.max_binding() {
+        bail!("{label}: {bytes} bytes exceed the adapter's largest storage binding ({})", ctx.max_binding());
+    }
+    Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes,
+        usage: STORAGE,
+        mapped_at_creation: false,
+    }))
+}
+
+/// A uniform buffer with a parameter block.
+pub fn uniform(ctx: &GpuContext, values: &[u32]) -> wgpu::Buffer {
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("params"),
+        contents: bytemuck::cast_slice(values),
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+/// A `[n, k]` weight (PyTorch `Linear` layout) stored as row chunks, with an optional `[n]` bias.
+pub struct GpuMatrix {
+    pub k: usize,
+    pub n: usize,
+    /// `(first row, rows, buffer)`.
+    pub chunks: Vec<(usize, usize, wgpu::Buffer)>,
+    pub bias: Option<wgpu::Buffer>,
+}
+
+impl GpuMatrix {
+    /// Upload `w` (`n·k` values, row-major) in chunks of at most `max_binding` bytes.
+    pub fn new(ctx: &GpuContext, label: &str, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Self> {
+        assert_eq!(w.len(), n * k, "{label}: weight size");
+        let row_bytes = (k as u64 * 4).max(4);
+        let rows_per_chunk = (ctx.max_binding() / row_bytes) as usize;
+        if rows_per_chunk == 0 {
+            bail!("{label}: one row of {k} values exceeds the adapter's largest storage binding");
+        }
+        let mut chunks = Vec::new();
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = rows_per_chunk.min(n - r0);
+            chunks.push((r0, rows, upload(ctx, label, &w[r0 * k..(r0 + rows) * k])?));
+            r0 += rows;
+        }
+        let bias = bias.map(|b| upload(ctx, label, b)).transpose()?;
+        Ok(Self { k, n, chunks, bias })
+    }
+
+    /// Bytes of weights (and bias) one pass over this matrix reads.
+    pub fn bytes(&self) -> u64 {
+        (self.n * self.k + if self.bias.is_some() { self.n } else { 0 }) as u64 * 4
+    }
+}
+
+/// One chunk of a linear layer bound to its input and output: both kernels (tiled matmul for
+/// several rows, GEMV for one) with their parameter blocks.
+pub struct LinearOp {
+    pub rows: usize,
+    pub n: usize,
+    pub tiled: wgpu::BindGroup,
+    pub gemv: wgpu::BindGroup,
+    pub gemv_rows: wgpu::BindGroup,
+    _params: wgpu::Buffer,
+}
+
+/// Flags of the matmul kernels.
+pub const BIAS: u32 = 1;
+pub const ACCUMULATE: u32 = 2;
+
+/// Bind `matrix` reading `x` (row stride `k`, from element `x_off`) and writing `out` (row
+/// stride `out_stride`). `m == 0` means "the step's row count". `accumulate`: `out += x·Wᵀ + b`.
+#[allow(clippy::too_many_arguments)]
+pub fn bind_linear(
+    ctx: &GpuContext,
+    step: &wgpu::Buffer,
+    matrix: &GpuMatrix,
+    x: &wgpu::Buffer,
+    x_off: usize,
+    m: usize,
+    out: &wgpu::Buffer,
+    out_stride: usize,
+    out_col: usize,
+    accumulate: bool,
+    dummy: &wgpu::Buffer,
+) -> Vec<LinearOp> {
+    let k = &ctx.kernels;
+    matrix
+        .chunks
+        .iter()
+        .map(|(r0, rows, w)| {
+            let flags = if matrix.bias.is_some() { BIAS } else { 0 } | if accumulate { ACCUMULATE } else { 0 };
+            let p = [
+                m as u32,
+                matrix.k as u32,
+                *rows as u32,
+                x_off as u32,
+                out_stride as u32,
+                (out_col + r0) as u32,
+                flags,
+                *r0 as u32,
+            ];
+            let params = uniform(ctx, &p);
+            let bias = matrix.bias.as_ref().unwrap_or(dummy);
+            LinearOp {
+                rows: m,
+                n: *rows,
+                tiled: k.matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
+                gemv: k.gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
+                gemv_rows: k.gemv_rows.bind(&ctx.device, &[step, &params, x, w, out, bias]),
+                _params: params,
+            }
+        })
+        .collect()
+}
+
+impl LinearOp {
+    /// Record the dispatch for `t` step rows (or the fixed row count given at binding).
+    pub fn record(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>, t: usize) {
+        let rows = if self.rows == 0 { t } else { self.rows };
+        let k = &ctx.kernels;
+        if rows == 1 && k.rows_per_invocation {
+            super::kernels::dispatch(
+                pass,
+                &k.gemv_rows,
+                &self.gemv_rows,
+                super::kernels::grid(self.n.div_ceil(64) as u32),
+            );
+        } else if rows == 1 {
+            super::kernels::dispatch(pass, &k.gemv, &self.gemv, super::kernels::grid(self.n.div_ceil(8) as u32));
+        } else {
+            pass.set_pipeline(&k.matmul.pipeline);
+            pass.set_bind_group(0, &self.tiled, &[]);
+            pass.dispatch_workgroups(self.n.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1);
+        }
+    }
+}

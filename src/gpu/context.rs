@@ -1,0 +1,344 @@
+//! Adapter and device selection, error capture, read-back, and the backend choice
+//! (`auto` / `webgpu` / `cpu`).
+//!
+//! Natively wgpu uses Vulkan (Mesa lavapipe on machines without a GPU); on wasm32 it uses the
+//! browser's WebGPU. Every wait is bounded: a lost device or a failed allocation becomes an
+//! error, never a hang.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::kernels::Kernels;
+
+/// Which compute backend runs the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// WebGPU / Vulkan when a hardware adapter exists and passes the self-test, else the CPU.
+    #[default]
+    Auto,
+    /// The wgpu engine or an error.
+    Webgpu,
+    /// candle on the CPU.
+    Cpu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "webgpu" | "gpu" | "wgpu" => Ok(Self::Webgpu),
+            "cpu" => Ok(Self::Cpu),
+            other => bail!("backend must be auto, webgpu or cpu (got '{other}')"),
+        }
+    }
+}
+
+/// What was chosen, for `info()` and the CLI's `--json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BackendInfo {
+    /// `"webgpu"` or `"cpu"`.
+    pub backend: String,
+    /// Adapter name (e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`), when a GPU adapter is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// wgpu backend under WebGPU's API (`vulkan`, `browser_webgpu`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// Why `auto` fell back to the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+}
+
+impl BackendInfo {
+    pub fn cpu(reason: Option<String>) -> Self {
+        Self { backend: "cpu".into(), adapter: None, api: None, fallback_reason: reason }
+    }
+}
+
+/// Errors the device reported outside an error scope, and whether it was lost.
+#[derive(Default)]
+struct DeviceHealth {
+    errors: Vec<String>,
+    lost: Option<String>,
+}
+
+/// A wgpu device with its compiled kernels.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub(crate) kernels: Kernels,
+    health: Arc<Mutex<DeviceHealth>>,
+}
+
+/// Seconds a single submission may take before we call the device hung (native only).
+#[cfg(not(target_arch = "wasm32"))]
+const WAIT_TIMEOUT_S: u64 = 300;
+
+impl GpuContext {
+    /// Request the best adapter (high performance, fallback adapters allowed) and a device with
+    /// the adapter's own limits, compile the kernels and run the self-test.
+    pub async fn new() -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            })
+            .await
+            .map_err(|e| anyhow!("no WebGPU/Vulkan adapter: {e}"))?;
+        Self::from_adapter(adapter).await
+    }
+
+    pub async fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+        let adapter_info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("cmrm"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| anyhow!("{}: cannot open a device: {e}", adapter_info.name))?;
+        let health = Arc::new(Mutex::new(DeviceHealth::default()));
+        {
+            let h = health.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                if let Ok(mut h) = h.lock() {
+                    h.errors.push(e.to_string());
+                }
+            }));
+            let h = health.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                if let Ok(mut h) = h.lock() {
+                    h.lost = Some(format!("{reason:?}: {msg}"));
+                }
+            });
+        }
+        let features = device.features();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = Kernels::new(&device, adapter_info.device_type == wgpu::DeviceType::Cpu);
+        if let Some(e) = scope.pop().await {
+            bail!("{}: the WGSL kernels do not compile: {e}", adapter_info.name);
+        }
+        let ctx = Self { device, queue, adapter_info, limits, features, kernels, health };
+        ctx.self_test().await.with_context(|| format!("{}: GPU self-test failed", ctx.adapter_info.name))?;
+        Ok(ctx)
+    }
+
+    /// Matmul kernels: `true` = one output per invocation (default on CPU-backed adapters),
+    /// `false` = tiled matmul + cooperative GEMV (default on GPUs). Both give the same results
+    /// within float rounding; tests run both.
+    pub fn set_rows_per_invocation(&mut self, on: bool) {
+        self.kernels.rows_per_invocation = on;
+    }
+
+    pub fn rows_per_invocation(&self) -> bool {
+        self.kernels.rows_per_invocation
+    }
+
+    /// Adapter name and API, for reports.
+    pub fn info(&self) -> BackendInfo {
+        BackendInfo {
+            backend: "webgpu".into(),
+            adapter: Some(self.adapter_info.name.clone()),
+            api: Some(format!("{:?}", self.adapter_info.backend).to_lowercase()),
+            fallback_reason: None,
+        }
+    }
+
+    /// Largest buffer one storage binding may cover (and one buffer may be).
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size) & !3
+    }
+
+    /// Fail if the device was lost or reported an error since the last check.
+    pub fn check_health(&self) -> Result<()> {
+        let mut h = self.health.lock().map_err(|_| anyhow!("GPU error state poisoned"))?;
+        if let Some(lost) = &h.lost {
+            bail!("the GPU device was lost ({lost})");
+        }
+        if !h.errors.is_empty() {
+            let errs = std::mem::take(&mut h.errors);
+            bail!("GPU error: {}", errs.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Submit `encoder` after copying `src[..bytes]` into a fresh MAP_READ buffer, wait, and
+    /// return the bytes.
+    pub async fn submit_and_read(
+        &self,
+        encoder: wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
+        let mut parts = self.submit_and_read_many(encoder, &[(src, bytes)]).await?;
+        Ok(parts.remove(0))
+    }
+
+    /// As [`Self::submit_and_read`] for several `(buffer, bytes)` regions (each from offset 0),
+    /// through one staging buffer and one wait.
+    pub async fn submit_and_read_many(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        srcs: &[(&wgpu::Buffer, u64)],
+    ) -> Result<Vec<Vec<u8>>> {
+        let total: u64 = srcs.iter().map(|(_, b)| b.next_multiple_of(4)).sum();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut offset = 0;
+        for (src, bytes) in srcs {
+            encoder.copy_buffer_to_buffer(src, 0, &staging, offset, *bytes);
+            offset += bytes.next_multiple_of(4);
+        }
+        self.queue.submit([encoder.finish()]);
+        let data = self.read_mapped(&staging, total.max(4)).await?;
+        let mut out = Vec::with_capacity(srcs.len());
+        let mut offset = 0usize;
+        for (_, bytes) in srcs {
+            out.push(data[offset..offset + *bytes as usize].to_vec());
+            offset += bytes.next_multiple_of(4) as usize;
+        }
+        Ok(out)
+    }
+
+    /// Submit without reading anything back.
+    pub fn submit(&self, encoder: wgpu::CommandEncoder) {
+        self.queue.submit([encoder.finish()]);
+    }
+
+    async fn read_mapped(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let poll = self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(std::time::Duration::from_secs(WAIT_TIMEOUT_S)),
+            });
+            if let Err(e) = poll {
+                self.check_health()?;
+                bail!("the GPU did not finish ({e}); the device may be lost or hung");
+            }
+        }
+        let mapped = rx.await.map_err(|_| anyhow!("the GPU dropped a read-back (device lost?)"))?;
+        if let Err(e) = mapped {
+            self.check_health()?;
+            bail!("GPU read-back failed: {e}");
+        }
+        let data = {
+            let view = staging.slice(..bytes).get_mapped_range().map_err(|e| anyhow!("GPU read-back failed: {e:?}"))?;
+            view.to_vec()
+        };
+        staging.unmap();
+        self.check_health()?;
+        Ok(data)
+    }
+
+    /// A tiny matmul + RMSNorm checked against a CPU reference: a broken driver or a kernel
+    /// miscompile fails here instead of producing wrong text later.
+    async fn self_test(&self) -> Result<()> {
+        let (m, k, n) = (3usize, 37usize, 21usize);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0).collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
+        let want: Vec<f32> = (0..m * n)
+            .map(|e| {
+                let (r, c) = (e / n, e % n);
+                (0..k).map(|j| x[r * k + j] * w[c * k + j]).sum::<f32>() + b[c]
+            })
+            .collect();
+        for rows in [m, 1] {
+            let got = super::ops::linear(self, &x[..rows * k], rows, &w, Some(&b), n).await?;
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            if worst.is_nan() || worst > 1e-4 {
+                bail!("matmul ({rows} rows) differs from the CPU by {worst:e}");
+            }
+        }
+        let g: Vec<f32> = (0..k).map(|i| 1.0 + i as f32 / 50.0).collect();
+        let got = super::ops::rms_norm(self, &x, m, &g, 1e-5).await?;
+        for r in 0..m {
+            let row = &x[r * k..(r + 1) * k];
+            let s = (row.iter().map(|v| v * v).sum::<f32>() / k as f32 + 1e-5).sqrt();
+            for j in 0..k {
+                let d = (got[r * k + j] - row[j] / s * g[j]).abs();
+                if d.is_nan() || d > 1e-4 {
+                    bail!("rms_norm differs from the CPU by {d:e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The adapter wgpu would use, if any exists at all (no device is opened).
+pub async fn probe_adapter() -> Option<wgpu::AdapterInfo> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        })
+        .await
+        .ok()?;
+    Some(adapter.get_info())
+}
+
+/// `auto` / `webgpu` / `cpu` → a GPU context or `None` (CPU), with what was chosen and why.
+pub async fn select_backend(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
+    match choice {
+        BackendChoice::Cpu => Ok((None, BackendInfo::cpu(None))),
+        BackendChoice::Webgpu => {
+            let ctx = GpuContext::new().await.context("--backend webgpu: no usable WebGPU/Vulkan adapter")?;
+            let info = ctx.info();
+            Ok((Some(ctx), info))
+        }
+        BackendChoice::Auto => match GpuContext::new().await {
+            // lavapipe / SwiftShader run the shaders on the CPU, slower than candle's CPU path.
+            Ok(ctx) if ctx.adapter_info.device_type == wgpu::DeviceType::Cpu => Ok((
+                None,
+                BackendInfo::cpu(Some(format!(
+                    "the adapter '{}' is a software rasterizer; the CPU path is faster (use --backend webgpu to force it)",
+                    ctx.adapter_info.name
+                ))),
+            )),
+            Ok(ctx) => {
+                let info = ctx.info();
+                Ok((Some(ctx), info))
+            }
+            Err(e) => Ok((None, BackendInfo::cpu(Some(format!("{e:#}"))))),
+        },
+    }
+}
+
+/// Blocking [`GpuContext::new`] (native).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn new_blocking() -> Result<GpuContext> {
+    pollster::block_on(GpuContext::new())
+}
+
+/// Blocking [`select_backend`] (native).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn select_backend_blocking(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
+    pollster::block_on(select_backend(choice))
+}

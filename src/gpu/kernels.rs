@@ -1,0 +1,113 @@
+//! The WGSL kernels (`shaders/*.wgsl`), compiled once per device, and the helpers to bind and
+//! dispatch them.
+
+const COMMON: &str = include_str!("shaders/common.wgsl");
+
+/// Workgroups per dimension a dispatch may use (WebGPU's default limit).
+pub const MAX_GROUPS_PER_DIM: u32 = 65535;
+
+/// One compiled kernel.
+pub struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+pub struct Kernels {
+    pub matmul: Kernel,
+    pub gemv: Kernel,
+    /// One row per invocation (CPU-backed adapters).
+    pub gemv_rows: Kernel,
+    /// Use `gemv_rows` for single-row matmuls.
+    pub rows_per_invocation: bool,
+    pub rmsnorm: Kernel,
+    pub rope_kv: Kernel,
+    pub attention: Kernel,
+    pub act_mul: Kernel,
+    pub steer: Kernel,
+    pub copy_row: Kernel,
+    pub argmax: Kernel,
+}
+
+fn kernel(device: &wgpu::Device, name: &str, body: &str) -> Kernel {
+    let source = format!("{COMMON}\n{body}");
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(name),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let layout = pipeline.get_bind_group_layout(0);
+    Kernel { pipeline, layout }
+}
+
+impl Kernels {
+    /// `cpu_adapter`: the adapter runs on the CPU (lavapipe, SwiftShader), where one output row
+    /// per invocation beats a cooperative reduction. `CMRM_GEMV=rows|coop` overrides (native).
+    pub fn new(device: &wgpu::Device, cpu_adapter: bool) -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        let rows_per_invocation = match std::env::var("CMRM_GEMV").as_deref() {
+            Ok("rows") => true,
+            Ok("coop") => false,
+            _ => cpu_adapter,
+        };
+        #[cfg(target_arch = "wasm32")]
+        let rows_per_invocation = cpu_adapter;
+        Self {
+            gemv_rows: kernel(device, "gemv_rows", include_str!("shaders/gemv_rows.wgsl")),
+            rows_per_invocation,
+            matmul: kernel(device, "matmul", include_str!("shaders/matmul.wgsl")),
+            gemv: kernel(device, "gemv", include_str!("shaders/gemv.wgsl")),
+            rmsnorm: kernel(device, "rmsnorm", include_str!("shaders/rmsnorm.wgsl")),
+            rope_kv: kernel(device, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
+            attention: kernel(device, "attention", include_str!("shaders/attention.wgsl")),
+            act_mul: kernel(device, "act_mul", include_str!("shaders/act_mul.wgsl")),
+            steer: kernel(device, "steer", include_str!("shaders/steer.wgsl")),
+            copy_row: kernel(device, "copy_row", include_str!("shaders/copy_row.wgsl")),
+            argmax: kernel(device, "argmax", include_str!("shaders/argmax.wgsl")),
+        }
+    }
+}
+
+impl Kernel {
+    /// A bind group with `buffers[i]` at binding `i` (whole buffers).
+    pub fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
+    }
+}
+
+/// `groups` workgroups as an (x, y) grid within the per-dimension limit (kernels recover the
+/// linear index with `wg_linear`; extra workgroups exit on their bounds checks).
+pub fn grid(groups: u32) -> (u32, u32) {
+    let groups = groups.max(1);
+    if groups <= MAX_GROUPS_PER_DIM {
+        (groups, 1)
+    } else {
+        let y = groups.div_ceil(MAX_GROUPS_PER_DIM);
+        (groups.div_ceil(y), y)
+    }
+}
+
+/// Record one dispatch into an open compute pass.
+pub fn dispatch(pass: &mut wgpu::ComputePass<'_>, k: &Kernel, bind: &wgpu::BindGroup, groups: (u32, u32)) {
+    pass.set_pipeline(&k.pipeline);
+    pass.set_bind_group(0, bind, &[]);
+    pass.dispatch_workgroups(groups.0, groups.1, 1);
+}
+
+/// `[u32; 8]` parameter blocks (32 bytes: every kernel's uniform `P` struct).
+pub fn params(values: &[u32]) -> [u32; 8] {
+    let mut p = [0u32; 8];
+    p[..values.len()].copy_from_slice(values);
+    p
+}

@@ -1,0 +1,26 @@
+//! A compact wgpu compute engine for the decoder hot path (WebGPU in the browser, Vulkan
+//! natively), selected at load time behind the same model API; candle on the CPU stays the
+//! fallback.
+//!
+//! - [`context`]: adapter / device selection, self-test, error capture, read-back, and the
+//!   `auto` / `webgpu` / `cpu` choice;
+//! - [`kernels`] + `shaders/*.wgsl`: tiled matmul and GEMV (f32), RMSNorm, RoPE + KV-cache write,
+//!   causal GQA attention, gated MLP activation, steering add, argmax;
+//! - [`buffers`]: uploads within the adapter's binding limits (large matrices split by rows);
+//! - [`decoder`]: [`GpuDecoder`], the same outputs as `TextModel::forward`;
+//! - [`session`]: generation on the GPU and the [`DecoderBackend`] choice used by the CLI;
+//! - [`ops`]: single kernels on host data (self-test and per-kernel tests);
+//! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
+pub mod buffers;
+pub mod context;
+pub mod decoder;
+pub mod kernels;
+pub mod ops;
+pub mod session;
+
+pub use context::{BackendChoice, BackendInfo, GpuContext};
+pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, Readback};
+pub use session::DecoderBackend;

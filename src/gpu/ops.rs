@@ -1,0 +1,229 @@
+//! Single kernels on host data (one submission each): the self-test and the per-kernel tests
+//! use these; the decoder records the same kernels into one pass per step.
+
+use anyhow::Result;
+
+use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix};
+use super::context::GpuContext;
+use super::kernels::{dispatch, grid};
+
+/// The `Step` uniform: `start`, `t`, `prompt_len`, `last = t − 1`.
+pub fn step_values(start: usize, t: usize, prompt_len: usize) -> [u32; 4] {
+    [start as u32, t as u32, prompt_len as u32, t.saturating_sub(1) as u32]
+}
+
+async fn read(ctx: &GpuContext, encoder: wgpu::CommandEncoder, buf: &wgpu::Buffer, floats: usize) -> Result<Vec<f32>> {
+    let bytes = ctx.submit_and_read(encoder, buf, floats as u64 * 4).await?;
+    Ok(bytemuck::cast_slice(&bytes).to_vec())
+}
+
+fn encoder(ctx: &GpuContext) -> wgpu::CommandEncoder {
+    ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("op") })
+}
+
+/// `x [m, k] · wᵀ (w [n, k]) + bias` → `[m, n]`.
+pub async fn linear(
+    ctx: &GpuContext,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+) -> Result<Vec<f32>> {
+    linear_into(ctx, x, m, w, bias, n, None).await
+}
+
+/// As [`linear`], optionally accumulating into `residual` (`residual + x·wᵀ + b`), with the
+/// weight split in chunks of at most `max_chunk_rows` rows (to test the split path).
+pub async fn linear_into(
+    ctx: &GpuContext,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let k = x.len() / m;
+    let matrix = GpuMatrix::new(ctx, "w", w, n, k, bias)?;
+    run_linear(ctx, &matrix, x, m, residual).await
+}
+
+/// Run an uploaded matrix on `x [m, k]`.
+pub async fn run_linear(
+    ctx: &GpuContext,
+    matrix: &GpuMatrix,
+    x: &[f32],
+    m: usize,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let n = matrix.n;
+    let xb = upload(ctx, "x", x)?;
+    let out = match residual {
+        Some(r) => upload(ctx, "out", r)?,
+        None => scratch(ctx, "out", m * n)?,
+    };
+    let step = uniform(ctx, &step_values(0, m, m));
+    let dummy = scratch(ctx, "dummy", 1)?;
+    let ops = bind_linear(ctx, &step, matrix, &xb, 0, 0, &out, n, 0, residual.is_some(), &dummy);
+    let mut enc = encoder(ctx);
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        for op in &ops {
+            op.record(ctx, &mut pass, m);
+        }
+    }
+    read(ctx, enc, &out, m * n).await
+}
+
+/// Split a matrix into chunks of `rows_per_chunk` rows (test helper for the split path).
+pub fn matrix_in_chunks(
+    ctx: &GpuContext,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    rows_per_chunk: usize,
+) -> Result<GpuMatrix> {
+    let mut chunks = Vec::new();
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = rows_per_chunk.min(n - r0);
+        chunks.push((r0, rows, upload(ctx, "w", &w[r0 * k..(r0 + rows) * k])?));
+        r0 += rows;
+    }
+    Ok(GpuMatrix { k, n, chunks, bias: bias.map(|b| upload(ctx, "b", b)).transpose()? })
+}
+
+/// RMSNorm of `rows` rows of `x`.
+pub async fn rms_norm(ctx: &GpuContext, x: &[f32], rows: usize, w: &[f32], eps: f32) -> Result<Vec<f32>> {
+    let h = w.len();
+    let (xb, wb, out) = (upload(ctx, "x", x)?, upload(ctx, "w", w)?, scratch(ctx, "out", rows * h)?);
+    let step = uniform(ctx, &step_values(0, rows, rows));
+    let p = uniform(ctx, &[h as u32, eps.to_bits(), 0, 0]);
+    let k = &ctx.kernels.rmsnorm;
+    let bind = k.bind(&ctx.device, &[&step, &p, &xb, &wb, &out]);
+    let mut enc = encoder(ctx);
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        dispatch(&mut pass, k, &bind, grid(rows as u32));
+    }
+    read(ctx, enc, &out, rows * h).await
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub nh: usize,
+    pub kvh: usize,
+    pub d: usize,
+}
+
+/// RoPE + KV-cache write + causal GQA attention for `t` new rows at positions `start ..`.
+/// `qkv`: `[t, (nh + 2·kvh)·d]` (q heads, k heads, v heads); `prior_k` / `prior_v`: the cache
+/// for positions `0..start`, `[kvh, start, d]`; `cos` / `sin`: `[t, d/2]`.
+/// Returns `(qkv after RoPE, attention output [t, nh·d])`.
+#[allow(clippy::too_many_arguments)]
+pub async fn rope_attention(
+    ctx: &GpuContext,
+    s: AttnShape,
+    qkv: &[f32],
+    t: usize,
+    start: usize,
+    prior_k: &[f32],
+    prior_v: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let cap = start + t + 3; // deliberately not the exact length
+    let mut kc = vec![0f32; s.kvh * cap * s.d];
+    let mut vc = vec![0f32; s.kvh * cap * s.d];
+    for h in 0..s.kvh {
+        for p in 0..start {
+            let src = (h * start + p) * s.d;
+            let dst = (h * cap + p) * s.d;
+            kc[dst..dst + s.d].copy_from_slice(&prior_k[src..src + s.d]);
+            vc[dst..dst + s.d].copy_from_slice(&prior_v[src..src + s.d]);
+        }
+    }
+    let (kb, vb) = (upload(ctx, "k", &kc)?, upload(ctx, "v", &vc)?);
+    let qkvb = upload(ctx, "qkv", qkv)?;
+    let mut table = cos.to_vec();
+    table.extend_from_slice(sin);
+    let rope = upload(ctx, "rope", &table)?;
+    let out = scratch(ctx, "out", t * s.nh * s.d)?;
+    let step = uniform(ctx, &step_values(start, t, start + t));
+    let half = s.d / 2;
+    let p_rope = uniform(ctx, &[s.nh as u32, s.kvh as u32, s.d as u32, cap as u32, t as u32, 0, 0, 0]);
+    let width = (s.nh + 2 * s.kvh) * s.d;
+    let scale = (s.d as f64).powf(-0.5) as f32;
+    let p_att = uniform(ctx, &[s.nh as u32, s.kvh as u32, s.d as u32, cap as u32, scale.to_bits(), width as u32, 0, 0]);
+    let k = &ctx.kernels;
+    let b_rope = k.rope_kv.bind(&ctx.device, &[&step, &p_rope, &qkvb, &rope, &kb, &vb]);
+    let b_att = k.attention.bind(&ctx.device, &[&step, &p_att, &qkvb, &kb, &vb, &out]);
+    let mut enc = encoder(ctx);
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        let threads = t * (s.nh + 2 * s.kvh) * half;
+        dispatch(&mut pass, &k.rope_kv, &b_rope, grid(threads.div_ceil(64) as u32));
+        dispatch(&mut pass, &k.attention, &b_att, grid((t * s.nh) as u32));
+    }
+    let attn = read(ctx, enc, &out, t * s.nh * s.d).await?;
+    let roped = read(ctx, encoder(ctx), &qkvb, t * width).await?;
+    Ok((roped, attn))
+}
+
+/// `act(gu[:, :m]) * gu[:, m:]` for `t` rows of `gu [t, 2m]`; `act`: 0 SiLU, 1 GELU-tanh.
+pub async fn act_mul(ctx: &GpuContext, gu: &[f32], t: usize, m: usize, act: u32) -> Result<Vec<f32>> {
+    let (gub, out) = (upload(ctx, "gu", gu)?, scratch(ctx, "out", t * m)?);
+    let step = uniform(ctx, &step_values(0, t, t));
+    let p = uniform(ctx, &[m as u32, act, 0, 0]);
+    let k = &ctx.kernels.act_mul;
+    let bind = k.bind(&ctx.device, &[&step, &p, &gub, &out]);
+    let mut enc = encoder(ctx);
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        dispatch(&mut pass, k, &bind, grid((t * m).div_ceil(64) as u32));
+    }
+    read(ctx, enc, &out, t * m).await
+}
+
+/// Steering add on `t` rows of `x [t, h]` at positions `start ..`; `mode` 0 all, 1 last, 2 generated.
+pub async fn steer(
+    ctx: &GpuContext,
+    x: &[f32],
+    t: usize,
+    delta: &[f32],
+    mode: u32,
+    start: usize,
+    prompt_len: usize,
+) -> Result<Vec<f32>> {
+    let h = delta.len();
+    let (xb, db) = (upload(ctx, "x", x)?, upload(ctx, "delta", delta)?);
+    let step = uniform(ctx, &step_values(start, t, prompt_len));
+    let p = uniform(ctx, &[h as u32, mode, 0, 0]);
+    let k = &ctx.kernels.steer;
+    let bind = k.bind(&ctx.device, &[&step, &p, &xb, &db]);
+    let mut enc = encoder(ctx);
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        dispatch(&mut pass, k, &bind, grid((t * h).div_ceil(64) as u32));
+    }
+    read(ctx, enc, &xb, t * h).await
+}
+
+/// Index of the first maximum.
+pub async fn argmax(ctx: &GpuContext, v: &[f32]) -> Result<u32> {
+    let vb = upload(ctx, "v", v)?;
+    let out = scratch(ctx, "out", 1)?;
+    let p = uniform(ctx, &[v.len() as u32, 0, 0, 0]);
+    let k = &ctx.kernels.argmax;
+    let bind = k.bind(&ctx.device, &[&p, &vb, &out]);
+    let mut enc = encoder(ctx);
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        dispatch(&mut pass, k, &bind, (1, 1));
+    }
+    let bytes = ctx.submit_and_read(enc, &out, 4).await?;
+    Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}

@@ -1,0 +1,202 @@
+//! Generation on the GPU decoder, and [`DecoderBackend`]: the backend a generation runs on.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+use super::context::{BackendChoice, BackendInfo, GpuContext};
+use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, Readback};
+use crate::generate::{now_seconds, GenerateOptions, Generation, Next, Sampling, TextStream, TokenEvent};
+use crate::pipeline::{Prepared, Vlm};
+use crate::steering::Intervention;
+use crate::text::TextModel;
+
+/// One sequence on the GPU: its KV cache and uploaded steering.
+pub struct GpuSession<'a> {
+    pub decoder: &'a mut GpuDecoder,
+    pub cache: GpuCache,
+    pub steering: Option<GpuSteering>,
+    pub prompt_len: usize,
+    /// Greedy: only the argmax comes back per step.
+    pub greedy: bool,
+}
+
+impl<'a> GpuSession<'a> {
+    pub fn new(
+        decoder: &'a mut GpuDecoder,
+        prompt_len: usize,
+        capacity: usize,
+        steering: Option<&Intervention>,
+        greedy: bool,
+    ) -> Result<Self> {
+        let steering = steering.map(|s| decoder.prepare_steering(s)).transpose()?;
+        let cache = decoder.new_cache(capacity)?;
+        Ok(Self { decoder, cache, steering, prompt_len, greedy })
+    }
+
+    async fn run(&mut self, input: GpuInput<'_>) -> Result<Next> {
+        let opts = GpuForwardOptions {
+            steering: self.steering.as_ref(),
+            prompt_len: self.prompt_len,
+            capture_layers: false,
+            readback: if self.greedy { Readback::Argmax } else { Readback::Logits },
+        };
+        let out = self.decoder.forward(input, &mut self.cache, &opts).await?;
+        match (out.token, out.logits) {
+            (Some(id), _) => Ok(Next::Token(id)),
+            (None, Some(l)) => Ok(Next::Logits(Tensor::from_vec(l.clone(), l.len(), &Device::Cpu)?)),
+            _ => anyhow::bail!("the GPU step returned nothing"),
+        }
+    }
+
+    pub async fn prefill_async(&mut self, embeds: &Tensor) -> Result<Next> {
+        let data: Vec<f32> = embeds.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        self.run(GpuInput::Embeds(&data)).await.context("GPU prefill failed")
+    }
+
+    pub async fn step_async(&mut self, id: u32) -> Result<Next> {
+        self.run(GpuInput::Tokens(&[id])).await.context("GPU decode step failed")
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl crate::generate::DecodeSession for GpuSession<'_> {
+    fn prefill(&mut self, embeds: &Tensor) -> Result<Next> {
+        pollster::block_on(self.prefill_async(embeds))
+    }
+    fn step(&mut self, id: u32) -> Result<Next> {
+        pollster::block_on(self.step_async(id))
+    }
+}
+
+/// The decoder a generation runs on.
+pub enum DecoderBackend {
+    Cpu,
+    Gpu(Box<GpuDecoder>),
+}
+
+impl DecoderBackend {
+    /// Upload `model` to a GPU context (the decoder's weights, once).
+    pub async fn gpu(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
+        Ok(Self::Gpu(Box::new(GpuDecoder::new(ctx, model).await?)))
+    }
+
+    /// `auto` / `webgpu` / `cpu`: pick the backend for `model` and say which. `auto` falls back
+    /// to the CPU (with the reason in the info) when no adapter passes the self-test or the
+    /// weights do not fit.
+    pub async fn select(choice: BackendChoice, model: &TextModel) -> Result<(Self, BackendInfo)> {
+        let (ctx, info) = super::context::select_backend(choice).await?;
+        let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
+        match Self::gpu(Arc::new(ctx), model).await {
+            Ok(backend) => Ok((backend, info)),
+            Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),
+            Err(e) => Err(e.context("--backend webgpu")),
+        }
+    }
+
+    /// Blocking [`Self::select`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn select_blocking(choice: BackendChoice, model: &TextModel) -> Result<(Self, BackendInfo)> {
+        pollster::block_on(Self::select(choice, model))
+    }
+
+    pub fn info(&self) -> BackendInfo {
+        match self {
+            Self::Cpu => BackendInfo::cpu(None),
+            Self::Gpu(d) => d.context().info(),
+        }
+    }
+
+    /// [`Vlm::generate`] on this backend (native; the CPU path is `Vlm::generate` itself).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn generate(
+        &mut self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        match self {
+            Self::Cpu => vlm.generate(prepared, steering, opts, on_token),
+            Self::Gpu(decoder) => {
+                let ids = &prepared.encoded.input_ids;
+                let max_new =
+                    crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, ids.len(), opts);
+                let greedy = opts.sampling == Sampling::Greedy;
+                let mut session = GpuSession::new(decoder, ids.len(), ids.len() + max_new, steering, greedy)?;
+                crate::generate::generate_on(
+                    &mut session,
+                    &vlm.processor.tokenizer,
+                    ids,
+                    &prepared.embeds,
+                    max_new,
+                    opts,
+                    on_token,
+                )
+            }
+        }
+    }
+    /// [`Vlm::generate`] on this backend, awaiting the GPU (the browser's path; also native).
+    pub async fn generate_async(
+        &mut self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        let Self::Gpu(decoder) = self else { return vlm.generate(prepared, steering, opts, on_token) };
+        let ids = &prepared.encoded.input_ids;
+        let prompt_len = ids.len();
+        let max_new = crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts);
+        let greedy = opts.sampling == Sampling::Greedy;
+        let mut session = GpuSession::new(decoder, prompt_len, prompt_len + max_new, steering, greedy)?;
+        let mut sampler = opts.sampling.sampler();
+        let mut pick = |next: Next| -> Result<u32> {
+            Ok(match (next, sampler.as_mut()) {
+                (Next::Token(id), _) => id,
+                (Next::Logits(l), None) => crate::text::argmax(&l.to_vec1::<f32>()?),
+                (Next::Logits(l), Some(s)) => s.sample(&l)?,
+            })
+        };
+        let t0 = now_seconds();
+        let mut next = session.prefill_async(&prepared.embeds).await?;
+        let prefill_seconds = now_seconds() - t0;
+        let mut stream = TextStream::new(&vlm.processor.tokenizer);
+        let mut generated_ids = Vec::new();
+        let (mut stopped_on_eos, mut cancelled) = (false, false);
+        let t1 = now_seconds();
+        for index in 0..max_new {
+            let id = pick(next)?;
+            generated_ids.push(id);
+            let text = stream.push(id)?;
+            if !on_token(&TokenEvent { index, id, text }) {
+                cancelled = true;
+                break;
+            }
+            if opts.eos_ids.contains(&id) {
+                stopped_on_eos = true;
+                break;
+            }
+            if index + 1 == max_new {
+                break;
+            }
+            next = session.step_async(id).await?;
+        }
+        let decode_seconds = now_seconds() - t1;
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        Ok(Generation {
+            input_ids: ids.clone(),
+            text: stream.text()?,
+            decode_tokens_per_s: rate(generated_ids.len().saturating_sub(1), decode_seconds),
+            generated_ids,
+            stopped_on_eos,
+            cancelled,
+            prefill_seconds,
+            decode_seconds,
+            prefill_tokens_per_s: rate(prompt_len, prefill_seconds),
+        })
+    }
+}

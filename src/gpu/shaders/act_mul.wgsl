@@ -1,0 +1,34 @@
+// out[i, c] = act(gu[i, c]) * gu[i, m + c]   (gate and up fused in one [t, 2m] matmul).
+// act: 0 = SiLU, 1 = GELU (tanh approximation).
+struct P {
+    m: u32,
+    act: u32,
+    _a: u32,
+    _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: P;
+@group(0) @binding(2) var<storage, read> gu: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let g = wg_linear(wid, nwg) * 64u + li;
+    if (g >= step.t * p.m) {
+        return;
+    }
+    let i = g / p.m;
+    let c = g % p.m;
+    let gate = gu[i * 2u * p.m + c];
+    let up = gu[i * 2u * p.m + p.m + c];
+    var a: f32;
+    if (p.act == 0u) {
+        a = gate / (exp(-gate) + 1.0);
+    } else {
+        let inner = clamp(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate), -20.0, 20.0);
+        a = 0.5 * gate * (1.0 + tanh(inner));
+    }
+    out[g] = a * up;
+}

@@ -1,0 +1,48 @@
+// Index of the first maximal value (torch's tie rule), one workgroup.
+struct P {
+    n: u32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+
+var<workgroup> bv: array<f32, 256>;
+var<workgroup> bi: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) li: u32) {
+    var best = NEG_BIG;
+    var idx = 0xffffffffu;
+    if (li < p.n) {
+        best = v[li];
+        idx = li;
+    }
+    for (var e = li + 256u; e < p.n; e += 256u) {
+        let x = v[e];
+        if (x > best) {
+            best = x;
+            idx = e;
+        }
+    }
+    bv[li] = best;
+    bi[li] = idx;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if (li < off) {
+            let x = bv[li + off];
+            let k = bi[li + off];
+            if (x > bv[li] || (x == bv[li] && k < bi[li])) {
+                bv[li] = x;
+                bi[li] = k;
+            }
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        out[0] = bi[0];
+    }
+}

@@ -1,0 +1,90 @@
+// Causal GQA attention over the KV cache, one workgroup per (row i, query head h), keys in
+// blocks of 64 with an online softmax. Query row i is position step.start + i and sees keys
+// 0 ..= step.start + i. Head h reads KV head h / (nh / kvh) (HF repeat_kv).
+struct P {
+    nh: u32,
+    kvh: u32,
+    d: u32,
+    cap: u32,
+    scale: f32,
+    q_stride: u32,
+    _a: u32,
+    _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: P;
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read> kc: array<f32>;
+@group(0) @binding(4) var<storage, read> vc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+const B: u32 = 64u;
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> sc: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let wg = wg_linear(wid, nwg);
+    let i = wg / p.nh;
+    let h = wg % p.nh;
+    if (i >= step.t) {
+        return;
+    }
+    let kv = h / (p.nh / p.kvh);
+    for (var e = li; e < p.d; e += 64u) {
+        qs[e] = qkv[i * p.q_stride + h * p.d + e];
+    }
+    workgroupBarrier();
+    let n_keys = step.start + i + 1u;
+    let kbase = kv * p.cap * p.d;
+    var m = NEG_BIG;
+    var l = 0.0;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var b0 = 0u; b0 < n_keys; b0 += B) {
+        let j = b0 + li;
+        var s = NEG_BIG;
+        if (j < n_keys) {
+            var dot = 0.0;
+            let kb = kbase + j * p.d;
+            for (var e = 0u; e < p.d; e++) {
+                dot += qs[e] * kc[kb + e];
+            }
+            s = dot * p.scale;
+        }
+        sc[li] = s;
+        workgroupBarrier();
+        let cnt = min(B, n_keys - b0);
+        var bm = NEG_BIG;
+        for (var r = 0u; r < cnt; r++) {
+            bm = max(bm, sc[r]);
+        }
+        let m_new = max(m, bm);
+        let corr = exp(m - m_new);
+        l *= corr;
+        for (var c = 0u; c < 4u; c++) {
+            acc[c] *= corr;
+        }
+        for (var r = 0u; r < cnt; r++) {
+            let pr = exp(sc[r] - m_new);
+            l += pr;
+            let vb = kbase + (b0 + r) * p.d;
+            for (var c = 0u; c < 4u; c++) {
+                let e = li + c * 64u;
+                if (e < p.d) {
+                    acc[c] += pr * vc[vb + e];
+                }
+            }
+        }
+        m = m_new;
+        workgroupBarrier();
+    }
+    let ob = i * p.nh * p.d + h * p.d;
+    for (var c = 0u; c < 4u; c++) {
+        let e = li + c * 64u;
+        if (e < p.d) {
+            out[ob + e] = acc[c] / l;
+        }
+    }
+}

@@ -1,0 +1,59 @@
+// Matmul with one output element per invocation (no workgroup memory, no barriers): the better shape
+// for CPU-backed adapters (lavapipe, SwiftShader), where invocations are SIMD lanes.
+struct P {
+    m: u32,
+    k: u32,
+    n: u32,
+    x_off: u32,
+    out_stride: u32,
+    out_off: u32,
+    flags: u32,
+    bias_off: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: P;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    var m = p.m;
+    if (m == 0u) {
+        m = step.t;
+    }
+    let g = wg_linear(wid, nwg) * 64u + li;
+    if (g >= m * p.n) {
+        return;
+    }
+    let r = g / p.n;
+    let row = g % p.n;
+    let base = row * p.k;
+    let xb = p.x_off + r * p.k;
+    var s0 = 0.0;
+    var s1 = 0.0;
+    var s2 = 0.0;
+    var s3 = 0.0;
+    var kk = 0u;
+    for (; kk + 3u < p.k; kk += 4u) {
+        s0 += w[base + kk] * x[xb + kk];
+        s1 += w[base + kk + 1u] * x[xb + kk + 1u];
+        s2 += w[base + kk + 2u] * x[xb + kk + 2u];
+        s3 += w[base + kk + 3u] * x[xb + kk + 3u];
+    }
+    for (; kk < p.k; kk++) {
+        s0 += w[base + kk] * x[xb + kk];
+    }
+    var v = (s0 + s1) + (s2 + s3);
+    if ((p.flags & 1u) != 0u) {
+        v += bias[p.bias_off + row];
+    }
+    let o = r * p.out_stride + p.out_off + row;
+    if ((p.flags & 2u) != 0u) {
+        v = out[o] + v;
+    }
+    out[o] = v;
+}

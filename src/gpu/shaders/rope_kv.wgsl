@@ -1,0 +1,55 @@
+// RoPE (HF rotate-half) on q and k in the fused qkv rows, k and v written into the cache
+// (layout [kv_heads, cap, d]) at positions step.start + i. rope holds cos [rows, d/2] then sin.
+struct P {
+    nh: u32,
+    kvh: u32,
+    d: u32,
+    cap: u32,
+    rope_rows: u32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: P;
+@group(0) @binding(2) var<storage, read_write> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read> rope: array<f32>;
+@group(0) @binding(4) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> vc: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let g = wg_linear(wid, nwg) * 64u + li;
+    let half = p.d / 2u;
+    let heads = p.nh + 2u * p.kvh;
+    if (g >= step.t * heads * half) {
+        return;
+    }
+    let j = g % half;
+    let hh = (g / half) % heads;
+    let i = g / (half * heads);
+    let base = i * heads * p.d + hh * p.d;
+    let pos = step.start + i;
+    if (hh < p.nh + p.kvh) {
+        let c = rope[i * half + j];
+        let s = rope[p.rope_rows * half + i * half + j];
+        let x1 = qkv[base + j];
+        let x2 = qkv[base + j + half];
+        let y1 = x1 * c - x2 * s;
+        let y2 = x1 * s + x2 * c;
+        if (hh < p.nh) {
+            qkv[base + j] = y1;
+            qkv[base + j + half] = y2;
+        } else {
+            let cb = ((hh - p.nh) * p.cap + pos) * p.d;
+            kc[cb + j] = y1;
+            kc[cb + j + half] = y2;
+        }
+    } else {
+        let cb = ((hh - p.nh - p.kvh) * p.cap + pos) * p.d;
+        vc[cb + j] = qkv[base + j];
+        vc[cb + j + half] = qkv[base + j + half];
+    }
+}

@@ -1,0 +1,32 @@
+// Steering: x[i] += delta on the rows chosen by `mode` (0 all, 1 last prompt token,
+// 2 generated tokens), exactly as Intervention::apply.
+struct P {
+    h: u32,
+    mode: u32,
+    _a: u32,
+    _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: P;
+@group(0) @binding(2) var<storage, read_write> x: array<f32>;
+@group(0) @binding(3) var<storage, read> delta: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let g = wg_linear(wid, nwg) * 64u + li;
+    if (g >= step.t * p.h) {
+        return;
+    }
+    let pos = step.start + g / p.h;
+    var chosen = p.mode == 0u;
+    if (p.mode == 1u) {
+        chosen = pos + 1u == step.prompt_len;
+    } else if (p.mode == 2u) {
+        chosen = pos >= step.prompt_len;
+    }
+    if (chosen) {
+        x[g] = x[g] + delta[g % p.h];
+    }
+}

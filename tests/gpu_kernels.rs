@@ -1,0 +1,256 @@
+//! Each WGSL kernel against candle (or the CPU code it replaces) on random shapes, including
+//! sizes that are not multiples of any workgroup or tile. Runs on whatever adapter wgpu finds
+//! (Mesa lavapipe on machines without a GPU); skips, with a message, only when none exists.
+
+use candle_core::{Device, Tensor, D};
+use cmrm::gpu::ops::{self, AttnShape};
+use cmrm::gpu::GpuContext;
+use cmrm::steering::{Intervention, Positions, SteeringVectors};
+
+fn ctx() -> Option<GpuContext> {
+    if let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) {
+        eprintln!("adapter: {} ({:?})", info.name, info.backend);
+        Some(cmrm::gpu::context::new_blocking().expect("an adapter exists, so the GPU context must work"))
+    } else {
+        eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
+        None
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn t(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+fn flat(x: &Tensor) -> Vec<f32> {
+    x.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0f32;
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let d = (a - b).abs();
+        assert!(d <= tol * (1.0 + b.abs()), "{what}: element {i}: gpu {a} vs cpu {b}");
+        worst = worst.max(d);
+    }
+    eprintln!("{what}: max |diff| {worst:e}");
+}
+
+#[test]
+fn matmul_and_gemv_match_candle() {
+    let Some(mut ctx) = ctx() else { return };
+    for variant in [false, true] {
+        ctx.set_rows_per_invocation(variant);
+        eprintln!("rows_per_invocation = {variant}");
+        matmul_cases(&ctx);
+    }
+}
+
+fn matmul_cases(ctx: &GpuContext) {
+    let shapes = [
+        (1, 1, 1),
+        (1, 37, 21),
+        (3, 5, 7),
+        (65, 67, 129),
+        (7, 130, 3),
+        (1, 300, 1000),
+        (70, 33, 65),
+        (2, 64, 64),
+        (129, 17, 200),
+    ];
+    for (i, &(m, k, n)) in shapes.iter().enumerate() {
+        let x = rand_vec(m * k, 10 + i as u64);
+        let w = rand_vec(n * k, 20 + i as u64);
+        let b = rand_vec(n, 30 + i as u64);
+        let r = rand_vec(m * n, 40 + i as u64);
+        let xw = t(&x, &[m, k]).matmul(&t(&w, &[n, k]).t().unwrap()).unwrap();
+        let with_bias = xw.broadcast_add(&t(&b, &[n])).unwrap();
+        let got = pollster::block_on(ops::linear(ctx, &x, m, &w, None, n)).unwrap();
+        assert_close(&format!("matmul {m}x{k}x{n}"), &got, &flat(&xw), 1e-5);
+        let got = pollster::block_on(ops::linear(ctx, &x, m, &w, Some(&b), n)).unwrap();
+        assert_close(&format!("matmul+bias {m}x{k}x{n}"), &got, &flat(&with_bias), 1e-5);
+        let got = pollster::block_on(ops::linear_into(ctx, &x, m, &w, Some(&b), n, Some(&r))).unwrap();
+        let want = (t(&r, &[m, n]) + &with_bias).unwrap();
+        assert_close(&format!("residual+matmul+bias {m}x{k}x{n}"), &got, &flat(&want), 1e-5);
+    }
+}
+
+#[test]
+fn split_matrix_matches_whole() {
+    let Some(mut ctx) = ctx() else { return };
+    for variant in [false, true] {
+        ctx.set_rows_per_invocation(variant);
+        split_cases(&ctx);
+    }
+}
+
+fn split_cases(ctx: &GpuContext) {
+    let (k, n) = (45, 61);
+    let w = rand_vec(n * k, 1);
+    let b = rand_vec(n, 2);
+    for m in [1, 5] {
+        let x = rand_vec(m * k, 3 + m as u64);
+        let want =
+            flat(&t(&x, &[m, k]).matmul(&t(&w, &[n, k]).t().unwrap()).unwrap().broadcast_add(&t(&b, &[n])).unwrap());
+        for rows in [1, 7, 60, 61] {
+            let matrix = ops::matrix_in_chunks(ctx, &w, n, k, Some(&b), rows).unwrap();
+            assert_eq!(matrix.chunks.len(), n.div_ceil(rows));
+            let got = pollster::block_on(ops::run_linear(ctx, &matrix, &x, m, None)).unwrap();
+            assert_close(&format!("split {rows} rows, m={m}"), &got, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_candle() {
+    let Some(ctx) = ctx() else { return };
+    for (i, &(rows, h, eps)) in [(1, 1, 1e-5), (5, 63, 1e-6), (67, 130, 1e-5), (2, 896, 1e-6)].iter().enumerate() {
+        let x = rand_vec(rows * h, 50 + i as u64).iter().map(|v| v * 7.0).collect::<Vec<_>>();
+        let w = rand_vec(h, 60 + i as u64);
+        let want = candle_nn::ops::rms_norm(&t(&x, &[rows, h]), &t(&w, &[h]), eps).unwrap();
+        let got = pollster::block_on(ops::rms_norm(&ctx, &x, rows, &w, eps)).unwrap();
+        assert_close(&format!("rms_norm {rows}x{h}"), &got, &flat(&want), 1e-5);
+    }
+}
+
+/// RoPE tables as TextModel computes them.
+fn rope_tables(d: usize, theta: f32, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+    let (mut c, mut s) = (vec![], vec![]);
+    for pos in start..start + n {
+        for f in &inv {
+            c.push((pos as f32 * f).cos());
+            s.push((pos as f32 * f).sin());
+        }
+    }
+    (c, s)
+}
+
+#[test]
+fn rope_and_causal_gqa_attention_match_candle() {
+    let Some(ctx) = ctx() else { return };
+    // (nh, kvh, d, t, start)
+    let cases = [
+        (4, 2, 16, 5, 0),
+        (3, 1, 10, 1, 70),
+        (2, 2, 130, 3, 66),
+        (6, 3, 8, 67, 5),
+        (14, 2, 64, 1, 130),
+        (4, 4, 256, 2, 1),
+    ];
+    for (ci, &(nh, kvh, d, tt, start)) in cases.iter().enumerate() {
+        let s = AttnShape { nh, kvh, d };
+        let width = (nh + 2 * kvh) * d;
+        let qkv = rand_vec(tt * width, 100 + ci as u64);
+        let prior_k = rand_vec(kvh * start * d, 200 + ci as u64);
+        let prior_v = rand_vec(kvh * start * d, 300 + ci as u64);
+        let total = start + tt;
+        let (cos, sin) = rope_tables(d, 10000.0, start, tt);
+        let (roped, attn) =
+            pollster::block_on(ops::rope_attention(&ctx, s, &qkv, tt, start, &prior_k, &prior_v, &cos, &sin)).unwrap();
+
+        // candle reference: [1, heads, t, d] tensors.
+        let rows = t(&qkv, &[tt, nh + 2 * kvh, d]);
+        let heads = |a: usize, n: usize| {
+            rows.narrow(1, a, n).unwrap().transpose(0, 1).unwrap().contiguous().unwrap().unsqueeze(0).unwrap()
+        };
+        let (ct, st) = (t(&cos, &[tt, d / 2]), t(&sin, &[tt, d / 2]));
+        let q = candle_nn::rotary_emb::rope(&heads(0, nh), &ct, &st).unwrap();
+        let k_new = candle_nn::rotary_emb::rope(&heads(nh, kvh), &ct, &st).unwrap();
+        let v_new = heads(nh + kvh, kvh);
+        let want_q = flat(&q.squeeze(0).unwrap().transpose(0, 1).unwrap().contiguous().unwrap());
+        let got_q: Vec<f32> = roped.chunks(width).flat_map(|r| r[..nh * d].to_vec()).collect();
+        assert_close(&format!("rope q case {ci}"), &got_q, &want_q, 1e-5);
+
+        let k_all = Tensor::cat(&[t(&prior_k, &[1, kvh, start, d]), k_new], 2).unwrap();
+        let v_all = Tensor::cat(&[t(&prior_v, &[1, kvh, start, d]), v_new], 2).unwrap();
+        let mask: Vec<f32> = (0..tt)
+            .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = t(&mask, &[tt, total]);
+        let rep = nh / kvh;
+        let mut outs = vec![];
+        for h in 0..nh {
+            let qh = q.get(0).unwrap().get(h).unwrap();
+            let kh = k_all.get(0).unwrap().get(h / rep).unwrap();
+            let vh = v_all.get(0).unwrap().get(h / rep).unwrap();
+            let scores =
+                (qh.matmul(&kh.t().unwrap()).unwrap() * (d as f64).powf(-0.5)).unwrap().broadcast_add(&mask).unwrap();
+            let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+            outs.push(p.matmul(&vh).unwrap()); // [t, d]
+        }
+        let want = Tensor::stack(&outs, 1).unwrap(); // [t, nh, d]
+        assert_close(
+            &format!("attention case {ci} (nh {nh}, kvh {kvh}, d {d}, t {tt}, start {start})"),
+            &attn,
+            &flat(&want),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn gated_activation_matches_candle() {
+    let Some(ctx) = ctx() else { return };
+    for (i, &(rows, m)) in [(1, 1), (3, 65), (70, 129)].iter().enumerate() {
+        let gu: Vec<f32> = rand_vec(rows * 2 * m, 70 + i as u64).iter().map(|v| v * 6.0).collect();
+        let x = t(&gu, &[rows, 2 * m]);
+        let (g, u) = (x.narrow(1, 0, m).unwrap(), x.narrow(1, m, m).unwrap());
+        let got = pollster::block_on(ops::act_mul(&ctx, &gu, rows, m, 0)).unwrap();
+        assert_close(&format!("silu*up {rows}x{m}"), &got, &flat(&(g.silu().unwrap() * &u).unwrap()), 1e-5);
+        let got = pollster::block_on(ops::act_mul(&ctx, &gu, rows, m, 1)).unwrap();
+        assert_close(&format!("gelu_tanh*up {rows}x{m}"), &got, &flat(&(g.gelu().unwrap() * &u).unwrap()), 1e-5);
+    }
+}
+
+#[test]
+fn steering_add_matches_intervention_apply_exactly() {
+    let Some(ctx) = ctx() else { return };
+    let h = 67;
+    let v = rand_vec(h, 5);
+    let vectors = SteeringVectors::new(h, [(1usize, v.clone())].into_iter().collect()).unwrap();
+    for positions in [Positions::All, Positions::Last, Positions::Generated] {
+        let iv = Intervention::add(&vectors, -1.75, Some(&[1]), positions, &Device::Cpu).unwrap();
+        // (rows, start, prompt_len): prefill, prefill in chunks, decode steps.
+        for (rows, start, prompt_len) in [(9, 0, 9), (5, 4, 9), (4, 0, 9), (1, 9, 9), (1, 8, 9), (1, 12, 9), (3, 7, 9)]
+        {
+            let x = rand_vec(rows * h, rows as u64 * 31 + start as u64);
+            let want = flat(&iv.apply(1, &t(&x, &[1, rows, h]), start, prompt_len).unwrap());
+            let zero = Tensor::zeros((1, 1, h), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let delta = flat(&iv.apply(1, &zero, 0, usize::from(positions == Positions::Last)).unwrap());
+            let mode = match positions {
+                Positions::All => 0,
+                Positions::Last => 1,
+                Positions::Generated => 2,
+            };
+            let got = pollster::block_on(ops::steer(&ctx, &x, rows, &delta, mode, start, prompt_len)).unwrap();
+            assert_eq!(got, want, "{positions:?} rows {rows} start {start} prompt_len {prompt_len}");
+        }
+    }
+}
+
+#[test]
+fn argmax_matches_cpu_tie_rule() {
+    let Some(ctx) = ctx() else { return };
+    for (i, n) in [1usize, 2, 255, 256, 257, 1000, 151936].into_iter().enumerate() {
+        let mut v = rand_vec(n, 900 + i as u64);
+        // Ties: the maximum appears twice; the first index must win.
+        if n > 3 {
+            v[n / 3] = 5.0;
+            v[n - 1] = 5.0;
+        }
+        let got = pollster::block_on(ops::argmax(&ctx, &v)).unwrap();
+        assert_eq!(got, cmrm::text::argmax(&v), "n = {n}");
+    }
+}

@@ -1,0 +1,213 @@
+//! The GPU decoder against the CPU decoder and the Hugging Face references on every oracle case
+//! (both models, 9 cases, multimodal and text-only), unaltered and with every steering case
+//! of the oracle plus `generated` positions: logits within 1e-3 of the CPU's (prefill and every
+//! decode step), identical greedy tokens and EOS stops. Skips, with a message, only when no
+//! WebGPU/Vulkan adapter exists at all (Mesa lavapipe is one).
+
+mod common;
+
+use std::sync::Arc;
+
+use cmrm::generate::{CpuSession, DecodeSession, Next, Sampling};
+use cmrm::gpu::session::GpuSession;
+use cmrm::gpu::{DecoderBackend, GpuContext, GpuDecoder};
+use cmrm::steering::{Intervention, Positions, SteeringVectors};
+use cmrm::text::ForwardOptions;
+use cmrm::{decode_image, PromptText, Vlm};
+use common::*;
+
+const TOL_GPU_CPU: f32 = 1e-3;
+const TOL_REFS: f32 = 1e-3;
+
+fn ctx() -> Option<Arc<GpuContext>> {
+    if let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) {
+        eprintln!("adapter: {} ({:?})", info.name, info.backend);
+        Some(Arc::new(cmrm::gpu::context::new_blocking().expect("an adapter exists, so the GPU context must work")))
+    } else {
+        eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
+        None
+    }
+}
+
+fn logits_of(next: Next) -> Vec<f32> {
+    match next {
+        Next::Logits(l) => l.to_vec1().unwrap(),
+        Next::Token(_) => panic!("expected logits"),
+    }
+}
+
+/// Step the CPU and GPU decoders side by side (the CPU's greedy tokens fed to both), comparing
+/// logits at the prefill and at every decode step.
+fn stepwise(
+    vlm: &Vlm,
+    dec: &mut GpuDecoder,
+    prepared: &cmrm::Prepared,
+    steering: Option<&Intervention>,
+    steps: usize,
+    c: &mut Checker,
+    what: &str,
+) {
+    let ids = &prepared.encoded.input_ids;
+    let n = ids.len();
+    let mut cpu = CpuSession {
+        model: &vlm.model,
+        cache: vlm.model.text.new_cache(n + steps),
+        opts: ForwardOptions { steering, prompt_len: n, capture_layers: false, logits: true },
+    };
+    let mut gpu = GpuSession::new(dec, n, n + 2, steering, false).unwrap(); // small capacity: exercises growth
+    let mut a = logits_of(cpu.prefill(&prepared.embeds).unwrap());
+    let mut b = logits_of(gpu.prefill(&prepared.embeds).unwrap());
+    for step in 0..=steps {
+        c.close(&format!("{what} step {step}"), "step logits gpu-cpu", &b, &a, TOL_GPU_CPU);
+        if step == steps {
+            break;
+        }
+        let id = cmrm::text::argmax(&a);
+        a = logits_of(cpu.step(id).unwrap());
+        b = logits_of(gpu.step(id).unwrap());
+    }
+}
+
+fn parity(model: &str, rows_per_invocation: Option<bool>) {
+    let Some(mut ctx) = ctx() else { return };
+    if let Some(v) = rows_per_invocation {
+        Arc::get_mut(&mut ctx).unwrap().set_rows_per_invocation(v);
+    }
+    eprintln!("{model}: rows_per_invocation = {}", ctx.rows_per_invocation());
+    let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
+    let refs = Refs::load(model);
+    let mut dec = GpuDecoder::new_blocking(ctx.clone(), &vlm.model.text).unwrap();
+    let mut backend = DecoderBackend::Gpu(Box::new(GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap()));
+    let mut c = Checker::default();
+    let opts = vlm.default_generate_options(12, Sampling::Greedy);
+
+    let mut features = std::collections::HashMap::new();
+    for img in refs.json["images"].as_array().unwrap() {
+        let bytes = std::fs::read(refs_dir(model).join(img["file"].as_str().unwrap())).unwrap();
+        features.insert(
+            img["name"].as_str().unwrap().to_owned(),
+            vlm.encode_image(&decode_image(&bytes).unwrap()).unwrap(),
+        );
+    }
+    let steer_cases = refs.json["steer_cases"].as_array().unwrap().clone();
+    let mut n_checked = 0;
+    for case in refs.json["cases"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        let mm = vlm
+            .prepare(
+                &PromptText::Chat(case["question"].as_str().unwrap().into()),
+                Some(&features[case["image"].as_str().unwrap()]),
+            )
+            .unwrap();
+        let txt = vlm.prepare_text_only(&mm.prompt).unwrap();
+
+        // (label, prompt, steering, reference entry)
+        let mut runs: Vec<(String, &cmrm::Prepared, Option<Intervention>, Option<&serde_json::Value>)> = vec![
+            (format!("{id} mm"), &mm, None, Some(&case["multimodal"])),
+            (format!("{id} text"), &txt, None, Some(&case["text_only"])),
+        ];
+        for sc in &steer_cases {
+            let name = sc["name"].as_str().unwrap();
+            let vectors = SteeringVectors::load(&refs_dir(model).join(sc["vectors_file"].as_str().unwrap())).unwrap();
+            let layers: Vec<usize> =
+                sc["layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as usize).collect();
+            let positions: Positions = sc["positions"].as_str().unwrap().parse().unwrap();
+            let alpha = sc["alpha"].as_f64().unwrap() as f32;
+            let iv = Intervention::add(&vectors, alpha, Some(&layers), positions, vlm.device()).unwrap();
+            runs.push((format!("{id} steer {name}"), &mm, Some(iv), Some(&case["steered_multimodal"][name])));
+        }
+        // `generated` positions (not in the oracle): GPU against CPU only.
+        let random = SteeringVectors::load(&refs_dir(model).join("steer_random.safetensors")).unwrap();
+        let all_layers: Vec<usize> = (0..vlm.config().text.num_hidden_layers).collect();
+        for (alpha, layers) in [(2.0f32, vec![1usize]), (-1.5, all_layers)] {
+            let iv = Intervention::add(&random, alpha, Some(&layers), Positions::Generated, vlm.device()).unwrap();
+            runs.push((format!("{id} steer generated a{alpha} l{layers:?}"), &mm, Some(iv), None));
+        }
+
+        for (what, prepared, steering, want) in &runs {
+            let steering = steering.as_ref();
+            let n = prepared.encoded.input_ids.len();
+            // Prefill with captured layers: logits, block outputs and final norm vs the CPU.
+            let cpu = vlm.probe(prepared, steering).unwrap();
+            let mut cache = dec.new_cache(n).unwrap();
+            let out = dec
+                .forward_like_cpu_blocking(
+                    &prepared.embeds,
+                    &mut cache,
+                    ForwardOptions { steering, prompt_len: n, capture_layers: true, logits: true },
+                )
+                .unwrap();
+            let logits: Vec<f32> = out.logits.unwrap().to_vec1().unwrap();
+            c.close(what, "prefill logits gpu-cpu", &logits, &cpu.logits, TOL_GPU_CPU);
+            let layers: Vec<Vec<f32>> = out.layer_outputs.unwrap().iter().map(|t| t.to_vec1().unwrap()).collect();
+            c.close(what, "layer_outputs gpu-cpu", &flat(&layers), &flat(&cpu.layer_outputs), TOL_GPU_CPU);
+            c.close(
+                what,
+                "final_norm gpu-cpu",
+                &out.final_norm.unwrap().to_vec1::<f32>().unwrap(),
+                cpu.hidden_states.last().unwrap(),
+                TOL_GPU_CPU,
+            );
+
+            // Greedy generation through the backend API (argmax on the GPU).
+            let g = backend.generate(&vlm, prepared, steering, &opts, &mut |_| true).unwrap();
+            let cpu_g = vlm.generate(prepared, steering, &opts, &mut |_| true).unwrap();
+            c.equal(what, "generated_ids gpu-cpu", g.generated_ids.clone(), cpu_g.generated_ids.clone());
+            c.equal(what, "stopped_on_eos gpu-cpu", g.stopped_on_eos, cpu_g.stopped_on_eos);
+            if let Some(want) = want {
+                c.close(
+                    what,
+                    "prefill logits gpu-refs",
+                    &logits,
+                    &refs.f32s(want["logits"].as_str().unwrap()),
+                    TOL_REFS,
+                );
+                c.equal(what, "generated_ids gpu-refs", g.generated_ids.clone(), ids(&want["generated_ids"]));
+                c.equal(what, "stopped_on_eos gpu-refs", g.stopped_on_eos, want["stopped_on_eos"].as_bool().unwrap());
+            }
+            // Every decode step's logits.
+            stepwise(&vlm, &mut dec, prepared, steering, 12, &mut c, what);
+            n_checked += 1;
+        }
+    }
+    eprintln!("{model}: {n_checked} runs checked");
+    assert!(n_checked >= 9 * 12);
+    c.finish(model);
+}
+
+#[test]
+fn gpu_parity_clip_llama() {
+    parity("tiny-llava-clip-llama", None);
+}
+
+/// The other matmul kernels (tiled + cooperative GEMV, the GPU default) on this adapter too.
+#[test]
+fn gpu_parity_clip_llama_tiled_kernels() {
+    parity("tiny-llava-clip-llama", Some(false));
+}
+
+#[test]
+fn gpu_parity_siglip_qwen2() {
+    parity("tiny-llava-siglip-qwen2", None);
+}
+
+/// `auto` picks the GPU here (an adapter exists) and reports it; `cpu` never touches the GPU.
+#[test]
+fn backend_choice_reports_adapter() {
+    use cmrm::gpu::BackendChoice;
+    let vlm = Vlm::load_dir(&model_dir(MODELS[0])).unwrap();
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Cpu, &vlm.model.text).unwrap();
+    assert!(matches!(b, DecoderBackend::Cpu));
+    assert_eq!(info.backend, "cpu");
+    if pollster::block_on(cmrm::gpu::context::probe_adapter()).is_none() {
+        eprintln!("SKIPPED (auto/webgpu part): no adapter");
+        return;
+    }
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Auto, &vlm.model.text).unwrap();
+    eprintln!("auto -> {}", serde_json::to_string(&info).unwrap());
+    assert!(matches!(b, DecoderBackend::Gpu(_)), "auto fell back: {:?}", info.fallback_reason);
+    assert_eq!(info.backend, "webgpu");
+    assert!(info.adapter.as_deref().is_some_and(|a| !a.is_empty()));
+    let (_, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text).unwrap();
+    assert_eq!(info.backend, "webgpu");
+}
