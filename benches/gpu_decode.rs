@@ -2,7 +2,7 @@
 //! the memory-bandwidth bound. Not a timed test.
 //!
 //! cargo bench --bench gpu_decode                      # synthetic "small" model (random weights)
-//! CMRM_BENCH_PRESET=qwen2-0.5b cargo bench --bench gpu_decode   # Qwen2-0.5B shapes, ~1.9 GB f32
+//! CMRM_BENCH_PRESET=llava-interleave-qwen-0.5b cargo bench --bench gpu_decode   # its Qwen1.5-0.5B, ~1.9 GB f32
 //! CMRM_BENCH_MODEL=path/to/checkpoint cargo bench --bench gpu_decode
 //! (CMRM_BENCH_PROMPT / CMRM_BENCH_TOKENS: prompt and decode lengths.)
 
@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         let preset = std::env::var("CMRM_BENCH_PRESET").unwrap_or_else(|_| "small".into());
         let cfg = cmrm::gpu::bench::preset(&preset)
-            .ok_or_else(|| anyhow::anyhow!("unknown preset {preset} (small, qwen2-0.5b)"))?;
+            .ok_or_else(|| anyhow::anyhow!("unknown preset {preset} (small, llava-interleave-qwen-0.5b)"))?;
         (format!("synthetic {preset}"), cmrm::gpu::bench::random_text_model(&cfg)?)
     };
     println!("model: {label}; adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::config::LlavaConfig;
 use crate::generate::now_seconds;
 use crate::llava::LlavaModel;
+use crate::quant::WeightFormat;
 use crate::steering::{Intervention, Positions, SteeringVectors};
 use crate::text::{argmax, ForwardOptions};
 use crate::weights::RandomWeights;
@@ -65,6 +66,8 @@ pub fn preset_config(name: &str) -> Result<LlavaConfig> {
 pub struct BenchReport {
     pub preset: String,
     pub weights: String,
+    /// Bytes of decoder weights held in memory (embedding, linears, lm_head).
+    pub weight_bytes_in_memory: usize,
     pub threads: usize,
     pub parameters: usize,
     pub load_s: f64,
@@ -79,7 +82,7 @@ pub struct BenchReport {
     /// Steered decode time ÷ unsteered decode time (1.0 = free).
     pub steered_decode_ratio: f64,
     pub steered_layers: usize,
-    /// Bytes of decoder weights read per decode step (f32), for the bandwidth bound.
+    /// Bytes of decoder weights read per decode step, for the bandwidth bound.
     pub weight_bytes_per_token: usize,
     /// CMRM dataset-level extraction: calibration pairs per second (one multimodal and one
     /// text-only prefill per pair; the anchor image is encoded once per run).
@@ -112,12 +115,13 @@ fn decoder_weight_bytes(cfg: &LlavaConfig) -> usize {
 /// image tokens, `new_tokens` greedy steps unsteered and again steered at every layer (best of 3).
 pub fn run(
     preset: &str,
+    format: WeightFormat,
     prompt_text_tokens: usize,
     new_tokens: usize,
     seed: u64,
     log: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
-    let cfg = preset_config(preset)?;
+    let cfg = preset_config(preset)?.with_weight_format(format);
     let device = Device::Cpu;
     let t0 = now_seconds();
     log(&format!("building {preset} with random weights…"));
@@ -185,7 +189,8 @@ pub fn run(
     let steps = new_tokens.saturating_sub(1).max(1) as f64;
     Ok(BenchReport {
         preset: preset.to_owned(),
-        weights: "random f32".into(),
+        weights: format!("random {}", format.name()),
+        weight_bytes_in_memory: model.text.weight_bytes(),
         threads: candle_core::utils::get_num_threads(),
         parameters,
         load_s,
@@ -199,7 +204,7 @@ pub fn run(
         steered_decode_tokens_per_s: steps / steered_decode_s,
         steered_decode_ratio: steered_decode_s / decode_s,
         steered_layers: cfg.text.num_hidden_layers,
-        weight_bytes_per_token: decoder_weight_bytes(&cfg),
+        weight_bytes_per_token: model.text.bytes_read_per_token(),
         extract_pairs_per_s: 1.0 / pair_s,
         sample_level_extra_s,
         sample_level_ratio: (plain_s + sample_level_extra_s) / plain_s,

@@ -6,6 +6,8 @@
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::quant::WeightFormat;
+
 /// Which vision tower architecture the checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VisionKind {
@@ -72,6 +74,8 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: Activation,
+    /// In-memory format of the linears, chosen at load (not part of config.json).
+    pub weight_format: WeightFormat,
 }
 
 impl VisionConfig {
@@ -109,6 +113,8 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// In-memory format of the linears and lm_head, chosen at load (not part of config.json).
+    pub weight_format: WeightFormat,
 }
 
 /// Which vision hidden states feed the projector.
@@ -145,6 +151,17 @@ impl LlavaConfig {
     /// Input dim of the projector: vision hidden × number of selected feature layers.
     pub fn projector_in_dim(&self) -> usize {
         self.vision.hidden_size * self.vision_feature_layers.len()
+    }
+
+    /// The same config with the linears held in `format` (quantize on load).
+    pub fn with_weight_format(mut self, format: WeightFormat) -> Self {
+        self.vision.weight_format = format;
+        self.text.weight_format = format;
+        self
+    }
+
+    pub fn weight_format(&self) -> WeightFormat {
+        self.text.weight_format
     }
 
     /// A short identifier of the architecture, written into vector files and checked on load.
@@ -268,6 +285,7 @@ fn parse_vision(v: &Value) -> Result<VisionConfig> {
         patch_size: get_usize(v, "patch_size")?,
         layer_norm_eps: get_f64_or(v, "layer_norm_eps", default_eps),
         hidden_act: Activation::from_hf(v.get("hidden_act").and_then(Value::as_str).unwrap_or(default_act))?,
+        weight_format: WeightFormat::F32,
     };
     if cfg.num_channels != 3 {
         bail!("num_channels = {} (only RGB vision towers are supported)", cfg.num_channels);
@@ -352,6 +370,7 @@ fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
         tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).or(tie_top).unwrap_or(false),
         bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
         eos_token_ids: token_ids(v.get("eos_token_id")),
+        weight_format: WeightFormat::F32,
     };
     if cfg.num_hidden_layers == 0 {
         bail!("num_hidden_layers is 0");

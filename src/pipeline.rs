@@ -74,10 +74,16 @@ impl Vlm {
     /// Load a checkpoint folder: `config.json`, weights, tokenizer and processor files.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load_dir(dir: &std::path::Path) -> Result<Self> {
+        Self::load_dir_as(dir, crate::quant::WeightFormat::F32)
+    }
+
+    /// [`Vlm::load_dir`] with the linears held in `format` (quantized on load).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_dir_as(dir: &std::path::Path, format: crate::quant::WeightFormat) -> Result<Self> {
         if !dir.is_dir() {
             bail!("{}: not a folder (expected a Hugging Face checkpoint folder with config.json)", dir.display());
         }
-        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let config = LlavaConfig::from_file(&dir.join("config.json"))?.with_weight_format(format);
         let files = ProcessorFiles::read_dir(dir)?;
         let gen_path = dir.join("generation_config.json");
         let generation_config = std::fs::read_to_string(&gen_path).ok();

@@ -2,14 +2,15 @@
 //! (linear, activation, linear), the embeddings that replace the `<image>` tokens.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::{Activation, LlavaConfig};
+use crate::quant::QLinear;
 
 pub struct Projector {
-    linear_1: Linear,
+    linear_1: QLinear,
     act: Activation,
-    linear_2: Linear,
+    linear_2: QLinear,
 }
 
 impl Projector {
@@ -17,9 +18,15 @@ impl Projector {
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
         let hidden = cfg.text.hidden_size;
         Ok(Self {
-            linear_1: linear_b(cfg.projector_in_dim(), hidden, cfg.projector_bias, vb.pp("linear_1"))?,
+            linear_1: QLinear::load(
+                cfg.projector_in_dim(),
+                hidden,
+                cfg.projector_bias,
+                cfg.weight_format(),
+                vb.pp("linear_1"),
+            )?,
             act: cfg.projector_act,
-            linear_2: linear_b(hidden, hidden, cfg.projector_bias, vb.pp("linear_2"))?,
+            linear_2: QLinear::load(hidden, hidden, cfg.projector_bias, cfg.weight_format(), vb.pp("linear_2"))?,
         })
     }
 }

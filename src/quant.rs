@@ -6,7 +6,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::Linear;
+use candle_nn::{Linear, VarBuilder};
 
 /// The in-memory format of the large matrices (decoder and vision linears, lm_head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -79,6 +79,12 @@ impl QLinear {
                 Ok(Self::Quantized { matmul: QMatMul::from_qtensor(q)?, bias, dtype, out_dim, in_dim })
             }
         }
+    }
+
+    /// Load `weight` `[out, in]` (and `bias` `[out]` when `bias`) from `vb`, in `format`.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        let linear = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
+        Self::new(linear.weight().clone(), linear.bias().cloned(), format)
     }
 
     /// The F32 weight `[out, in]`, when this layer is not quantized.

@@ -6,13 +6,14 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::{Activation, TextConfig};
+use crate::quant::{QLinear, WeightFormat};
 use crate::steering::Intervention;
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+fn linear(in_dim: usize, out_dim: usize, bias: bool, cfg: &TextConfig, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(in_dim, out_dim, bias, cfg.weight_format, vb)
 }
 
 /// RoPE tables in the HF rotate-half convention, computed in f32 as transformers does:
@@ -46,10 +47,10 @@ impl Rope {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -60,10 +61,10 @@ impl Attention {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: linear(h, cfg.num_attention_heads * d, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, vb.pp("k_proj"))?,
-            v_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, vb.pp("v_proj"))?,
-            o_proj: linear(cfg.num_attention_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
+            q_proj: linear(h, cfg.num_attention_heads * d, cfg.qkv_bias, cfg, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, cfg, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, cfg, vb.pp("v_proj"))?,
+            o_proj: linear(cfg.num_attention_heads * d, h, cfg.o_bias, cfg, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -110,9 +111,9 @@ fn causal_mask(t: usize, rep: usize, start: usize, total: usize, device: &Device
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
     act: Activation,
 }
 
@@ -120,9 +121,9 @@ impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(h, m, cfg.mlp_bias, vb.pp("gate_proj"))?,
-            up_proj: linear(h, m, cfg.mlp_bias, vb.pp("up_proj"))?,
-            down_proj: linear(m, h, cfg.mlp_bias, vb.pp("down_proj"))?,
+            gate_proj: linear(h, m, cfg.mlp_bias, cfg, vb.pp("gate_proj"))?,
+            up_proj: linear(h, m, cfg.mlp_bias, cfg, vb.pp("up_proj"))?,
+            down_proj: linear(m, h, cfg.mlp_bias, cfg, vb.pp("down_proj"))?,
             act: cfg.hidden_act,
         })
     }
@@ -207,7 +208,7 @@ pub struct TextModel {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: QLinear,
     rope: Rope,
     cfg: TextConfig,
 }
@@ -217,7 +218,14 @@ impl TextModel {
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let lm = vb.pp("lm");
         let embed_weight = lm.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
-        let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        // Quantized models keep the embedding table in F16 (half the bytes; rows are converted to
+        // F32 on lookup); the lm_head gets its own quantized copy when tied.
+        let embed_table = if cfg.weight_format == WeightFormat::F32 {
+            embed_weight.clone()
+        } else {
+            embed_weight.to_dtype(DType::F16)?
+        };
+        let embed_tokens = Embedding::new(embed_table, cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, lm.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
@@ -231,7 +239,7 @@ impl TextModel {
             embed_tokens,
             layers,
             norm,
-            lm_head: Linear::new(lm_head_weight, None),
+            lm_head: QLinear::new(lm_head_weight, None, cfg.weight_format)?,
             rope: Rope::new(cfg),
             cfg: cfg.clone(),
         })
@@ -251,7 +259,7 @@ impl TextModel {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
         }
         let ids = Tensor::new(ids, self.embed_tokens.embeddings().device())?;
-        self.embed_tokens.forward(&ids)?.unsqueeze(0)
+        self.embed_tokens.forward(&ids)?.to_dtype(DType::F32)?.unsqueeze(0)
     }
 
     /// Run the decoder over `embeds` `[1, t, H]` at positions `cache.len() ..`, appending to the
@@ -300,29 +308,61 @@ impl TextModel {
         self.embed_tokens.embeddings().dtype()
     }
 
-    /// Read-only views of every weight, for other compute backends (`gpu`).
-    pub fn weights(&self) -> TextWeights<'_> {
-        TextWeights {
-            embed_tokens: self.embed_tokens.embeddings(),
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerWeights {
-                    input_norm: l.input_layernorm.weight(),
-                    q_proj: (l.self_attn.q_proj.weight(), l.self_attn.q_proj.bias()),
-                    k_proj: (l.self_attn.k_proj.weight(), l.self_attn.k_proj.bias()),
-                    v_proj: (l.self_attn.v_proj.weight(), l.self_attn.v_proj.bias()),
-                    o_proj: (l.self_attn.o_proj.weight(), l.self_attn.o_proj.bias()),
-                    post_attention_norm: l.post_attention_layernorm.weight(),
-                    gate_proj: (l.mlp.gate_proj.weight(), l.mlp.gate_proj.bias()),
-                    up_proj: (l.mlp.up_proj.weight(), l.mlp.up_proj.bias()),
-                    down_proj: (l.mlp.down_proj.weight(), l.mlp.down_proj.bias()),
-                })
-                .collect(),
-            norm: self.norm.weight(),
-            lm_head: self.lm_head.weight(),
-            rope_inv_freq: &self.rope.inv_freq,
+    /// Read-only views of every weight, for other compute backends (`gpu`); `None` when the
+    /// model was loaded quantized (those backends take F32 weights).
+    pub fn weights(&self) -> Option<TextWeights<'_>> {
+        fn lin(l: &QLinear) -> Option<LinearRef<'_>> {
+            Some((l.weight()?, l.bias()))
         }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Some(LayerWeights {
+                    input_norm: l.input_layernorm.weight(),
+                    q_proj: lin(&l.self_attn.q_proj)?,
+                    k_proj: lin(&l.self_attn.k_proj)?,
+                    v_proj: lin(&l.self_attn.v_proj)?,
+                    o_proj: lin(&l.self_attn.o_proj)?,
+                    post_attention_norm: l.post_attention_layernorm.weight(),
+                    gate_proj: lin(&l.mlp.gate_proj)?,
+                    up_proj: lin(&l.mlp.up_proj)?,
+                    down_proj: lin(&l.mlp.down_proj)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(TextWeights {
+            embed_tokens: self.embed_tokens.embeddings(),
+            layers,
+            norm: self.norm.weight(),
+            lm_head: self.lm_head.weight()?,
+            rope_inv_freq: &self.rope.inv_freq,
+        })
+    }
+
+    /// Bytes of the matrices one decode step reads: every linear of every block and the lm_head
+    /// (the embedding contributes one row; norms are negligible).
+    pub fn bytes_read_per_token(&self) -> usize {
+        let linears: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj]
+                    .into_iter()
+                    .chain([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj])
+            })
+            .map(QLinear::weight_bytes)
+            .sum();
+        linears + self.lm_head.weight_bytes()
+    }
+
+    /// Bytes of weights held in memory (linears, lm_head, embedding table; a tied F32 lm_head
+    /// shares the embedding's storage).
+    pub fn weight_bytes(&self) -> usize {
+        let embed = self.embed_tokens.embeddings();
+        let shared_head = self.lm_head.weight().is_some_and(|w| w.id() == embed.id());
+        let head = if shared_head { self.lm_head.weight_bytes() } else { 0 };
+        self.bytes_read_per_token() - head + embed.elem_count() * embed.dtype().size_in_bytes()
     }
 }
 

@@ -5,15 +5,20 @@
 //! features it uses, so this tower does not load it.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::config::{Activation, VisionConfig, VisionKind};
+use crate::quant::QLinear;
+
+fn linear(in_dim: usize, out_dim: usize, cfg: &VisionConfig, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(in_dim, out_dim, true, cfg.weight_format, vb)
+}
 
 struct VisionAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    out_proj: QLinear,
     num_heads: usize,
     head_dim: usize,
     scale: f64,
@@ -23,10 +28,10 @@ impl VisionAttention {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(h, h, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            q_proj: linear(h, h, cfg, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, cfg, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, cfg, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, cfg, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             scale: (cfg.head_dim() as f64).powf(-0.5),
@@ -48,16 +53,16 @@ impl VisionAttention {
 }
 
 struct VisionMlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: QLinear,
+    fc2: QLinear,
     act: Activation,
 }
 
 impl VisionMlp {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, cfg, vb.pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, cfg, vb.pp("fc2"))?,
             act: cfg.hidden_act,
         })
     }

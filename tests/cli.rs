@@ -146,6 +146,13 @@ fn errors_are_one_clear_line() {
     assert!(err.contains("cannot read /nonexistent.png"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
+    let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--weights", "q3"]);
+    assert!(!ok);
+    assert!(err.contains("weight format must be f32, q8_0 or q4"), "{err}");
+    let (ok, v, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--weights", "q8_0", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(v["backend"]["backend"], "cpu", "quantized weights run on the CPU path");
+
     let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--alpha", "1"]);
     assert!(!ok);
     assert!(err.contains("--alpha/--layers need --vectors FILE or --sample-level"), "{err}");

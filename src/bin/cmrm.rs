@@ -53,6 +53,9 @@ struct InputArgs {
     /// The prompt is already the full prompt (may contain <image>); use it as is.
     #[arg(long)]
     raw_prompt: bool,
+    /// In-memory weight format: f32 | q8_0 | q4 (quantized on load; CPU backend).
+    #[arg(long, default_value = "f32")]
+    weights: String,
 }
 
 #[derive(Args, Clone)]
@@ -215,6 +218,9 @@ struct BenchArgs {
     new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// In-memory weight format: f32 | q8_0 | q4.
+    #[arg(long, default_value = "f32")]
+    weights: String,
     #[arg(long)]
     json: bool,
 }
@@ -250,9 +256,14 @@ fn emit(value: &Value) {
 /// `--model`: a checkpoint folder, or a Hub repo id `owner/name[@revision]` (HF cache, `HF_HOME`,
 /// `HF_HUB_OFFLINE`).
 fn load_model(spec: &Path) -> Result<Vlm> {
+    load_model_as(spec, "f32")
+}
+
+fn load_model_as(spec: &Path, weights: &str) -> Result<Vlm> {
     let t0 = std::time::Instant::now();
+    let format: cmrm::quant::WeightFormat = weights.parse()?;
     let dir = cmrm::hub::resolve_model(&spec.to_string_lossy())?;
-    let vlm = Vlm::load_dir(&dir)?;
+    let vlm = Vlm::load_dir_as(&dir, format)?;
     eprintln!("loaded {} in {:.2}s", dir.display(), t0.elapsed().as_secs_f64());
     Ok(vlm)
 }
@@ -333,7 +344,7 @@ fn generation_json(g: &Generation) -> Value {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let vlm = load_model(&a.input.model)?;
+    let vlm = load_model_as(&a.input.model, &a.input.weights)?;
     let (prepared, text) = prepare(&vlm, &a.input)?;
     let steer = steering(&vlm, &a.steering, &text)?;
     if a.compare && steer.is_none() {
@@ -400,7 +411,7 @@ fn cmd_probe(a: ProbeArgs) -> Result<()> {
     if !a.json {
         bail!("probe prints JSON only: add --json");
     }
-    let vlm = load_model(&a.input.model)?;
+    let vlm = load_model_as(&a.input.model, &a.input.weights)?;
     let (prepared, text) = prepare(&vlm, &a.input)?;
     let steer = steering(&vlm, &a.steering, &text)?;
     let probe = vlm.probe(&prepared, steer.as_ref().map(|(i, _)| i))?;
@@ -623,7 +634,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if !a.random_weights {
         bail!("bench runs on random weights: add --random-weights");
     }
-    let report = cmrm::bench::run(&a.preset, a.prompt_tokens, a.new_tokens, a.seed, &mut |msg| eprintln!("{msg}"))?;
+    let format: cmrm::quant::WeightFormat = a.weights.parse()?;
+    let report =
+        cmrm::bench::run(&a.preset, format, a.prompt_tokens, a.new_tokens, a.seed, &mut |msg| eprintln!("{msg}"))?;
     if a.json {
         emit(&serde_json::to_value(&report)?);
     } else {

@@ -6,78 +6,32 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 
 use super::context::GpuContext;
 use super::decoder::{GpuDecoder, GpuForwardOptions, GpuInput, Readback};
-use crate::config::{Activation, TextConfig, TextKind};
+use crate::config::TextConfig;
 use crate::generate::now_seconds;
 use crate::text::{argmax, ForwardOptions, TextModel};
+use crate::weights::RandomWeights;
 
-/// Decoder shapes for a synthetic (random-weight) benchmark model.
+/// Decoder shapes for a synthetic (random-weight) benchmark model: `small` (~0.2 GB of f32
+/// weights, a quick run) or a real-size preset of [`crate::bench`] (its language model).
 pub fn preset(name: &str) -> Option<TextConfig> {
-    let base = |vocab, hidden, inter, layers, heads, kv, head_dim| TextConfig {
-        kind: TextKind::Qwen2,
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: kv,
-        head_dim,
-        rms_norm_eps: 1e-6,
-        rope_theta: 1e6,
-        max_position_embeddings: 32768,
-        qkv_bias: true,
-        o_bias: false,
-        mlp_bias: false,
-        hidden_act: Activation::Silu,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    };
     match name {
-        // llava-interleave-qwen-0.5b's language model (Qwen2-0.5B), ~1.9 GB of f32 weights.
-        "qwen2-0.5b" => Some(base(151936, 896, 4864, 24, 14, 2, 64)),
-        // A small model (~0.2 GB) for a quick run.
-        "small" => Some(base(32000, 512, 1536, 8, 8, 2, 64)),
-        _ => None,
+        "small" => {
+            let mut cfg = crate::bench::preset_config("llava-interleave-qwen-0.5b").ok()?.text;
+            (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) = (32000, 512, 1536);
+            (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (8, 8, 2, 64);
+            Some(cfg)
+        }
+        other => crate::bench::preset_config(other).ok().map(|c| c.text),
     }
 }
 
-/// A text model with random weights (N(0, 0.02²)-ish) of the given shapes.
+/// A text model with random weights of the given shapes ([`RandomWeights`]).
 pub fn random_text_model(cfg: &TextConfig) -> Result<TextModel> {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    // Touch every weight with a random init before TextModel::new reads them.
-    let lm = vb.pp("lm");
-    let (h, m, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-    let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
-    lm.get_with_hints((cfg.vocab_size, h), "embed_tokens.weight", init)?;
-    for i in 0..cfg.num_hidden_layers {
-        let l = lm.pp(format!("layers.{i}"));
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", (cfg.num_attention_heads * d, h)),
-            ("self_attn.k_proj.weight", (cfg.num_key_value_heads * d, h)),
-            ("self_attn.v_proj.weight", (cfg.num_key_value_heads * d, h)),
-            ("self_attn.o_proj.weight", (h, cfg.num_attention_heads * d)),
-            ("mlp.gate_proj.weight", (m, h)),
-            ("mlp.up_proj.weight", (m, h)),
-            ("mlp.down_proj.weight", (h, m)),
-        ] {
-            l.get_with_hints(shape, name, init)?;
-        }
-        for (name, n) in [
-            ("self_attn.q_proj.bias", cfg.num_attention_heads * d),
-            ("self_attn.k_proj.bias", cfg.num_key_value_heads * d),
-            ("self_attn.v_proj.bias", cfg.num_key_value_heads * d),
-        ] {
-            l.get_with_hints(n, name, init)?;
-        }
-        l.get_with_hints(h, "input_layernorm.weight", candle_nn::Init::Const(1.0))?;
-        l.get_with_hints(h, "post_attention_layernorm.weight", candle_nn::Init::Const(1.0))?;
-    }
-    lm.get_with_hints(h, "norm.weight", candle_nn::Init::Const(1.0))?;
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 0 }), DType::F32, Device::Cpu);
     Ok(TextModel::new(cfg, vb)?)
 }
 

@@ -208,7 +208,9 @@ impl GpuDecoder {
 
     fn build(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
         let cfg = model.config().clone();
-        let w = model.weights();
+        let w = model
+            .weights()
+            .context("the GPU engine takes F32 weights; this model was loaded quantized (use --weights f32)")?;
         let (h, nh, kvh, d, mi, vocab) = (
             cfg.hidden_size,
             cfg.num_attention_heads,
