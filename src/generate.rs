@@ -121,12 +121,16 @@ pub enum Next {
     Token(u32),
 }
 
-/// One sequence being decoded by some backend (CPU candle here; `gpu::GpuSession` for wgpu).
+/// A boxed future of one decoder pass.
+pub type StepFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Next>> + 'a>>;
+
+/// One sequence being decoded by some backend: candle on the CPU ([`CpuSession`], whose futures
+/// are ready at once) or the wgpu engine (`gpu::GpuSession`, which awaits the GPU).
 pub trait DecodeSession {
     /// Run the prompt `embeds` `[1, T, H]`.
-    fn prefill(&mut self, embeds: &Tensor) -> Result<Next>;
+    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a>;
     /// Append one generated token.
-    fn step(&mut self, id: u32) -> Result<Next>;
+    fn step(&mut self, id: u32) -> StepFuture<'_>;
 }
 
 /// The CPU decoder over a KV cache.
@@ -137,14 +141,29 @@ pub struct CpuSession<'a> {
 }
 
 impl DecodeSession for CpuSession<'_> {
-    fn prefill(&mut self, embeds: &Tensor) -> Result<Next> {
-        let out = self.model.forward(embeds, &mut self.cache, self.opts).context("prefill failed")?;
-        Ok(Next::Logits(out.logits.context("no logits")?))
+    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
+        let out = self.model.forward(embeds, &mut self.cache, self.opts).context("prefill failed");
+        Box::pin(std::future::ready(out.and_then(|o| Ok(Next::Logits(o.logits.context("no logits")?)))))
     }
 
-    fn step(&mut self, id: u32) -> Result<Next> {
-        let embed = self.model.text.embed(&[id])?;
-        Ok(Next::Logits(self.model.forward(&embed, &mut self.cache, self.opts)?.logits.context("no logits")?))
+    fn step(&mut self, id: u32) -> StepFuture<'_> {
+        let out = self
+            .model
+            .text
+            .embed(&[id])
+            .and_then(|embed| self.model.forward(&embed, &mut self.cache, self.opts))
+            .map_err(anyhow::Error::from)
+            .and_then(|o| Ok(Next::Logits(o.logits.context("no logits")?)));
+        Box::pin(std::future::ready(out))
+    }
+}
+
+/// Drive a future that never waits (the CPU path) to completion without an executor.
+pub fn complete_now<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => anyhow::bail!("a CPU decode step was not ready (internal error)"),
     }
 }
 
@@ -172,11 +191,11 @@ pub fn generate(
         cache: model.text.new_cache(prompt_len + max_new),
         opts: ForwardOptions { steering, prompt_len, capture_layers: false, logits: true },
     };
-    generate_on(&mut session, tokenizer, input_ids, embeds, max_new, opts, on_token)
+    complete_now(generate_on(&mut session, tokenizer, input_ids, embeds, max_new, opts, on_token))
 }
 
 /// The generation loop over any [`DecodeSession`]: prefill, then up to `max_new` tokens.
-pub fn generate_on(
+pub async fn generate_on(
     session: &mut dyn DecodeSession,
     tokenizer: &tokenizers::Tokenizer,
     input_ids: &[u32],
@@ -196,7 +215,7 @@ pub fn generate_on(
     };
 
     let t0 = now_seconds();
-    let mut next = session.prefill(embeds)?;
+    let mut next = session.prefill(embeds).await?;
     let prefill_seconds = now_seconds() - t0;
 
     let mut stream = TextStream::new(tokenizer);
@@ -218,7 +237,7 @@ pub fn generate_on(
         if index + 1 == max_new {
             break;
         }
-        next = session.step(id)?;
+        next = session.step(id).await?;
     }
     let decode_seconds = now_seconds() - t1;
     // The first token comes from the prefill; decode steps are the ones after it.

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Bad input gets a clear error naming the file and the problem — never a panic, a hang or an OOM.
 
 mod common;

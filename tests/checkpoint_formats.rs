@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Checkpoint variants load to the same model: shards with an index, F16/BF16 weights, the
 //! transformers-5 key layout, and a tied model without lm_head.
 

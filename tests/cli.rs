@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The `cmrm` binary's contract (DESIGN.md §4): flags, `--json` fields, CMRM's sign, errors.
 
 mod common;

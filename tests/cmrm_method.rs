@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! CMRM itself: anchors, dataset- and sample-level vectors, the intervention's exact effect,
 //! vector files in both formats, extraction through the CLI, and its bad inputs.
 

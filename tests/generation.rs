@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Generation behaviour beyond greedy parity: streaming, sampling with a seed, stopping, cancel.
 
 mod common;

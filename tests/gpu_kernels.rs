@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Each WGSL kernel against candle (or the CPU code it replaces) on random shapes, including
 //! sizes that are not multiples of any workgroup or tile. Runs on whatever adapter wgpu finds
 //! (Mesa lavapipe on machines without a GPU); skips, with a message, only when none exists.

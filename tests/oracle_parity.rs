@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Parity with Hugging Face transformers on the oracle's tiny checkpoints (tests/fixtures/oracle,
 //! README there): every image, all 9 cases multimodal and text-only, and all 8 steering cases.
 

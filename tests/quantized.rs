@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Quantize on load (Q8_0, 4-bit) vs F32 on the oracle fixtures: logits within a documented
 //! tolerance and greedy agreement.
 

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 
 use super::context::{BackendChoice, BackendInfo, GpuContext};
 use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, Readback};
-use crate::generate::{now_seconds, GenerateOptions, Generation, Next, Sampling, TextStream, TokenEvent};
+use crate::generate::{generate_on, GenerateOptions, Generation, Next, Sampling, StepFuture, TokenEvent};
 use crate::pipeline::{Prepared, Vlm};
 use crate::steering::Intervention;
 use crate::text::TextModel;
@@ -60,13 +60,12 @@ impl<'a> GpuSession<'a> {
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 impl crate::generate::DecodeSession for GpuSession<'_> {
-    fn prefill(&mut self, embeds: &Tensor) -> Result<Next> {
-        pollster::block_on(self.prefill_async(embeds))
+    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
+        Box::pin(self.prefill_async(embeds))
     }
-    fn step(&mut self, id: u32) -> Result<Next> {
-        pollster::block_on(self.step_async(id))
+    fn step(&mut self, id: u32) -> StepFuture<'_> {
+        Box::pin(self.step_async(id))
     }
 }
 
@@ -108,7 +107,7 @@ impl DecoderBackend {
         }
     }
 
-    /// [`Vlm::generate`] on this backend (native; the CPU path is `Vlm::generate` itself).
+    /// [`Vlm::generate`] on this backend, blocking (native).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn generate(
         &mut self,
@@ -118,26 +117,9 @@ impl DecoderBackend {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
-        match self {
-            Self::Cpu => vlm.generate(prepared, steering, opts, on_token),
-            Self::Gpu(decoder) => {
-                let ids = &prepared.encoded.input_ids;
-                let max_new =
-                    crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, ids.len(), opts);
-                let greedy = opts.sampling == Sampling::Greedy;
-                let mut session = GpuSession::new(decoder, ids.len(), ids.len() + max_new, steering, greedy)?;
-                crate::generate::generate_on(
-                    &mut session,
-                    &vlm.processor.tokenizer,
-                    ids,
-                    &prepared.embeds,
-                    max_new,
-                    opts,
-                    on_token,
-                )
-            }
-        }
+        pollster::block_on(self.generate_async(vlm, prepared, steering, opts, on_token))
     }
+
     /// [`Vlm::generate`] on this backend, awaiting the GPU (the browser's path; also native).
     pub async fn generate_async(
         &mut self,
@@ -153,50 +135,6 @@ impl DecoderBackend {
         let max_new = crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts);
         let greedy = opts.sampling == Sampling::Greedy;
         let mut session = GpuSession::new(decoder, prompt_len, prompt_len + max_new, steering, greedy)?;
-        let mut sampler = opts.sampling.sampler();
-        let mut pick = |next: Next| -> Result<u32> {
-            Ok(match (next, sampler.as_mut()) {
-                (Next::Token(id), _) => id,
-                (Next::Logits(l), None) => crate::text::argmax(&l.to_vec1::<f32>()?),
-                (Next::Logits(l), Some(s)) => s.sample(&l)?,
-            })
-        };
-        let t0 = now_seconds();
-        let mut next = session.prefill_async(&prepared.embeds).await?;
-        let prefill_seconds = now_seconds() - t0;
-        let mut stream = TextStream::new(&vlm.processor.tokenizer);
-        let mut generated_ids = Vec::new();
-        let (mut stopped_on_eos, mut cancelled) = (false, false);
-        let t1 = now_seconds();
-        for index in 0..max_new {
-            let id = pick(next)?;
-            generated_ids.push(id);
-            let text = stream.push(id)?;
-            if !on_token(&TokenEvent { index, id, text }) {
-                cancelled = true;
-                break;
-            }
-            if opts.eos_ids.contains(&id) {
-                stopped_on_eos = true;
-                break;
-            }
-            if index + 1 == max_new {
-                break;
-            }
-            next = session.step_async(id).await?;
-        }
-        let decode_seconds = now_seconds() - t1;
-        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-        Ok(Generation {
-            input_ids: ids.clone(),
-            text: stream.text()?,
-            decode_tokens_per_s: rate(generated_ids.len().saturating_sub(1), decode_seconds),
-            generated_ids,
-            stopped_on_eos,
-            cancelled,
-            prefill_seconds,
-            decode_seconds,
-            prefill_tokens_per_s: rate(prompt_len, prefill_seconds),
-        })
+        generate_on(&mut session, &vlm.processor.tokenizer, ids, &prepared.embeds, max_new, opts, on_token).await
     }
 }

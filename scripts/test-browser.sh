@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Browser tests, both kinds, in headless Chromium (Debian chromium + chromium-driver; no downloads
+# except the npm lockfile's packages):
+#   1. wasm-bindgen-test suite (tests/web.rs): the oracle models loaded from bytes through the
+#      browser API; greedy ids, unaltered and steered, must equal the transformers refs;
+#   2. end-to-end test of the built page (tests/e2e): trunk build --release, a local static server
+#      on 127.0.0.1, playwright-core driving /usr/bin/chromium. Screenshots go to artifacts/.
+# Tools come from scripts/setup.sh (chromium, chromedriver, wasm-bindgen-cli, trunk).
+# Env: CHROMEDRIVER, CHROMIUM, WASM_BINDGEN_TEST_TIMEOUT, ARTIFACTS, SKIP_WASM_TESTS=1, SKIP_E2E=1.
+#
+# scripts/test-browser.sh --bench   instead runs the benchmark (not a test, tests/web_bench.rs):
+# decode tokens/s of the llava-interleave-qwen-0.5b decoder (random f32 weights), wasm in headless
+# Chromium vs native on this machine, and prints the ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CHROMEDRIVER="${CHROMEDRIVER:-/usr/bin/chromedriver}"
+export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-600}"
+export ARTIFACTS="${ARTIFACTS:-$PWD/artifacts}"
+
+for tool in "$CHROMEDRIVER" "$CHROMIUM" wasm-bindgen-test-runner trunk node npm; do
+  command -v "$tool" >/dev/null || { echo "test-browser: $tool not found; run scripts/setup.sh" >&2; exit 1; }
+done
+
+if [ "${1:-}" = "--bench" ]; then
+  echo "== benchmark: decode tokens/s, wasm (headless Chromium, 1 thread) vs native" >&2
+  wasm=$(cargo test --target wasm32-unknown-unknown --release --no-default-features --test web_bench \
+           -- --include-ignored --nocapture 2>&1 | grep '^cmrm-bench') || { echo "wasm benchmark failed" >&2; exit 1; }
+  native=$(cargo test --release --test web_bench -- --ignored --nocapture 2>&1 | grep '^cmrm-bench') \
+    || { echo "native benchmark failed" >&2; exit 1; }
+  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture 2>&1 | grep '^cmrm-bench') \
+    || { echo "native 1-thread benchmark failed" >&2; exit 1; }
+  printf '%s\n%s\n%s\n' "$wasm" "$native" "$native1"
+  tps() { sed -E 's/.*tokens_per_s=([0-9.]+).*/\1/' <<<"$1"; }
+  awk -v w="$(tps "$wasm")" -v n="$(tps "$native")" -v n1="$(tps "$native1")" 'BEGIN {
+    printf "wasm / native decode tokens/s = %.2f (native all threads), %.2f (native 1 thread)\n", w / n, w / n1 }'
+  exit 0
+fi
+
+if [ "${SKIP_WASM_TESTS:-0}" != 1 ]; then
+  echo "== 1/2 wasm-bindgen-test in headless Chromium (tests/web.rs; tests/web_gpu.rs on WebGPU/SwiftShader)" >&2
+  # --no-default-features: the CLI binary (feature "cli") is native-only. webdriver.json adds
+  # --enable-unsafe-webgpu so that requestAdapter() finds SwiftShader.
+  cargo test --target wasm32-unknown-unknown --release --no-default-features --test web --test web_gpu
+fi
+
+if [ "${SKIP_E2E:-0}" != 1 ]; then
+  echo "== 2/2 end-to-end test of the built page (tests/e2e)" >&2
+  trunk build --release
+  (
+    cd tests/e2e
+    npm ci --no-audit --no-fund --loglevel=error
+    DIST="$OLDPWD/dist" npm test
+  )
+  echo "test-browser: screenshots in $ARTIFACTS" >&2
+fi

@@ -1,0 +1,360 @@
+//! Downloads for the browser: cache-first `fetch` through the Cache API, streamed with progress,
+//! and the file plan of a checkpoint (which files, how many bytes) before anything large moves.
+//!
+//! Works in a window and in a worker: `fetch` and `caches` are taken from the global scope.
+
+use anyhow::{anyhow, bail, Context, Result};
+use js_sys::{Promise, Reflect, Uint8Array};
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{Cache, CacheStorage, ReadableStream, ReadableStreamDefaultReader, RequestInit, Response};
+
+/// Name of the Cache API store that holds model and vector files.
+pub const CACHE_NAME: &str = "cmrm-models-v1";
+
+/// Files a checkpoint may have besides its weights, in load order; the first two are required.
+pub const REQUIRED_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+pub const OPTIONAL_FILES: [&str; 6] = [
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+];
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
+#[wasm_bindgen]
+extern "C" {
+    /// The global `fetch` (window or worker).
+    #[wasm_bindgen(js_name = fetch)]
+    fn global_fetch(input: &str, init: &RequestInit) -> Promise;
+}
+
+/// Converts a JS exception into an error with its message.
+pub fn js_error(context: &str, value: JsValue) -> anyhow::Error {
+    let message = value
+        .dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .or_else(|| value.as_string())
+        .unwrap_or_else(|| format!("{value:?}"));
+    anyhow!("{context}: {message}")
+}
+
+async fn await_promise(context: &str, promise: Promise) -> Result<JsValue> {
+    JsFuture::from(promise).await.map_err(|e| js_error(context, e))
+}
+
+/// The page's Cache API store, or `None` where the browser offers none (insecure origin, some
+/// private modes): everything then still works, without offline reuse.
+async fn open_cache() -> Option<Cache> {
+    let caches = Reflect::get(&js_sys::global(), &"caches".into()).ok()?;
+    let caches: CacheStorage = caches.dyn_into().ok()?;
+    JsFuture::from(caches.open(CACHE_NAME)).await.ok()?.dyn_into().ok()
+}
+
+/// Deletes every cached model and vector file. Returns whether a store existed.
+pub async fn clear_cache() -> Result<bool> {
+    let caches = Reflect::get(&js_sys::global(), &"caches".into()).map_err(|e| js_error("caches", e))?;
+    let Ok(caches) = caches.dyn_into::<CacheStorage>() else { return Ok(false) };
+    Ok(await_promise("clearing the cache", caches.delete(CACHE_NAME)).await?.as_bool().unwrap_or(false))
+}
+
+async fn cached_response(cache: Option<&Cache>, url: &str) -> Option<Response> {
+    let found = JsFuture::from(cache?.match_with_str(url)).await.ok()?;
+    found.dyn_into::<Response>().ok()
+}
+
+async fn network(url: &str, method: &str) -> Result<Response> {
+    let init = RequestInit::new();
+    init.set_method(method);
+    let response =
+        await_promise(&format!("cannot fetch {url} (offline, or the server refused)"), global_fetch(url, &init))
+            .await?;
+    Ok(response.unchecked_into())
+}
+
+fn content_length(response: &Response) -> Option<u64> {
+    response.headers().get("content-length").ok().flatten().and_then(|v| v.parse().ok())
+}
+
+/// Size of a file without downloading it: from the cache, else a `HEAD` request. `Ok(None)` when
+/// the server says the file does not exist (404), an error for any other failure.
+pub async fn probe_size(url: &str) -> Result<Option<(u64, bool)>> {
+    let cache = open_cache().await;
+    if let Some(r) = cached_response(cache.as_ref(), url).await {
+        return Ok(Some((content_length(&r).unwrap_or(0), true)));
+    }
+    let r = network(url, "HEAD").await?;
+    match r.status() {
+        404 | 410 => Ok(None),
+        _ if r.ok() => Ok(Some((content_length(&r).unwrap_or(0), false))),
+        s => bail!("{url}: HTTP {s} {}", r.status_text()),
+    }
+}
+
+/// Progress of one download, called at most every ~100 ms and once at the end.
+pub type OnBytes<'a> = dyn FnMut(u64, Option<u64>, bool) + 'a;
+
+/// GET a file, cache-first. The body streams into wasm memory chunk by chunk (no second copy in
+/// a JS buffer, so files over 2 GB fit where memory allows); the response is stored in the cache
+/// while it streams. `on_bytes(done, total, from_cache)`.
+pub async fn fetch_bytes(url: &str, on_bytes: &mut OnBytes<'_>) -> Result<Vec<u8>> {
+    let cache = open_cache().await;
+    let (response, from_cache) = match cached_response(cache.as_ref(), url).await {
+        Some(r) => (r, true),
+        None => (network(url, "GET").await?, false),
+    };
+    if !response.ok() {
+        bail!("{url}: HTTP {} {}", response.status(), response.status_text());
+    }
+    // Cache a clone of the network response; `put` reads it as we read ours.
+    let cache_put = match (&cache, from_cache) {
+        (Some(cache), false) if response.status() == 200 => {
+            response.clone().ok().map(|copy| cache.put_with_str(url, &copy))
+        }
+        _ => None,
+    };
+    let total = content_length(&response);
+    let body: ReadableStream = response.body().with_context(|| format!("{url}: the response has no body"))?;
+    let reader: ReadableStreamDefaultReader = body.get_reader().unchecked_into();
+    let mut bytes: Vec<u8> = Vec::new();
+    if let Some(n) = total {
+        bytes.try_reserve_exact(n as usize).map_err(|_| anyhow!("{url}: not enough memory for {n} bytes"))?;
+    }
+    let mut last_report = 0.0;
+    loop {
+        let chunk = await_promise(&format!("download of {url} failed"), reader.read()).await?;
+        if Reflect::get(&chunk, &"done".into()).ok().and_then(|d| d.as_bool()).unwrap_or(true) {
+            break;
+        }
+        let value: Uint8Array = Reflect::get(&chunk, &"value".into()).map_err(|e| js_error(url, e))?.unchecked_into();
+        let (start, n) = (bytes.len(), value.length() as usize);
+        bytes.try_reserve(n).map_err(|_| anyhow!("{url}: out of memory after {start} bytes"))?;
+        bytes.resize(start + n, 0);
+        value.copy_to(&mut bytes[start..]);
+        let now = js_sys::Date::now();
+        if now - last_report > 100.0 {
+            last_report = now;
+            on_bytes(bytes.len() as u64, total, from_cache);
+        }
+    }
+    on_bytes(bytes.len() as u64, total, from_cache);
+    if let Some(n) = total.filter(|&n| n != bytes.len() as u64) {
+        // Compressed transfers report the compressed length; only a short body is an error.
+        if (bytes.len() as u64) < n && !from_cache {
+            bail!("{url}: the download stopped after {} of {n} bytes", bytes.len());
+        }
+    }
+    if let Some(put) = cache_put {
+        // A full quota is not an error: the model still loads, it just is not kept offline.
+        if let Err(e) = JsFuture::from(put).await {
+            web_sys::console::warn_1(&format!("cmrm: could not cache {url}: {}", js_error("", e)).into());
+        }
+    }
+    Ok(bytes)
+}
+
+/// One file of a checkpoint to download.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedFile {
+    pub name: String,
+    pub url: String,
+    /// Bytes, where the server or the Hub said (0 when unknown).
+    pub size: u64,
+    pub cached: bool,
+}
+
+/// Which files a load will fetch and how many bytes, shown before the download starts.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub model: String,
+    pub base_url: String,
+    pub files: Vec<PlannedFile>,
+    pub total_bytes: u64,
+    pub cached_bytes: u64,
+    /// Bytes the weights take once converted to F32 (from the safetensors headers, read with
+    /// HTTP range requests); `None` where the server does not answer ranges.
+    pub f32_weight_bytes: Option<u64>,
+}
+
+impl Plan {
+    fn new(model: &str, base_url: &str, files: Vec<PlannedFile>) -> Self {
+        let total_bytes = files.iter().map(|f| f.size).sum();
+        let cached_bytes = files.iter().filter(|f| f.cached).map(|f| f.size).sum();
+        Self {
+            model: model.to_owned(),
+            base_url: base_url.to_owned(),
+            files,
+            total_bytes,
+            cached_bytes,
+            f32_weight_bytes: None,
+        }
+    }
+
+    /// Fill `f32_weight_bytes` from the weight files' headers (a few kB each, not cached).
+    pub async fn estimate_f32_bytes(&mut self) {
+        let mut total = 0u64;
+        for file in self.files.iter().filter(|f| f.name.ends_with(".safetensors")) {
+            match safetensors_f32_bytes(&file.url).await {
+                Some(n) => total += n,
+                None => return,
+            }
+        }
+        self.f32_weight_bytes = Some(total);
+    }
+
+    /// The largest single file (it is held as bytes while its tensors are converted).
+    pub fn largest_file(&self) -> u64 {
+        self.files.iter().map(|f| f.size).max().unwrap_or(0)
+    }
+}
+
+/// `bytes=start-end` (inclusive) of a URL, or `None` if the server does not answer with 206.
+async fn fetch_range(url: &str, start: u64, end: u64) -> Option<Vec<u8>> {
+    let init = RequestInit::new();
+    init.set_method("GET");
+    let headers = web_sys::Headers::new().ok()?;
+    headers.set("range", &format!("bytes={start}-{end}")).ok()?;
+    init.set_headers(&headers);
+    let response: Response = JsFuture::from(global_fetch(url, &init)).await.ok()?.dyn_into().ok()?;
+    if response.status() != 206 {
+        if let Some(body) = response.body() {
+            let _ = body.cancel();
+        }
+        return None;
+    }
+    let buffer = JsFuture::from(response.array_buffer().ok()?).await.ok()?;
+    Some(Uint8Array::new(&buffer).to_vec())
+}
+
+/// F32 bytes of the tensors cmrm keeps from a safetensors file, from its header alone.
+async fn safetensors_f32_bytes(url: &str) -> Option<u64> {
+    let len = fetch_range(url, 0, 7).await?;
+    let n = u64::from_le_bytes(len.get(..8)?.try_into().ok()?);
+    if n > 100 << 20 {
+        return None;
+    }
+    let header = fetch_range(url, 8, 8 + n - 1).await?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    let mut total = 0u64;
+    for (key, info) in &header {
+        if key == "__metadata__" || crate::weights::canonical_key(key).is_none() {
+            continue;
+        }
+        let elements: u64 = info.get("shape")?.as_array()?.iter().map(|d| d.as_u64()).product::<Option<u64>>()?;
+        total += elements * 4;
+    }
+    Some(total)
+}
+
+/// `owner/name` on the Hugging Face Hub (not a URL or a path).
+pub fn is_hub_repo_id(s: &str) -> bool {
+    let ok = |part: &str| {
+        !part.is_empty()
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !part.starts_with('.')
+    };
+    match s.split_once('/') {
+        Some((owner, name)) => ok(owner) && ok(name),
+        None => false,
+    }
+}
+
+/// `https://huggingface.co/{repo}/resolve/{revision}/`: the revision in the URL keys the cache.
+pub fn hub_base_url(repo: &str, revision: &str) -> String {
+    format!("https://huggingface.co/{repo}/resolve/{revision}/")
+}
+
+fn join(base: &str, name: &str) -> String {
+    if base.is_empty() || base.ends_with('/') {
+        format!("{base}{name}")
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
+/// Orders the files a checkpoint needs: required, optional present, then the weights (shards in
+/// index order) — small files first, so a wrong model fails before gigabytes move.
+fn order_files(present: &dyn Fn(&str) -> bool, shards: Vec<String>) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for name in REQUIRED_FILES {
+        if !present(name) {
+            bail!("the model has no {name}");
+        }
+        names.push(name.to_owned());
+    }
+    names.extend(OPTIONAL_FILES.iter().filter(|n| present(n)).map(|n| n.to_string()));
+    names.extend(shards);
+    Ok(names)
+}
+
+/// Plan a Hub checkpoint from the Hub's file listing (one request; sizes of LFS files included).
+pub async fn plan_hub(repo: &str, revision: &str) -> Result<Plan> {
+    let listing_url = format!("https://huggingface.co/api/models/{repo}/tree/{revision}");
+    let listing = fetch_bytes(&listing_url, &mut |_, _, _| {}).await.with_context(|| {
+        format!("cannot list the files of {repo} on the Hugging Face Hub (check the repo id and your connection)")
+    })?;
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&listing).with_context(|| format!("{listing_url}: unexpected answer"))?;
+    let size_of = |name: &str| -> Option<u64> {
+        let e = entries.iter().find(|e| e.get("path").and_then(|p| p.as_str()) == Some(name))?;
+        e.get("lfs").and_then(|l| l.get("size")).or_else(|| e.get("size")).and_then(|s| s.as_u64())
+    };
+    let base = hub_base_url(repo, revision);
+    let shards = if size_of(WEIGHTS_INDEX).is_some() {
+        let index = fetch_bytes(&join(&base, WEIGHTS_INDEX), &mut |_, _, _| {}).await?;
+        crate::weights::shard_names_from_index(&String::from_utf8_lossy(&index))
+            .with_context(|| format!("{repo}: invalid {WEIGHTS_INDEX}"))?
+    } else if size_of(WEIGHTS_FILE).is_some() {
+        vec![WEIGHTS_FILE.to_owned()]
+    } else {
+        bail!("{repo} has no {WEIGHTS_FILE} (cmrm reads safetensors checkpoints, e.g. the llava-hf/* repos)");
+    };
+    let names = order_files(&|n| size_of(n).is_some(), shards).with_context(|| repo.to_owned())?;
+    let cache = open_cache().await;
+    let mut files = Vec::new();
+    for name in names {
+        let url = join(&base, &name);
+        let cached = cached_response(cache.as_ref(), &url).await.is_some();
+        files.push(PlannedFile { size: size_of(&name).unwrap_or(0), name, url, cached });
+    }
+    Ok(Plan::new(repo, &base, files))
+}
+
+/// Plan a checkpoint at a URL folder. `names`: the files it has, when known (no probing for
+/// optional files); otherwise each candidate is probed with `HEAD`.
+pub async fn plan_url(label: &str, base: &str, names: Option<Vec<String>>) -> Result<Plan> {
+    let mut files = Vec::new();
+    let names = match names {
+        Some(names) => names,
+        None => {
+            let mut found = std::collections::HashMap::new();
+            for name in REQUIRED_FILES.iter().chain(&OPTIONAL_FILES).chain(&[WEIGHTS_INDEX, WEIGHTS_FILE]) {
+                if let Some(size) = probe_size(&join(base, name)).await? {
+                    found.insert(name.to_string(), size);
+                }
+            }
+            let shards = if found.contains_key(WEIGHTS_INDEX) {
+                let index = fetch_bytes(&join(base, WEIGHTS_INDEX), &mut |_, _, _| {}).await?;
+                crate::weights::shard_names_from_index(&String::from_utf8_lossy(&index))?
+            } else if found.contains_key(WEIGHTS_FILE) {
+                vec![WEIGHTS_FILE.to_owned()]
+            } else {
+                bail!("{base}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}");
+            };
+            order_files(&|n| found.contains_key(n), shards)?
+        }
+    };
+    for name in names {
+        let url = join(base, &name);
+        let (size, cached) = probe_size(&url).await?.with_context(|| format!("{url}: not found (404)"))?;
+        files.push(PlannedFile { name, url, size, cached });
+    }
+    Ok(Plan::new(label, base, files))
+}

@@ -1,0 +1,759 @@
+//! The browser API (wasm-bindgen), DESIGN §6. Everything model-related happens here in Rust; the
+//! page's JavaScript only moves bytes and draws.
+//!
+//! ```js
+//! import init, { Session } from "./pkg/cmrm.js";
+//! await init();
+//! const s = await Session.load({ model: "llava-hf/llava-interleave-qwen-0.5b-hf" }, p => bar(p.loaded / p.total));
+//! s.setImage(new Uint8Array(await file.arrayBuffer()));
+//! const r = await s.compare({ prompt: "What is shown?", alpha: 1, layers: "all", variant: "sample" },
+//!                           ev => ev.kind === "token" && append(ev.pane, ev.text));
+//! ```
+//! Every error is a JS `Error` whose message says what went wrong and what to do.
+
+mod fetch;
+mod run;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use js_sys::{Function, Object, Reflect, Uint8Array};
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+
+use crate::cmrm::{anchor_features, shift_for_prompt, Anchor};
+use crate::config::LlavaConfig;
+use crate::generate::Sampling;
+use crate::image::{decode_image, RgbImage};
+use crate::pipeline::{PromptText, Vlm};
+use crate::processor::ProcessorFiles;
+use crate::steering::{parse_layers, Intervention, Positions, SteeringVectors};
+use crate::weights::Weights;
+use fetch::{fetch_bytes, Plan};
+use run::{now_seconds, PaneResult, PaneRun};
+
+/// Panics become readable console messages (the instance is unusable after one: reload it).
+#[wasm_bindgen(js_name = initPanicHook)]
+pub fn init_panic_hook() {
+    console_error_panic_hook::set_once();
+}
+
+/// anyhow error (with its context chain) → JS `Error`.
+fn to_js(e: anyhow::Error) -> JsError {
+    JsError::new(&format!("{e:#}"))
+}
+
+fn to_js_value<T: Serialize>(value: &T) -> Result<JsValue> {
+    value
+        .serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .map_err(|e| anyhow!("cannot convert to JS: {e}"))
+}
+
+fn from_js_value<T: for<'de> Deserialize<'de>>(what: &str, value: JsValue) -> Result<T> {
+    serde_wasm_bindgen::from_value(value).map_err(|e| anyhow!("invalid {what}: {e}"))
+}
+
+/// Where a model comes from: a Hub repo id (`owner/name`) or a folder URL.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelSpec {
+    model: String,
+    #[serde(default)]
+    revision: Option<String>,
+    /// The folder's files, when known (skips probing for optional files).
+    #[serde(default)]
+    files: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LoadOptions {
+    #[serde(flatten)]
+    spec: ModelSpec,
+    /// URL of a vector file to load with the model.
+    #[serde(default)]
+    vectors: Option<String>,
+    #[serde(default)]
+    backend: Option<String>,
+}
+
+/// Options of one side-by-side comparison.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CompareOptions {
+    prompt: String,
+    /// The prompt is already the full model prompt (may hold the image placeholder).
+    #[serde(default)]
+    raw_prompt: bool,
+    #[serde(default = "default_max_new_tokens")]
+    max_new_tokens: usize,
+    /// CMRM's α. Missing: the vector file's `default_alpha`, else 1.
+    #[serde(default)]
+    alpha: Option<f32>,
+    /// `all`, `0,2,5`, `3-7`. Missing: the file's `default_layers`, else all.
+    #[serde(default)]
+    layers: Option<String>,
+    #[serde(default)]
+    positions: Option<Positions>,
+    /// `dataset` (the loaded vector file) or `sample` (computed for this prompt).
+    #[serde(default)]
+    variant: Option<String>,
+    /// Anchor image of sample-level vectors: `blank` (default) or `noise`.
+    #[serde(default)]
+    anchor: Option<String>,
+    /// Also measure the representation gap per layer, before and after steering (3 prefills).
+    #[serde(default)]
+    gap: bool,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+fn default_max_new_tokens() -> usize {
+    64
+}
+
+/// Summary of a vector set for the page: norms per layer and the file's defaults.
+#[derive(Serialize, Clone)]
+#[serde(rename_all = "camelCase")]
+struct VectorsInfo {
+    name: String,
+    variant: String,
+    hidden_size: usize,
+    /// `‖v_l‖` for every decoder layer (`null` where the file has no vector).
+    norms: Vec<Option<f32>>,
+    sign: String,
+    default_alpha: Option<f32>,
+    default_layers: Option<String>,
+    metadata: HashMap<String, String>,
+}
+
+impl VectorsInfo {
+    fn new(name: &str, variant: &str, v: &SteeringVectors, num_layers: usize) -> Self {
+        let norms =
+            (0..num_layers).map(|l| v.layers.get(&l).map(|x| x.iter().map(|a| a * a).sum::<f32>().sqrt())).collect();
+        Self {
+            name: name.to_owned(),
+            variant: variant.to_owned(),
+            hidden_size: v.hidden_size,
+            norms,
+            sign: v.sign().to_owned(),
+            default_alpha: v.metadata.get("default_alpha").and_then(|a| a.parse().ok()),
+            default_layers: v.metadata.get("default_layers").cloned(),
+            metadata: v.metadata.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, Clone)]
+#[serde(rename_all = "camelCase")]
+struct ImageInfo {
+    width: usize,
+    height: usize,
+    image_tokens: usize,
+    encode_seconds: f64,
+}
+
+/// Progress of a load, one stream over every file.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LoadProgress<'a> {
+    /// `plan`, `download`, `parse` or `ready`.
+    phase: &'a str,
+    file: &'a str,
+    file_loaded: u64,
+    file_total: u64,
+    loaded: u64,
+    total: u64,
+    from_cache: bool,
+}
+
+/// Events streamed by `compare` (field `kind`).
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+enum CompareEvent<'a> {
+    #[serde(rename_all = "camelCase")]
+    Vectors { vectors: &'a VectorsInfo, layers: &'a [usize], alpha: f32 },
+    #[serde(rename_all = "camelCase")]
+    Prefill { pane: &'a str, prompt_tokens: usize, seconds: f64 },
+    #[serde(rename_all = "camelCase")]
+    Token { pane: &'a str, index: usize, id: u32, text: &'a str },
+    #[serde(rename_all = "camelCase")]
+    Done { pane: &'a str, result: &'a PaneResult },
+    #[serde(rename_all = "camelCase")]
+    Gap { gap: &'a Gap },
+}
+
+/// Per layer, `‖h_l(prompt, image) − h_l(prompt alone)‖` at the last prompt token, without and
+/// with steering: the representation gap CMRM closes.
+#[derive(Serialize, Clone)]
+#[serde(rename_all = "camelCase")]
+struct Gap {
+    before: Vec<f32>,
+    after: Vec<f32>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CompareResult {
+    prompt: String,
+    unaltered: PaneResult,
+    steered: PaneResult,
+    vectors: VectorsInfo,
+    layers: Vec<usize>,
+    alpha: f32,
+    gap: Option<Gap>,
+}
+
+/// State that changes between requests (a comparison copies what it needs when it starts).
+#[derive(Default)]
+struct SessionState {
+    vectors: Option<(SteeringVectors, VectorsInfo)>,
+    image: Option<(Tensor, ImageInfo)>,
+    /// Anchor features for sample-level vectors, encoded on first use.
+    anchors: HashMap<String, Tensor>,
+}
+
+/// A loaded model in the browser.
+#[wasm_bindgen]
+pub struct Session {
+    vlm: Rc<Vlm>,
+    state: Rc<RefCell<SessionState>>,
+    stop: Rc<Cell<bool>>,
+    busy: Rc<Cell<bool>>,
+    name: String,
+    /// Bytes of the weight files loaded.
+    weight_bytes: u64,
+}
+
+/// Routes a file's bytes to the processor-file slot it belongs to.
+fn put_processor_file(files: &mut ProcessorFiles, name: &str, bytes: Vec<u8>) -> Result<()> {
+    let text = || String::from_utf8(bytes.clone()).with_context(|| format!("{name} is not UTF-8 text"));
+    match name {
+        "tokenizer.json" => files.tokenizer_json = bytes,
+        "tokenizer_config.json" => files.tokenizer_config_json = Some(text()?),
+        "chat_template.jinja" => files.chat_template_jinja = Some(text()?),
+        "chat_template.json" => files.chat_template_json = Some(text()?),
+        "preprocessor_config.json" => files.preprocessor_config_json = Some(text()?),
+        "processor_config.json" => files.processor_config_json = Some(text()?),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Collects a checkpoint file by file; weights are parsed as each shard arrives and its bytes
+/// dropped, so peak memory is the F32 model plus one shard.
+struct Assembler {
+    config: Option<LlavaConfig>,
+    generation_config: Option<String>,
+    processor: ProcessorFiles,
+    weights: Weights,
+    weight_files: usize,
+    weight_bytes: u64,
+}
+
+impl Assembler {
+    fn new() -> Self {
+        Self {
+            config: None,
+            generation_config: None,
+            processor: ProcessorFiles::default(),
+            weights: Weights::empty(),
+            weight_files: 0,
+            weight_bytes: 0,
+        }
+    }
+
+    fn add(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        match name {
+            "config.json" => {
+                let text = String::from_utf8(bytes).context("config.json is not UTF-8 text")?;
+                self.config = Some(LlavaConfig::from_json_str(&text).context("config.json")?);
+            }
+            "generation_config.json" => {
+                self.generation_config =
+                    Some(String::from_utf8(bytes).context("generation_config.json is not UTF-8 text")?)
+            }
+            n if n.ends_with(".safetensors") => {
+                self.weight_bytes += bytes.len() as u64;
+                self.weights.add_file(n, &bytes, &Device::Cpu)?;
+                self.weight_files += 1;
+            }
+            n if n.ends_with(".index.json") => {}
+            n => put_processor_file(&mut self.processor, n, bytes)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self, name: &str) -> Result<Session> {
+        let config = self.config.context("config.json is missing")?;
+        if self.processor.tokenizer_json.is_empty() {
+            bail!("tokenizer.json is missing");
+        }
+        if self.weight_files == 0 {
+            bail!("no weights (model.safetensors or shards) were given");
+        }
+        let vlm = Vlm::from_parts(config, &self.processor, self.generation_config.as_deref(), self.weights)?;
+        Ok(Session {
+            vlm: Rc::new(vlm),
+            state: Rc::default(),
+            stop: Rc::default(),
+            busy: Rc::default(),
+            name: name.to_owned(),
+            weight_bytes: self.weight_bytes,
+        })
+    }
+}
+
+fn check_backend(backend: Option<&str>) -> Result<()> {
+    match backend.unwrap_or("auto") {
+        "auto" | "cpu" => Ok(()),
+        "webgpu" => bail!("the WebGPU engine is not part of this build yet; use backend \"cpu\" or \"auto\""),
+        other => bail!("backend must be auto, webgpu or cpu (got '{other}')"),
+    }
+}
+
+async fn plan_for(spec: &ModelSpec) -> Result<Plan> {
+    let revision = spec.revision.as_deref().unwrap_or("main");
+    if fetch::is_hub_repo_id(&spec.model) {
+        fetch::plan_hub(&spec.model, revision).await
+    } else {
+        fetch::plan_url(&spec.model, &spec.model, spec.files.clone()).await
+    }
+}
+
+/// A wasm32 instance can address at most 4 GiB.
+const WASM_MEMORY_LIMIT: u64 = 4 << 30;
+
+fn wasm_memory_bytes() -> u64 {
+    let memory = wasm_bindgen::memory().unchecked_into::<js_sys::WebAssembly::Memory>();
+    memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as u64
+}
+
+/// Refuse, before downloading, a model whose F32 weights cannot fit in wasm32 memory (the
+/// weights are converted to F32 on load; the largest file is held as bytes meanwhile).
+fn check_memory(plan: &Plan) -> Result<()> {
+    let Some(f32_bytes) = plan.f32_weight_bytes else { return Ok(()) };
+    let needed = f32_bytes + plan.largest_file() + wasm_memory_bytes();
+    if needed > WASM_MEMORY_LIMIT * 95 / 100 {
+        let gb = |n: u64| n as f64 / 1e9;
+        bail!(
+            "{} needs about {:.1} GB of WebAssembly memory ({:.1} GB of weights as F32 plus {:.1} GB for the largest file while it converts); a browser tab has at most {:.1} GB. This build keeps weights in F32: choose a smaller model or use the native CLI",
+            plan.model,
+            gb(needed),
+            gb(f32_bytes),
+            gb(plan.largest_file()),
+            gb(WASM_MEMORY_LIMIT)
+        );
+    }
+    Ok(())
+}
+
+/// Resolves after the event loop has run once (a `stop` message gets its turn).
+async fn yield_to_event_loop() {
+    let promise = js_sys::Promise::new(&mut |resolve, _reject| {
+        let global = js_sys::global();
+        let set_timeout = Reflect::get(&global, &"setTimeout".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
+        match set_timeout {
+            Some(f) => {
+                let _ = f.call2(&global, &resolve, &JsValue::from(0));
+            }
+            None => {
+                let _ = resolve.call0(&JsValue::NULL);
+            }
+        }
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
+fn call_js(callback: &Function, value: &JsValue) -> Result<JsValue> {
+    callback.call1(&JsValue::NULL, value).map_err(|e| fetch::js_error("the callback threw", e))
+}
+
+fn norm_of_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+}
+
+#[wasm_bindgen]
+impl Session {
+    /// Which files a model needs and their sizes, before downloading (`{files, totalBytes,
+    /// cachedBytes}`). Options: `{model, revision?, files?}` as for `load`.
+    pub async fn plan(options: JsValue) -> Result<JsValue, JsError> {
+        init_panic_hook();
+        async {
+            let spec: ModelSpec = from_js_value("model options", options)?;
+            let mut plan = plan_for(&spec).await?;
+            plan.estimate_f32_bytes().await;
+            let fits = check_memory(&plan).err().map(|e| format!("{e:#}"));
+            let mut value = serde_json::to_value(&plan)?;
+            value["memoryProblem"] = fits.into();
+            to_js_value(&value)
+        }
+        .await
+        .map_err(to_js)
+    }
+
+    /// Download (cache-first) and load a model. `options`: `{model: "owner/name" | folder URL,
+    /// revision?, files?, vectors?: URL, backend?: "auto"|"cpu"|"webgpu"}`.
+    /// `on_progress({phase, file, fileLoaded, fileTotal, loaded, total, fromCache})`.
+    pub async fn load(options: JsValue, on_progress: Option<Function>) -> Result<Session, JsError> {
+        init_panic_hook();
+        Self::load_inner(options, on_progress).await.map_err(to_js)
+    }
+
+    /// Build from bytes already in memory: `files` maps file names (`config.json`,
+    /// `tokenizer.json`, `model.safetensors` or shards, …) to `Uint8Array`s.
+    #[wasm_bindgen(js_name = fromFiles)]
+    pub fn from_files(name: &str, files: &Object) -> Result<Session, JsError> {
+        init_panic_hook();
+        let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+        for key in Object::keys(files).iter() {
+            let key = key.as_string().unwrap_or_default();
+            let value = Reflect::get(files, &JsValue::from(&key)).map_err(|e| to_js(fetch::js_error(&key, e)))?;
+            let bytes =
+                value.dyn_into::<Uint8Array>().map_err(|_| JsError::new(&format!("{key}: expected a Uint8Array")))?;
+            entries.push((key, bytes.to_vec()));
+        }
+        Self::from_named_bytes(name, entries).map_err(to_js)
+    }
+
+    /// Delete every cached model file (the "clear cached models" button).
+    #[wasm_bindgen(js_name = clearCache)]
+    pub async fn clear_cache() -> Result<bool, JsError> {
+        fetch::clear_cache().await.map_err(to_js)
+    }
+
+    /// Use a vector file (safetensors `layer.{l}`) for dataset-level steering. Checked against the
+    /// model; returns `{norms, defaultAlpha, defaultLayers, sign, …}`.
+    #[wasm_bindgen(js_name = setVectors)]
+    pub fn set_vectors(&self, name: &str, bytes: &[u8]) -> Result<JsValue, JsError> {
+        self.set_vectors_inner(name, bytes).and_then(|info| to_js_value(&info)).map_err(to_js)
+    }
+
+    /// Fetch a vector file from a URL (cache-first) and use it; as `setVectors`.
+    #[wasm_bindgen(js_name = loadVectors)]
+    pub async fn load_vectors(&self, url: String) -> Result<JsValue, JsError> {
+        let state = self.state.clone();
+        let vlm = self.vlm.clone();
+        async move {
+            let bytes = fetch_bytes(&url, &mut |_, _, _| {}).await?;
+            let vectors = SteeringVectors::from_safetensors_bytes(&url, &bytes)?;
+            vectors.validate_for(&url, vlm.config())?;
+            let info = VectorsInfo::new(&url, "dataset", &vectors, vlm.config().text.num_hidden_layers);
+            state.borrow_mut().vectors = Some((vectors, info.clone()));
+            to_js_value(&info)
+        }
+        .await
+        .map_err(to_js)
+    }
+
+    #[wasm_bindgen(js_name = clearVectors)]
+    pub fn clear_vectors(&self) {
+        self.state.borrow_mut().vectors = None;
+    }
+
+    /// Decode (PNG, JPEG, WebP, GIF) and encode an image once; every later `compare` uses it.
+    /// Returns `{width, height, imageTokens, encodeSeconds}`.
+    #[wasm_bindgen(js_name = setImage)]
+    pub fn set_image(&self, bytes: &[u8]) -> Result<JsValue, JsError> {
+        decode_image(bytes).context("the image cannot be used").and_then(|img| self.set_rgb(img)).map_err(to_js)
+    }
+
+    /// As `setImage`, from RGBA pixels (what a canvas gives, e.g. after downscaling in the page).
+    #[wasm_bindgen(js_name = setImageRgba)]
+    pub fn set_image_rgba(&self, width: usize, height: usize, rgba: &[u8]) -> Result<JsValue, JsError> {
+        (|| {
+            if rgba.len() != width * height * 4 || width == 0 || height == 0 {
+                bail!("RGBA buffer has {} bytes, expected {width}×{height}×4", rgba.len());
+            }
+            // Composite onto white, as decode_image does for transparent images.
+            let rgb = rgba
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    let a = u32::from(p[3]);
+                    [0, 1, 2].map(|c| ((u32::from(p[c]) * a + 255 * (255 - a) + 127) / 255) as u8)
+                })
+                .collect();
+            self.set_rgb(RgbImage::new(width, height, rgb)?)
+        })()
+        .map_err(to_js)
+    }
+
+    #[wasm_bindgen(js_name = clearImage)]
+    pub fn clear_image(&self) {
+        self.state.borrow_mut().image = None;
+    }
+
+    /// Stop the running comparison after its current token (both panes keep what they have).
+    pub fn stop(&self) {
+        self.stop.set(true);
+    }
+
+    /// Backend, model sizes, wasm memory in use, the loaded vectors and image.
+    pub fn info(&self) -> Result<JsValue, JsError> {
+        let cfg = self.vlm.config();
+        let memory = wasm_memory_bytes();
+        let state = self.state.borrow();
+        let info = serde_json::json!({
+            "model": self.name,
+            "backend": "cpu",
+            "backendDetail": "candle on the CPU, wasm32 simd128, one thread",
+            "weightBytes": self.weight_bytes,
+            "wasmMemoryBytes": memory,
+            "numLayers": cfg.text.num_hidden_layers,
+            "hiddenSize": cfg.text.hidden_size,
+            "vocabSize": cfg.text.vocab_size,
+            "contextLength": cfg.text.max_position_embeddings,
+            "imageTokens": cfg.image_tokens_per_image(),
+            "imageSize": cfg.vision.image_size,
+            "fingerprint": cfg.fingerprint(),
+            "hasChatTemplate": self.vlm.processor.has_chat_template(),
+            "busy": self.busy.get(),
+            "vectors": state.vectors.as_ref().and_then(|(_, i)| serde_json::to_value(i).ok()),
+            "image": state.image.as_ref().map(|(_, i)| serde_json::json!({"width": i.width, "height": i.height, "imageTokens": i.image_tokens})),
+        });
+        to_js_value(&info).map_err(to_js)
+    }
+
+    /// Answer `options.prompt` twice — unaltered and CMRM-steered — with the current image,
+    /// interleaving the two answers token by token. `on_event` receives `{kind: "vectors" |
+    /// "prefill" | "token" | "done" | "gap", pane?, …}`; returning `false` stops.
+    /// Resolves to `{unaltered, steered, vectors, layers, alpha, gap}`.
+    pub fn compare(&self, options: JsValue, on_event: Option<Function>) -> js_sys::Promise {
+        let options: Result<CompareOptions> = from_js_value("compare options", options);
+        let (vlm, state, stop, busy) = (self.vlm.clone(), self.state.clone(), self.stop.clone(), self.busy.clone());
+        if busy.get() {
+            return js_sys::Promise::reject(&JsError::new("a comparison is already running: stop it first").into());
+        }
+        // Claimed now, not when the future first runs: a `stop()` right after this call counts.
+        busy.set(true);
+        stop.set(false);
+        wasm_bindgen_futures::future_to_promise(async move {
+            let result = compare(&vlm, &state, &stop, options, on_event.as_ref()).await;
+            busy.set(false);
+            result.and_then(|r| to_js_value(&r)).map_err(|e| to_js(e).into())
+        })
+    }
+}
+
+/// The Rust-side halves of the exported methods.
+impl Session {
+    async fn load_inner(options: JsValue, on_progress: Option<Function>) -> Result<Session> {
+        let options: LoadOptions = from_js_value("load options", options)?;
+        check_backend(options.backend.as_deref())?;
+        let mut plan = plan_for(&options.spec).await?;
+        if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
+            plan.estimate_f32_bytes().await;
+        }
+        check_memory(&plan)?;
+        let vectors_size = match &options.vectors {
+            Some(url) => fetch::probe_size(url).await?.map_or(0, |(n, _)| n),
+            None => 0,
+        };
+        let total = plan.total_bytes + vectors_size;
+        let mut done_before = 0u64;
+        let report = |phase: &str, file: &str, file_loaded: u64, file_total: u64, loaded: u64, from_cache: bool| {
+            if let Some(cb) = &on_progress {
+                let p =
+                    LoadProgress { phase, file, file_loaded, file_total, loaded, total: total.max(loaded), from_cache };
+                if let Ok(v) = to_js_value(&p) {
+                    let _ = cb.call1(&JsValue::NULL, &v);
+                }
+            }
+        };
+        let mut assembler = Assembler::new();
+        for file in &plan.files {
+            let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
+                report("download", &file.name, n, t.unwrap_or(file.size), done_before + n, cached)
+            };
+            let bytes = fetch_bytes(&file.url, &mut on_bytes).await?;
+            done_before += bytes.len() as u64;
+            report("parse", &file.name, bytes.len() as u64, bytes.len() as u64, done_before, file.cached);
+            assembler.add(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
+        }
+        let session = assembler.finish(&plan.model).with_context(|| format!("loading {}", plan.model))?;
+        if let Some(url) = &options.vectors {
+            let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
+                report("download", url, n, t.unwrap_or(vectors_size), done_before + n, cached)
+            };
+            let bytes = fetch_bytes(url, &mut on_bytes).await?;
+            done_before += bytes.len() as u64;
+            session.set_vectors_inner(url, &bytes)?;
+        }
+        report("ready", "", 0, 0, done_before, false);
+        Ok(session)
+    }
+
+    /// Shareable core of `fromFiles` for Rust callers (tests).
+    pub fn from_named_bytes(name: &str, mut entries: Vec<(String, Vec<u8>)>) -> Result<Session> {
+        // config first (fail fast), weights last.
+        entries.sort_by_key(|(n, _)| (n != "config.json", n.ends_with(".safetensors")));
+        let mut assembler = Assembler::new();
+        for (file, bytes) in entries {
+            assembler.add(&file, bytes).with_context(|| format!("{name}: {file}"))?;
+        }
+        assembler.finish(name).with_context(|| format!("loading {name}"))
+    }
+
+    fn set_vectors_inner(&self, name: &str, bytes: &[u8]) -> Result<VectorsInfo> {
+        let vectors = SteeringVectors::from_safetensors_bytes(name, bytes)?;
+        vectors.validate_for(name, self.vlm.config())?;
+        let info = VectorsInfo::new(name, "dataset", &vectors, self.vlm.config().text.num_hidden_layers);
+        self.state.borrow_mut().vectors = Some((vectors, info.clone()));
+        Ok(info)
+    }
+
+    fn set_rgb(&self, img: RgbImage) -> Result<JsValue> {
+        let t0 = now_seconds();
+        let features = self.vlm.encode_image(&img).context("encoding the image failed")?;
+        let info = ImageInfo {
+            width: img.width,
+            height: img.height,
+            image_tokens: features.dim(0)?,
+            encode_seconds: now_seconds() - t0,
+        };
+        let value = to_js_value(&info)?;
+        self.state.borrow_mut().image = Some((features, info));
+        Ok(value)
+    }
+}
+
+async fn compare(
+    vlm: &Vlm,
+    state: &RefCell<SessionState>,
+    stop: &Cell<bool>,
+    options: Result<CompareOptions>,
+    on_event: Option<&Function>,
+) -> Result<CompareResult> {
+    let opts = options?;
+    if opts.prompt.trim().is_empty() {
+        bail!("the prompt is empty: type a question");
+    }
+    let num_layers = vlm.config().text.num_hidden_layers;
+    let emit = |event: CompareEvent| -> Result<bool> {
+        let Some(cb) = on_event else { return Ok(true) };
+        Ok(call_js(cb, &to_js_value(&event)?)?.as_bool() != Some(false))
+    };
+    let image = state.borrow().image.as_ref().map(|(f, _)| f.clone());
+    let text =
+        if opts.raw_prompt { PromptText::Raw(opts.prompt.clone()) } else { PromptText::Chat(opts.prompt.clone()) };
+    let prepared = vlm.prepare(&text, image.as_ref())?;
+
+    // Vectors: the loaded file, or this prompt's own shift (sample-level).
+    let variant = opts.variant.as_deref().unwrap_or("dataset");
+    let (vectors, info) = match variant {
+        "dataset" => state
+            .borrow()
+            .vectors
+            .clone()
+            .context("no steering vectors are loaded: load a vector file, or use sample-level vectors")?,
+        "sample" => {
+            let anchor = Anchor::parse(opts.anchor.as_deref().unwrap_or("blank"), opts.seed.unwrap_or(0))?;
+            let cached = state.borrow().anchors.get(anchor.name()).cloned();
+            let features = match cached {
+                Some(f) => f,
+                None => {
+                    let f = anchor_features(vlm, anchor)?;
+                    state.borrow_mut().anchors.insert(anchor.name().to_owned(), f.clone());
+                    f
+                }
+            };
+            let shift = shift_for_prompt(vlm, &PromptText::Chat(opts.prompt.clone()), &features)
+                .context("computing sample-level vectors")?;
+            let mut v = SteeringVectors::new(vlm.config().text.hidden_size, shift.into_iter().enumerate().collect())?;
+            v.metadata.insert("sign".into(), "subtract".into());
+            v.metadata.insert("anchor".into(), anchor.name().into());
+            let info = VectorsInfo::new(&format!("sample-level ({} image)", anchor.name()), "sample", &v, num_layers);
+            (v, info)
+        }
+        other => bail!("variant must be dataset or sample (got '{other}')"),
+    };
+    let alpha = opts.alpha.or(info.default_alpha).unwrap_or(1.0);
+    if !alpha.is_finite() {
+        bail!("alpha must be a finite number");
+    }
+    let layer_spec = opts.layers.clone().or(info.default_layers.clone()).unwrap_or_else(|| "all".into());
+    let layers = parse_layers(&layer_spec, num_layers)?;
+    // cmrm files subtract (h − α·v); other files add, as their authors meant.
+    let scale = if vectors.sign() == "subtract" { -alpha } else { alpha };
+    let positions = opts.positions.unwrap_or(Positions::All);
+    let steering = Intervention::add(&vectors, scale, Some(&layers), positions, vlm.device())
+        .with_context(|| format!("{}: layers {layer_spec}", info.name))?;
+    emit(CompareEvent::Vectors { vectors: &info, layers: &layers, alpha })?;
+
+    let sampling = match opts.temperature {
+        Some(t) if t > 0.0 => {
+            Sampling::TopP { temperature: t, top_p: opts.top_p.unwrap_or(1.0), seed: opts.seed.unwrap_or(0) }
+        }
+        _ => Sampling::Greedy,
+    };
+    let mut panes = [
+        ("unaltered", PaneRun::new(vlm, &prepared, None, opts.max_new_tokens, sampling)),
+        ("steered", PaneRun::new(vlm, &prepared, Some(steering.clone()), opts.max_new_tokens, sampling)),
+    ];
+    let mut stopped = false;
+    for (pane, run) in panes.iter_mut() {
+        yield_to_event_loop().await;
+        if stop.get() {
+            stopped = true;
+            break;
+        }
+        run.prefill(vlm, &prepared)?;
+        let r = run.result(vlm)?;
+        emit(CompareEvent::Prefill { pane, prompt_tokens: r.prompt_tokens, seconds: r.prefill_seconds })?;
+    }
+    // One token per pane per turn, yielding between turns so `stop` can arrive.
+    while !stopped && panes.iter().any(|(_, r)| !r.is_finished()) {
+        for (pane, run) in panes.iter_mut() {
+            if let Some(step) = run.step(vlm)? {
+                if !emit(CompareEvent::Token { pane, index: step.index, id: step.id, text: &step.text })? {
+                    stopped = true;
+                }
+                if run.is_finished() {
+                    emit(CompareEvent::Done { pane, result: &run.result(vlm)? })?;
+                }
+            }
+        }
+        yield_to_event_loop().await;
+        stopped |= stop.get();
+    }
+    let [(_, mut unaltered), (_, mut steered)] = panes;
+    for (pane, run) in [("unaltered", &mut unaltered), ("steered", &mut steered)] {
+        if !run.is_finished() {
+            run.cancel();
+            emit(CompareEvent::Done { pane, result: &run.result(vlm)? })?;
+        }
+    }
+
+    let gap = if opts.gap && image.is_some() && !stopped {
+        yield_to_event_loop().await;
+        let text_only = vlm.probe(&vlm.prepare_text_only(&prepared.prompt)?, None)?.layer_outputs;
+        let before = vlm.probe(&prepared, None)?.layer_outputs;
+        let after = vlm.probe(&prepared, Some(&steering))?.layer_outputs;
+        let gap = Gap {
+            before: before.iter().zip(&text_only).map(|(m, t)| norm_of_difference(m, t)).collect(),
+            after: after.iter().zip(&text_only).map(|(m, t)| norm_of_difference(m, t)).collect(),
+        };
+        emit(CompareEvent::Gap { gap: &gap })?;
+        Some(gap)
+    } else {
+        None
+    };
+    Ok(CompareResult {
+        prompt: prepared.prompt.clone(),
+        unaltered: unaltered.result(vlm)?,
+        steered: steered.result(vlm)?,
+        vectors: info,
+        layers,
+        alpha,
+        gap,
+    })
+}

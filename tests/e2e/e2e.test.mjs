@@ -1,0 +1,206 @@
+// End-to-end test of the built page (dist/, from `trunk build --release`) in headless Chromium:
+// the real page, the real worker, the real wasm. Run by scripts/test-browser.sh, or:
+//   (cd tests/e2e && npm ci && DIST=../../dist npm test)
+// Chromium is the system one (/usr/bin/chromium, or $CHROMIUM); nothing is downloaded.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, mkdirSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+import { serve } from "./server.mjs";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = resolve(here, "../..");
+const dist = resolve(process.env.DIST || resolve(repo, "dist"));
+const artifacts = resolve(process.env.ARTIFACTS || resolve(repo, "artifacts"));
+const refsDir = resolve(repo, "tests/fixtures/oracle/refs");
+const refs = JSON.parse(readFileSync(resolve(refsDir, "tiny-llava-siglip-qwen2/refs.json"), "utf8"));
+const case0 = refs.cases.find((c) => c.id === "img0_q0"); // red_square, "What is in the image?"
+
+let site, browser, page;
+const requests = []; // every URL the page or its worker asked for
+const consoleErrors = [];
+const T = 60_000;
+
+const byTestId = (id) => page.getByTestId(id);
+const status = () => byTestId("status").textContent();
+const waitStatus = (s, timeout = T) =>
+  page.waitForFunction((s) => document.querySelector('[data-testid="status"]').textContent === s, s, { timeout });
+const paneIds = async (pane) => JSON.parse((await byTestId(pane).getAttribute("data-ids")) || "null");
+
+async function runCompare() {
+  await byTestId("compare").click();
+  await waitStatus("ready");
+  for (const pane of ["pane-unaltered", "pane-steered"]) assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
+}
+
+/// A model folder whose weights header declares ~5 GB of F32 tensors (the body is never read):
+/// the page must refuse it before downloading, from the header alone (HTTP range requests).
+function oversizedModel() {
+  const bundled = resolve(dist, "assets/models/tiny-llava-siglip-qwen2");
+  let header = JSON.stringify({ "language_model.model.embed_tokens.weight": { dtype: "F16", shape: [151936, 8192], data_offsets: [0, 151936 * 8192 * 2] } });
+  header += " ".repeat((8 - (header.length % 8)) % 8);
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(header.length));
+  return {
+    "/huge/config.json": readFileSync(resolve(bundled, "config.json")),
+    "/huge/tokenizer.json": readFileSync(resolve(bundled, "tokenizer.json")),
+    "/huge/model.safetensors": Buffer.concat([len, Buffer.from(header), Buffer.alloc(64)]),
+  };
+}
+
+before(async () => {
+  site = await serve(dist, 0, oversizedModel());
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    chromiumSandbox: false,
+    args: ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+      "--disable-quic", "--no-first-run"],
+  });
+  const context = await browser.newContext({ viewport: { width: 1200, height: 1500 } });
+  context.on("request", (r) => requests.push(r.url()));
+  page = await context.newPage();
+  page.on("worker", (w) => w.on("console", (m) => m.type() === "error" && consoleErrors.push(`worker: ${m.text()}`)));
+  page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text()));
+  page.on("pageerror", (e) => consoleErrors.push(`pageerror: ${e.message}`));
+});
+
+after(async () => {
+  await browser?.close();
+  site?.server.close();
+});
+
+test("bundled model: upload, compare, stream both panes, chart, same-origin only", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  assert.equal(await status(), "no model");
+  assert.match(await byTestId("model-select").inputValue(), /bundled/);
+  assert.match(await page.locator("#model-select option:checked").textContent(), /random weights/);
+
+  const t0 = Date.now();
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  const loadMs = Date.now() - t0;
+  assert.equal(await byTestId("progress").evaluate((p) => p.value), 1);
+  // Defaults come from the vector file's metadata.
+  assert.equal(await byTestId("alpha").inputValue(), "0.5");
+  assert.equal(await byTestId("layers").inputValue(), "all");
+
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("12");
+
+  const t1 = Date.now();
+  await byTestId("compare").click();
+  await waitStatus("ready");
+  const compareMs = Date.now() - t1;
+  const unaltered = (await byTestId("pane-unaltered").textContent()).trim();
+  const steered = (await byTestId("pane-steered").textContent()).trim();
+  assert.ok(unaltered.length > 0, "unaltered pane is empty");
+  assert.ok(steered.length > 0, "steered pane is empty");
+  assert.notEqual(unaltered, steered, "α ≠ 0 must change the answer");
+  // Greedy ids equal the transformers oracle (α = 0.5, all layers ↔ shift_all_layers_a0.5).
+  assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+  assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+  assert.match(await page.locator("#speed-steered").textContent(), /tokens\/s/);
+
+  // Chart: one bar per layer (‖v_l‖) and the gap before/after per layer.
+  const chart = byTestId("layer-chart");
+  assert.equal(await chart.getAttribute("data-drawn"), "true");
+  assert.equal(await chart.locator("rect.bar").count(), 3);
+  assert.equal(await chart.locator("circle.gap-before").count(), 3);
+  assert.equal(await chart.locator("circle.gap-after").count(), 3);
+
+  mkdirSync(artifacts, { recursive: true });
+  await page.screenshot({ path: resolve(artifacts, "e2e-compare.png"), fullPage: true });
+
+  const foreign = requests.filter((u) => !u.startsWith(site.origin + "/") && !u.startsWith("blob:") && !u.startsWith("data:"));
+  assert.deepEqual(foreign, [], "requests left the page's origin");
+  assert.ok(requests.some((u) => u.endsWith("/model.safetensors")), "worker requests must be observed");
+  assert.ok(site.requests.some((r) => r === "GET /assets/models/tiny-llava-siglip-qwen2/model.safetensors"));
+  console.log(`  load ${loadMs} ms, compare (2 × 12 tokens + gap) ${compareMs} ms, ${requests.length} requests, all same-origin`);
+});
+
+test("a non-image upload shows a readable error and the page stays usable", async () => {
+  await byTestId("image-input").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("not a picture\n") });
+  const error = byTestId("error");
+  await error.waitFor({ state: "visible", timeout: T });
+  assert.match(await error.textContent(), /not a supported image/);
+  assert.equal(await status(), "ready");
+  await runCompare(); // the previous image is still in use
+  assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+  assert.equal(await error.isVisible(), false, "a successful compare clears the error");
+});
+
+test("a vector file for another model shows a readable error and the page stays usable", async () => {
+  await byTestId("vectors-input").setInputFiles(resolve(refsDir, "tiny-llava-clip-llama/shift_vectors.safetensors"));
+  const error = byTestId("error");
+  await error.waitFor({ state: "visible", timeout: T });
+  const text = await error.textContent();
+  assert.match(text, /layer\.3/);
+  assert.match(text, /3 decoder layers/);
+  assert.equal(await status(), "ready");
+  await runCompare(); // still the bundled vectors
+  assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+});
+
+test("sample-level vectors and stop", async () => {
+  await page.locator("#variant").selectOption("sample");
+  await runCompare();
+  assert.ok((await byTestId("pane-steered").textContent()).length > 0);
+  await page.locator("#variant").selectOption("dataset");
+
+  await page.locator("#max-tokens").fill("400");
+  await byTestId("compare").click();
+  await page.waitForFunction(() => document.querySelector('[data-testid="pane-unaltered"]').textContent.length > 0, null, { timeout: T });
+  await byTestId("stop").click();
+  await waitStatus("ready");
+  const n = (await paneIds("pane-unaltered")).length;
+  assert.ok(n < 400, `stop must end the answer early (got ${n} tokens)`);
+  assert.match(await page.locator("#speed-unaltered").textContent(), /stopped|end of answer/);
+});
+
+test("second visit loads from the Cache API; embed view works", async () => {
+  assert.equal(await page.evaluate(() => caches.has("cmrm-models-v1")), true);
+  const before = site.requests.filter((r) => r.endsWith("model.safetensors")).length;
+  await page.goto(`${site.origin}/embed.html?model=bundled&image=assets/examples/red_square.png&prompt=${encodeURIComponent(case0.question)}`);
+  await waitStatus("ready");
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  assert.equal(site.requests.filter((r) => r.endsWith("model.safetensors")).length, before, "weights came from the cache");
+  assert.equal(await byTestId("prompt").inputValue(), case0.question);
+  await page.locator("#max-tokens").evaluate((e) => { e.value = "12"; });
+  await runCompare();
+  assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+  await page.screenshot({ path: resolve(artifacts, "e2e-embed.png") });
+  const foreign = requests.filter((u) => !u.startsWith(site.origin + "/") && !u.startsWith("blob:") && !u.startsWith("data:"));
+  assert.deepEqual(foreign, []);
+  assert.deepEqual(consoleErrors.filter((e) => !/Failed to load resource/.test(e)), []);
+});
+
+test("a model too large for wasm memory is refused before downloading; the page stays usable", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  await page.locator("#model-select").selectOption("custom");
+  await page.locator("#custom-repo").fill(`${site.origin}/huge/`);
+  await page.locator("#custom-repo").dispatchEvent("change");
+  await page.waitForFunction(() => /needs about/.test(document.getElementById("download-size").textContent), null, { timeout: T });
+  await byTestId("load-model").click();
+  const error = byTestId("error");
+  await error.waitFor({ state: "visible", timeout: T });
+  assert.match(await error.textContent(), /needs about [\d.]+ GB of WebAssembly memory/);
+  await page.screenshot({ path: resolve(artifacts, "e2e-too-large.png") });
+  assert.equal(await status(), "no model");
+  assert.ok(!site.requests.includes("GET /huge/model.safetensors"), "only ranges of the weights were read");
+  assert.ok(site.requests.filter((r) => r === "GET /huge/model.safetensors").length === 0);
+
+  await page.locator("#model-select").selectOption("bundled");
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("12");
+  await runCompare();
+  assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+});

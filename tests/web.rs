@@ -1,0 +1,276 @@
+//! The browser API in a real browser (wasm-bindgen-test, headless Chromium): the oracle's tiny
+//! checkpoints loaded from bytes through `Session`, answered with greedy decoding, unaltered and
+//! steered, must give exactly the oracle's `generated_ids` — the ids the native build is tested
+//! against in tests/oracle_parity.rs, so this shows wasm == native == transformers.
+//!
+//! Run: `scripts/test-browser.sh`, or
+//! `WASM_BINDGEN_TEST_TIMEOUT=600 CHROMEDRIVER=/usr/bin/chromedriver cargo test --target wasm32-unknown-unknown --release --test web`
+#![cfg(target_arch = "wasm32")]
+
+use cmrm::web::Session;
+use serde::Serialize;
+use serde_json::{json, Value};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+macro_rules! fixture {
+    ($model:literal, $file:literal) => {
+        (String::from($file), include_bytes!(concat!("fixtures/oracle/fixtures/", $model, "/", $file)).to_vec())
+    };
+}
+
+macro_rules! model_files {
+    ($model:literal) => {
+        vec![
+            fixture!($model, "config.json"),
+            fixture!($model, "tokenizer.json"),
+            fixture!($model, "tokenizer_config.json"),
+            fixture!($model, "chat_template.jinja"),
+            fixture!($model, "preprocessor_config.json"),
+            fixture!($model, "processor_config.json"),
+            fixture!($model, "generation_config.json"),
+            fixture!($model, "model.safetensors"),
+        ]
+    };
+}
+
+macro_rules! refs {
+    ($model:literal, $file:literal) => {
+        include_bytes!(concat!("fixtures/oracle/refs/", $model, "/", $file)).as_slice()
+    };
+}
+
+/// One oracle model: its files, refs.json, images and vector files.
+struct Oracle {
+    name: &'static str,
+    files: Vec<(String, Vec<u8>)>,
+    refs: Value,
+    images: [(&'static str, &'static [u8]); 3],
+    shift: &'static [u8],
+    random: &'static [u8],
+}
+
+fn siglip_qwen2() -> Oracle {
+    Oracle {
+        name: "tiny-llava-siglip-qwen2",
+        files: model_files!("tiny-llava-siglip-qwen2"),
+        refs: serde_json::from_slice(refs!("tiny-llava-siglip-qwen2", "refs.json")).unwrap(),
+        images: [
+            ("red_square", refs!("tiny-llava-siglip-qwen2", "red_square.png")),
+            ("gradient", refs!("tiny-llava-siglip-qwen2", "gradient.png")),
+            ("checker", refs!("tiny-llava-siglip-qwen2", "checker.png")),
+        ],
+        shift: refs!("tiny-llava-siglip-qwen2", "shift_vectors.safetensors"),
+        random: refs!("tiny-llava-siglip-qwen2", "steer_random.safetensors"),
+    }
+}
+
+fn clip_llama() -> Oracle {
+    Oracle {
+        name: "tiny-llava-clip-llama",
+        files: model_files!("tiny-llava-clip-llama"),
+        refs: serde_json::from_slice(refs!("tiny-llava-clip-llama", "refs.json")).unwrap(),
+        images: [
+            ("red_square", refs!("tiny-llava-clip-llama", "red_square.png")),
+            ("gradient", refs!("tiny-llava-clip-llama", "gradient.png")),
+            ("checker", refs!("tiny-llava-clip-llama", "checker.png")),
+        ],
+        shift: refs!("tiny-llava-clip-llama", "shift_vectors.safetensors"),
+        random: refs!("tiny-llava-clip-llama", "steer_random.safetensors"),
+    }
+}
+
+/// The bundled page model's CMRM file (www/tools/make_bundled_vectors.py).
+const BUNDLED_CMRM_VECTORS: &[u8] =
+    include_bytes!("../www/assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors");
+
+fn js<T: Serialize>(v: &T) -> JsValue {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap()
+}
+
+fn message(e: JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).unwrap_or_else(|| format!("{e:?}"))
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap_or_else(|| panic!("not an id list: {v}")).iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+async fn compare(session: &Session, options: Value) -> Result<Value, String> {
+    let promise = session.compare(js(&options), None);
+    let out = JsFuture::from(promise).await.map_err(message)?;
+    Ok(serde_wasm_bindgen::from_value(out).unwrap())
+}
+
+/// A CMRM file (sign = subtract) from the oracle's shift (text − multimodal): v = −shift.
+fn negated_cmrm_file(shift: &[u8], config_json: &[u8]) -> Vec<u8> {
+    let mut v = cmrm::SteeringVectors::from_safetensors_bytes("shift", shift).unwrap();
+    v.layers.values_mut().for_each(|x| x.iter_mut().for_each(|a| *a = -*a));
+    v.metadata.insert("sign".into(), "subtract".into());
+    v.metadata.insert("format".into(), "cmrm-vectors/1".into());
+    let config = cmrm::LlavaConfig::from_json_str(std::str::from_utf8(config_json).unwrap()).unwrap();
+    v.metadata.insert("model".into(), config.fingerprint());
+    v.to_safetensors_bytes().unwrap()
+}
+
+/// Every case × every oracle steer case through `Session.compare`, plus the CMRM (subtract)
+/// reading of the shift cases. Returns the number of comparisons checked.
+async fn parity(oracle: Oracle, cmrm_file: Vec<u8>) -> usize {
+    let session = Session::from_named_bytes(oracle.name, oracle.files).unwrap();
+    let refs = &oracle.refs;
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in refs["cases"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        let image = oracle.images.iter().find(|(n, _)| *n == case["image"].as_str().unwrap()).unwrap().1;
+        session.set_image(image).map_err(JsValue::from).map_err(message).unwrap();
+        let want_unaltered = ids(&case["multimodal"]["generated_ids"]);
+        for sc in refs["steer_cases"].as_array().unwrap() {
+            let name = sc["name"].as_str().unwrap();
+            let layers: Vec<String> = sc["layers"].as_array().unwrap().iter().map(|l| l.to_string()).collect();
+            let want_steered = ids(&case["steered_multimodal"][name]["generated_ids"]);
+            // The oracle's files carry no sign: they add alpha·v, as the oracle's steer() does.
+            let file = if sc["vectors_file"] == "shift_vectors.safetensors" { oracle.shift } else { oracle.random };
+            let mut runs = vec![(format!("{id} {name}"), file.to_vec(), sc["alpha"].as_f64().unwrap())];
+            if sc["vectors_file"] == "shift_vectors.safetensors" {
+                // CMRM: h − α·v with v = multimodal − text = −shift gives the same states.
+                runs.push((format!("{id} {name} (cmrm file)"), cmrm_file.clone(), sc["alpha"].as_f64().unwrap()));
+            }
+            for (what, bytes, alpha) in runs {
+                session.set_vectors(name, &bytes).map_err(JsValue::from).map_err(message).unwrap();
+                let options = json!({
+                    "prompt": case["question"], "maxNewTokens": 12, "alpha": alpha,
+                    "layers": layers.join(","), "positions": sc["positions"], "variant": "dataset",
+                });
+                let r = compare(&session, options).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+                if r["prompt"] != case["multimodal"]["prompt"] {
+                    failures.push(format!("{what}: prompt {} != {}", r["prompt"], case["multimodal"]["prompt"]));
+                }
+                if ids(&r["unaltered"]["generatedIds"]) != want_unaltered {
+                    failures.push(format!(
+                        "{what}: unaltered {:?} != {:?}",
+                        ids(&r["unaltered"]["generatedIds"]),
+                        want_unaltered
+                    ));
+                }
+                if ids(&r["steered"]["generatedIds"]) != want_steered {
+                    failures.push(format!(
+                        "{what}: steered {:?} != {:?}",
+                        ids(&r["steered"]["generatedIds"]),
+                        want_steered
+                    ));
+                }
+                let eos = &case["steered_multimodal"][name]["stopped_on_eos"];
+                if &r["steered"]["stoppedOnEos"] != eos {
+                    failures.push(format!("{what}: stoppedOnEos {} != {eos}", r["steered"]["stoppedOnEos"]));
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}: {} mismatches:\n{}", oracle.name, failures.len(), failures.join("\n"));
+    checked
+}
+
+#[wasm_bindgen_test]
+async fn greedy_ids_match_oracle_siglip_qwen2() {
+    let n = parity(siglip_qwen2(), BUNDLED_CMRM_VECTORS.to_vec()).await;
+    assert_eq!(n, 9 * (8 + 4));
+}
+
+#[wasm_bindgen_test]
+async fn greedy_ids_match_oracle_clip_llama() {
+    let oracle = clip_llama();
+    let cmrm_file = negated_cmrm_file(oracle.shift, &oracle.files[0].1);
+    assert_eq!(parity(oracle, cmrm_file).await, 9 * (8 + 4));
+}
+
+#[wasm_bindgen_test]
+fn bundled_vectors_are_the_negated_oracle_shift() {
+    let bundled = cmrm::SteeringVectors::from_safetensors_bytes("bundled", BUNDLED_CMRM_VECTORS).unwrap();
+    let shift = cmrm::SteeringVectors::from_safetensors_bytes("shift", siglip_qwen2().shift).unwrap();
+    assert_eq!(bundled.sign(), "subtract");
+    assert_eq!(bundled.metadata.get("format").map(String::as_str), Some("cmrm-vectors/1"));
+    for (l, v) in &shift.layers {
+        let negated: Vec<f32> = v.iter().map(|x| -x).collect();
+        assert_eq!(bundled.layers[l], negated, "layer {l}");
+    }
+}
+
+/// Sample-level vectors (computed in the browser for the prompt) steer exactly like the same
+/// vectors handed over as a file; stop and errors leave the session usable.
+#[wasm_bindgen_test]
+async fn sample_level_stop_and_errors() {
+    let oracle = siglip_qwen2();
+    let session = Session::from_named_bytes(oracle.name, oracle.files).unwrap();
+    let question = "What is in the image?";
+
+    // Errors are readable and change nothing.
+    let e = message(session.set_image(b"GIF? no, plain text").map_err(JsValue::from).unwrap_err());
+    assert!(e.contains("not a supported image"), "{e}");
+    let e = message(session.set_vectors("llama.safetensors", clip_llama().shift).map_err(JsValue::from).unwrap_err());
+    assert!(e.contains("layer.3") && e.contains("3 decoder layers"), "{e}");
+    let e = compare(&session, json!({"prompt": question, "variant": "dataset"})).await.unwrap_err();
+    assert!(e.contains("no steering vectors are loaded"), "{e}");
+    let e = compare(&session, json!({"prompt": question, "variant": "sample", "layers": "0-7"})).await.unwrap_err();
+    assert!(e.contains("out of range"), "{e}");
+
+    session.set_image(oracle.images[0].1).map_err(JsValue::from).unwrap();
+    let options =
+        json!({"prompt": question, "maxNewTokens": 12, "alpha": 1.0, "layers": "1", "variant": "sample", "gap": true});
+    let sample = compare(&session, options).await.unwrap();
+    assert_eq!(sample["vectors"]["variant"], "sample");
+    let gap = &sample["gap"];
+    assert_eq!(gap["before"].as_array().unwrap().len(), 3);
+    assert!(gap["after"].as_array().unwrap().iter().all(|x| x.as_f64().unwrap().is_finite()));
+
+    // The same vectors, computed by the library directly and loaded as a CMRM file.
+    let vlm_side = {
+        let files = siglip_qwen2().files;
+        let native = cmrm::Vlm::from_parts(
+            cmrm::LlavaConfig::from_json_str(std::str::from_utf8(&files[0].1).unwrap()).unwrap(),
+            &cmrm::processor::ProcessorFiles {
+                tokenizer_json: files[1].1.clone(),
+                tokenizer_config_json: Some(String::from_utf8(files[2].1.clone()).unwrap()),
+                chat_template_jinja: Some(String::from_utf8(files[3].1.clone()).unwrap()),
+                preprocessor_config_json: Some(String::from_utf8(files[4].1.clone()).unwrap()),
+                processor_config_json: Some(String::from_utf8(files[5].1.clone()).unwrap()),
+                ..Default::default()
+            },
+            Some(std::str::from_utf8(&files[6].1).unwrap()),
+            {
+                let mut w = cmrm::weights::Weights::empty();
+                w.add_file("model.safetensors", &files[7].1, &candle_core::Device::Cpu).unwrap();
+                w
+            },
+        )
+        .unwrap();
+        cmrm::cmrm::sample_level_vectors(&native, &cmrm::PromptText::Chat(question.into()), cmrm::cmrm::Anchor::Blank)
+            .unwrap()
+    };
+    session
+        .set_vectors("sample.safetensors", &vlm_side.to_safetensors_bytes().unwrap())
+        .map_err(JsValue::from)
+        .unwrap();
+    let file = compare(
+        &session,
+        json!({"prompt": question, "maxNewTokens": 12, "alpha": 1.0, "layers": "1", "variant": "dataset"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(file["steered"]["generatedIds"], sample["steered"]["generatedIds"]);
+    assert_eq!(file["unaltered"]["generatedIds"], sample["unaltered"]["generatedIds"]);
+
+    // stop() right after compare(): both panes end at once, cancelled, and the session goes on.
+    let promise = session.compare(js(&json!({"prompt": question, "maxNewTokens": 12})), None);
+    session.stop();
+    let stopped: Value = serde_wasm_bindgen::from_value(JsFuture::from(promise).await.unwrap()).unwrap();
+    assert_eq!(stopped["unaltered"]["cancelled"], true);
+    assert!(ids(&stopped["steered"]["generatedIds"]).len() < 12);
+    let again =
+        compare(&session, json!({"prompt": question, "maxNewTokens": 12, "alpha": 1.0, "layers": "1"})).await.unwrap();
+    assert_eq!(again["steered"]["generatedIds"], file["steered"]["generatedIds"]);
+}

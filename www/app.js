@@ -1,0 +1,366 @@
+// The page: UI and worker plumbing only. Everything about the model runs in Rust inside
+// worker.js. No request leaves the page except for model and vector files; no analytics.
+
+const $ = (id) => document.getElementById(id);
+const EMBED = document.body.dataset.mode === "embed";
+const params = new URLSearchParams(location.search);
+
+/// The bundled demo model: random weights, for trying the mechanics offline.
+const BUNDLED = {
+  label: "tiny-llava-siglip-qwen2 (bundled, random weights — gibberish answers)",
+  model: new URL("assets/models/tiny-llava-siglip-qwen2/", location.href).href,
+  files: ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    "preprocessor_config.json", "processor_config.json", "generation_config.json", "model.safetensors"],
+  vectors: new URL("assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors", location.href).href,
+};
+/// Real checkpoints on the Hugging Face Hub (LLaVA architecture, ≤ 1B parameters).
+const HUB_MODELS = ["llava-hf/llava-interleave-qwen-0.5b-hf"];
+
+// ---------------------------------------------------------------- worker RPC
+
+let worker = null;
+let nextId = 1;
+const pending = new Map();
+
+function startWorker() {
+  worker = new Worker(new URL("worker.js", location.href), { type: "module" });
+  worker.onmessage = (e) => {
+    const { id, type } = e.data;
+    const p = pending.get(id);
+    if (!p) return;
+    if (type === "event") { p.onEvent?.(e.data.event); return; }
+    pending.delete(id);
+    if (type === "result") p.resolve(e.data.value);
+    else {
+      const err = new Error(e.data.message);
+      err.crashed = e.data.crashed;
+      p.reject(err);
+    }
+  };
+  worker.onerror = (e) => showError(`the worker failed to start: ${e.message || "see the console"}`);
+}
+
+function call(type, args = {}, onEvent = null, transfer = []) {
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject, onEvent });
+    worker.postMessage({ id, type, ...args }, transfer);
+  });
+}
+
+// ---------------------------------------------------------------- state and small helpers
+
+const state = { loaded: false, busy: false, image: null, vectorsInfo: null, info: null, lastGap: null };
+
+function setStatus(s) {
+  $("status").textContent = s;
+  $("status").dataset.state = s;
+  const canRun = state.loaded && !state.busy;
+  $("compare").disabled = !canRun;
+  $("stop").disabled = s !== "generating";
+  $("load-model").disabled = state.busy;
+}
+
+function showError(msg) {
+  const el = $("error");
+  el.textContent = msg;
+  el.hidden = !msg;
+}
+
+const mb = (n) => (n / 1e6).toFixed(n < 1e7 ? 2 : 0) + " MB";
+
+function fail(err) {
+  showError(err.message || String(err));
+  if (err.crashed) {
+    // The wasm instance is dead after a panic: start a fresh worker; the model must be reloaded.
+    worker.terminate();
+    for (const p of pending.values()) p.reject(new Error("the engine restarted"));
+    pending.clear();
+    startWorker();
+    state.loaded = false;
+    showError(`${err.message} — the engine crashed and was restarted; load the model again.`);
+  }
+  state.busy = false;
+  setStatus(state.loaded ? "ready" : "no model");
+}
+
+// ---------------------------------------------------------------- model picker and loading
+
+function modelChoice() {
+  const v = $("model-select").value;
+  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files }, vectors: BUNDLED.vectors, label: BUNDLED.label };
+  const repo = v === "custom" ? $("custom-repo").value.trim() : v;
+  return { options: { model: repo, revision: "main" }, vectors: null, label: repo };
+}
+
+async function showPlan() {
+  const choice = modelChoice();
+  $("custom-repo").hidden = $("model-select").value !== "custom";
+  if ($("model-select").value === "bundled") {
+    $("download-size").textContent = "bundled with the page (under 1 MB), works offline";
+    return;
+  }
+  if (!choice.options.model) { $("download-size").textContent = ""; return; }
+  $("download-size").textContent = "checking the download size…";
+  try {
+    const plan = await call("plan", { options: choice.options });
+    if (plan.memoryProblem) { $("download-size").textContent = `${mb(plan.totalBytes)}: ${plan.memoryProblem}`; return; }
+    const left = plan.totalBytes - plan.cachedBytes;
+    $("download-size").textContent = left > 0
+      ? `${mb(left)} to download (${plan.files.length} files${plan.cachedBytes ? `, ${mb(plan.cachedBytes)} already cached` : ""}); kept in the browser cache for next time`
+      : `${mb(plan.totalBytes)}, all cached: starts offline`;
+  } catch (err) {
+    $("download-size").textContent = `size unknown: ${err.message}`;
+  }
+}
+
+async function loadModel() {
+  const choice = modelChoice();
+  if (!choice.options.model) return showError("type a Hugging Face repo id, e.g. llava-hf/llava-interleave-qwen-0.5b-hf");
+  const vectorsUrl = params.get("vectors") || choice.vectors;
+  showError("");
+  state.busy = true;
+  state.loaded = false;
+  setStatus("loading");
+  $("progress").value = 0;
+  $("progress-text").textContent = "starting…";
+  try {
+    const info = await call("load", { options: { ...choice.options, vectors: vectorsUrl ? new URL(vectorsUrl, location.href).href : undefined } }, (ev) => {
+      if (ev.kind !== "progress") return;
+      $("progress").value = ev.total ? ev.loaded / ev.total : 0;
+      const name = ev.file ? ev.file.split("/").pop() : "";
+      $("progress-text").textContent = ev.phase === "ready" ? "loaded"
+        : `${mb(ev.loaded)} / ${mb(ev.total)} — ${name}${ev.fromCache ? " (cache)" : ""}`;
+    });
+    state.loaded = true;
+    state.info = info;
+    $("progress").value = 1;
+    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; backend ${info.backend}; wasm memory ${mb(info.wasmMemoryBytes)}`;
+    useVectorsInfo(info.vectors);
+    if (state.image) await sendImage(state.image);
+  } catch (err) {
+    $("progress-text").textContent = "failed";
+    return fail(err);
+  }
+  state.busy = false;
+  setStatus("ready");
+}
+
+// ---------------------------------------------------------------- steering controls and chart
+
+function useVectorsInfo(info) {
+  state.vectorsInfo = info || null;
+  state.lastGap = null;
+  if (info) {
+    if (info.defaultAlpha != null) setAlpha(info.defaultAlpha);
+    if (info.defaultLayers) $("layers").value = info.defaultLayers;
+    $("vectors-info").textContent = `${info.name.split("/").pop()}: ${info.norms.filter((n) => n != null).length} layers, sign ${info.sign}${info.metadata?.method ? `, method ${info.metadata.method}` : ""}`;
+  } else {
+    $("vectors-info").textContent = "no vector file: use sample-level vectors, or load a file";
+  }
+  drawChart();
+}
+
+function setAlpha(a) {
+  $("alpha").value = a;
+  $("alpha-value").textContent = Number(a).toFixed(2);
+}
+
+/// SVG bar chart: ‖v_l‖ per layer (bars) and, after a compare, the representation gap
+/// ‖h_l(prompt+image) − h_l(prompt)‖ before (○) and after (●) steering.
+function drawChart() {
+  const svg = $("layer-chart");
+  const norms = state.vectorsInfo?.norms || [];
+  const gap = state.lastGap;
+  const n = Math.max(norms.length, gap?.before.length || 0);
+  const W = 360, H = 160, pad = 28;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.replaceChildren();
+  const ns = "http://www.w3.org/2000/svg";
+  const el = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text != null) e.textContent = text;
+    svg.appendChild(e);
+    return e;
+  };
+  if (!n) {
+    el("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "muted" }, "per-layer ‖v‖ appears here");
+    svg.dataset.drawn = "false";
+    return;
+  }
+  const values = [...norms.filter((x) => x != null), ...(gap ? [...gap.before, ...gap.after] : [])];
+  const max = Math.max(1e-9, ...values);
+  const bw = (W - 2 * pad) / n;
+  const y = (v) => H - pad - (v / max) * (H - 2 * pad);
+  el("line", { x1: pad, y1: H - pad, x2: W - pad, y2: H - pad, class: "axis" });
+  for (let l = 0; l < n; l++) {
+    const x = pad + l * bw;
+    if (norms[l] != null) {
+      el("rect", { x: x + bw * 0.2, y: y(norms[l]), width: bw * 0.6, height: H - pad - y(norms[l]), class: "bar", "data-layer": l }).appendChild(document.createElementNS(ns, "title")).textContent = `layer ${l}: ‖v‖ = ${norms[l].toFixed(3)}`;
+    }
+    if (gap) {
+      el("circle", { cx: x + bw / 2, cy: y(gap.before[l]), r: 4, class: "gap-before" }).appendChild(document.createElementNS(ns, "title")).textContent = `layer ${l}: gap before ${gap.before[l].toFixed(3)}`;
+      el("circle", { cx: x + bw / 2, cy: y(gap.after[l]), r: 4, class: "gap-after" }).appendChild(document.createElementNS(ns, "title")).textContent = `layer ${l}: gap after ${gap.after[l].toFixed(3)}`;
+    }
+    if (n <= 32 || l % Math.ceil(n / 16) === 0) el("text", { x: x + bw / 2, y: H - pad + 12, "text-anchor": "middle", class: "tick" }, String(l));
+  }
+  el("text", { x: pad, y: 12, class: "tick" }, `max ${max.toFixed(2)} · bars ‖v_l‖${gap ? " · ○ gap before · ● after" : ""}`);
+  svg.dataset.drawn = "true";
+}
+
+async function chooseVectorsFile(file) {
+  if (!file) return;
+  showError("");
+  if (!state.loaded) return showError("load a model first, then its vector file");
+  try {
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    useVectorsInfo(await call("setVectors", { name: file.name, bytes }, null, [bytes.buffer]));
+    $("variant").value = "dataset";
+  } catch (err) {
+    fail(err);
+  } finally {
+    $("vectors-input").value = "";
+  }
+}
+
+// ---------------------------------------------------------------- image input
+
+async function chooseImage(file) {
+  if (!file) return;
+  showError("");
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  const previous = state.image;
+  state.image = bytes;
+  if (state.loaded) {
+    const ok = await sendImage(bytes);
+    if (!ok) { state.image = previous; return; }
+  } else {
+    $("image-info").textContent = `${file.name} (${mb(file.size)}): used once a model is loaded`;
+  }
+  if ($("preview").src.startsWith("blob:")) URL.revokeObjectURL($("preview").src);
+  $("preview").src = URL.createObjectURL(file);
+  $("preview").hidden = false;
+}
+
+async function sendImage(bytes) {
+  try {
+    const copy = bytes.slice();
+    const info = await call("setImage", { bytes: copy }, null, [copy.buffer]);
+    $("image-info").textContent = `${info.width}×${info.height}${info.downscaled ? " (downscaled)" : ""} → ${info.imageTokens} image tokens, encoded in ${(info.encodeSeconds * 1000).toFixed(0)} ms`;
+    return true;
+  } catch (err) {
+    fail(err);
+    return false;
+  } finally {
+    $("image-input").value = "";
+  }
+}
+
+// ---------------------------------------------------------------- compare
+
+function paneEls(pane) {
+  return pane === "unaltered" ? [$("pane-unaltered"), $("speed-unaltered")] : [$("pane-steered"), $("speed-steered")];
+}
+
+async function compare() {
+  const prompt = $("prompt").value.trim();
+  if (!prompt) return showError("type a question first");
+  showError("");
+  for (const p of ["unaltered", "steered"]) {
+    const [text, speed] = paneEls(p);
+    text.textContent = "";
+    text.dataset.done = "false";
+    delete text.dataset.ids;
+    speed.textContent = "";
+  }
+  state.busy = true;
+  setStatus("generating");
+  const options = {
+    prompt,
+    maxNewTokens: Number($("max-tokens").value) || 64,
+    alpha: Number($("alpha").value),
+    layers: $("layers").value.trim() || "all",
+    positions: $("positions").value,
+    variant: $("variant").value,
+    gap: $("gap").checked,
+  };
+  try {
+    const result = await call("compare", { options }, (ev) => {
+      if (ev.kind === "token") paneEls(ev.pane)[0].textContent += ev.text;
+      else if (ev.kind === "prefill") paneEls(ev.pane)[1].textContent = `prefill ${ev.promptTokens} tokens in ${ev.seconds.toFixed(2)} s`;
+      else if (ev.kind === "done") {
+        const [text, speed] = paneEls(ev.pane);
+        text.textContent = ev.result.text;
+        text.dataset.ids = JSON.stringify(ev.result.generatedIds);
+        text.dataset.done = "true";
+        speed.textContent = `${ev.result.generatedIds.length} tokens · ${ev.result.decodeTokensPerS.toFixed(1)} tokens/s${ev.result.cancelled ? " · stopped" : ev.result.stoppedOnEos ? " · end of answer" : ""}`;
+      } else if (ev.kind === "vectors") {
+        if (ev.vectors.variant === "sample") { state.vectorsInfo = ev.vectors; drawChart(); }
+      } else if (ev.kind === "gap") { state.lastGap = ev.gap; drawChart(); }
+    });
+    $("compare-info").textContent = `α = ${result.alpha}, layers ${result.layers.join(",")}, ${result.vectors.variant}-level vectors`;
+  } catch (err) {
+    return fail(err);
+  }
+  state.busy = false;
+  setStatus("ready");
+}
+
+// ---------------------------------------------------------------- wiring
+
+function wire() {
+  const select = $("model-select");
+  select.replaceChildren();
+  select.add(new Option(BUNDLED.label, "bundled"));
+  for (const repo of HUB_MODELS) select.add(new Option(`${repo} (Hugging Face Hub)`, repo));
+  select.add(new Option("another Hub repo id or folder URL…", "custom"));
+  const wanted = params.get("model");
+  if (wanted && wanted !== "bundled") {
+    if (!HUB_MODELS.includes(wanted)) { select.value = "custom"; $("custom-repo").value = wanted; }
+    else select.value = wanted;
+  }
+  select.onchange = showPlan;
+  $("custom-repo").onchange = showPlan;
+  $("load-model").onclick = loadModel;
+  $("compare").onclick = compare;
+  $("stop").onclick = () => worker.postMessage({ type: "stop" });
+  $("alpha").oninput = () => setAlpha($("alpha").value);
+  $("image-input").onchange = (e) => chooseImage(e.target.files[0]);
+  $("vectors-input").onchange = (e) => chooseVectorsFile(e.target.files[0]);
+  $("prompt").onkeydown = (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !$("compare").disabled) compare(); };
+  $("clear-cache").onclick = async () => {
+    try { $("cache-info").textContent = (await call("clearCache")) ? "cached models deleted" : "nothing was cached"; } catch (err) { fail(err); }
+  };
+  const drop = $("drop-zone");
+  drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
+  drop.ondragleave = () => drop.classList.remove("over");
+  drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); chooseImage(e.dataTransfer.files[0]); };
+  document.onpaste = (e) => {
+    const item = [...(e.clipboardData?.items || [])].find((i) => i.kind === "file");
+    if (item) chooseImage(item.getAsFile());
+  };
+}
+
+async function embedStart() {
+  // embed.html?model=…&vectors=…&image=…&prompt=…: load, set the image, fill the prompt.
+  if (params.get("prompt")) $("prompt").value = params.get("prompt");
+  await loadModel();
+  const imageUrl = params.get("image");
+  if (state.loaded && imageUrl) {
+    try {
+      const r = await fetch(imageUrl);
+      if (!r.ok) throw new Error(`${imageUrl}: HTTP ${r.status}`);
+      const blob = await r.blob();
+      await chooseImage(new File([blob], imageUrl.split("/").pop() || "image", { type: blob.type }));
+    } catch (err) { fail(err); }
+  }
+}
+
+startWorker();
+wire();
+setAlpha($("alpha").value);
+drawChart();
+setStatus("no model");
+showPlan();
+if (EMBED) embedStart();

@@ -1,0 +1,89 @@
+// Module Web Worker: owns the wasm Session, so inference never blocks the page.
+// Plumbing only — the model, the files, the steering all live in Rust (src/web/).
+// Protocol: page → {id, type, ...args}; worker → {id, type: "result"|"error"|"event", ...}.
+
+import init, { Session, initPanicHook } from "./cmrm.js";
+
+const ready = init().then(() => initPanicHook());
+let session = null;
+
+const reply = (id, type, body) => postMessage({ id, type, ...body });
+const message = (e) => (e && e.message) || String(e);
+
+/// Browser-side fallback for images Rust cannot take as bytes (too many pixels, AVIF/BMP…):
+/// decode with the browser, downscale so the long side is at most `maxSide`, hand over RGBA.
+async function setImageViaBrowser(bytes, maxSide = 1024) {
+  const bitmap = await createImageBitmap(new Blob([bytes]));
+  const scale = Math.min(1, maxSide / Math.max(bitmap.width, bitmap.height));
+  const w = Math.max(1, Math.round(bitmap.width * scale));
+  const h = Math.max(1, Math.round(bitmap.height * scale));
+  const canvas = new OffscreenCanvas(w, h);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(bitmap, 0, 0, w, h);
+  bitmap.close();
+  const rgba = ctx.getImageData(0, 0, w, h).data;
+  return { ...session.setImageRgba(w, h, new Uint8Array(rgba.buffer)), downscaled: scale < 1 };
+}
+
+const handlers = {
+  async plan({ options }) {
+    return Session.plan(options);
+  },
+  async load({ id, options }) {
+    if (session) { session.free(); session = null; }
+    session = await Session.load(options, (p) => reply(id, "event", { event: { kind: "progress", ...p } }));
+    return session.info();
+  },
+  async setVectors({ name, bytes }) {
+    need();
+    return session.setVectors(name, bytes);
+  },
+  async loadVectors({ url }) {
+    need();
+    return session.loadVectors(url);
+  },
+  async setImage({ bytes }) {
+    need();
+    try {
+      return session.setImage(bytes);
+    } catch (rustError) {
+      // Rust decodes PNG/JPEG/WebP/GIF up to 40 MP; anything else the browser can decode goes
+      // through a canvas. If the browser cannot decode it either, Rust's message says why.
+      try {
+        return await setImageViaBrowser(bytes);
+      } catch {
+        throw rustError;
+      }
+    }
+  },
+  async compare({ id, options }) {
+    need();
+    return session.compare(options, (event) => { reply(id, "event", { event }); return true; });
+  },
+  async info() {
+    need();
+    return session.info();
+  },
+  async clearCache() {
+    return Session.clearCache();
+  },
+};
+
+function need() {
+  if (!session) throw new Error("no model is loaded: choose a model and press Load");
+}
+
+onmessage = async (e) => {
+  const msg = e.data;
+  if (msg.type === "stop") { session?.stop(); return; }
+  try {
+    await ready;
+    const handler = handlers[msg.type];
+    if (!handler) throw new Error(`unknown request ${msg.type}`);
+    reply(msg.id, "result", { value: await handler(msg) });
+  } catch (err) {
+    // A Rust panic surfaces as a RuntimeError ("unreachable"): the instance is unusable after it.
+    const crashed = err instanceof WebAssembly.RuntimeError;
+    reply(msg.id, "error", { message: message(err), crashed });
+  }
+};
