@@ -15,7 +15,7 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 
 step "native tests"
-cargo test --all-targets
+cargo test --lib --bins --tests
 
 step "wasm32 library build (simd128)"
 cargo build --target wasm32-unknown-unknown --lib --release
