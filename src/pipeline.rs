@@ -87,7 +87,7 @@ impl Vlm {
         let files = ProcessorFiles::read_dir(dir)?;
         let gen_path = dir.join("generation_config.json");
         let generation_config = std::fs::read_to_string(&gen_path).ok();
-        let weights = Weights::from_dir(dir, &Device::Cpu)?;
+        let weights = Weights::from_dir(dir)?;
         Self::from_parts(config, &files, generation_config.as_deref(), weights)
             .with_context(|| format!("loading {}", dir.display()))
     }

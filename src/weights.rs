@@ -12,23 +12,43 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-/// One loaded tensor and where it came from.
-struct Entry {
-    tensor: Tensor,
-    file: Arc<str>,
-    key: String,
+/// The bytes of one safetensors file, kept until the model is built.
+pub enum FileBytes {
+    Owned(Vec<u8>),
+    #[cfg(not(target_arch = "wasm32"))]
+    Mapped(memmap2::Mmap),
 }
 
-/// All tensors of a checkpoint, by canonical name, as F32 on one device.
+impl AsRef<[u8]> for FileBytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            #[cfg(not(target_arch = "wasm32"))]
+            Self::Mapped(m) => m,
+        }
+    }
+}
+
+/// Where one tensor lives: its file, its saved name, dtype, shape and byte range.
+struct Entry {
+    file: usize,
+    key: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
+}
+
+/// All tensors of a checkpoint, by canonical name. Tensors are converted to F32 only when the
+/// model asks for them, so a layer quantized on load never holds a full F32 copy of the model:
+/// peak memory ≈ the files plus the model in its in-memory format.
 pub struct Weights {
     entries: HashMap<String, Entry>,
-    /// Names of the files, for messages about tensors that are missing.
-    files: Vec<Arc<str>>,
+    /// `(name, bytes)` of each file, in the order added.
+    files: Vec<(Arc<str>, FileBytes)>,
 }
 
 /// Map a saved key to the canonical name, or `None` for keys cmrm does not use.
@@ -64,41 +84,43 @@ impl Weights {
         Self { entries: HashMap::new(), files: Vec::new() }
     }
 
-    /// Parse one safetensors file's bytes and add its tensors (converted to F32).
-    pub fn add_file(&mut self, name: &str, bytes: &[u8], device: &Device) -> Result<()> {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+    /// Parse one safetensors file and index its tensors (F32, F16 or BF16); `name` labels errors.
+    pub fn add_file(&mut self, name: &str, bytes: FileBytes) -> Result<()> {
+        let data = bytes.as_ref();
+        let st = safetensors::SafeTensors::deserialize(data).map_err(|e| {
             anyhow!("{name}: not a valid safetensors file ({e}); the download may be truncated or corrupt")
         })?;
-        let file: Arc<str> = Arc::from(name);
-        self.files.push(file.clone());
+        let index = self.files.len();
         for (key, view) in st.tensors() {
             let Some(canonical) = canonical_key(&key) else { continue };
-            let tensor = match view.dtype() {
-                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => view
-                    .load(device)
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .map_err(|e| anyhow!("{name}: tensor '{key}' cannot be read: {e}"))?,
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
                 other => bail!("{name}: tensor '{key}' has dtype {other:?}; cmrm reads F32, F16 and BF16"),
             };
             if let Some(prev) = self.entries.get(&canonical) {
-                bail!("{name}: tensor '{key}' is also in {} (as '{}')", prev.file, prev.key);
+                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.files[prev.file].0, prev.key);
             }
-            self.entries.insert(canonical, Entry { tensor, file: file.clone(), key });
+            let start = view.data().as_ptr() as usize - data.as_ptr() as usize;
+            let range = start..start + view.data().len();
+            self.entries.insert(canonical, Entry { file: index, key, dtype, shape: view.shape().to_vec(), range });
         }
+        self.files.push((Arc::from(name), bytes));
         Ok(())
     }
 
-    /// Load `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    /// Index `model.safetensors`, or the shards listed in `model.safetensors.index.json`
+    /// (memory-mapped: pages are read as tensors are converted).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_dir(dir: &std::path::Path, device: &Device) -> Result<Self> {
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
         let mut weights = Self::empty();
         for path in weight_files_in_dir(dir)? {
             let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: the map is read-only and dropped before this function returns; the tensors
-            // are copied out of it (and converted to F32) by `add_file`.
+            // SAFETY: the map is read-only; checkpoint files are not modified while cmrm loads them.
             let mmap =
                 unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            weights.add_file(&path.display().to_string(), &mmap, device)?;
+            weights.add_file(&path.display().to_string(), FileBytes::Mapped(mmap))?;
         }
         Ok(weights)
     }
@@ -107,8 +129,13 @@ impl Weights {
         self.entries.contains_key(name)
     }
 
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.entries.get(name).map(|e| &e.tensor)
+    /// The tensor `name` as F32 (a fresh copy).
+    pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        let e = self.entry(name)?;
+        let (file, bytes) = &self.files[e.file];
+        Tensor::from_raw_buffer(&bytes.as_ref()[e.range.clone()], e.dtype, &e.shape, device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|err| candle_core::Error::Msg(format!("{file}: tensor '{}' cannot be read: {err}", e.key)))
     }
 
     pub fn into_var_builder(self, device: &Device) -> VarBuilder<'static> {
@@ -122,7 +149,7 @@ impl Weights {
     }
 
     fn describe_files(&self) -> String {
-        self.files.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+        self.files.iter().map(|(f, _)| f.to_string()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -173,20 +200,20 @@ impl SimpleBackend for Weights {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let entry = self.entry(name)?;
-        if entry.tensor.shape() != &s {
+        if entry.shape.as_slice() != s.dims() {
             return Err(candle_core::Error::Msg(format!(
                 "{}: tensor '{}' has shape {:?}, but the config needs {:?}",
-                entry.file,
+                self.files[entry.file].0,
                 entry.key,
-                entry.tensor.dims(),
+                entry.shape,
                 s.dims()
             )));
         }
-        entry.tensor.to_dtype(dtype)?.to_device(dev)
+        self.load(name, dev)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.entry(name)?.tensor.to_dtype(dtype)?.to_device(dev)
+        self.load(name, dev)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

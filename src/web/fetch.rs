@@ -210,8 +210,9 @@ impl Plan {
     }
 
     /// The largest single file (it is held as bytes while its tensors are converted).
-    pub fn largest_file(&self) -> u64 {
-        self.files.iter().map(|f| f.size).max().unwrap_or(0)
+    /// Bytes of the weight files (`*.safetensors`), all held until the model is built.
+    pub fn weight_file_bytes(&self) -> u64 {
+        self.files.iter().filter(|f| f.name.ends_with(".safetensors")).map(|f| f.size).sum()
     }
 }
 

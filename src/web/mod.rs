@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use js_sys::{Function, Object, Reflect, Uint8Array};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
@@ -33,7 +33,7 @@ use crate::image::{decode_image, RgbImage};
 use crate::pipeline::{PromptText, Vlm};
 use crate::processor::ProcessorFiles;
 use crate::steering::{parse_layers, Intervention, Positions, SteeringVectors};
-use crate::weights::Weights;
+use crate::weights::{FileBytes, Weights};
 use fetch::{fetch_bytes, Plan};
 use run::{now_seconds, PaneResult, PaneRun};
 
@@ -249,8 +249,9 @@ fn put_processor_file(files: &mut ProcessorFiles, name: &str, bytes: Vec<u8>) ->
     Ok(())
 }
 
-/// Collects a checkpoint file by file; weights are parsed as each shard arrives and its bytes
-/// dropped, so peak memory is the F32 model plus one shard.
+/// Collects a checkpoint file by file; each weight file's header is parsed as it arrives and its
+/// bytes are kept until the model is built (tensors are converted as the model takes them), so
+/// peak memory is the weight files plus the model in memory.
 struct Assembler {
     config: Option<LlavaConfig>,
     generation_config: Option<String>,
@@ -284,7 +285,7 @@ impl Assembler {
             }
             n if n.ends_with(".safetensors") => {
                 self.weight_bytes += bytes.len() as u64;
-                self.weights.add_file(n, &bytes, &Device::Cpu)?;
+                self.weights.add_file(n, FileBytes::Owned(bytes))?;
                 self.weight_files += 1;
             }
             n if n.ends_with(".index.json") => {}
@@ -339,18 +340,18 @@ fn wasm_memory_bytes() -> u64 {
 }
 
 /// Refuse, before downloading, a model whose F32 weights cannot fit in wasm32 memory (the
-/// weights are converted to F32 on load; the largest file is held as bytes meanwhile).
+/// weights are converted to F32 on load; the weight files are held as bytes meanwhile).
 fn check_memory(plan: &Plan) -> Result<()> {
     let Some(f32_bytes) = plan.f32_weight_bytes else { return Ok(()) };
-    let needed = f32_bytes + plan.largest_file() + wasm_memory_bytes();
+    let needed = f32_bytes + plan.weight_file_bytes() + wasm_memory_bytes();
     if needed > WASM_MEMORY_LIMIT * 95 / 100 {
         let gb = |n: u64| n as f64 / 1e9;
         bail!(
-            "{} needs about {:.1} GB of WebAssembly memory ({:.1} GB of weights as F32 plus {:.1} GB for the largest file while it converts); a browser tab has at most {:.1} GB. This build keeps weights in F32: choose a smaller model or use the native CLI",
+            "{} needs about {:.1} GB of WebAssembly memory ({:.1} GB of weights as F32 plus {:.1} GB of weight files while they convert); a browser tab has at most {:.1} GB. This build keeps weights in F32: choose a smaller model or use the native CLI",
             plan.model,
             gb(needed),
             gb(f32_bytes),
-            gb(plan.largest_file()),
+            gb(plan.weight_file_bytes()),
             gb(WASM_MEMORY_LIMIT)
         );
     }
