@@ -13,6 +13,7 @@ step() { printf '\n=== %s ===\n' "$*" >&2; }
 step "format and lints"
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+cargo clippy --target wasm32-unknown-unknown --lib --no-default-features -- -D warnings
 
 step "native tests"
 cargo test --lib --bins --tests

@@ -12,6 +12,10 @@
 //! - [`ops`]: single kernels on host data (self-test and per-kernel tests);
 //! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
 
+// wgpu's handles are Send + Sync natively but not on wasm32 (one thread there); the shared
+// `Arc`s serve the native multi-threaded case.
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod buffers;
