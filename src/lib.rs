@@ -7,6 +7,7 @@
 //! together for the CLI (`src/bin/cmrm.rs`) and the browser (`web`).
 
 pub mod bench;
+pub mod catalog;
 pub mod cmrm;
 pub mod config;
 pub mod eval;

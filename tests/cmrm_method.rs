@@ -228,11 +228,19 @@ fn cli_extract_reproduces_the_oracle_shift_vectors() {
             &dir.join("calib.jsonl").display().to_string(),
             "--out",
             &out.display().to_string(),
+            "--catalog-entry",
+            "https://example.org/v.safetensors",
             "--json",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(summary["n_calibration"], 8);
+        let entry = &summary["catalog_entry"];
+        let written = std::fs::read(&out).unwrap();
+        assert_eq!(entry["sha256"], cmrm::catalog::sha256_hex(&written));
+        assert_eq!(entry["size"], written.len());
+        assert_eq!(entry["calibration"]["size"], 8);
+        assert_eq!(entry["vectors_url"], "https://example.org/v.safetensors");
         let ours = SteeringVectors::load(&out).unwrap();
         let oracle = SteeringVectors::load(&refs_dir(model).join("shift_vectors.safetensors")).unwrap();
         assert_eq!(ours.metadata["sign"], "subtract");

@@ -243,7 +243,7 @@ async fn sample_level_stop_and_errors() {
             Some(std::str::from_utf8(&files[6].1).unwrap()),
             {
                 let mut w = cmrm::weights::Weights::empty();
-                w.add_file("model.safetensors", &files[7].1, &candle_core::Device::Cpu).unwrap();
+                w.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(files[7].1.clone())).unwrap();
                 w
             },
         )

@@ -16,7 +16,7 @@ use cmrm::gpu::{DecoderBackend, GpuContext, GpuDecoder};
 use cmrm::processor::ProcessorFiles;
 use cmrm::steering::{Intervention, Positions, SteeringVectors};
 use cmrm::text::ForwardOptions;
-use cmrm::weights::Weights;
+use cmrm::weights::{FileBytes, Weights};
 use cmrm::{decode_image, LlavaConfig, PromptText, Vlm};
 use serde_json::Value;
 use wasm_bindgen_test::*;
@@ -69,8 +69,9 @@ macro_rules! oracle {
         weights
             .add_file(
                 "model.safetensors",
-                include_bytes!(concat!("fixtures/oracle/fixtures/", $model, "/model.safetensors")),
-                &Device::Cpu,
+                FileBytes::Owned(
+                    include_bytes!(concat!("fixtures/oracle/fixtures/", $model, "/model.safetensors")).to_vec(),
+                ),
             )
             .unwrap();
         let vlm = Vlm::from_parts(config, &files, Some(&generation), weights).unwrap();

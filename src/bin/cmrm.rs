@@ -149,6 +149,9 @@ struct ExtractArgs {
     /// Output file: .safetensors (cmrm format) or .gguf (llama.cpp control vector).
     #[arg(long)]
     out: PathBuf,
+    /// Also print the vectors-catalog entry for the output published at this URL.
+    #[arg(long)]
+    catalog_entry: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -160,6 +163,19 @@ enum VectorsCommand {
         file: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Print the vectors-catalog entry (www/vectors/catalog.json) of a published vector file.
+    CatalogEntry {
+        file: PathBuf,
+        /// Where the file is published (absolute URL, or relative to the page).
+        #[arg(long)]
+        url: String,
+        /// The model: owner/name[@revision] on the Hub, or bundled:NAME.
+        #[arg(long)]
+        model: String,
+        /// Name of the calibration set the vectors were extracted from.
+        #[arg(long, default_value = "unknown")]
+        calibration_name: String,
     },
     /// Convert between cmrm safetensors and llama.cpp GGUF control vectors (by extension).
     Convert {
@@ -232,6 +248,9 @@ fn main() -> ExitCode {
         Command::Probe(a) => cmd_probe(a),
         Command::Extract(a) => cmd_extract(a),
         Command::Vectors(VectorsCommand::Info { file, json }) => cmd_vectors_info(&file, json),
+        Command::Vectors(VectorsCommand::CatalogEntry { file, url, model, calibration_name }) => {
+            cmd_catalog_entry(&file, &url, &model, &calibration_name)
+        }
         Command::Vectors(VectorsCommand::Convert { input, output, model_hint, json }) => {
             cmd_vectors_convert(&input, &output, model_hint.as_deref(), json)
         }
@@ -474,10 +493,27 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let dropped = write_vectors(&a.out, &vectors, None)?;
     let norms: Vec<f32> = vectors.layers.values().map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
+    let catalog_entry = match &a.catalog_entry {
+        Some(url) => {
+            let spec = a.model.to_string_lossy();
+            let (model, revision) = match cmrm::hub::RepoRef::parse(&spec) {
+                Some(r) if !a.model.exists() => (r.repo_id, r.revision),
+                _ => (format!("local:{}", spec.trim_end_matches('/')), "main".to_owned()),
+            };
+            let calibration = a.calibration.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let bytes = std::fs::read(&a.out)?;
+            Some(cmrm::catalog::entry_for(&bytes, url, &model, &revision, &calibration)?)
+        }
+        None => None,
+    };
+    if let (Some(entry), false) = (&catalog_entry, a.json) {
+        println!("{}", serde_json::to_string_pretty(entry)?);
+    }
     if a.json {
         emit(&json!({"out": a.out.display().to_string(), "n_calibration": items.len(), "layers": vectors.layers.len(),
                    "norms": norms, "seconds": seconds, "pairs_per_s": items.len() as f64 / seconds,
-                   "metadata": vectors.metadata, "dropped_layers": dropped}));
+                   "metadata": vectors.metadata, "dropped_layers": dropped,
+                   "catalog_entry": catalog_entry}));
     } else {
         eprintln!(
             "wrote {} ({} layers, {} calibration items, {:.1}s)",
@@ -605,6 +641,17 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             println!("wrote {}", p.display());
         }
     }
+    Ok(())
+}
+
+fn cmd_catalog_entry(file: &Path, url: &str, model: &str, calibration_name: &str) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let (model, revision) = match model.split_once('@') {
+        Some((m, r)) => (m, r),
+        None => (model, "main"),
+    };
+    let entry = cmrm::catalog::entry_for(&bytes, url, model, revision, calibration_name)?;
+    emit(&serde_json::to_value(&entry)?);
     Ok(())
 }
 
