@@ -84,16 +84,7 @@ impl GpuContext {
     /// Request the best adapter (high performance, fallback adapters allowed) and a device with
     /// the adapter's own limits, compile the kernels and run the self-test.
     pub async fn new() -> Result<Self> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                force_fallback_adapter: false,
-                compatible_surface: None,
-                apply_limit_buckets: false,
-            })
-            .await
-            .map_err(|e| anyhow!("no WebGPU/Vulkan adapter: {e}"))?;
+        let adapter = request_adapter().await.map_err(|e| anyhow!("no WebGPU/Vulkan adapter: {e}"))?;
         Self::from_adapter(adapter).await
     }
 
@@ -289,10 +280,10 @@ impl GpuContext {
     }
 }
 
-/// The adapter wgpu would use, if any exists at all (no device is opened).
-pub async fn probe_adapter() -> Option<wgpu::AdapterInfo> {
+/// The high-performance adapter of a new instance (fallback adapters allowed).
+async fn request_adapter() -> std::result::Result<wgpu::Adapter, wgpu::RequestAdapterError> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = instance
+    instance
         .request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
             force_fallback_adapter: false,
@@ -300,7 +291,11 @@ pub async fn probe_adapter() -> Option<wgpu::AdapterInfo> {
             apply_limit_buckets: false,
         })
         .await
-        .ok()?;
+}
+
+/// The adapter wgpu would use, if any exists at all (no device is opened).
+pub async fn probe_adapter() -> Option<wgpu::AdapterInfo> {
+    let adapter = request_adapter().await.ok()?;
     Some(adapter.get_info())
 }
 
