@@ -61,6 +61,92 @@ impl WeightFormat {
     }
 }
 
+/// Bytes a model takes in memory in `format`, from its tensors' canonical names and shapes (as
+/// `weights::canonical_key` names them): linears quantized where the block size divides their
+/// input dimension, the embedding table in F16 when quantized, plus a quantized lm_head copy for
+/// tied models; everything else F32.
+pub fn estimate_model_bytes<'a>(format: WeightFormat, tensors: impl Iterator<Item = (&'a str, &'a [usize])>) -> u64 {
+    let mut total = 0u64;
+    let mut has_lm_head = false;
+    let mut embed: Option<(usize, usize)> = None;
+    for (name, shape) in tensors {
+        let elements: u64 = shape.iter().map(|&d| d as u64).product();
+        has_lm_head |= name == "lm_head.weight";
+        let is_linear = shape.len() == 2 && name.ends_with(".weight") && !name.contains("embed");
+        total += if name == "lm.embed_tokens.weight" && shape.len() == 2 {
+            embed = Some((shape[0], shape[1]));
+            if format == WeightFormat::F32 {
+                elements * 4
+            } else {
+                elements * 2
+            }
+        } else if is_linear {
+            (elements as f64 * format.bytes_per_weight(shape[1])) as u64
+        } else {
+            elements * 4
+        };
+    }
+    if let (Some((vocab, hidden)), false, false) = (embed, has_lm_head, format == WeightFormat::F32) {
+        total += (vocab as f64 * hidden as f64 * format.bytes_per_weight(hidden)) as u64;
+    }
+    total
+}
+
+/// A requested weight format: a fixed one, or `auto` (the most precise that fits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightChoice {
+    Auto,
+    Fixed(WeightFormat),
+}
+
+impl WeightChoice {
+    /// `"auto"` (also when absent), `"f32"`, `"q8_0"` or `"q4"`.
+    pub fn parse(option: Option<&str>) -> anyhow::Result<Self> {
+        match option.unwrap_or("auto") {
+            "auto" => Ok(Self::Auto),
+            other => Ok(Self::Fixed(other.parse()?)),
+        }
+    }
+}
+
+/// Formats from the most to the least precise.
+pub const FORMATS: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4];
+
+/// The format to load `name` in within a memory `budget`: the fixed one if it fits, else (auto)
+/// the most precise that fits; otherwise a message with each format's size and a suggestion.
+/// `model_bytes(format)` estimates the model; `held` is memory already taken.
+pub fn choose_format(
+    name: &str,
+    choice: WeightChoice,
+    model_bytes: impl Fn(WeightFormat) -> u64,
+    held: u64,
+    budget: u64,
+) -> anyhow::Result<WeightFormat> {
+    let fits = |f: WeightFormat| held + model_bytes(f) <= budget;
+    let gb = |n: u64| n as f64 / 1e9;
+    let sizes =
+        FORMATS.iter().map(|&f| format!("{} {:.2} GB", f.name(), gb(model_bytes(f)))).collect::<Vec<_>>().join(", ");
+    let wanted = match choice {
+        WeightChoice::Fixed(f) if fits(f) => return Ok(f),
+        WeightChoice::Auto => match FORMATS.into_iter().find(|&f| fits(f)) {
+            Some(f) => return Ok(f),
+            None => WeightFormat::Q4,
+        },
+        WeightChoice::Fixed(f) => f,
+    };
+    let suggestion = FORMATS.into_iter().find(|&g| fits(g)).map_or_else(
+        || "no weight format fits: use the native CLI".to_owned(),
+        |g| format!("choose weights \"{}\" instead", g.name()),
+    );
+    anyhow::bail!(
+        "{name} needs about {:.2} GB of WebAssembly memory with {} weights ({sizes}; {:.2} GB already in use), a browser tab has {:.2} GB: {suggestion}",
+        gb(held + model_bytes(wanted)),
+        wanted.name(),
+        gb(held),
+        gb(budget)
+    )
+}
+
 /// A linear layer in F32 or in a quantized block format: `y = x·Wᵀ (+ b)`.
 #[derive(Debug, Clone)]
 pub enum QLinear {
@@ -161,6 +247,26 @@ mod tests {
             assert!(err < tol && err > 0.0, "{format:?}: relative error {err}");
             assert!(q.weight_bytes() * 3 < exact.weight_bytes(), "{format:?}");
         }
+    }
+
+    #[test]
+    fn auto_picks_the_most_precise_format_that_fits() {
+        let size = |f: WeightFormat| match f {
+            WeightFormat::F32 => 4000,
+            WeightFormat::Q8_0 => 1100,
+            WeightFormat::Q4 => 600,
+        };
+        let pick = |choice, budget| choose_format("m", choice, size, 100, budget);
+        assert_eq!(pick(WeightChoice::Auto, 5000).unwrap(), WeightFormat::F32);
+        assert_eq!(pick(WeightChoice::Auto, 2000).unwrap(), WeightFormat::Q8_0);
+        assert_eq!(pick(WeightChoice::Auto, 800).unwrap(), WeightFormat::Q4);
+        let msg = pick(WeightChoice::Auto, 500).unwrap_err().to_string();
+        assert!(msg.contains("with q4 weights") && msg.contains("use the native CLI"), "{msg}");
+        let msg = pick(WeightChoice::Fixed(WeightFormat::F32), 2000).unwrap_err().to_string();
+        assert!(msg.contains("with f32 weights") && msg.contains("choose weights \"q8_0\" instead"), "{msg}");
+        assert_eq!(pick(WeightChoice::Fixed(WeightFormat::Q4), 5000).unwrap(), WeightFormat::Q4);
+        assert_eq!(WeightChoice::parse(None).unwrap(), WeightChoice::Auto);
+        assert!(WeightChoice::parse(Some("q5")).is_err());
     }
 
     #[test]

@@ -125,6 +125,11 @@ impl Weights {
         Ok(weights)
     }
 
+    /// Canonical names and shapes of every tensor cmrm uses.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries.iter().map(|(name, e)| (name.as_str(), e.shape.as_slice()))
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

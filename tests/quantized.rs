@@ -93,3 +93,25 @@ fn quantized_models_are_smaller() {
     assert!((q8 as f64) < f32_bytes as f64 * 0.28, "{q8} vs {f32_bytes}");
     assert!((q4 as f64) < f32_bytes as f64 * 0.15, "{q4} vs {f32_bytes}");
 }
+
+/// The memory estimate the browser uses before (and while) loading matches what loading takes:
+/// exactly for the decoder, whose bytes the model reports.
+#[test]
+fn memory_estimate_matches_the_loaded_decoder() {
+    for model in MODELS {
+        let weights = cmrm::weights::Weights::from_dir(&model_dir(model)).unwrap();
+        for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4] {
+            let decoder_only = weights.shapes().filter(|(n, _)| n.starts_with("lm.") || n.starts_with("lm_head."));
+            let estimate = cmrm::quant::estimate_model_bytes(format, decoder_only);
+            let vlm = Vlm::load_dir_as(&model_dir(model), format).unwrap();
+            let norms: u64 = weights
+                .shapes()
+                .filter(|(n, s)| n.starts_with("lm.") && s.len() == 1)
+                .map(|(_, s)| s[0] as u64 * 4)
+                .sum();
+            assert_eq!(estimate, vlm.model.text.weight_bytes() as u64 + norms, "{model} {format:?}");
+        }
+        let all = |f| cmrm::quant::estimate_model_bytes(f, weights.shapes());
+        assert!(all(WeightFormat::Q4) < all(WeightFormat::Q8_0) && all(WeightFormat::Q8_0) < all(WeightFormat::F32));
+    }
+}

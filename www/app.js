@@ -88,9 +88,10 @@ function fail(err) {
 
 function modelChoice() {
   const v = $("model-select").value;
-  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files }, vectors: BUNDLED.vectors, label: BUNDLED.label };
+  const weights = $("weights")?.value ?? "auto"; // embed.html has no weights picker
+  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights }, vectors: BUNDLED.vectors, label: BUNDLED.label };
   const repo = v === "custom" ? $("custom-repo").value.trim() : v;
-  return { options: { model: repo, revision: "main" }, vectors: null, label: repo };
+  return { options: { model: repo, revision: "main", weights }, vectors: null, label: repo };
 }
 
 async function showPlan() {
@@ -106,9 +107,10 @@ async function showPlan() {
     const plan = await call("plan", { options: choice.options });
     if (plan.memoryProblem) { $("download-size").textContent = `${mb(plan.totalBytes)}: ${plan.memoryProblem}`; return; }
     const left = plan.totalBytes - plan.cachedBytes;
-    $("download-size").textContent = left > 0
+    const inMemory = plan.weights ? `; loads with ${plan.weights} weights (${mb(plan.modelBytes[plan.weights])} in memory)` : "";
+    $("download-size").textContent = (left > 0
       ? `${mb(left)} to download (${plan.files.length} files${plan.cachedBytes ? `, ${mb(plan.cachedBytes)} already cached` : ""}); kept in the browser cache for next time`
-      : `${mb(plan.totalBytes)}, all cached: starts offline`;
+      : `${mb(plan.totalBytes)}, all cached: starts offline`) + inMemory;
   } catch (err) {
     $("download-size").textContent = `size unknown: ${err.message}`;
   }
@@ -135,7 +137,7 @@ async function loadModel() {
     state.loaded = true;
     state.info = info;
     $("progress").value = 1;
-    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; backend ${info.backend}; wasm memory ${mb(info.wasmMemoryBytes)}`;
+    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backend}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     useVectorsInfo(info.vectors);
     if (state.image) await sendImage(state.image);
   } catch (err) {
@@ -322,6 +324,7 @@ function wire() {
   }
   select.onchange = showPlan;
   $("custom-repo").onchange = showPlan;
+  if ($("weights")) $("weights").onchange = showPlan;
   $("load-model").onclick = loadModel;
   $("compare").onclick = compare;
   $("stop").onclick = () => worker.postMessage({ type: "stop" });

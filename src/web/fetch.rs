@@ -178,9 +178,10 @@ pub struct Plan {
     pub files: Vec<PlannedFile>,
     pub total_bytes: u64,
     pub cached_bytes: u64,
-    /// Bytes the weights take once converted to F32 (from the safetensors headers, read with
-    /// HTTP range requests); `None` where the server does not answer ranges.
-    pub f32_weight_bytes: Option<u64>,
+    /// Canonical names and shapes of the weights (from the safetensors headers, read with HTTP
+    /// range requests); `None` where the server does not answer ranges.
+    #[serde(skip)]
+    pub tensor_shapes: Option<Vec<(String, Vec<usize>)>>,
 }
 
 impl Plan {
@@ -193,23 +194,28 @@ impl Plan {
             files,
             total_bytes,
             cached_bytes,
-            f32_weight_bytes: None,
+            tensor_shapes: None,
         }
     }
 
-    /// Fill `f32_weight_bytes` from the weight files' headers (a few kB each, not cached).
-    pub async fn estimate_f32_bytes(&mut self) {
-        let mut total = 0u64;
+    /// Fill `tensor_shapes` from the weight files' headers (a few kB each, not cached).
+    pub async fn read_tensor_shapes(&mut self) {
+        let mut shapes = Vec::new();
         for file in self.files.iter().filter(|f| f.name.ends_with(".safetensors")) {
-            match safetensors_f32_bytes(&file.url).await {
-                Some(n) => total += n,
+            match safetensors_shapes(&file.url).await {
+                Some(s) => shapes.extend(s),
                 None => return,
             }
         }
-        self.f32_weight_bytes = Some(total);
+        self.tensor_shapes = Some(shapes);
     }
 
-    /// The largest single file (it is held as bytes while its tensors are converted).
+    /// Bytes the model takes in memory in `format`, when the headers could be read.
+    pub fn model_bytes(&self, format: crate::quant::WeightFormat) -> Option<u64> {
+        let shapes = self.tensor_shapes.as_ref()?;
+        Some(crate::quant::estimate_model_bytes(format, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()))))
+    }
+
     /// Bytes of the weight files (`*.safetensors`), all held until the model is built.
     pub fn weight_file_bytes(&self) -> u64 {
         self.files.iter().filter(|f| f.name.ends_with(".safetensors")).map(|f| f.size).sum()
@@ -234,8 +240,9 @@ async fn fetch_range(url: &str, start: u64, end: u64) -> Option<Vec<u8>> {
     Some(Uint8Array::new(&buffer).to_vec())
 }
 
-/// F32 bytes of the tensors cmrm keeps from a safetensors file, from its header alone.
-async fn safetensors_f32_bytes(url: &str) -> Option<u64> {
+/// Canonical names and shapes of the tensors cmrm keeps from a safetensors file, from its
+/// header alone.
+async fn safetensors_shapes(url: &str) -> Option<Vec<(String, Vec<usize>)>> {
     let len = fetch_range(url, 0, 7).await?;
     let n = u64::from_le_bytes(len.get(..8)?.try_into().ok()?);
     if n > 100 << 20 {
@@ -243,15 +250,14 @@ async fn safetensors_f32_bytes(url: &str) -> Option<u64> {
     }
     let header = fetch_range(url, 8, 8 + n - 1).await?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
-    let mut total = 0u64;
+    let mut shapes = Vec::new();
     for (key, info) in &header {
-        if key == "__metadata__" || crate::weights::canonical_key(key).is_none() {
-            continue;
-        }
-        let elements: u64 = info.get("shape")?.as_array()?.iter().map(|d| d.as_u64()).product::<Option<u64>>()?;
-        total += elements * 4;
+        let Some(name) = crate::weights::canonical_key(key) else { continue };
+        let shape =
+            info.get("shape")?.as_array()?.iter().map(|d| d.as_u64().map(|x| x as usize)).collect::<Option<_>>()?;
+        shapes.push((name, shape));
     }
-    Some(total)
+    Some(shapes)
 }
 
 /// `owner/name` on the Hugging Face Hub (not a URL or a path).

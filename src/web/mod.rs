@@ -32,6 +32,7 @@ use crate::generate::Sampling;
 use crate::image::{decode_image, RgbImage};
 use crate::pipeline::{PromptText, Vlm};
 use crate::processor::ProcessorFiles;
+use crate::quant::{choose_format, WeightChoice, WeightFormat};
 use crate::steering::{parse_layers, Intervention, Positions, SteeringVectors};
 use crate::weights::{FileBytes, Weights};
 use fetch::{fetch_bytes, Plan};
@@ -68,6 +69,23 @@ struct ModelSpec {
     /// The folder's files, when known (skips probing for optional files).
     #[serde(default)]
     files: Option<Vec<String>>,
+    /// In-memory weights: "auto" (the most precise of f32 / q8_0 / q4 that fits), "f32",
+    /// "q8_0" or "q4".
+    #[serde(default)]
+    weights: Option<String>,
+}
+
+/// Memory a wasm32 page can give the model (90% of 4 GiB: the rest is for activations, the KV
+/// cache and the allocator).
+const WEIGHT_BUDGET: u64 = WASM_MEMORY_LIMIT * 9 / 10;
+
+fn fit_format(
+    name: &str,
+    choice: WeightChoice,
+    model_bytes: impl Fn(WeightFormat) -> u64,
+    held: u64,
+) -> Result<WeightFormat> {
+    choose_format(name, choice, model_bytes, held, WEIGHT_BUDGET)
 }
 
 #[derive(Deserialize)]
@@ -294,7 +312,9 @@ impl Assembler {
         Ok(())
     }
 
-    fn finish(self, name: &str) -> Result<Session> {
+    /// Build the model, in the chosen weight format (`auto`: the most precise that fits, now
+    /// that every tensor's shape is known and the files are in memory).
+    fn finish(self, name: &str, choice: WeightChoice) -> Result<Session> {
         let config = self.config.context("config.json is missing")?;
         if self.processor.tokenizer_json.is_empty() {
             bail!("tokenizer.json is missing");
@@ -302,6 +322,13 @@ impl Assembler {
         if self.weight_files == 0 {
             bail!("no weights (model.safetensors or shards) were given");
         }
+        let format = fit_format(
+            name,
+            choice,
+            |f| crate::quant::estimate_model_bytes(f, self.weights.shapes()),
+            wasm_memory_bytes(),
+        )?;
+        let config = config.with_weight_format(format);
         let vlm = Vlm::from_parts(config, &self.processor, self.generation_config.as_deref(), self.weights)?;
         Ok(Session {
             vlm: Rc::new(vlm),
@@ -339,23 +366,15 @@ fn wasm_memory_bytes() -> u64 {
     memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as u64
 }
 
-/// Refuse, before downloading, a model whose F32 weights cannot fit in wasm32 memory (the
-/// weights are converted to F32 on load; the weight files are held as bytes meanwhile).
-fn check_memory(plan: &Plan) -> Result<()> {
-    let Some(f32_bytes) = plan.f32_weight_bytes else { return Ok(()) };
-    let needed = f32_bytes + plan.weight_file_bytes() + wasm_memory_bytes();
-    if needed > WASM_MEMORY_LIMIT * 95 / 100 {
-        let gb = |n: u64| n as f64 / 1e9;
-        bail!(
-            "{} needs about {:.1} GB of WebAssembly memory ({:.1} GB of weights as F32 plus {:.1} GB of weight files while they convert); a browser tab has at most {:.1} GB. This build keeps weights in F32: choose a smaller model or use the native CLI",
-            plan.model,
-            gb(needed),
-            gb(f32_bytes),
-            gb(plan.weight_file_bytes()),
-            gb(WASM_MEMORY_LIMIT)
-        );
+/// Before downloading: the weight format the model will load in, or a readable refusal (the
+/// weight files are held as bytes while the model is built). `None` when the headers could not be
+/// read (then the format is decided once the files are in memory).
+fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat>> {
+    if plan.tensor_shapes.is_none() {
+        return Ok(None);
     }
-    Ok(())
+    let held = plan.weight_file_bytes() + wasm_memory_bytes();
+    fit_format(&plan.model, choice, |f| plan.model_bytes(f).unwrap_or(0), held).map(Some)
 }
 
 /// Resolves after the event loop has run once (a `stop` message gets its turn).
@@ -391,11 +410,18 @@ impl Session {
         init_panic_hook();
         async {
             let spec: ModelSpec = from_js_value("model options", options)?;
+            let choice = WeightChoice::parse(spec.weights.as_deref())?;
             let mut plan = plan_for(&spec).await?;
-            plan.estimate_f32_bytes().await;
-            let fits = check_memory(&plan).err().map(|e| format!("{e:#}"));
+            plan.read_tensor_shapes().await;
+            let fit = check_memory(&plan, choice);
             let mut value = serde_json::to_value(&plan)?;
-            value["memoryProblem"] = fits.into();
+            value["memoryProblem"] = fit.as_ref().err().map(|e| format!("{e:#}")).into();
+            value["weights"] = fit.ok().flatten().map(|f| f.name()).into();
+            value["modelBytes"] = serde_json::json!({
+                "f32": plan.model_bytes(WeightFormat::F32),
+                "q8_0": plan.model_bytes(WeightFormat::Q8_0),
+                "q4": plan.model_bytes(WeightFormat::Q4),
+            });
             to_js_value(&value)
         }
         .await
@@ -507,6 +533,7 @@ impl Session {
             "model": self.name,
             "backend": "cpu",
             "backendDetail": "candle on the CPU, wasm32 simd128, one thread",
+            "weights": cfg.weight_format().name(),
             "weightBytes": self.weight_bytes,
             "wasmMemoryBytes": memory,
             "numLayers": cfg.text.num_hidden_layers,
@@ -550,11 +577,12 @@ impl Session {
     async fn load_inner(options: JsValue, on_progress: Option<Function>) -> Result<Session> {
         let options: LoadOptions = from_js_value("load options", options)?;
         check_backend(options.backend.as_deref())?;
+        let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
         let mut plan = plan_for(&options.spec).await?;
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
-            plan.estimate_f32_bytes().await;
+            plan.read_tensor_shapes().await;
         }
-        check_memory(&plan)?;
+        check_memory(&plan, choice)?;
         let vectors_size = match &options.vectors {
             Some(url) => fetch::probe_size(url).await?.map_or(0, |(n, _)| n),
             None => 0,
@@ -580,7 +608,7 @@ impl Session {
             report("parse", &file.name, bytes.len() as u64, bytes.len() as u64, done_before, file.cached);
             assembler.add(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
         }
-        let session = assembler.finish(&plan.model).with_context(|| format!("loading {}", plan.model))?;
+        let session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
         if let Some(url) = &options.vectors {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", url, n, t.unwrap_or(vectors_size), done_before + n, cached)
@@ -601,7 +629,7 @@ impl Session {
         for (file, bytes) in entries {
             assembler.add(&file, bytes).with_context(|| format!("{name}: {file}"))?;
         }
-        assembler.finish(name).with_context(|| format!("loading {name}"))
+        assembler.finish(name, WeightChoice::Auto).with_context(|| format!("loading {name}"))
     }
 
     fn set_vectors_inner(&self, name: &str, bytes: &[u8]) -> Result<VectorsInfo> {

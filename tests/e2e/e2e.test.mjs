@@ -35,19 +35,26 @@ async function runCompare() {
   for (const pane of ["pane-unaltered", "pane-steered"]) assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
 }
 
-/// A model folder whose weights header declares ~5 GB of F32 tensors (the body is never read):
-/// the page must refuse it before downloading, from the header alone (HTTP range requests).
-function oversizedModel() {
+/// A model folder whose weights header declares a 151936×16384 embedding (5 GB even in F16, so
+/// no weight format fits; the body is never read): the page must refuse it before downloading,
+/// from the header alone (HTTP range requests).
+function headerOnlyModel(folder, hidden) {
   const bundled = resolve(dist, "assets/models/tiny-llava-siglip-qwen2");
-  let header = JSON.stringify({ "language_model.model.embed_tokens.weight": { dtype: "F16", shape: [151936, 8192], data_offsets: [0, 151936 * 8192 * 2] } });
+  let header = JSON.stringify({ "language_model.model.embed_tokens.weight": { dtype: "F16", shape: [151936, hidden], data_offsets: [0, 151936 * hidden * 2] } });
   header += " ".repeat((8 - (header.length % 8)) % 8);
   const len = Buffer.alloc(8);
   len.writeBigUInt64LE(BigInt(header.length));
   return {
-    "/huge/config.json": readFileSync(resolve(bundled, "config.json")),
-    "/huge/tokenizer.json": readFileSync(resolve(bundled, "tokenizer.json")),
-    "/huge/model.safetensors": Buffer.concat([len, Buffer.from(header), Buffer.alloc(64)]),
+    [`/${folder}/config.json`]: readFileSync(resolve(bundled, "config.json")),
+    [`/${folder}/tokenizer.json`]: readFileSync(resolve(bundled, "tokenizer.json")),
+    [`/${folder}/model.safetensors`]: Buffer.concat([len, Buffer.from(header), Buffer.alloc(64)]),
   };
+}
+
+/// `huge`: no weight format fits. `mid`: 4.4 GB as F32, 3.3 GB with 8-bit weights (F16 embedding
+/// + Q8_0 lm_head): `auto` must choose q8_0.
+function oversizedModel() {
+  return { ...headerOnlyModel("huge", 16384), ...headerOnlyModel("mid", 7168) };
 }
 
 before(async () => {
@@ -177,6 +184,34 @@ test("second visit loads from the Cache API; embed view works", async () => {
   const foreign = requests.filter((u) => !u.startsWith(site.origin + "/") && !u.startsWith("blob:") && !u.startsWith("data:"));
   assert.deepEqual(foreign, []);
   assert.deepEqual(consoleErrors.filter((e) => !/Failed to load resource/.test(e)), []);
+});
+
+test("weights: auto picks 8-bit for a model too big as F32; the bundled model loads as q8_0", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  await page.locator("#model-select").selectOption("custom");
+  await page.locator("#custom-repo").fill(`${site.origin}/mid/`);
+  await page.locator("#custom-repo").dispatchEvent("change");
+  await page.waitForFunction(() => /loads with|needs about/.test(document.getElementById("download-size").textContent), null, { timeout: T });
+  assert.match(await page.locator("#download-size").textContent(), /loads with q8_0 weights/);
+  await byTestId("weights").selectOption("f32");
+  await page.waitForFunction(() => /needs about/.test(document.getElementById("download-size").textContent), null, { timeout: T });
+  assert.match(await page.locator("#download-size").textContent(), /with f32 weights.*choose weights "q8_0" instead/);
+
+  await page.locator("#model-select").selectOption("bundled");
+  await byTestId("weights").selectOption("q8_0");
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  assert.match(await page.locator("#model-info").textContent(), /q8_0 weights/);
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await byTestId("prompt").fill(case0.question);
+  await byTestId("compare").click();
+  await waitStatus("ready");
+  assert.equal(await byTestId("error").textContent(), "", "compare with q8_0 weights");
+  for (const pane of ["pane-unaltered", "pane-steered"]) {
+    assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
+    assert.ok((await byTestId(pane).textContent()).length > 0, pane);
+  }
+  await byTestId("weights").selectOption("auto");
 });
 
 test("a model too large for wasm memory is refused before downloading; the page stays usable", async () => {
