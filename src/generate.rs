@@ -70,21 +70,22 @@ pub struct Generation {
 /// Incremental detokenisation: decodes the whole answer each step and emits the new suffix.
 /// A trailing U+FFFD is held back for up to 3 tokens (a UTF-8 character split over byte tokens);
 /// after that it is real output (random-weight models produce lone bytes) and is emitted.
-pub struct TextStream<'a> {
-    tokenizer: &'a tokenizers::Tokenizer,
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
     ids: Vec<u32>,
     emitted: usize,
     held: usize,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), emitted: 0, held: 0 }
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    pub fn push(&mut self, id: u32) -> Result<String> {
+    /// Add a token; returns the text to append (possibly empty).
+    pub fn push(&mut self, tokenizer: &tokenizers::Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.text()?;
+        let text = self.text(tokenizer)?;
         let incomplete = text.ends_with('\u{FFFD}') && self.held < 3;
         if incomplete || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
             self.held += 1;
@@ -96,8 +97,14 @@ impl<'a> TextStream<'a> {
         Ok(delta)
     }
 
-    pub fn text(&self) -> Result<String> {
-        self.tokenizer.decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenizing failed: {e}"))
+    /// The whole answer so far.
+    pub fn text(&self, tokenizer: &tokenizers::Tokenizer) -> Result<String> {
+        tokenizer.decode(&self.ids, true).map_err(|e| anyhow::anyhow!("detokenizing failed: {e}"))
+    }
+
+    /// The token ids so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
     }
 }
 
@@ -218,20 +225,21 @@ pub async fn generate_on(
     let mut next = session.prefill(embeds).await?;
     let prefill_seconds = now_seconds() - t0;
 
-    let mut stream = TextStream::new(tokenizer);
+    let mut stream = TextStream::new();
     let mut generated_ids = Vec::new();
     let (mut stopped_on_eos, mut cancelled) = (false, false);
     let t1 = now_seconds();
     for index in 0..max_new {
         let id = pick(next)?;
         generated_ids.push(id);
-        let text = stream.push(id)?;
-        if !on_token(&TokenEvent { index, id, text }) {
-            cancelled = true;
-            break;
-        }
+        let text = stream.push(tokenizer, id)?;
+        let keep_going = on_token(&TokenEvent { index, id, text });
         if opts.eos_ids.contains(&id) {
             stopped_on_eos = true;
+            break;
+        }
+        if !keep_going {
+            cancelled = true;
             break;
         }
         if index + 1 == max_new {
@@ -244,7 +252,7 @@ pub async fn generate_on(
     let decode_steps = generated_ids.len().saturating_sub(1);
     Ok(Generation {
         input_ids: input_ids.to_vec(),
-        text: stream.text()?,
+        text: stream.text(tokenizer)?,
         generated_ids,
         stopped_on_eos,
         cancelled,

@@ -124,6 +124,9 @@ impl Vlm {
     /// Tokenize a full prompt and merge the image features (if any) into its embeddings.
     pub fn prepare_prompt(&self, prompt: &str, image_features: Option<&Tensor>) -> Result<Prepared> {
         let encoded = self.processor.encode(prompt, usize::from(image_features.is_some()))?;
+        if encoded.input_ids.is_empty() {
+            bail!("the prompt is empty: it tokenizes to no tokens");
+        }
         let context = self.config().text.max_position_embeddings;
         if encoded.input_ids.len() >= context {
             bail!(

@@ -155,9 +155,13 @@ impl SteeringVectors {
         Ok(())
     }
 
-    /// The sign convention recorded in the file (`subtract` for CMRM files; `add` otherwise).
+    /// The sign convention recorded in the file: `add` only when the file says so; `subtract`
+    /// (CMRM: h − α·v) for cmrm files, GGUF imports and files that record no sign.
     pub fn sign(&self) -> &str {
-        self.metadata.get("sign").map_or("add", String::as_str)
+        match self.metadata.get("sign").map(String::as_str) {
+            Some("add") => "add",
+            _ => "subtract",
+        }
     }
 }
 
@@ -219,6 +223,19 @@ impl Intervention {
             deltas.insert(l, Tensor::from_vec(delta, (1, 1, vectors.hidden_size), device)?);
         }
         Ok(Self { deltas, positions })
+    }
+
+    /// A vector file applied with α as its `sign` says: `h − α·v` (CMRM, the default) or, for
+    /// files that record `sign = add`, `h + α·v`. The CLI and the page both use this.
+    pub fn from_file(
+        vectors: &SteeringVectors,
+        alpha: f32,
+        layers: Option<&[usize]>,
+        positions: Positions,
+        device: &Device,
+    ) -> Result<Self> {
+        let scale = if vectors.sign() == "add" { alpha } else { -alpha };
+        Self::add(vectors, scale, layers, positions, device)
     }
 
     /// CMRM: `h_l ← h_l − α·v_l`.

@@ -204,3 +204,11 @@ fn image_placeholder_mismatch() {
     let msg = vlm.prepare(&PromptText::Raw("USER: <image>\nhi ASSISTANT:".into()), None).unwrap_err().to_string();
     assert_mentions(&msg, &["1 '<image>' placeholder(s) but 0 image(s)"]);
 }
+
+#[test]
+fn empty_prompt_is_refused() {
+    // Qwen2's tokenizer adds no BOS: an empty raw prompt is zero tokens.
+    let vlm = Vlm::load_dir(&model_dir(MODELS[1])).unwrap();
+    let msg = vlm.prepare(&PromptText::Raw(String::new()), None).unwrap_err().to_string();
+    assert_mentions(&msg, &["the prompt is empty"]);
+}

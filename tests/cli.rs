@@ -249,3 +249,26 @@ fn backends_agree_and_are_reported() {
         assert!(auto["backend"]["fallback_reason"].as_str().unwrap().contains("software rasterizer"));
     }
 }
+
+/// `--temperature 0` is greedy decoding (not a division by zero).
+#[test]
+fn temperature_zero_is_greedy() {
+    let model = MODELS[0];
+    let refs = Refs::load(model);
+    let case = &refs.json["cases"][0];
+    let (ok, v, err) = cmrm(&[
+        "generate",
+        "--model",
+        &s(model_dir(model)),
+        "--raw-prompt",
+        "--prompt",
+        case["text_only"]["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(ids(&v["generated_ids"]), ids(&case["text_only"]["generated_ids"]));
+}

@@ -78,6 +78,10 @@ fn stops_on_eos_max_tokens_and_cancel() {
             vlm.generate(&prepared, None, &vlm.default_generate_options(50, Sampling::Greedy), &mut |_| true).unwrap();
         assert!(g.stopped_on_eos);
         assert_eq!(g.generated_ids, want);
+        // A caller that stops on the EOS token itself still gets `stopped_on_eos`.
+        let opts = vlm.default_generate_options(50, Sampling::Greedy);
+        let g = vlm.generate(&prepared, None, &opts, &mut |ev| ev.id != 642).unwrap();
+        assert!(g.stopped_on_eos && !g.cancelled);
     } else {
         panic!("the oracle should record at least one EOS stop for qwen2");
     }

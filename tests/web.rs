@@ -132,9 +132,10 @@ async fn parity(oracle: Oracle, cmrm_file: Vec<u8>) -> usize {
             let name = sc["name"].as_str().unwrap();
             let layers: Vec<String> = sc["layers"].as_array().unwrap().iter().map(|l| l.to_string()).collect();
             let want_steered = ids(&case["steered_multimodal"][name]["generated_ids"]);
-            // The oracle's files carry no sign: they add alpha·v, as the oracle's steer() does.
+            // The oracle's files carry no sign, so the page applies them as CMRM (h − α·v), like
+            // the CLI; the oracle's steer() adds α·v, hence −α here.
             let file = if sc["vectors_file"] == "shift_vectors.safetensors" { oracle.shift } else { oracle.random };
-            let mut runs = vec![(format!("{id} {name}"), file.to_vec(), sc["alpha"].as_f64().unwrap())];
+            let mut runs = vec![(format!("{id} {name}"), file.to_vec(), -sc["alpha"].as_f64().unwrap())];
             if sc["vectors_file"] == "shift_vectors.safetensors" {
                 // CMRM: h − α·v with v = multimodal − text = −shift gives the same states.
                 runs.push((format!("{id} {name} (cmrm file)"), cmrm_file.clone(), sc["alpha"].as_f64().unwrap()));

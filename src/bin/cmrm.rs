@@ -335,7 +335,7 @@ fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<
         Some(spec) => parse_layers(spec, n_layers)?,
         None => vectors.layers.keys().copied().collect(),
     };
-    let intervention = Intervention::cmrm(&vectors, alpha, Some(&layers), positions, vlm.device())?;
+    let intervention = Intervention::from_file(&vectors, alpha, Some(&layers), positions, vlm.device())?;
     let mut desc = source;
     desc["alpha"] = json!(alpha);
     desc["layers"] = json!(layers);
@@ -370,7 +370,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         bail!("--compare needs steering: --vectors FILE or --sample-level");
     }
     let sampling = match a.temperature {
-        Some(t) if !a.greedy => Sampling::TopP { temperature: t, top_p: a.top_p, seed: a.seed },
+        // A temperature of 0 is greedy decoding (dividing logits by 0 would give NaNs).
+        Some(t) if !a.greedy && t > 0.0 => Sampling::TopP { temperature: t, top_p: a.top_p, seed: a.seed },
         _ => Sampling::Greedy,
     };
     let opts = vlm.default_generate_options(a.max_new_tokens, sampling);

@@ -686,17 +686,18 @@ async fn compare(
             .context("no steering vectors are loaded: load a vector file, or use sample-level vectors")?,
         "sample" => {
             let anchor = Anchor::parse(opts.anchor.as_deref().unwrap_or("blank"), opts.seed.unwrap_or(0))?;
-            let cached = state.borrow().anchors.get(anchor.name()).cloned();
+            // Keyed by name and seed: two noise seeds are two images.
+            let key = format!("{}:{}", anchor.name(), opts.seed.unwrap_or(0));
+            let cached = state.borrow().anchors.get(&key).cloned();
             let features = match cached {
                 Some(f) => f,
                 None => {
                     let f = anchor_features(vlm, anchor)?;
-                    state.borrow_mut().anchors.insert(anchor.name().to_owned(), f.clone());
+                    state.borrow_mut().anchors.insert(key, f.clone());
                     f
                 }
             };
-            let shift = shift_for_prompt(vlm, &PromptText::Chat(opts.prompt.clone()), &features)
-                .context("computing sample-level vectors")?;
+            let shift = shift_for_prompt(vlm, &text, &features).context("computing sample-level vectors")?;
             let mut v = SteeringVectors::new(vlm.config().text.hidden_size, shift.into_iter().enumerate().collect())?;
             v.metadata.insert("sign".into(), "subtract".into());
             v.metadata.insert("anchor".into(), anchor.name().into());
@@ -711,10 +712,8 @@ async fn compare(
     }
     let layer_spec = opts.layers.clone().or(info.default_layers.clone()).unwrap_or_else(|| "all".into());
     let layers = parse_layers(&layer_spec, num_layers)?;
-    // cmrm files subtract (h − α·v); other files add, as their authors meant.
-    let scale = if vectors.sign() == "subtract" { -alpha } else { alpha };
     let positions = opts.positions.unwrap_or(Positions::All);
-    let steering = Intervention::add(&vectors, scale, Some(&layers), positions, vlm.device())
+    let steering = Intervention::from_file(&vectors, alpha, Some(&layers), positions, vlm.device())
         .with_context(|| format!("{}: layers {layer_spec}", info.name))?;
     emit(CompareEvent::Vectors { vectors: &info, layers: &layers, alpha })?;
 

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 use serde::Serialize;
 
-use crate::generate::Sampling;
+use crate::generate::{Sampling, TextStream};
 use crate::pipeline::{Prepared, Vlm};
 use crate::steering::Intervention;
 use crate::text::{argmax, Cache, ForwardOptions};
@@ -47,8 +47,8 @@ pub struct PaneRun {
     prompt_len: usize,
     max_new: usize,
     ids: Vec<u32>,
-    /// Bytes of the decoded answer already streamed.
-    emitted: usize,
+    /// The answer's ids and the text already streamed.
+    stream: TextStream,
     finished: bool,
     stopped_on_eos: bool,
     cancelled: bool,
@@ -87,7 +87,7 @@ impl PaneRun {
             prompt_len,
             max_new,
             ids: Vec::new(),
-            emitted: 0,
+            stream: TextStream::new(),
             finished: max_new == 0,
             stopped_on_eos: false,
             cancelled: false,
@@ -133,7 +133,7 @@ impl PaneRun {
         };
         let index = self.ids.len();
         self.ids.push(id);
-        let text = self.new_text(vlm)?;
+        let text = self.stream.push(&vlm.processor.tokenizer, id)?;
         if self.eos_ids.contains(&id) {
             self.stopped_on_eos = true;
             self.finished = true;
@@ -154,18 +154,6 @@ impl PaneRun {
             self.cancelled = true;
             self.logits = None;
         }
-    }
-
-    /// Incremental detokenisation, as `generate::TextStream`: emit the new suffix once it is
-    /// valid text (no trailing U+FFFD from a split UTF-8 sequence).
-    fn new_text(&mut self, vlm: &Vlm) -> Result<String> {
-        let text = vlm.processor.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
-            return Ok(String::new());
-        }
-        let delta = text[self.emitted..].to_owned();
-        self.emitted = text.len();
-        Ok(delta)
     }
 
     pub fn result(&self, vlm: &Vlm) -> Result<PaneResult> {
