@@ -13,6 +13,24 @@ const BUNDLED = {
     "preprocessor_config.json", "processor_config.json", "generation_config.json", "model.safetensors"],
   vectors: new URL("assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors", location.href).href,
 };
+/// The vectors catalog (www/vectors/catalog.json, or `?catalog=URL`): published CMRM vector files
+/// by model, each with its sha256 and size, checked after download.
+const CATALOG_URL = new URL(params.get("catalog") || "vectors/catalog.json", location.href).href;
+
+/// The catalog entry for a model key (`bundled:NAME` or `owner/name`), or null.
+async function catalogEntry(model, revision = "main") {
+  try {
+    const response = await fetch(CATALOG_URL);
+    if (!response.ok) return null;
+    const catalog = await response.json();
+    const entry = (catalog.entries || []).find((e) => e.model === model && e.revision === revision);
+    // Entry URLs are absolute, or relative to the page.
+    return entry ? { ...entry, vectors_url: new URL(entry.vectors_url, location.href).href } : null;
+  } catch {
+    return null;
+  }
+}
+
 /// Real checkpoints on the Hugging Face Hub (LLaVA architecture, ≤ 1B parameters).
 const HUB_MODELS = ["llava-hf/llava-interleave-qwen-0.5b-hf"];
 
@@ -89,9 +107,9 @@ function fail(err) {
 function modelChoice() {
   const v = $("model-select").value;
   const weights = $("weights")?.value ?? "auto"; // embed.html has no weights picker
-  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights }, vectors: BUNDLED.vectors, label: BUNDLED.label };
+  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights }, vectors: BUNDLED.vectors, label: BUNDLED.label, catalogKey: "bundled:tiny-llava-siglip-qwen2" };
   const repo = v === "custom" ? $("custom-repo").value.trim() : v;
-  return { options: { model: repo, revision: "main", weights }, vectors: null, label: repo };
+  return { options: { model: repo, revision: "main", weights }, vectors: null, label: repo, catalogKey: repo };
 }
 
 async function showPlan() {
@@ -119,7 +137,9 @@ async function showPlan() {
 async function loadModel() {
   const choice = modelChoice();
   if (!choice.options.model) return showError("type a Hugging Face repo id, e.g. llava-hf/llava-interleave-qwen-0.5b-hf");
-  const vectorsUrl = params.get("vectors") || choice.vectors;
+  // An explicit ?vectors= wins; else the catalog's entry (sha256-checked); else the model's own file.
+  const entry = params.get("vectors") ? null : await catalogEntry(choice.catalogKey);
+  const vectorsUrl = params.get("vectors") || (entry ? null : choice.vectors);
   showError("");
   state.busy = true;
   state.loaded = false;
@@ -139,6 +159,16 @@ async function loadModel() {
     $("progress").value = 1;
     $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backend}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     useVectorsInfo(info.vectors);
+    if (entry) {
+      $("progress-text").textContent = "checking the catalog's vectors…";
+      try {
+        useVectorsInfo(await call("loadVectors", { entry }));
+        $("progress-text").textContent = "loaded";
+      } catch (err) {
+        showError(`catalog vectors: ${err.message}`);
+        $("progress-text").textContent = "loaded (without the catalog's vectors)";
+      }
+    }
     if (state.image) await sendImage(state.image);
   } catch (err) {
     $("progress-text").textContent = "failed";

@@ -38,9 +38,9 @@ const handlers = {
     need();
     return session.setVectors(name, bytes);
   },
-  async loadVectors({ url }) {
+  async loadVectors({ url, entry }) {
     need();
-    return session.loadVectors(url);
+    return session.loadVectors(entry ?? url);
   },
   async setImage({ bytes }) {
     need();

@@ -158,6 +158,28 @@ pub async fn fetch_bytes(url: &str, on_bytes: &mut OnBytes<'_>) -> Result<Vec<u8
     Ok(bytes)
 }
 
+/// [`fetch_bytes`], then check the bytes against a catalog entry's size and sha256; a file that
+/// does not match is removed from the cache again (and not used).
+pub async fn fetch_verified(
+    url: &str,
+    expected: &crate::catalog::CatalogEntry,
+    on_bytes: &mut OnBytes<'_>,
+) -> Result<Vec<u8>> {
+    let bytes = fetch_bytes(url, on_bytes).await?;
+    if let Err(e) = expected.verify(&bytes) {
+        if let Some(cache) = open_cache().await {
+            let _ = JsFuture::from(cache.delete_with_str(url)).await;
+        }
+        return Err(e);
+    }
+    Ok(bytes)
+}
+
+/// Whether `url` is in the model cache.
+pub async fn is_cached(url: &str) -> bool {
+    cached_response(open_cache().await.as_ref(), url).await.is_some()
+}
+
 /// One file of a checkpoint to download.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -358,6 +358,19 @@ async fn plan_for(spec: &ModelSpec) -> Result<Plan> {
     }
 }
 
+/// A URL relative to the worker's location (catalog entries are relative to the page, which is
+/// where the worker script lives too), or the URL itself when absolute or unparsable.
+fn resolve_url(url: &str) -> String {
+    let base = Reflect::get(&js_sys::global(), &"location".into())
+        .ok()
+        .and_then(|l| Reflect::get(&l, &"href".into()).ok())
+        .and_then(|h| h.as_string());
+    match base.and_then(|b| web_sys::Url::new_with_base(url, &b).ok()) {
+        Some(u) => u.href(),
+        None => url.to_owned(),
+    }
+}
+
 /// A wasm32 instance can address at most 4 GiB.
 const WASM_MEMORY_LIMIT: u64 = 4 << 30;
 
@@ -466,13 +479,27 @@ impl Session {
     }
 
     /// Fetch a vector file from a URL (cache-first) and use it; as `setVectors`.
+    /// Download (cache-first) and use a vector file. `source`: a URL, or a vectors-catalog entry
+    /// (`{vectors_url, sha256, size, …}`, www/vectors/catalog.json), whose size and sha256 the
+    /// download must match — a mismatch is an error and the file is not kept in the cache.
     #[wasm_bindgen(js_name = loadVectors)]
-    pub async fn load_vectors(&self, url: String) -> Result<JsValue, JsError> {
+    pub async fn load_vectors(&self, source: JsValue) -> Result<JsValue, JsError> {
         let state = self.state.clone();
         let vlm = self.vlm.clone();
         async move {
-            let bytes = fetch_bytes(&url, &mut |_, _, _| {}).await?;
-            let vectors = SteeringVectors::from_safetensors_bytes(&url, &bytes)?;
+            let (url, bytes) = match source.as_string() {
+                Some(url) => {
+                    let bytes = fetch_bytes(&url, &mut |_, _, _| {}).await?;
+                    (url, bytes)
+                }
+                None => {
+                    let entry: crate::catalog::CatalogEntry = from_js_value("catalog entry", source)?;
+                    let url = resolve_url(&entry.vectors_url);
+                    let bytes = fetch::fetch_verified(&url, &entry, &mut |_, _, _| {}).await?;
+                    (url, bytes)
+                }
+            };
+            let vectors = SteeringVectors::from_bytes(&url, &bytes)?;
             vectors.validate_for(&url, vlm.config())?;
             let info = VectorsInfo::new(&url, "dataset", &vectors, vlm.config().text.num_hidden_layers);
             state.borrow_mut().vectors = Some((vectors, info.clone()));
@@ -480,6 +507,12 @@ impl Session {
         }
         .await
         .map_err(to_js)
+    }
+
+    /// Whether a URL is in the model cache (for tests and the page's cache note).
+    #[wasm_bindgen(js_name = isCached)]
+    pub async fn is_cached(url: String) -> bool {
+        fetch::is_cached(&resolve_url(&url)).await
     }
 
     #[wasm_bindgen(js_name = clearVectors)]

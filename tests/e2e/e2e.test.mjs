@@ -54,7 +54,14 @@ function headerOnlyModel(folder, hidden) {
 /// `huge`: no weight format fits. `mid`: 4.4 GB as F32, 3.3 GB with 8-bit weights (F16 embedding
 /// + Q8_0 lm_head): `auto` must choose q8_0.
 function oversizedModel() {
-  return { ...headerOnlyModel("huge", 16384), ...headerOnlyModel("mid", 7168) };
+  return { ...headerOnlyModel("huge", 16384), ...headerOnlyModel("mid", 7168), ...badCatalog() };
+}
+
+/// The real catalog with the bundled entry's sha256 changed: the page must refuse the download.
+function badCatalog() {
+  const catalog = JSON.parse(readFileSync(resolve(dist, "vectors/catalog.json"), "utf8"));
+  catalog.entries[0].sha256 = "0".repeat(64);
+  return { "/bad-catalog.json": Buffer.from(JSON.stringify(catalog)) };
 }
 
 before(async () => {
@@ -238,4 +245,27 @@ test("a model too large for wasm memory is refused before downloading; the page 
   await page.locator("#max-tokens").fill("12");
   await runCompare();
   assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+});
+
+test("catalog vectors with a wrong sha256 show a readable error and are not cached", async () => {
+  await page.goto(`${site.origin}/index.html?catalog=/bad-catalog.json`);
+  await page.evaluate(() => caches.delete("cmrm-models-v1"));
+  await page.locator("#model-select").selectOption("bundled");
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  const error = byTestId("error");
+  await error.waitFor({ state: "visible", timeout: T });
+  assert.match(await error.textContent(), /sha256 [0-9a-f]{64} does not match the catalog's 0{64}/);
+  const vectorsUrl = `${site.origin}/assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors`;
+  const cached = await page.evaluate(async (u) => !!(await (await caches.open("cmrm-models-v1")).match(u)), vectorsUrl);
+  assert.equal(cached, false, "a file that failed its sha256 check must not stay in the cache");
+  // The page stays usable: sample-level vectors need no file.
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await byTestId("prompt").fill(case0.question);
+  await byTestId("variant").selectOption("sample");
+  await byTestId("compare").click();
+  await waitStatus("ready");
+  for (const pane of ["pane-unaltered", "pane-steered"]) {
+    assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
+  }
 });
