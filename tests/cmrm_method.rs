@@ -230,6 +230,10 @@ fn cli_extract_reproduces_the_oracle_shift_vectors() {
             &out.display().to_string(),
             "--catalog-entry",
             "https://example.org/v.safetensors",
+            "--default-alpha",
+            "0.75",
+            "--default-layers",
+            "1-2",
             "--json",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -241,6 +245,8 @@ fn cli_extract_reproduces_the_oracle_shift_vectors() {
         assert_eq!(entry["size"], written.len());
         assert_eq!(entry["calibration"]["size"], 8);
         assert_eq!(entry["vectors_url"], "https://example.org/v.safetensors");
+        assert_eq!(entry["default_alpha"], 0.75);
+        assert_eq!(entry["default_layers"], "1-2");
         let ours = SteeringVectors::load(&out).unwrap();
         let oracle = SteeringVectors::load(&refs_dir(model).join("shift_vectors.safetensors")).unwrap();
         assert_eq!(ours.metadata["sign"], "subtract");

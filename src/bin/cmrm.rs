@@ -152,6 +152,12 @@ struct ExtractArgs {
     /// Also print the vectors-catalog entry for the output published at this URL.
     #[arg(long)]
     catalog_entry: Option<String>,
+    /// α recorded in the file as its default (what the page and `generate` use without --alpha).
+    #[arg(long, default_value_t = 1.0)]
+    default_alpha: f32,
+    /// Layers recorded in the file as its default: all, 0,2,5 or 3-7.
+    #[arg(long, default_value = "all")]
+    default_layers: String,
     #[arg(long)]
     json: bool,
 }
@@ -476,7 +482,11 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
         decode_image(&bytes).with_context(|| path.display().to_string())
     };
     let t0 = std::time::Instant::now();
-    let vectors = cmrm::cmrm::extract(&vlm, &items, anchor, method, &load_image, &mut |p| {
+    parse_layers(&a.default_layers, vlm.config().text.num_hidden_layers).context("--default-layers")?;
+    if !a.default_alpha.is_finite() {
+        bail!("--default-alpha must be a finite number");
+    }
+    let mut vectors = cmrm::cmrm::extract(&vlm, &items, anchor, method, &load_image, &mut |p| {
         let width = 30;
         let filled = p.done * width / p.total.max(1);
         eprint!(
@@ -492,6 +502,8 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     })?;
     eprintln!();
     let seconds = t0.elapsed().as_secs_f64();
+    vectors.metadata.insert("default_alpha".into(), a.default_alpha.to_string());
+    vectors.metadata.insert("default_layers".into(), a.default_layers.clone());
     let dropped = write_vectors(&a.out, &vectors, None)?;
     let norms: Vec<f32> = vectors.layers.values().map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
     let catalog_entry = match &a.catalog_entry {
