@@ -102,13 +102,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn decoder_weight_bytes(cfg: &LlavaConfig) -> usize {
+/// Parameters of the decoder: blocks, final norm and the embedding table.
+fn decoder_parameters(cfg: &LlavaConfig) -> usize {
     let t = &cfg.text;
     let (h, d) = (t.hidden_size, t.head_dim);
     let attn = h * t.num_attention_heads * d * 2 + h * t.num_key_value_heads * d * 2;
     let mlp = 3 * h * t.intermediate_size;
     let per_layer = attn + mlp + 2 * h;
-    (per_layer * t.num_hidden_layers + h + t.vocab_size * h) * 4
+    per_layer * t.num_hidden_layers + h + t.vocab_size * h
 }
 
 /// Run the benchmark: random weights, one random image, `prompt_text_tokens` text tokens plus the
@@ -244,5 +245,5 @@ pub fn count_parameters(cfg: &LlavaConfig) -> usize {
     let h = cfg.text.hidden_size;
     let projector = cfg.projector_in_dim() * h + h * h + 2 * h;
     let lm_head = if cfg.text.tie_word_embeddings { 0 } else { cfg.text.vocab_size * h };
-    vision + projector + decoder_weight_bytes(cfg) / 4 + lm_head
+    vision + projector + decoder_parameters(cfg) + lm_head
 }

@@ -175,8 +175,8 @@ pub fn complete_now<T>(future: impl std::future::Future<Output = Result<T>>) -> 
 }
 
 /// New tokens that fit the context after a prompt of `prompt_len` tokens.
-pub fn max_new_tokens(context: usize, prompt_len: usize, opts: &GenerateOptions) -> usize {
-    opts.max_new_tokens.min(context.saturating_sub(prompt_len))
+pub fn max_new_tokens(context: usize, prompt_len: usize, requested: usize) -> usize {
+    requested.min(context.saturating_sub(prompt_len))
 }
 
 /// Generate after a prompt whose embeddings are `embeds` `[1, T, H]` (ids `input_ids`).
@@ -192,7 +192,7 @@ pub fn generate(
     on_token: &mut dyn FnMut(&TokenEvent) -> bool,
 ) -> Result<Generation> {
     let prompt_len = input_ids.len();
-    let max_new = max_new_tokens(model.config.text.max_position_embeddings, prompt_len, opts);
+    let max_new = max_new_tokens(model.config.text.max_position_embeddings, prompt_len, opts.max_new_tokens);
     let mut session = CpuSession {
         model,
         cache: model.text.new_cache(prompt_len + max_new),

@@ -132,7 +132,8 @@ impl DecoderBackend {
         let Self::Gpu(decoder) = self else { return vlm.generate(prepared, steering, opts, on_token) };
         let ids = &prepared.encoded.input_ids;
         let prompt_len = ids.len();
-        let max_new = crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts);
+        let max_new =
+            crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts.max_new_tokens);
         let greedy = opts.sampling == Sampling::Greedy;
         let mut session = GpuSession::new(decoder, prompt_len, prompt_len + max_new, steering, greedy)?;
         generate_on(&mut session, &vlm.processor.tokenizer, ids, &prepared.embeds, max_new, opts, on_token).await

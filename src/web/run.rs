@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
+use candle_transformers::generation::LogitsProcessor;
 use serde::Serialize;
 
 use crate::generate::{Sampling, TextStream};
@@ -46,7 +46,6 @@ pub struct PaneRun {
     logits: Option<Tensor>,
     prompt_len: usize,
     max_new: usize,
-    ids: Vec<u32>,
     /// The answer's ids and the text already streamed.
     stream: TextStream,
     finished: bool,
@@ -65,19 +64,9 @@ impl PaneRun {
         sampling: Sampling,
     ) -> Self {
         let prompt_len = prepared.encoded.input_ids.len();
-        let context = vlm.config().text.max_position_embeddings;
-        let max_new = max_new_tokens.min(context.saturating_sub(prompt_len));
-        let sampler = match sampling {
-            Sampling::Greedy => None,
-            Sampling::TopP { temperature, top_p, seed } => Some(LogitsProcessor::from_sampling(
-                seed,
-                if top_p < 1.0 {
-                    CandleSampling::TopP { p: top_p, temperature }
-                } else {
-                    CandleSampling::All { temperature }
-                },
-            )),
-        };
+        let max_new =
+            crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, max_new_tokens);
+        let sampler = sampling.sampler();
         Self {
             steering,
             sampler,
@@ -86,7 +75,6 @@ impl PaneRun {
             logits: None,
             prompt_len,
             max_new,
-            ids: Vec::new(),
             stream: TextStream::new(),
             finished: max_new == 0,
             stopped_on_eos: false,
@@ -131,13 +119,12 @@ impl PaneRun {
             None => argmax(&logits.to_vec1::<f32>()?),
             Some(s) => s.sample(&logits)?,
         };
-        let index = self.ids.len();
-        self.ids.push(id);
+        let index = self.stream.ids().len();
         let text = self.stream.push(&vlm.processor.tokenizer, id)?;
         if self.eos_ids.contains(&id) {
             self.stopped_on_eos = true;
             self.finished = true;
-        } else if self.ids.len() == self.max_new {
+        } else if self.stream.ids().len() == self.max_new {
             self.finished = true;
         } else {
             let embed = vlm.model.text.embed(&[id])?;
@@ -158,10 +145,10 @@ impl PaneRun {
 
     pub fn result(&self, vlm: &Vlm) -> Result<PaneResult> {
         // The first token comes from the prefill; decode steps are the ones after it.
-        let decode_steps = self.ids.len().saturating_sub(1);
+        let decode_steps = self.stream.ids().len().saturating_sub(1);
         Ok(PaneResult {
-            generated_ids: self.ids.clone(),
-            text: vlm.processor.decode(&self.ids)?,
+            generated_ids: self.stream.ids().to_vec(),
+            text: self.stream.text(&vlm.processor.tokenizer)?,
             stopped_on_eos: self.stopped_on_eos,
             cancelled: self.cancelled,
             prompt_tokens: self.prompt_len,
