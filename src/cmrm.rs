@@ -121,7 +121,14 @@ pub fn vector_metadata(vlm: &Vlm, method: &str, anchor: &str, n_calibration: usi
         ("sign".into(), "subtract".into()),
         ("default_alpha".into(), "1.0".into()),
         ("default_layers".into(), "all".into()),
+        ("model_hint".into(), cfg.text.kind.llama_cpp_arch().into()),
     ])
+}
+
+/// Record which calibration set vectors came from: its name and the sha256 of its text.
+pub fn record_calibration_set(vectors: &mut SteeringVectors, name: &str, text: &str) {
+    vectors.metadata.insert("calibration_set".into(), name.into());
+    vectors.metadata.insert("calibration_sha256".into(), crate::catalog::sha256_hex(text.as_bytes()));
 }
 
 /// Combine per-prompt shifts `shifts[i][l][h]` into one vector per layer.
@@ -251,8 +258,86 @@ impl Progress {
     }
 }
 
-/// Dataset-level extraction: for each item, `d_l = h_l(prompt, image) − h_l(prompt)` at the last
-/// prompt token, combined by `method`. `load_image` reads the items that name a file;
+/// Dataset-level extraction, one calibration item at a time (the browser yields between items to
+/// show progress and see a cancel; [`extract`] runs it to the end). For each item,
+/// `d_l = h_l(prompt, image) − h_l(prompt)` at the last prompt token; [`Extraction::finish`]
+/// combines them by `method`.
+pub struct Extraction {
+    items: Vec<CalibrationItem>,
+    anchor: Anchor,
+    method: Method,
+    /// Anchor features by name, encoded on first use.
+    anchors: HashMap<&'static str, Tensor>,
+    shifts: Vec<Vec<Vec<f32>>>,
+    start: f64,
+}
+
+impl Extraction {
+    pub fn new(items: Vec<CalibrationItem>, anchor: Anchor, method: Method) -> Result<Self> {
+        if items.is_empty() {
+            bail!("the calibration set is empty");
+        }
+        let shifts = Vec::with_capacity(items.len());
+        Ok(Self { items, anchor, method, anchors: HashMap::new(), shifts, start: crate::generate::now_seconds() })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.shifts.len() == self.items.len()
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            done: self.shifts.len(),
+            total: self.items.len(),
+            elapsed_s: crate::generate::now_seconds() - self.start,
+        }
+    }
+
+    fn anchor_of(&mut self, vlm: &Vlm, anchor: Anchor) -> Result<Tensor> {
+        if let Some(t) = self.anchors.get(anchor.name()) {
+            return Ok(t.clone());
+        }
+        let t = anchor_features(vlm, anchor)?;
+        self.anchors.insert(anchor.name(), t.clone());
+        Ok(t)
+    }
+
+    /// Measure the next item's shift (no-op once done). `load_image` reads items that name a file.
+    pub fn step(&mut self, vlm: &Vlm, load_image: &dyn Fn(&str) -> Result<RgbImage>) -> Result<Progress> {
+        let i = self.shifts.len();
+        let Some(item) = self.items.get(i).cloned() else { return Ok(self.progress()) };
+        let seed = match self.anchor {
+            Anchor::Noise { seed } => seed,
+            Anchor::Blank => 0,
+        };
+        let features = match &item.image {
+            CalibrationImage::Anchor => self.anchor_of(vlm, self.anchor)?,
+            CalibrationImage::Blank => self.anchor_of(vlm, Anchor::Blank)?,
+            CalibrationImage::Noise => self.anchor_of(vlm, Anchor::Noise { seed })?,
+            CalibrationImage::Path(p) => {
+                let img = load_image(p).with_context(|| format!("calibration item {}: image {p}", i + 1))?;
+                vlm.encode_image(&img)?
+            }
+        };
+        let shift = shift_for_prompt(vlm, &PromptText::Chat(item.prompt.clone()), &features)
+            .with_context(|| format!("calibration item {}", i + 1))?;
+        self.shifts.push(shift);
+        Ok(self.progress())
+    }
+
+    /// The vectors, once every item is measured.
+    pub fn finish(self, vlm: &Vlm) -> Result<SteeringVectors> {
+        if !self.is_done() {
+            bail!("extraction stopped after {} of {} items", self.shifts.len(), self.items.len());
+        }
+        let layers = combine_shifts(&self.shifts, self.method)?;
+        let mut vectors = SteeringVectors::new(vlm.config().text.hidden_size, layers)?;
+        vectors.metadata = vector_metadata(vlm, self.method.name(), self.anchor.name(), self.items.len());
+        Ok(vectors)
+    }
+}
+
+/// Dataset-level extraction over the whole set ([`Extraction`] run to the end).
 /// `on_progress` returning `false` cancels (an error, nothing returned).
 pub fn extract(
     vlm: &Vlm,
@@ -262,44 +347,12 @@ pub fn extract(
     load_image: &dyn Fn(&str) -> Result<RgbImage>,
     on_progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<SteeringVectors> {
-    if items.is_empty() {
-        bail!("the calibration set is empty");
-    }
-    let mut anchors: HashMap<&'static str, Tensor> = HashMap::new();
-    let mut anchor_of = |a: Anchor| -> Result<Tensor> {
-        if let Some(t) = anchors.get(a.name()) {
-            return Ok(t.clone());
-        }
-        let t = anchor_features(vlm, a)?;
-        anchors.insert(a.name(), t.clone());
-        Ok(t)
-    };
-    let seed = match anchor {
-        Anchor::Noise { seed } => seed,
-        Anchor::Blank => 0,
-    };
-    let start = crate::generate::now_seconds();
-    let mut shifts = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let features = match &item.image {
-            CalibrationImage::Anchor => anchor_of(anchor)?,
-            CalibrationImage::Blank => anchor_of(Anchor::Blank)?,
-            CalibrationImage::Noise => anchor_of(Anchor::Noise { seed })?,
-            CalibrationImage::Path(p) => {
-                let img = load_image(p).with_context(|| format!("calibration item {}: image {p}", i + 1))?;
-                vlm.encode_image(&img)?
-            }
-        };
-        let shift = shift_for_prompt(vlm, &PromptText::Chat(item.prompt.clone()), &features)
-            .with_context(|| format!("calibration item {}", i + 1))?;
-        shifts.push(shift);
-        let progress = Progress { done: i + 1, total: items.len(), elapsed_s: crate::generate::now_seconds() - start };
+    let mut extraction = Extraction::new(items.to_vec(), anchor, method)?;
+    while !extraction.is_done() {
+        let progress = extraction.step(vlm, load_image)?;
         if !on_progress(progress) {
-            bail!("extraction cancelled after {} of {} items", i + 1, items.len());
+            bail!("extraction cancelled after {} of {} items", progress.done, progress.total);
         }
     }
-    let layers = combine_shifts(&shifts, method)?;
-    let mut vectors = SteeringVectors::new(vlm.config().text.hidden_size, layers)?;
-    vectors.metadata = vector_metadata(vlm, method.name(), anchor.name(), items.len());
-    Ok(vectors)
+    extraction.finish(vlm)
 }

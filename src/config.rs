@@ -24,6 +24,16 @@ pub enum TextKind {
     Qwen2,
 }
 
+impl TextKind {
+    /// llama.cpp's architecture name (GGUF `general.architecture`, control-vector `model_hint`).
+    pub fn llama_cpp_arch(&self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
 /// Activation functions named by HF configs (`hidden_act`, `projector_hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {

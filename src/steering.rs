@@ -108,23 +108,35 @@ impl SteeringVectors {
         Self::from_bytes(&path.display().to_string(), &bytes)
     }
 
-    /// Serialize as a safetensors file with `layer.{l}` tensors and this metadata.
+    /// Serialize as a safetensors file with `layer.{l}` tensors and this metadata. The bytes are
+    /// deterministic (header keys sorted), so the same vectors always have the same sha256 — what
+    /// a catalog entry pins. (`safetensors::serialize` writes metadata in `HashMap` order.)
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
-        let data: Vec<(String, Vec<u8>)> = self
-            .layers
-            .iter()
-            .map(|(l, v)| (format!("layer.{l}"), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = data
-            .iter()
-            .map(|(k, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![self.hidden_size], bytes)
-                    .map(|view| (k.clone(), view))
-                    .map_err(|e| anyhow!("{e}"))
-            })
-            .collect::<Result<_>>()?;
-        let meta = if self.metadata.is_empty() { None } else { Some(self.metadata.clone()) };
-        safetensors::serialize(views, meta).map_err(|e| anyhow!("cannot serialize vectors: {e}"))
+        let mut header = serde_json::Map::new();
+        if !self.metadata.is_empty() {
+            let sorted: BTreeMap<&String, &String> = self.metadata.iter().collect();
+            header.insert("__metadata__".into(), serde_json::to_value(sorted)?);
+        }
+        let mut data = Vec::with_capacity(self.layers.len() * self.hidden_size * 4);
+        for (l, v) in &self.layers {
+            if v.len() != self.hidden_size {
+                bail!("layer {l} has {} values, expected {}", v.len(), self.hidden_size);
+            }
+            let start = data.len();
+            data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            header.insert(
+                format!("layer.{l}"),
+                serde_json::json!({"dtype": "F32", "shape": [self.hidden_size], "data_offsets": [start, data.len()]}),
+            );
+        }
+        let mut json = serde_json::to_vec(&header)?;
+        // The format pads the header with spaces to a multiple of 8 bytes.
+        json.resize(json.len().div_ceil(8) * 8, b' ');
+        let mut out = Vec::with_capacity(8 + json.len() + data.len());
+        out.extend((json.len() as u64).to_le_bytes());
+        out.extend(json);
+        out.extend(data);
+        Ok(out)
     }
 
     /// Check that the vectors fit a model: hidden size, layer indices, and the `model` hint when

@@ -120,6 +120,18 @@ fn vector_files_round_trip_bit_exactly() {
     let v = sample_vectors(&[0, 1, 2, 3]);
     let again = SteeringVectors::from_bytes("a.safetensors", &v.to_safetensors_bytes().unwrap()).unwrap();
     assert_eq!(again, v);
+    // The same vectors give the same bytes (a catalog pins their sha256), whatever order the
+    // metadata was written in; the safetensors crate reads them.
+    let mut a = sample_vectors(&[0, 1, 10]);
+    let mut b = sample_vectors(&[0, 1, 10]);
+    let keys: Vec<String> = (0..12).map(|i| format!("key_{i}")).collect();
+    keys.iter().for_each(|k| drop(a.metadata.insert(k.clone(), k.to_uppercase())));
+    keys.iter().rev().for_each(|k| drop(b.metadata.insert(k.clone(), k.to_uppercase())));
+    let bytes = a.to_safetensors_bytes().unwrap();
+    assert_eq!(bytes, b.to_safetensors_bytes().unwrap());
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("layer.10").unwrap().data(), &b.to_safetensors_bytes().unwrap()[bytes.len() - 256..]);
+    assert_eq!(SteeringVectors::from_bytes("b.safetensors", &bytes).unwrap(), b);
 
     // GGUF: llama.cpp has no direction.0, so layer 0 is dropped and reported; the rest is exact.
     let export = cmrm::gguf::export_control_vector(&v, "llama");
@@ -335,4 +347,30 @@ fn cli_eval_reports_every_alpha_and_draws_charts() {
         assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{chart}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// tests/fixtures/calibration/builtin-v1.tiny-llava-siglip-qwen2.safetensors is what native
+/// extraction gives for the bundled model over the page's built-in calibration set; tests/web.rs
+/// checks that the browser's "compute vectors here" reproduces it. This test keeps the fixture
+/// honest: if extraction changes, it fails until the fixture is regenerated with
+/// `cmrm extract --model www/assets/models/tiny-llava-siglip-qwen2 --calibration
+/// www/assets/calibration/builtin-v1.jsonl --out tests/fixtures/calibration/builtin-v1.tiny-llava-siglip-qwen2.safetensors`.
+#[test]
+fn browser_calibration_fixture_is_native_extraction() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let vlm = Vlm::load_dir(&root.join("www/assets/models/tiny-llava-siglip-qwen2")).unwrap();
+    let text = std::fs::read_to_string(root.join("www/assets/calibration/builtin-v1.jsonl")).unwrap();
+    let items = parse_calibration("builtin-v1", &text).unwrap();
+    assert!(items.len() >= 32, "the built-in set has {} prompts", items.len());
+    let got = extract(&vlm, &items, Anchor::Blank, Method::Mean, &no_images, &mut |_| true).unwrap();
+    let fixture =
+        SteeringVectors::load(&root.join("tests/fixtures/calibration/builtin-v1.tiny-llava-siglip-qwen2.safetensors"))
+            .unwrap();
+    assert_eq!(fixture.metadata["calibration_set"], "builtin-v1");
+    assert_eq!(fixture.metadata["calibration_sha256"], cmrm::catalog::sha256_hex(text.as_bytes()));
+    assert_eq!(got.layers.keys().collect::<Vec<_>>(), fixture.layers.keys().collect::<Vec<_>>());
+    for (l, v) in &got.layers {
+        let worst = v.iter().zip(&fixture.layers[l]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "layer {l}: max |diff| {worst}");
+    }
 }

@@ -275,3 +275,87 @@ async fn sample_level_stop_and_errors() {
         compare(&session, json!({"prompt": question, "maxNewTokens": 12, "alpha": 1.0, "layers": "1"})).await.unwrap();
     assert_eq!(again["steered"]["generatedIds"], file["steered"]["generatedIds"]);
 }
+
+const BUILTIN_CALIBRATION: &str = include_str!("../www/assets/calibration/builtin-v1.jsonl");
+const NATIVE_CALIBRATION: &[u8] = include_bytes!("fixtures/calibration/builtin-v1.tiny-llava-siglip-qwen2.safetensors");
+
+async fn calibrate(session: &Session, options: Value) -> Result<Value, String> {
+    let events = std::rc::Rc::new(std::cell::RefCell::new(Vec::<Value>::new()));
+    let sink = events.clone();
+    let on_event = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+        sink.borrow_mut().push(serde_wasm_bindgen::from_value(e).unwrap());
+    });
+    let promise = session.calibrate(js(&options), Some(on_event.as_ref().unchecked_ref::<js_sys::Function>().clone()));
+    let out = JsFuture::from(promise).await.map_err(message)?;
+    let mut result: Value = serde_wasm_bindgen::from_value(out).unwrap();
+    result["events"] = Value::Array(events.borrow().clone());
+    Ok(result)
+}
+
+/// "Compute vectors here": the browser's calibration over the built-in set equals native
+/// `cmrm extract` on the same model and set (the fixture, checked natively in
+/// tests/cmrm_method.rs) within 1e-4 per element; it reports progress, is cached, can be
+/// cancelled, and exports as safetensors and GGUF.
+#[wasm_bindgen_test]
+async fn in_browser_calibration_equals_native_extract() {
+    let oracle = siglip_qwen2();
+    let session = Session::from_named_bytes(oracle.name, oracle.files).unwrap();
+    let set_url = format!("data:text/plain;charset=utf-8,{}", js_sys::encode_uri_component(BUILTIN_CALIBRATION));
+    let options = json!({"calibration": set_url, "name": "builtin-v1", "force": true});
+
+    // Cancelled at once: an error that says so, and no vectors in use.
+    let promise = session.calibrate(js(&options), None);
+    session.stop();
+    let e = message(JsFuture::from(promise).await.unwrap_err());
+    assert!(e.contains("cancelled after 0 of 40"), "{e}");
+    let e = message(session.export_vectors("safetensors").map_err(JsValue::from).unwrap_err());
+    assert!(e.contains("no dataset-level vectors"), "{e}");
+
+    let computed = calibrate(&session, options.clone()).await.unwrap();
+    assert_eq!(computed["fromCache"], false);
+    assert_eq!(computed["cached"], true, "{computed}");
+    assert_eq!(computed["prompts"], 40);
+    let events = computed["events"].as_array().unwrap();
+    assert_eq!(events.len(), 40, "one progress event per prompt");
+    assert_eq!(events.last().unwrap()["done"], 40);
+    assert!(computed["vectors"]["name"].as_str().unwrap().contains("builtin-v1"));
+
+    let native = cmrm::SteeringVectors::from_safetensors_bytes("native", NATIVE_CALIBRATION).unwrap();
+    let exported = session.export_vectors("safetensors").map_err(JsValue::from).unwrap().to_vec();
+    let browser = cmrm::SteeringVectors::from_safetensors_bytes("browser", &exported).unwrap();
+    assert_eq!(browser.layers.keys().collect::<Vec<_>>(), native.layers.keys().collect::<Vec<_>>());
+    let mut worst = 0f32;
+    for (l, v) in &native.layers {
+        for (a, b) in v.iter().zip(&browser.layers[l]) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    console_log!("in-browser calibration vs native extract: max |diff| {worst:e}");
+    assert!(worst <= 1e-4, "max |diff| {worst}");
+    for key in ["calibration_set", "calibration_sha256", "method", "anchor", "model", "n_calibration"] {
+        assert_eq!(browser.metadata[key], native.metadata[key], "{key}");
+    }
+
+    // GGUF: a llama.cpp control vector, negated, without layer 0.
+    let gguf = session.export_vectors("gguf").map_err(JsValue::from).unwrap().to_vec();
+    let imported = cmrm::SteeringVectors::from_bytes("browser.gguf", &gguf).unwrap();
+    assert_eq!(imported.layers.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(imported.layers[&2], browser.layers[&2]);
+    assert_eq!(imported.metadata["model_hint"], "qwen2");
+    let e = message(session.export_vectors("npy").map_err(JsValue::from).unwrap_err());
+    assert!(e.contains("safetensors or gguf"), "{e}");
+
+    // The second time comes from the cache, identical; they steer a comparison.
+    session.clear_vectors();
+    let again = calibrate(&session, json!({"calibration": set_url, "name": "builtin-v1"})).await.unwrap();
+    assert_eq!(again["fromCache"], true, "{again}");
+    assert_eq!(session.export_vectors("safetensors").map_err(JsValue::from).unwrap().to_vec(), exported);
+    session.set_image(oracle.images[0].1).map_err(JsValue::from).unwrap();
+    let answer = compare(&session, json!({"prompt": "What is in the image?", "maxNewTokens": 6})).await.unwrap();
+    assert!(!ids(&answer["steered"]["generatedIds"]).is_empty());
+    // A set that is not calibration JSONL is refused with the line.
+    let e = calibrate(&session, json!({"calibration": "data:text/plain,{\"question\": 1}", "name": "bad"}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("bad:1") && e.contains("prompt"), "{e}");
+}

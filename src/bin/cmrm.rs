@@ -502,6 +502,8 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     })?;
     eprintln!();
     let seconds = t0.elapsed().as_secs_f64();
+    let set_name = a.calibration.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    cmrm::cmrm::record_calibration_set(&mut vectors, &set_name, &text);
     vectors.metadata.insert("default_alpha".into(), a.default_alpha.to_string());
     vectors.metadata.insert("default_layers".into(), a.default_layers.clone());
     let dropped = write_vectors(&a.out, &vectors, None)?;
@@ -513,9 +515,8 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
                 Some(r) if !a.model.exists() => (r.repo_id, r.revision),
                 _ => (format!("local:{}", spec.trim_end_matches('/')), "main".to_owned()),
             };
-            let calibration = a.calibration.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let bytes = std::fs::read(&a.out)?;
-            Some(cmrm::catalog::entry_for(&bytes, url, &model, &revision, &calibration)?)
+            Some(cmrm::catalog::entry_for(&bytes, url, &model, &revision, &set_name)?)
         }
         None => None,
     };

@@ -111,9 +111,11 @@ pub async fn fetch_bytes(url: &str, on_bytes: &mut OnBytes<'_>) -> Result<Vec<u8
     if !response.ok() {
         bail!("{url}: HTTP {} {}", response.status(), response.status_text());
     }
-    // Cache a clone of the network response; `put` reads it as we read ours.
+    // Cache a clone of the network response; `put` reads it as we read ours. (The Cache API
+    // takes http(s) URLs only: data: and blob: URLs are already local.)
+    let cacheable = url.starts_with("http://") || url.starts_with("https://");
     let cache_put = match (&cache, from_cache) {
-        (Some(cache), false) if response.status() == 200 => {
+        (Some(cache), false) if response.status() == 200 && cacheable => {
             response.clone().ok().map(|copy| cache.put_with_str(url, &copy))
         }
         _ => None,
@@ -173,6 +175,28 @@ pub async fn fetch_verified(
         return Err(e);
     }
     Ok(bytes)
+}
+
+/// A file stored by [`cache_put`] (or downloaded), if the cache has it.
+pub async fn cached_bytes(url: &str) -> Option<Vec<u8>> {
+    let response = cached_response(open_cache().await.as_ref(), url).await?;
+    let buffer = JsFuture::from(response.array_buffer().ok()?).await.ok()?;
+    Some(Uint8Array::new(&buffer).to_vec())
+}
+
+/// Keep bytes made in the page (vectors computed here) in the cache under `url`. Returns whether
+/// they were stored (no Cache API, or a full quota: not an error, they are just not kept).
+pub async fn cache_put(url: &str, bytes: &[u8]) -> bool {
+    let Some(cache) = open_cache().await else { return false };
+    let mut copy = bytes.to_vec();
+    let Ok(response) = Response::new_with_opt_u8_array(Some(&mut copy)) else { return false };
+    match JsFuture::from(cache.put_with_str(url, &response)).await {
+        Ok(_) => true,
+        Err(e) => {
+            web_sys::console::warn_1(&format!("cmrm: could not cache {url}: {}", js_error("", e)).into());
+            false
+        }
+    }
 }
 
 /// Whether `url` is in the model cache.

@@ -11,6 +11,7 @@
 //! ```
 //! Every error is a JS `Error` whose message says what went wrong and what to do.
 
+mod calibrate;
 mod fetch;
 mod run;
 
@@ -240,14 +241,18 @@ struct SessionState {
     anchors: HashMap<String, Tensor>,
 }
 
-/// A loaded model in the browser.
+/// A loaded model in the browser. (`Clone` shares the model and state: the futures behind
+/// returned promises hold one.)
 #[wasm_bindgen]
+#[derive(Clone)]
 pub struct Session {
     vlm: Rc<Vlm>,
     state: Rc<RefCell<SessionState>>,
     stop: Rc<Cell<bool>>,
     busy: Rc<Cell<bool>>,
     name: String,
+    /// The model's revision (`main` unless asked for; `local` for `fromFiles`).
+    revision: String,
     /// Bytes of the weight files loaded.
     weight_bytes: u64,
 }
@@ -336,6 +341,7 @@ impl Assembler {
             stop: Rc::default(),
             busy: Rc::default(),
             name: name.to_owned(),
+            revision: "local".to_owned(),
             weight_bytes: self.weight_bytes,
         })
     }
@@ -484,8 +490,6 @@ impl Session {
     /// download must match — a mismatch is an error and the file is not kept in the cache.
     #[wasm_bindgen(js_name = loadVectors)]
     pub async fn load_vectors(&self, source: JsValue) -> Result<JsValue, JsError> {
-        let state = self.state.clone();
-        let vlm = self.vlm.clone();
         async move {
             let (url, bytes) = match source.as_string() {
                 Some(url) => {
@@ -499,10 +503,7 @@ impl Session {
                     (url, bytes)
                 }
             };
-            let vectors = SteeringVectors::from_bytes(&url, &bytes)?;
-            vectors.validate_for(&url, vlm.config())?;
-            let info = VectorsInfo::new(&url, "dataset", &vectors, vlm.config().text.num_hidden_layers);
-            state.borrow_mut().vectors = Some((vectors, info.clone()));
+            let info = self.use_vectors(&url, SteeringVectors::from_bytes(&url, &bytes)?)?;
             to_js_value(&info)
         }
         .await
@@ -641,7 +642,8 @@ impl Session {
             report("parse", &file.name, bytes.len() as u64, bytes.len() as u64, done_before, file.cached);
             assembler.add(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
         }
-        let session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
+        let mut session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
+        session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
         if let Some(url) = &options.vectors {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", url, n, t.unwrap_or(vectors_size), done_before + n, cached)
@@ -666,7 +668,11 @@ impl Session {
     }
 
     fn set_vectors_inner(&self, name: &str, bytes: &[u8]) -> Result<VectorsInfo> {
-        let vectors = SteeringVectors::from_safetensors_bytes(name, bytes)?;
+        self.use_vectors(name, SteeringVectors::from_safetensors_bytes(name, bytes)?)
+    }
+
+    /// Check dataset-level vectors against the model and make them the ones in use.
+    fn use_vectors(&self, name: &str, vectors: SteeringVectors) -> Result<VectorsInfo> {
         vectors.validate_for(name, self.vlm.config())?;
         let info = VectorsInfo::new(name, "dataset", &vectors, self.vlm.config().text.num_hidden_layers);
         self.state.borrow_mut().vectors = Some((vectors, info.clone()));
