@@ -8,9 +8,10 @@
 # Tools come from scripts/setup.sh (chromium, chromedriver, wasm-bindgen-cli, trunk).
 # Env: CHROMEDRIVER, CHROMIUM, WASM_BINDGEN_TEST_TIMEOUT, ARTIFACTS, SKIP_WASM_TESTS=1, SKIP_E2E=1.
 #
-# scripts/test-browser.sh --bench   instead runs the benchmark (not a test, tests/web_bench.rs):
-# decode tokens/s of the llava-interleave-qwen-0.5b decoder (random f32 weights), wasm in headless
-# Chromium vs native on this machine, and prints the ratio.
+# scripts/test-browser.sh --bench   instead runs the benchmark (not a test, tests/web_bench.rs),
+# wasm in headless Chromium vs native on this machine, and prints the ratios: decode tokens/s of
+# the llava-interleave-qwen-0.5b decoder (random f32 weights), and seconds per calibration prompt
+# of CMRM extraction (bundled model; 0.5B decoder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -24,17 +25,22 @@ for tool in "$CHROMEDRIVER" "$CHROMIUM" wasm-bindgen-test-runner trunk node npm;
 done
 
 if [ "${1:-}" = "--bench" ]; then
-  echo "== benchmark: decode tokens/s, wasm (headless Chromium, 1 thread) vs native" >&2
+  echo "== benchmark: wasm (headless Chromium, 1 thread) vs native, same code and model (tests/web_bench.rs)" >&2
   wasm=$(cargo test --target wasm32-unknown-unknown --release --no-default-features --test web_bench \
            -- --include-ignored --nocapture 2>&1 | grep '^cmrm-bench') || { echo "wasm benchmark failed" >&2; exit 1; }
-  native=$(cargo test --release --test web_bench -- --ignored --nocapture 2>&1 | grep '^cmrm-bench') \
+  native=$(cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep '^cmrm-bench') \
     || { echo "native benchmark failed" >&2; exit 1; }
-  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture 2>&1 | grep '^cmrm-bench') \
+  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep '^cmrm-bench') \
     || { echo "native 1-thread benchmark failed" >&2; exit 1; }
   printf '%s\n%s\n%s\n' "$wasm" "$native" "$native1"
-  tps() { sed -E 's/.*tokens_per_s=([0-9.]+).*/\1/' <<<"$1"; }
-  awk -v w="$(tps "$wasm")" -v n="$(tps "$native")" -v n1="$(tps "$native1")" 'BEGIN {
-    printf "wasm / native decode tokens/s = %.2f (native all threads), %.2f (native 1 thread)\n", w / n, w / n1 }'
+  # value NAME LINES: the number after the last '=' on the line of benchmark NAME.
+  value() { grep "^cmrm-bench $1 " <<<"$2" | sed -E 's/.*=([0-9.]+)$/\1/'; }
+  awk -v w="$(value decode "$wasm")" -v n="$(value decode "$native")" -v n1="$(value decode "$native1")" 'BEGIN {
+    printf "decode tokens/s, wasm / native = %.2f (native all threads), %.2f (native 1 thread)\n", w / n, w / n1 }'
+  for b in calibrate-tiny calibrate-0.5b; do
+    awk -v b="$b" -v w="$(value "$b" "$wasm")" -v n="$(value "$b" "$native")" -v n1="$(value "$b" "$native1")" 'BEGIN {
+      printf "%s seconds per prompt, wasm / native = %.2f (native all threads), %.2f (native 1 thread)\n", b, w / n, w / n1 }'
+  done
   exit 0
 fi
 

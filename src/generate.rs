@@ -108,11 +108,19 @@ impl TextStream {
     }
 }
 
-/// Seconds since an arbitrary origin (`Instant` is not available on wasm32-unknown-unknown).
+/// Seconds since an arbitrary origin (`Instant` is not available on wasm32-unknown-unknown: there
+/// `performance.now()`, sub-millisecond in windows and workers; `Date.now()` where it is missing).
 pub fn now_seconds() -> f64 {
     #[cfg(target_arch = "wasm32")]
     {
-        js_sys::Date::now() / 1000.0
+        use wasm_bindgen::JsCast;
+        let global = js_sys::global();
+        let performance = js_sys::Reflect::get(&global, &"performance".into()).ok().filter(|p| p.is_object());
+        let now = performance.as_ref().and_then(|p| js_sys::Reflect::get(p, &"now".into()).ok());
+        match (performance, now.and_then(|f| f.dyn_into::<js_sys::Function>().ok())) {
+            (Some(p), Some(f)) => f.call0(&p).ok().and_then(|v| v.as_f64()).unwrap_or_else(js_sys::Date::now) / 1000.0,
+            _ => js_sys::Date::now() / 1000.0,
+        }
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -201,7 +209,137 @@ pub fn generate(
     complete_now(generate_on(&mut session, tokenizer, input_ids, embeds, max_new, opts, on_token))
 }
 
-/// The generation loop over any [`DecodeSession`]: prefill, then up to `max_new` tokens.
+impl<T: DecodeSession + ?Sized> DecodeSession for Box<T> {
+    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
+        (**self).prefill(embeds)
+    }
+    fn step(&mut self, id: u32) -> StepFuture<'_> {
+        (**self).step(id)
+    }
+}
+
+impl<T: DecodeSession + ?Sized> DecodeSession for &mut T {
+    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
+        (**self).prefill(embeds)
+    }
+    fn step(&mut self, id: u32) -> StepFuture<'_> {
+        (**self).step(id)
+    }
+}
+
+/// One answer, a token at a time, over any [`DecodeSession`]: prefill, then pick a token (greedy
+/// or sampled; or the one a GPU already picked), stop on EOS or length, else run it through the
+/// decoder. The CLI drives it to the end ([`generate_on`]); the browser interleaves two of them
+/// and returns to the event loop between tokens (to stream, and to see Stop).
+pub struct Generator<S> {
+    session: S,
+    sampler: Option<LogitsProcessor>,
+    eos_ids: Vec<u32>,
+    input_ids: Vec<u32>,
+    max_new: usize,
+    /// What picks the next token; `None` before the prefill and once finished.
+    next: Option<Next>,
+    /// The last token, not yet run through the decoder (that happens at the next step, so
+    /// stopping after a token costs no decoder pass).
+    pending: Option<u32>,
+    stream: TextStream,
+    finished: bool,
+    stopped_on_eos: bool,
+    cancelled: bool,
+    prefill_seconds: f64,
+    decode_seconds: f64,
+}
+
+impl<S: DecodeSession> Generator<S> {
+    /// `max_new`: already clipped to the context ([`max_new_tokens`]).
+    pub fn new(session: S, input_ids: &[u32], max_new: usize, opts: &GenerateOptions) -> Self {
+        Self {
+            session,
+            sampler: opts.sampling.sampler(),
+            eos_ids: opts.eos_ids.clone(),
+            input_ids: input_ids.to_vec(),
+            max_new,
+            next: None,
+            pending: None,
+            stream: TextStream::new(),
+            finished: max_new == 0,
+            stopped_on_eos: false,
+            cancelled: false,
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+        }
+    }
+
+    /// Run the prompt `embeds` `[1, T, H]` (the expensive part before the first token).
+    pub async fn prefill(&mut self, embeds: &Tensor) -> Result<()> {
+        let t0 = now_seconds();
+        self.next = Some(self.session.prefill(embeds).await?);
+        self.prefill_seconds = now_seconds() - t0;
+        Ok(())
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The next token, run through the decoder unless it ends the answer; `None` once finished.
+    pub async fn step(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<Option<TokenEvent>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let t0 = now_seconds();
+        if let Some(previous) = self.pending.take() {
+            self.next = Some(self.session.step(previous).await?);
+        }
+        let id = match (self.next.take().context("a decode step before the prefill")?, self.sampler.as_mut()) {
+            (Next::Token(id), _) => id,
+            (Next::Logits(logits), None) => argmax(&logits.to_vec1::<f32>()?),
+            (Next::Logits(logits), Some(s)) => s.sample(&logits)?,
+        };
+        let index = self.stream.ids().len();
+        let text = self.stream.push(tokenizer, id)?;
+        if self.eos_ids.contains(&id) {
+            self.stopped_on_eos = true;
+            self.finished = true;
+        } else if index + 1 == self.max_new {
+            self.finished = true;
+        } else {
+            self.pending = Some(id);
+        }
+        self.decode_seconds += now_seconds() - t0;
+        Ok(Some(TokenEvent { index, id, text }))
+    }
+
+    /// Stop early; the tokens so far are kept.
+    pub fn cancel(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.cancelled = true;
+            self.next = None;
+            self.pending = None;
+        }
+    }
+
+    /// The answer so far, with timings.
+    pub fn result(&self, tokenizer: &tokenizers::Tokenizer) -> Result<Generation> {
+        // The first token comes from the prefill; decode steps are the ones after it.
+        let decode_steps = self.stream.ids().len().saturating_sub(1);
+        Ok(Generation {
+            input_ids: self.input_ids.clone(),
+            generated_ids: self.stream.ids().to_vec(),
+            text: self.stream.text(tokenizer)?,
+            stopped_on_eos: self.stopped_on_eos,
+            cancelled: self.cancelled,
+            prefill_seconds: self.prefill_seconds,
+            decode_seconds: self.decode_seconds,
+            prefill_tokens_per_s: rate(self.input_ids.len(), self.prefill_seconds),
+            decode_tokens_per_s: rate(decode_steps, self.decode_seconds),
+        })
+    }
+}
+
+/// A [`Generator`] run to the end. `on_token` is called for every token; returning `false`
+/// stops (the result is kept).
 pub async fn generate_on(
     session: &mut dyn DecodeSession,
     tokenizer: &tokenizers::Tokenizer,
@@ -211,56 +349,14 @@ pub async fn generate_on(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent) -> bool,
 ) -> Result<Generation> {
-    let prompt_len = input_ids.len();
-    let mut sampler = opts.sampling.sampler();
-    let mut pick = |next: Next| -> Result<u32> {
-        Ok(match (next, sampler.as_mut()) {
-            (Next::Token(id), _) => id,
-            (Next::Logits(logits), None) => argmax(&logits.to_vec1::<f32>()?),
-            (Next::Logits(logits), Some(s)) => s.sample(&logits)?,
-        })
-    };
-
-    let t0 = now_seconds();
-    let mut next = session.prefill(embeds).await?;
-    let prefill_seconds = now_seconds() - t0;
-
-    let mut stream = TextStream::new();
-    let mut generated_ids = Vec::new();
-    let (mut stopped_on_eos, mut cancelled) = (false, false);
-    let t1 = now_seconds();
-    for index in 0..max_new {
-        let id = pick(next)?;
-        generated_ids.push(id);
-        let text = stream.push(tokenizer, id)?;
-        let keep_going = on_token(&TokenEvent { index, id, text });
-        if opts.eos_ids.contains(&id) {
-            stopped_on_eos = true;
-            break;
+    let mut generator = Generator::new(session, input_ids, max_new, opts);
+    generator.prefill(embeds).await?;
+    while let Some(event) = generator.step(tokenizer).await? {
+        if !on_token(&event) {
+            generator.cancel();
         }
-        if !keep_going {
-            cancelled = true;
-            break;
-        }
-        if index + 1 == max_new {
-            break;
-        }
-        next = session.step(id).await?;
     }
-    let decode_seconds = now_seconds() - t1;
-    // The first token comes from the prefill; decode steps are the ones after it.
-    let decode_steps = generated_ids.len().saturating_sub(1);
-    Ok(Generation {
-        input_ids: input_ids.to_vec(),
-        text: stream.text(tokenizer)?,
-        generated_ids,
-        stopped_on_eos,
-        cancelled,
-        prefill_seconds,
-        decode_seconds,
-        prefill_tokens_per_s: rate(prompt_len, prefill_seconds),
-        decode_tokens_per_s: rate(decode_steps, decode_seconds),
-    })
+    generator.result(tokenizer)
 }
 
 fn rate(n: usize, seconds: f64) -> f64 {

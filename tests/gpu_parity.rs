@@ -41,7 +41,7 @@ fn logits_of(next: Next) -> Vec<f32> {
 /// logits at the prefill and at every decode step.
 fn stepwise(
     vlm: &Vlm,
-    dec: &mut GpuDecoder,
+    dec: &GpuDecoder,
     prepared: &cmrm::Prepared,
     steering: Option<&Intervention>,
     steps: usize,
@@ -77,8 +77,8 @@ fn parity(model: &str, rows_per_invocation: Option<bool>) {
     eprintln!("{model}: rows_per_invocation = {}", ctx.rows_per_invocation());
     let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
     let refs = Refs::load(model);
-    let mut dec = GpuDecoder::new_blocking(ctx.clone(), &vlm.model.text).unwrap();
-    let mut backend = DecoderBackend::Gpu(Box::new(GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap()));
+    let dec = GpuDecoder::new_blocking(ctx.clone(), &vlm.model.text).unwrap();
+    let backend = DecoderBackend::Gpu(Box::new(GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap()));
     let mut c = Checker::default();
     let opts = vlm.default_generate_options(12, Sampling::Greedy);
 
@@ -167,7 +167,7 @@ fn parity(model: &str, rows_per_invocation: Option<bool>) {
                 c.equal(what, "stopped_on_eos gpu-refs", g.stopped_on_eos, want["stopped_on_eos"].as_bool().unwrap());
             }
             // Every decode step's logits.
-            stepwise(&vlm, &mut dec, prepared, steering, 12, &mut c, what);
+            stepwise(&vlm, &dec, prepared, steering, 12, &mut c, what);
             n_checked += 1;
         }
     }

@@ -118,8 +118,13 @@ fn negated_cmrm_file(shift: &[u8], config_json: &[u8]) -> Vec<u8> {
 
 /// Every case × every oracle steer case through `Session.compare`, plus the CMRM (subtract)
 /// reading of the shift cases. Returns the number of comparisons checked.
-async fn parity(oracle: Oracle, cmrm_file: Vec<u8>) -> usize {
+async fn parity(oracle: Oracle, cmrm_file: Vec<u8>, backend: &str) -> usize {
     let session = Session::from_named_bytes(oracle.name, oracle.files).unwrap();
+    let info: Value = serde_wasm_bindgen::from_value(
+        session.set_backend(backend.into()).await.map_err(JsValue::from).map_err(message).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(info["backend"], backend, "{info}");
     let refs = &oracle.refs;
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -178,7 +183,7 @@ async fn parity(oracle: Oracle, cmrm_file: Vec<u8>) -> usize {
 
 #[wasm_bindgen_test]
 async fn greedy_ids_match_oracle_siglip_qwen2() {
-    let n = parity(siglip_qwen2(), BUNDLED_CMRM_VECTORS.to_vec()).await;
+    let n = parity(siglip_qwen2(), BUNDLED_CMRM_VECTORS.to_vec(), "cpu").await;
     assert_eq!(n, 9 * (8 + 4));
 }
 
@@ -186,7 +191,54 @@ async fn greedy_ids_match_oracle_siglip_qwen2() {
 async fn greedy_ids_match_oracle_clip_llama() {
     let oracle = clip_llama();
     let cmrm_file = negated_cmrm_file(oracle.shift, &oracle.files[0].1);
-    assert_eq!(parity(oracle, cmrm_file).await, 9 * (8 + 4));
+    assert_eq!(parity(oracle, cmrm_file, "cpu").await, 9 * (8 + 4));
+}
+
+/// Whether this browser has a WebGPU adapter (Chromium: `--enable-unsafe-webgpu`, webdriver.json).
+async fn has_webgpu() -> bool {
+    let found = cmrm::gpu::context::probe_adapter().await.is_some();
+    if !found {
+        console_log!("SKIPPED: this browser exposes no WebGPU adapter (Chromium needs --enable-unsafe-webgpu)");
+    }
+    found
+}
+
+/// The page's `Session` with its decoder on WebGPU: every comparison of the CPU parity above on
+/// the bundled model, same ids as the transformers refs (tests/web_gpu.rs covers the GPU decoder
+/// on both oracle models).
+#[wasm_bindgen_test]
+async fn greedy_ids_match_oracle_on_webgpu() {
+    if !has_webgpu().await {
+        return;
+    }
+    assert_eq!(parity(siglip_qwen2(), BUNDLED_CMRM_VECTORS.to_vec(), "webgpu").await, 9 * (8 + 4));
+}
+
+/// `auto` skips a software adapter (SwiftShader is slower than the wasm CPU path) and says why;
+/// a bad choice is a readable error that keeps the backend in use.
+#[wasm_bindgen_test]
+async fn backend_choice_is_reported() {
+    let oracle = siglip_qwen2();
+    let session = Session::from_named_bytes(oracle.name, oracle.files).unwrap();
+    let info = |v: JsValue| -> Value { serde_wasm_bindgen::from_value(v).unwrap() };
+    let cpu = info(session.info().map_err(JsValue::from).unwrap());
+    assert_eq!(cpu["backend"], "cpu");
+    let e = message(session.set_backend("tpu".into()).await.map_err(JsValue::from).unwrap_err());
+    assert!(e.contains("backend must be auto, webgpu or cpu"), "{e}");
+    if !has_webgpu().await {
+        return;
+    }
+    let auto = info(session.set_backend("auto".into()).await.map_err(JsValue::from).unwrap());
+    let adapter = cmrm::gpu::context::probe_adapter().await.unwrap();
+    if adapter.device_type == wgpu::DeviceType::Cpu {
+        assert_eq!(auto["backend"], "cpu", "{auto}");
+        assert!(auto["backendFallbackReason"].as_str().unwrap().contains("software"), "{auto}");
+    } else {
+        assert_eq!(auto["backend"], "webgpu", "{auto}");
+    }
+    let gpu = info(session.set_backend("webgpu".into()).await.map_err(JsValue::from).unwrap());
+    assert_eq!(gpu["backend"], "webgpu");
+    assert!(gpu["backendDetail"].as_str().unwrap().starts_with("WebGPU: "), "{gpu}");
 }
 
 #[wasm_bindgen_test]

@@ -1,8 +1,14 @@
-//! Benchmark, not a test (`#[ignore]`d; figures, no assertions): greedy decode tokens/s of the
-//! llava-interleave-qwen-0.5b decoder (random f32 weights, `cmrm::bench` preset), by the same code
-//! natively and in headless Chromium (wasm32 simd128, one thread). `scripts/test-browser.sh
-//! --bench` runs both and prints the ratio. Each run prints one line:
-//! `cmrm-bench decode target=… threads=… tokens_per_s=…`.
+//! Benchmark, not a test (`#[ignore]`d; figures, no assertions), by the same code natively and in
+//! headless Chromium (wasm32 simd128, one thread); `scripts/test-browser.sh --bench` runs both and
+//! prints the ratios. Each figure is one line `cmrm-bench NAME target=… threads=… VALUE`:
+//! - `decode`: greedy decode tokens/s of the llava-interleave-qwen-0.5b decoder (random f32
+//!   weights, `cmrm::bench` preset);
+//! - `calibrate-tiny`: seconds per calibration prompt of dataset-level CMRM extraction
+//!   (`cmrm::cmrm::Extraction`, what `cmrm extract` and the page's "compute vectors here" run) on
+//!   the bundled model over the built-in set;
+//! - `calibrate-0.5b`: seconds per calibration prompt on the 0.5B decoder — the two prefills one
+//!   prompt costs (the anchor image's 729 tokens + 24 text tokens, and the 24 text tokens alone),
+//!   keeping every layer's last-token state.
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -48,6 +54,94 @@ fn decode_tokens_per_s() -> (f64, usize) {
     (TIMED_STEPS as f64 / (now_seconds() - t0), candle_core::utils::get_num_threads())
 }
 
+/// Seconds per prompt of a full extraction on the bundled model over the built-in set (best of 3).
+fn calibrate_tiny_seconds_per_prompt() -> f64 {
+    macro_rules! bundled {
+        ($file:literal) => {
+            include_bytes!(concat!("../www/assets/models/tiny-llava-siglip-qwen2/", $file)).as_slice()
+        };
+    }
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+    let files = cmrm::processor::ProcessorFiles {
+        tokenizer_json: bundled!("tokenizer.json").to_vec(),
+        tokenizer_config_json: Some(text(bundled!("tokenizer_config.json"))),
+        chat_template_jinja: Some(text(bundled!("chat_template.jinja"))),
+        preprocessor_config_json: Some(text(bundled!("preprocessor_config.json"))),
+        processor_config_json: Some(text(bundled!("processor_config.json"))),
+        ..Default::default()
+    };
+    let mut weights = cmrm::weights::Weights::empty();
+    weights
+        .add_file("model.safetensors", cmrm::weights::FileBytes::Owned(bundled!("model.safetensors").to_vec()))
+        .unwrap();
+    let config = cmrm::LlavaConfig::from_json_str(&text(bundled!("config.json"))).unwrap();
+    let vlm = cmrm::Vlm::from_parts(config, &files, Some(&text(bundled!("generation_config.json"))), weights).unwrap();
+    let set = include_str!("../www/assets/calibration/builtin-v1.jsonl");
+    let items = cmrm::cmrm::parse_calibration("builtin-v1", set).unwrap();
+    let no_images = |p: &str| -> anyhow::Result<cmrm::RgbImage> { anyhow::bail!("no images ({p})") };
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = now_seconds();
+        let (anchor, method) = (cmrm::cmrm::Anchor::Blank, cmrm::cmrm::Method::Mean);
+        cmrm::cmrm::extract(&vlm, &items, anchor, method, &no_images, &mut |_| true).unwrap();
+        best = best.min((now_seconds() - t0) / items.len() as f64);
+    }
+    best
+}
+
+/// Seconds per calibration prompt on the 0.5B decoder: the multimodal and the text-only prefill,
+/// capturing every layer (best of 2).
+fn calibrate_05b_seconds_per_prompt() -> f64 {
+    const TEXT_TOKENS: usize = 24;
+    let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
+    let image_tokens = cfg.image_tokens_per_image();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
+    let text = TextModel::new(&cfg.text, vb).unwrap();
+    let text_ids: Vec<u32> = (0..TEXT_TOKENS as u32).map(|i| 1000 + i).collect();
+    let text_embeds = text.embed(&text_ids).unwrap();
+    // Stand-in image features: the decoder's cost does not depend on their values.
+    // Stand-in image features (`[1, tokens, hidden]` like `embed`): the cost does not depend on them.
+    let image_embeds =
+        candle_core::Tensor::rand(-1f32, 1f32, (1, image_tokens, cfg.text.hidden_size), &Device::Cpu).unwrap();
+    let head = text_embeds.narrow(1, 0, 4).unwrap();
+    let tail = text_embeds.narrow(1, 4, TEXT_TOKENS - 4).unwrap();
+    let mm_embeds = candle_core::Tensor::cat(&[&head, &image_embeds, &tail], 1).unwrap();
+    let states = |embeds: &candle_core::Tensor| {
+        let len = embeds.dim(1).unwrap();
+        let mut cache = text.new_cache(len);
+        let opts = ForwardOptions { steering: None, prompt_len: len, capture_layers: true, logits: false };
+        text.forward(embeds, &mut cache, opts).unwrap().layer_outputs.unwrap()
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let t0 = now_seconds();
+        states(&mm_embeds);
+        states(&text_embeds);
+        best = best.min(now_seconds() - t0);
+    }
+    best
+}
+
+fn print_calibration(target: &str) {
+    let threads = candle_core::utils::get_num_threads();
+    let tiny = calibrate_tiny_seconds_per_prompt();
+    println_or_log(&format!(
+        "cmrm-bench calibrate-tiny target={target} threads={threads} seconds_per_prompt={tiny:.6}"
+    ));
+    let big = calibrate_05b_seconds_per_prompt();
+    println_or_log(&format!("cmrm-bench calibrate-0.5b target={target} threads={threads} seconds_per_prompt={big:.3}"));
+}
+
+#[cfg(target_arch = "wasm32")]
+fn println_or_log(line: &str) {
+    wasm_bindgen_test::console_log!("{line}");
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn println_or_log(line: &str) {
+    println!("{line}");
+}
+
 #[cfg(target_arch = "wasm32")]
 mod wasm {
     use wasm_bindgen_test::*;
@@ -59,6 +153,12 @@ mod wasm {
         let (tps, threads) = super::decode_tokens_per_s();
         console_log!("cmrm-bench decode target=wasm32 threads={threads} tokens_per_s={tps:.3}");
     }
+
+    #[wasm_bindgen_test]
+    #[ignore]
+    fn calibration_benchmark() {
+        super::print_calibration("wasm32");
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -67,4 +167,11 @@ mod wasm {
 fn decode_benchmark() {
     let (tps, threads) = decode_tokens_per_s();
     println!("cmrm-bench decode target=native threads={threads} tokens_per_s={tps:.3}");
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+#[ignore]
+fn calibration_benchmark() {
+    print_calibration("native");
 }

@@ -126,8 +126,8 @@ async fn context() -> Option<Arc<GpuContext>> {
 
 async fn parity(o: Oracle, ctx: Arc<GpuContext>) {
     let vlm = &o.vlm;
-    let mut dec = GpuDecoder::new(ctx.clone(), &vlm.model.text).await.unwrap();
-    let mut backend = DecoderBackend::gpu(ctx, &vlm.model.text).await.unwrap();
+    let dec = GpuDecoder::new(ctx.clone(), &vlm.model.text).await.unwrap();
+    let backend = DecoderBackend::gpu(ctx, &vlm.model.text).await.unwrap();
     let opts = vlm.default_generate_options(12, Sampling::Greedy);
     let mut features = std::collections::HashMap::new();
     for img in o.refs["images"].as_array().unwrap() {

@@ -31,6 +31,9 @@ async function catalogEntry(model, revision = "main") {
   }
 }
 
+/// The calibration set of "compute vectors here" (`?calibration=URL` overrides).
+const CALIBRATION_URL = new URL(params.get("calibration") || "assets/calibration/builtin-v1.jsonl", location.href).href;
+
 /// Real checkpoints on the Hugging Face Hub (LLaVA architecture, ≤ 1B parameters).
 const HUB_MODELS = ["llava-hf/llava-interleave-qwen-0.5b-hf"];
 
@@ -75,7 +78,12 @@ function setStatus(s) {
   $("status").dataset.state = s;
   const canRun = state.loaded && !state.busy;
   $("compare").disabled = !canRun;
-  $("stop").disabled = s !== "generating";
+  const canSave = canRun && state.vectorsInfo?.variant === "dataset";
+  // embed.html has no calibration controls.
+  for (const [id, off] of [["calibrate", !canRun], ["save-safetensors", !canSave], ["save-gguf", !canSave]]) {
+    if ($(id)) $(id).disabled = off;
+  }
+  $("stop").disabled = s !== "generating" && s !== "calibrating";
   $("load-model").disabled = state.busy;
 }
 
@@ -159,6 +167,11 @@ async function loadModel() {
     $("progress").value = 1;
     $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backend}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     useVectorsInfo(info.vectors);
+    if ($("calibrate-text")) {
+      $("calibrate-progress").hidden = true;
+      $("calibrate-text").textContent = info.vectors || entry ? ""
+        : "no published vectors for this model: compute them here, or use sample-level vectors";
+    }
     if (entry) {
       $("progress-text").textContent = "checking the catalog's vectors…";
       try {
@@ -188,9 +201,10 @@ function useVectorsInfo(info) {
     if (info.defaultLayers) $("layers").value = info.defaultLayers;
     $("vectors-info").textContent = `${info.name.split("/").pop()}: ${info.norms.filter((n) => n != null).length} layers, sign ${info.sign}${info.metadata?.method ? `, method ${info.metadata.method}` : ""}`;
   } else {
-    $("vectors-info").textContent = "no vector file: use sample-level vectors, or load a file";
+    $("vectors-info").textContent = "no vector file: compute vectors here, use sample-level vectors, or load a file";
   }
   drawChart();
+  setStatus($("status").textContent);
 }
 
 function setAlpha(a) {
@@ -253,6 +267,56 @@ async function chooseVectorsFile(file) {
     fail(err);
   } finally {
     $("vectors-input").value = "";
+  }
+}
+
+/// "Compute vectors here": dataset-level CMRM over the built-in calibration set, in the worker;
+/// Stop cancels. The result is cached by the worker (model, revision, set, anchor, method).
+async function calibrate() {
+  showError("");
+  state.busy = true;
+  setStatus("calibrating");
+  const bar = $("calibrate-progress");
+  bar.hidden = false;
+  bar.value = 0;
+  $("calibrate-text").textContent = "starting…";
+  try {
+    const result = await call("calibrate", { options: { calibration: CALIBRATION_URL } }, (ev) => {
+      if (ev.kind !== "progress") return;
+      bar.value = ev.done / ev.total;
+      $("calibrate-text").textContent = `${ev.done} / ${ev.total} prompts${ev.etaS != null ? ` · ${ev.etaS.toFixed(0)} s left` : ""}`;
+    });
+    bar.value = 1;
+    $("variant").value = "dataset";
+    useVectorsInfo(result.vectors);
+    $("calibrate-text").textContent = result.fromCache
+      ? `${result.prompts} prompts, from this browser's cache`
+      : `${result.prompts} prompts in ${result.seconds.toFixed(1)} s (${(result.secondsPerPrompt * 1000).toFixed(0)} ms per prompt)${result.cached ? "; cached for next time" : ""}`;
+  } catch (err) {
+    bar.hidden = true;
+    $("calibrate-text").textContent = "";
+    // Stop is not a failure: say where it stopped.
+    if (!err.crashed && /calibration cancelled/.test(err.message)) $("calibrate-text").textContent = err.message;
+    else return fail(err);
+  }
+  state.busy = false;
+  setStatus("ready");
+}
+
+/// Download the vectors in use as a file (made in the worker; nothing is uploaded).
+async function saveVectors(format) {
+  try {
+    const bytes = await call("exportVectors", { format });
+    const model = (state.info?.model || "model").replace(/\/+$/, "").split("/").pop();
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([bytes], { type: "application/octet-stream" }));
+    a.download = `${model}.cmrm-vectors.${format}`;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+  } catch (err) {
+    fail(err);
   }
 }
 
@@ -357,6 +421,11 @@ function wire() {
   if ($("weights")) $("weights").onchange = showPlan;
   $("load-model").onclick = loadModel;
   $("compare").onclick = compare;
+  if ($("calibrate")) {
+    $("calibrate").onclick = calibrate;
+    $("save-safetensors").onclick = () => saveVectors("safetensors");
+    $("save-gguf").onclick = () => saveVectors("gguf");
+  }
   $("stop").onclick = () => worker.postMessage({ type: "stop" });
   $("alpha").oninput = () => setAlpha($("alpha").value);
   $("image-input").onchange = (e) => chooseImage(e.target.files[0]);

@@ -60,6 +60,14 @@ const handlers = {
     need();
     return session.compare(options, (event) => { reply(id, "event", { event }); return true; });
   },
+  async calibrate({ id, options }) {
+    need();
+    return session.calibrate(options, (event) => reply(id, "event", { event }));
+  },
+  async exportVectors({ format }) {
+    need();
+    return session.exportVectors(format);
+  },
   async info() {
     need();
     return session.info();

@@ -386,9 +386,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if !a.json {
         eprintln!("backend: {}", serde_json::to_string(&backend_info)?);
     }
-    let backend = std::cell::RefCell::new(backend);
     let run = |label: &str, intervention: Option<&Intervention>| -> Result<Generation> {
-        let mut backend = backend.borrow_mut();
         if !a.json {
             if a.compare {
                 println!("── {label} ──");

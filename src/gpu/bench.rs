@@ -137,7 +137,7 @@ pub fn run(model: &TextModel, ctx: Arc<GpuContext>, prompt_tokens: usize, decode
     let cpu_decode = now_seconds() - t1;
 
     // GPU.
-    let mut dec = GpuDecoder::new_blocking(ctx.clone(), model)?;
+    let dec = GpuDecoder::new_blocking(ctx.clone(), model)?;
     let mut cache = dec.new_cache(prompt_len + decode_tokens + 1)?;
     let gopts = GpuForwardOptions { steering: None, prompt_len, capture_layers: false, readback: Readback::Argmax };
     let data: Vec<f32> = embeds.flatten_all()?.to_vec1()?;

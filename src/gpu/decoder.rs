@@ -167,6 +167,18 @@ pub struct GpuDecoder {
     argmax_bind: wgpu::BindGroup,
     _params: Vec<wgpu::Buffer>,
     _dummy: wgpu::Buffer,
+    /// A forward is running: the scratch buffers are shared by every sequence (KV caches are
+    /// not), so sequences take turns — one forward at a time, awaited to the end.
+    in_flight: std::sync::atomic::AtomicBool,
+}
+
+/// Clears `in_flight` however a forward ends (error, early return, dropped future).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 fn next_id() -> usize {
@@ -351,6 +363,7 @@ impl GpuDecoder {
             argmax_bind,
             _params: vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax],
             _dummy: dummy,
+            in_flight: std::sync::atomic::AtomicBool::new(false),
             cfg,
             ctx,
         })
@@ -490,12 +503,16 @@ impl GpuDecoder {
 
     /// Run the decoder over new rows at positions `cache.len() ..`, appending to the cache.
     pub async fn forward(
-        &mut self,
+        &self,
         input: GpuInput<'_>,
         cache: &mut GpuCache,
         opts: &GpuForwardOptions<'_>,
     ) -> Result<GpuOutput> {
         self.ctx.check_health()?;
+        if self.in_flight.swap(true, std::sync::atomic::Ordering::Acquire) {
+            bail!("another forward is running on this GPU decoder: await it first");
+        }
+        let _in_flight = InFlight(&self.in_flight);
         if cache.owner != self.id {
             bail!("this KV cache belongs to another GPU decoder");
         }
@@ -650,7 +667,7 @@ impl GpuDecoder {
     /// [`TextModel::forward`]'s contract: `embeds` `[1, t, H]`, the same options, a
     /// [`DecoderOutput`] with tensors on the CPU. Steering deltas are uploaded for this call.
     pub async fn forward_like_cpu(
-        &mut self,
+        &self,
         embeds: &Tensor,
         cache: &mut GpuCache,
         opts: ForwardOptions<'_>,
@@ -675,7 +692,7 @@ impl GpuDecoder {
     /// Blocking [`Self::forward`] (native).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_blocking(
-        &mut self,
+        &self,
         input: GpuInput<'_>,
         cache: &mut GpuCache,
         opts: &GpuForwardOptions<'_>,
@@ -686,7 +703,7 @@ impl GpuDecoder {
     /// Blocking [`Self::forward_like_cpu`] (native).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_like_cpu_blocking(
-        &mut self,
+        &self,
         embeds: &Tensor,
         cache: &mut GpuCache,
         opts: ForwardOptions<'_>,

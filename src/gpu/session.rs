@@ -7,14 +7,16 @@ use candle_core::{Device, Tensor};
 
 use super::context::{BackendChoice, BackendInfo, GpuContext};
 use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, Readback};
-use crate::generate::{generate_on, GenerateOptions, Generation, Next, Sampling, StepFuture, TokenEvent};
+use crate::generate::{
+    generate_on, CpuSession, DecodeSession, GenerateOptions, Generation, Next, Sampling, StepFuture, TokenEvent,
+};
 use crate::pipeline::{Prepared, Vlm};
 use crate::steering::Intervention;
-use crate::text::TextModel;
+use crate::text::{ForwardOptions, TextModel};
 
 /// One sequence on the GPU: its KV cache and uploaded steering.
 pub struct GpuSession<'a> {
-    pub decoder: &'a mut GpuDecoder,
+    pub decoder: &'a GpuDecoder,
     pub cache: GpuCache,
     pub steering: Option<GpuSteering>,
     pub prompt_len: usize,
@@ -24,7 +26,7 @@ pub struct GpuSession<'a> {
 
 impl<'a> GpuSession<'a> {
     pub fn new(
-        decoder: &'a mut GpuDecoder,
+        decoder: &'a GpuDecoder,
         prompt_len: usize,
         capacity: usize,
         steering: Option<&Intervention>,
@@ -107,10 +109,30 @@ impl DecoderBackend {
         }
     }
 
+    /// A sequence to decode on this backend: a KV cache for `capacity` positions, with
+    /// `steering` applied (uploaded once for the GPU). `greedy`: the GPU returns only the argmax.
+    pub fn session<'a>(
+        &'a self,
+        vlm: &'a Vlm,
+        steering: Option<&'a Intervention>,
+        prompt_len: usize,
+        capacity: usize,
+        greedy: bool,
+    ) -> Result<Box<dyn DecodeSession + 'a>> {
+        Ok(match self {
+            Self::Cpu => Box::new(CpuSession {
+                model: &vlm.model,
+                cache: vlm.model.text.new_cache(capacity),
+                opts: ForwardOptions { steering, prompt_len, capture_layers: false, logits: true },
+            }),
+            Self::Gpu(decoder) => Box::new(GpuSession::new(decoder, prompt_len, capacity, steering, greedy)?),
+        })
+    }
+
     /// [`Vlm::generate`] on this backend, blocking (native).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn generate(
-        &mut self,
+        &self,
         vlm: &Vlm,
         prepared: &Prepared,
         steering: Option<&Intervention>,
@@ -122,20 +144,19 @@ impl DecoderBackend {
 
     /// [`Vlm::generate`] on this backend, awaiting the GPU (the browser's path; also native).
     pub async fn generate_async(
-        &mut self,
+        &self,
         vlm: &Vlm,
         prepared: &Prepared,
         steering: Option<&Intervention>,
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
-        let Self::Gpu(decoder) = self else { return vlm.generate(prepared, steering, opts, on_token) };
         let ids = &prepared.encoded.input_ids;
         let prompt_len = ids.len();
         let max_new =
             crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts.max_new_tokens);
         let greedy = opts.sampling == Sampling::Greedy;
-        let mut session = GpuSession::new(decoder, prompt_len, prompt_len + max_new, steering, greedy)?;
+        let mut session = self.session(vlm, steering, prompt_len, prompt_len + max_new, greedy)?;
         generate_on(&mut session, &vlm.processor.tokenizer, ids, &prepared.embeds, max_new, opts, on_token).await
     }
 }

@@ -13,7 +13,6 @@
 
 mod calibrate;
 mod fetch;
-mod run;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -29,7 +28,9 @@ use wasm_bindgen_futures::JsFuture;
 
 use crate::cmrm::{anchor_features, shift_for_prompt, Anchor};
 use crate::config::LlavaConfig;
-use crate::generate::Sampling;
+use crate::generate::{max_new_tokens, now_seconds, GenerateOptions, Generation, Generator, Sampling};
+use crate::gpu::context::{BackendChoice, BackendInfo};
+use crate::gpu::session::DecoderBackend;
 use crate::image::{decode_image, RgbImage};
 use crate::pipeline::{PromptText, Vlm};
 use crate::processor::ProcessorFiles;
@@ -37,7 +38,6 @@ use crate::quant::{choose_format, WeightChoice, WeightFormat};
 use crate::steering::{parse_layers, Intervention, Positions, SteeringVectors};
 use crate::weights::{FileBytes, Weights};
 use fetch::{fetch_bytes, Plan};
-use run::{now_seconds, PaneResult, PaneRun};
 
 /// Panics become readable console messages (the instance is unusable after one: reload it).
 #[wasm_bindgen(js_name = initPanicHook)]
@@ -181,6 +181,37 @@ struct ImageInfo {
     encode_seconds: f64,
 }
 
+/// A finished (or stopped) answer, as the page shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PaneResult {
+    generated_ids: Vec<u32>,
+    text: String,
+    stopped_on_eos: bool,
+    cancelled: bool,
+    prompt_tokens: usize,
+    prefill_seconds: f64,
+    decode_seconds: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+}
+
+impl From<Generation> for PaneResult {
+    fn from(g: Generation) -> Self {
+        Self {
+            prompt_tokens: g.input_ids.len(),
+            generated_ids: g.generated_ids,
+            text: g.text,
+            stopped_on_eos: g.stopped_on_eos,
+            cancelled: g.cancelled,
+            prefill_seconds: g.prefill_seconds,
+            decode_seconds: g.decode_seconds,
+            prefill_tokens_per_s: g.prefill_tokens_per_s,
+            decode_tokens_per_s: g.decode_tokens_per_s,
+        }
+    }
+}
+
 /// Progress of a load, one stream over every file.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -233,12 +264,26 @@ struct CompareResult {
 }
 
 /// State that changes between requests (a comparison copies what it needs when it starts).
-#[derive(Default)]
 struct SessionState {
+    /// Where the panes' decoders run (the vision tower, probes and calibration use the CPU).
+    backend: Rc<DecoderBackend>,
+    backend_info: BackendInfo,
     vectors: Option<(SteeringVectors, VectorsInfo)>,
     image: Option<(Tensor, ImageInfo)>,
     /// Anchor features for sample-level vectors, encoded on first use.
     anchors: HashMap<String, Tensor>,
+}
+
+impl Default for SessionState {
+    fn default() -> Self {
+        Self {
+            backend: Rc::new(DecoderBackend::Cpu),
+            backend_info: BackendInfo::cpu(None),
+            vectors: None,
+            image: None,
+            anchors: HashMap::new(),
+        }
+    }
 }
 
 /// A loaded model in the browser. (`Clone` shares the model and state: the futures behind
@@ -344,14 +389,6 @@ impl Assembler {
             revision: "local".to_owned(),
             weight_bytes: self.weight_bytes,
         })
-    }
-}
-
-fn check_backend(backend: Option<&str>) -> Result<()> {
-    match backend.unwrap_or("auto") {
-        "auto" | "cpu" => Ok(()),
-        "webgpu" => bail!("the WebGPU engine is not part of this build yet; use backend \"cpu\" or \"auto\""),
-        other => bail!("backend must be auto, webgpu or cpu (got '{other}')"),
     }
 }
 
@@ -553,6 +590,21 @@ impl Session {
         self.state.borrow_mut().image = None;
     }
 
+    /// Where the answers' decoder runs: `"auto"` (WebGPU when a hardware adapter passes the
+    /// self-test, else the CPU, with the reason in `info().backendFallbackReason`), `"webgpu"`
+    /// (or an error saying why not) or `"cpu"`. Resolves to `info()`.
+    #[wasm_bindgen(js_name = setBackend)]
+    pub async fn set_backend(&self, choice: String) -> Result<JsValue, JsError> {
+        if self.busy.get() {
+            return Err(JsError::new("the model is busy: stop the running task first"));
+        }
+        self.busy.set(true);
+        let selected = async { self.select_backend(choice.parse()?).await }.await;
+        self.busy.set(false);
+        selected.map_err(to_js)?;
+        self.info()
+    }
+
     /// Stop the running comparison after its current token (both panes keep what they have).
     pub fn stop(&self) {
         self.stop.set(true);
@@ -565,8 +617,12 @@ impl Session {
         let state = self.state.borrow();
         let info = serde_json::json!({
             "model": self.name,
-            "backend": "cpu",
-            "backendDetail": "candle on the CPU, wasm32 simd128, one thread",
+            "backend": state.backend_info.backend,
+            "backendDetail": match &state.backend_info.adapter {
+                Some(adapter) => format!("WebGPU: {adapter}"),
+                None => "candle on the CPU, wasm32 simd128, one thread".to_owned(),
+            },
+            "backendFallbackReason": state.backend_info.fallback_reason,
             "weights": cfg.weight_format().name(),
             "weightBytes": self.weight_bytes,
             "wasmMemoryBytes": memory,
@@ -610,7 +666,7 @@ impl Session {
 impl Session {
     async fn load_inner(options: JsValue, on_progress: Option<Function>) -> Result<Session> {
         let options: LoadOptions = from_js_value("load options", options)?;
-        check_backend(options.backend.as_deref())?;
+        let backend: BackendChoice = options.backend.as_deref().unwrap_or("auto").parse()?;
         let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
         let mut plan = plan_for(&options.spec).await?;
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
@@ -644,6 +700,8 @@ impl Session {
         }
         let mut session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
         session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
+        report("backend", "", 0, 0, done_before, false);
+        session.select_backend(backend).await?;
         if let Some(url) = &options.vectors {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", url, n, t.unwrap_or(vectors_size), done_before + n, cached)
@@ -665,6 +723,17 @@ impl Session {
             assembler.add(&file, bytes).with_context(|| format!("{name}: {file}"))?;
         }
         assembler.finish(name, WeightChoice::Auto).with_context(|| format!("loading {name}"))
+    }
+
+    /// Upload the decoder to WebGPU (or not) per `choice`; the previous backend is kept on error.
+    async fn select_backend(&self, choice: BackendChoice) -> Result<()> {
+        let (backend, info) = DecoderBackend::select(choice, &self.vlm.model.text)
+            .await
+            .map_err(|e| e.context("WebGPU is not available for this model (choose the CPU backend)"))?;
+        let mut state = self.state.borrow_mut();
+        state.backend = Rc::new(backend);
+        state.backend_info = info;
+        Ok(())
     }
 
     fn set_vectors_inner(&self, name: &str, bytes: &[u8]) -> Result<VectorsInfo> {
@@ -762,43 +831,52 @@ async fn compare(
         }
         _ => Sampling::Greedy,
     };
+    let ids = &prepared.encoded.input_ids;
+    let prompt_len = ids.len();
+    let max_new = max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts.max_new_tokens);
+    let gen_opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids: vlm.eos_ids.clone() };
+    let backend = state.borrow().backend.clone();
+    let greedy = sampling == Sampling::Greedy;
+    let decoder_for = |steering| backend.session(vlm, steering, prompt_len, prompt_len + max_new, greedy);
     let mut panes = [
-        ("unaltered", PaneRun::new(vlm, &prepared, None, opts.max_new_tokens, sampling)),
-        ("steered", PaneRun::new(vlm, &prepared, Some(steering.clone()), opts.max_new_tokens, sampling)),
+        ("unaltered", Generator::new(decoder_for(None)?, ids, max_new, &gen_opts)),
+        ("steered", Generator::new(decoder_for(Some(&steering))?, ids, max_new, &gen_opts)),
     ];
+    let tokenizer = &vlm.processor.tokenizer;
     let mut stopped = false;
-    for (pane, run) in panes.iter_mut() {
+    for (pane, generator) in panes.iter_mut() {
         yield_to_event_loop().await;
         if stop.get() {
             stopped = true;
             break;
         }
-        run.prefill(vlm, &prepared)?;
-        let r = run.result(vlm)?;
-        emit(CompareEvent::Prefill { pane, prompt_tokens: r.prompt_tokens, seconds: r.prefill_seconds })?;
+        generator.prefill(&prepared.embeds).await?;
+        let seconds = generator.result(tokenizer)?.prefill_seconds;
+        emit(CompareEvent::Prefill { pane, prompt_tokens: prompt_len, seconds })?;
     }
     // One token per pane per turn, yielding between turns so `stop` can arrive.
-    while !stopped && panes.iter().any(|(_, r)| !r.is_finished()) {
-        for (pane, run) in panes.iter_mut() {
-            if let Some(step) = run.step(vlm)? {
+    while !stopped && panes.iter().any(|(_, g)| !g.is_finished()) {
+        for (pane, generator) in panes.iter_mut() {
+            if let Some(step) = generator.step(tokenizer).await? {
                 if !emit(CompareEvent::Token { pane, index: step.index, id: step.id, text: &step.text })? {
                     stopped = true;
                 }
-                if run.is_finished() {
-                    emit(CompareEvent::Done { pane, result: &run.result(vlm)? })?;
+                if generator.is_finished() {
+                    emit(CompareEvent::Done { pane, result: &generator.result(tokenizer)?.into() })?;
                 }
             }
         }
         yield_to_event_loop().await;
         stopped |= stop.get();
     }
-    let [(_, mut unaltered), (_, mut steered)] = panes;
-    for (pane, run) in [("unaltered", &mut unaltered), ("steered", &mut steered)] {
-        if !run.is_finished() {
-            run.cancel();
-            emit(CompareEvent::Done { pane, result: &run.result(vlm)? })?;
+    for (pane, generator) in panes.iter_mut() {
+        if !generator.is_finished() {
+            generator.cancel();
+            emit(CompareEvent::Done { pane, result: &generator.result(tokenizer)?.into() })?;
         }
     }
+    let [(_, unaltered), (_, steered)] = panes;
+    let (unaltered, steered) = (unaltered.result(tokenizer)?, steered.result(tokenizer)?);
 
     let gap = if opts.gap && image.is_some() && !stopped {
         yield_to_event_loop().await;
@@ -816,8 +894,8 @@ async fn compare(
     };
     Ok(CompareResult {
         prompt: prepared.prompt.clone(),
-        unaltered: unaltered.result(vlm)?,
-        steered: steered.result(vlm)?,
+        unaltered: unaltered.into(),
+        steered: steered.into(),
         vectors: info,
         layers,
         alpha,

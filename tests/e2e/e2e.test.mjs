@@ -4,7 +4,7 @@
 // Chromium is the system one (/usr/bin/chromium, or $CHROMIUM); nothing is downloaded.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, mkdirSync } from "node:fs";
+import { readFileSync, readdirSync, mkdirSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -64,8 +64,27 @@ function badCatalog() {
   return { "/bad-catalog.json": Buffer.from(JSON.stringify(catalog)) };
 }
 
+/// The oracle's CLIP+Llama checkpoint as a second model folder: the catalog has no entry for it.
+function uncataloguedModel() {
+  const dir = resolve(repo, "tests/fixtures/oracle/fixtures/tiny-llava-clip-llama");
+  const files = readdirSync(dir).filter((f) => !f.endsWith(".md"));
+  return Object.fromEntries(files.map((f) => [`/more-models/tiny-llava-clip-llama/${f}`, readFileSync(resolve(dir, f))]));
+}
+
+/// A calibration set long enough to press Stop while it runs.
+function longCalibrationSet() {
+  const lines = Array.from({ length: 4000 }, (_, i) => JSON.stringify({ prompt: `Question number ${i}: what is this?` }));
+  return { "/long-calibration.jsonl": Buffer.from(lines.join("\n")) };
+}
+
+/// The `__metadata__` of a safetensors file.
+function safetensorsMetadata(bytes) {
+  const n = Number(bytes.readBigUInt64LE(0));
+  return JSON.parse(bytes.subarray(8, 8 + n).toString("utf8")).__metadata__;
+}
+
 before(async () => {
-  site = await serve(dist, 0, oversizedModel());
+  site = await serve(dist, 0, { ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet() });
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
@@ -268,4 +287,69 @@ test("catalog vectors with a wrong sha256 show a readable error and are not cach
   for (const pane of ["pane-unaltered", "pane-steered"]) {
     assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
   }
+});
+
+test("a model without a catalog entry: compute vectors here (progress, stop, cache), save them, compare", async () => {
+  const folder = `${site.origin}/more-models/tiny-llava-clip-llama/`;
+  const errorsBefore = consoleErrors.length;
+  const loadUncatalogued = async (query = "") => {
+    await page.goto(`${site.origin}/index.html${query}`);
+    await page.locator("#model-select").selectOption("custom");
+    await page.locator("#custom-repo").fill(folder);
+    await page.locator("#custom-repo").dispatchEvent("change");
+    await byTestId("load-model").click();
+    await waitStatus("ready");
+  };
+  // Stop during a long calibration: a readable message, nothing in use, the page stays usable.
+  await loadUncatalogued("?calibration=/long-calibration.jsonl");
+  assert.match(await byTestId("calibrate-text").textContent(), /no published vectors for this model/);
+  assert.equal(await byTestId("save-safetensors").isDisabled(), true);
+  await byTestId("calibrate").click();
+  await page.waitForFunction(() => /^\d+ \/ 4000 prompts/.test(document.getElementById("calibrate-text").textContent), null, { timeout: T });
+  await byTestId("stop").click();
+  await waitStatus("ready");
+  assert.match(await byTestId("calibrate-text").textContent(), /calibration cancelled after \d+ of 4000 prompts; the vectors in use did not change/);
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.match(await page.locator("#vectors-info").textContent(), /no vector file/);
+
+  // The built-in set, to the end.
+  await loadUncatalogued();
+  await byTestId("calibrate").click();
+  await waitStatus("ready");
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.match(await byTestId("calibrate-text").textContent(), /^40 prompts in [\d.]+ s \(\d+ ms per prompt\); cached for next time/);
+  assert.match(await page.locator("#vectors-info").textContent(), /computed here: builtin-v1 \(40 prompts, blank anchor, mean\)/);
+  assert.equal(await byTestId("layer-chart").getAttribute("data-drawn"), "true");
+
+  // Saved files: cmrm safetensors with its provenance, and a llama.cpp GGUF control vector.
+  const save = async (id) => {
+    const [download] = await Promise.all([page.waitForEvent("download"), byTestId(id).click()]);
+    return [download.suggestedFilename(), readFileSync(await download.path())];
+  };
+  const [stName, st] = await save("save-safetensors");
+  assert.equal(stName, "tiny-llava-clip-llama.cmrm-vectors.safetensors");
+  const meta = safetensorsMetadata(st);
+  assert.equal(meta.calibration_set, "builtin-v1");
+  assert.equal(meta.n_calibration, "40");
+  assert.equal(meta.model_hint, "llama");
+  const [ggufName, gguf] = await save("save-gguf");
+  assert.equal(ggufName, "tiny-llava-clip-llama.cmrm-vectors.gguf");
+  assert.equal(gguf.subarray(0, 4).toString("latin1"), "GGUF");
+
+  // Both panes answer with the computed vectors.
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-clip-llama/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill("What is in the image?");
+  await page.locator("#max-tokens").fill("8");
+  await runCompare();
+  for (const pane of ["pane-unaltered", "pane-steered"]) assert.ok((await paneIds(pane)).length > 0, pane);
+  assert.match(await page.locator("#compare-info").textContent(), /dataset-level vectors/);
+  await page.screenshot({ path: resolve(artifacts, "e2e-calibrate.png") });
+
+  // Next visit: from the browser's cache, no recomputation.
+  await loadUncatalogued();
+  await byTestId("calibrate").click();
+  await waitStatus("ready");
+  assert.match(await byTestId("calibrate-text").textContent(), /40 prompts, from this browser's cache/);
+  assert.deepEqual(consoleErrors.slice(errorsBefore).filter((e) => !/Failed to load resource/.test(e)), []);
 });
