@@ -114,10 +114,11 @@ function fail(err) {
 
 function modelChoice() {
   const v = $("model-select").value;
-  const weights = $("weights")?.value ?? "auto"; // embed.html has no weights picker
-  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights }, vectors: BUNDLED.vectors, label: BUNDLED.label, catalogKey: "bundled:tiny-llava-siglip-qwen2" };
+  const weights = $("weights")?.value ?? "auto"; // embed.html has no weights or backend picker
+  const backend = $("backend")?.value ?? params.get("backend") ?? "auto";
+  if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights, backend }, vectors: BUNDLED.vectors, label: BUNDLED.label, catalogKey: "bundled:tiny-llava-siglip-qwen2" };
   const repo = v === "custom" ? $("custom-repo").value.trim() : v;
-  return { options: { model: repo, revision: "main", weights }, vectors: null, label: repo, catalogKey: repo };
+  return { options: { model: repo, revision: "main", weights, backend }, vectors: null, label: repo, catalogKey: repo };
 }
 
 async function showPlan() {
@@ -160,12 +161,14 @@ async function loadModel() {
       $("progress").value = ev.total ? ev.loaded / ev.total : 0;
       const name = ev.file ? ev.file.split("/").pop() : "";
       $("progress-text").textContent = ev.phase === "ready" ? "loaded"
+        : ev.phase === "backend" ? "starting the decoder (checking for WebGPU)…"
         : `${mb(ev.loaded)} / ${mb(ev.total)} — ${name}${ev.fromCache ? " (cache)" : ""}`;
     });
     state.loaded = true;
     state.info = info;
     $("progress").value = 1;
-    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backend}; wasm memory ${mb(info.wasmMemoryBytes)}`;
+    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
+    $("model-info").dataset.backend = info.backend;
     useVectorsInfo(info.vectors);
     if ($("calibrate-text")) {
       $("calibrate-progress").hidden = true;

@@ -308,21 +308,29 @@ pub async fn select_backend(choice: BackendChoice) -> Result<(Option<GpuContext>
             let info = ctx.info();
             Ok((Some(ctx), info))
         }
-        BackendChoice::Auto => match GpuContext::new().await {
-            // lavapipe / SwiftShader run the shaders on the CPU, slower than candle's CPU path.
-            Ok(ctx) if ctx.adapter_info.device_type == wgpu::DeviceType::Cpu => Ok((
-                None,
-                BackendInfo::cpu(Some(format!(
+        BackendChoice::Auto => {
+            let adapter = match request_adapter().await {
+                Ok(adapter) => adapter,
+                Err(e) => return Ok((None, BackendInfo::cpu(Some(format!("no WebGPU/Vulkan adapter: {e}"))))),
+            };
+            let adapter_info = adapter.get_info();
+            // lavapipe / SwiftShader run the shaders on the CPU, slower than candle's CPU path:
+            // decided from the adapter alone, before opening a device and compiling kernels.
+            if adapter_info.device_type == wgpu::DeviceType::Cpu {
+                let reason = format!(
                     "the adapter '{}' is a software rasterizer; the CPU path is faster (use --backend webgpu to force it)",
-                    ctx.adapter_info.name
-                ))),
-            )),
-            Ok(ctx) => {
-                let info = ctx.info();
-                Ok((Some(ctx), info))
+                    adapter_info.name
+                );
+                return Ok((None, BackendInfo::cpu(Some(reason))));
             }
-            Err(e) => Ok((None, BackendInfo::cpu(Some(format!("{e:#}"))))),
-        },
+            match GpuContext::from_adapter(adapter).await {
+                Ok(ctx) => {
+                    let info = ctx.info();
+                    Ok((Some(ctx), info))
+                }
+                Err(e) => Ok((None, BackendInfo::cpu(Some(format!("{e:#}"))))),
+            }
+        }
     }
 }
 

@@ -222,7 +222,7 @@ impl GpuDecoder {
         let cfg = model.config().clone();
         let w = model
             .weights()
-            .context("the GPU engine takes F32 weights; this model was loaded quantized (use --weights f32)")?;
+            .context("the GPU engine takes F32 weights; this model was loaded quantized (load it with f32 weights: --weights f32 in the CLI, weights \"f32\" in the page)")?;
         let (h, nh, kvh, d, mi, vocab) = (
             cfg.hidden_size,
             cfg.num_attention_heads,

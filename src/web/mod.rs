@@ -216,7 +216,8 @@ impl From<Generation> for PaneResult {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct LoadProgress<'a> {
-    /// `plan`, `download`, `parse` or `ready`.
+    /// `download`, `parse`, `backend` (choosing the decoder's backend, uploading it to WebGPU)
+    /// or `ready`.
     phase: &'a str,
     file: &'a str,
     file_loaded: u64,
@@ -485,7 +486,8 @@ impl Session {
     }
 
     /// Download (cache-first) and load a model. `options`: `{model: "owner/name" | folder URL,
-    /// revision?, files?, vectors?: URL, backend?: "auto"|"cpu"|"webgpu"}`.
+    /// revision?, files?, weights?: "auto"|"f32"|"q8_0"|"q4", vectors?: URL,
+    /// backend?: "auto"|"cpu"|"webgpu"}` (see `setBackend`).
     /// `on_progress({phase, file, fileLoaded, fileTotal, loaded, total, fromCache})`.
     pub async fn load(options: JsValue, on_progress: Option<Function>) -> Result<Session, JsError> {
         init_panic_hook();

@@ -89,7 +89,8 @@ before(async () => {
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
     chromiumSandbox: false,
-    args: ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    // WebGPU on SwiftShader: `auto` must skip it (software), `webgpu` must use it.
+    args: ["--no-sandbox", "--enable-unsafe-webgpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
       "--disable-quic", "--no-first-run"],
   });
   const context = await browser.newContext({ viewport: { width: 1200, height: 1500 } });
@@ -352,4 +353,34 @@ test("a model without a catalog entry: compute vectors here (progress, stop, cac
   await waitStatus("ready");
   assert.match(await byTestId("calibrate-text").textContent(), /40 prompts, from this browser's cache/);
   assert.deepEqual(consoleErrors.slice(errorsBefore).filter((e) => !/Failed to load resource/.test(e)), []);
+});
+
+test("backend: auto skips a software WebGPU adapter; webgpu answers with the refs' ids", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  await page.locator("#model-select").selectOption("bundled");
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  const info = page.locator("#model-info");
+  assert.equal(await info.getAttribute("data-backend"), "cpu");
+  // Headless Chromium's adapter is SwiftShader (software) when it has one at all.
+  assert.match(await info.textContent(), /not WebGPU: /);
+
+  await byTestId("backend").selectOption("webgpu");
+  await byTestId("load-model").click();
+  // (status is already "ready": wait for the new model's info, or an error)
+  await page.waitForFunction(() => document.getElementById("model-info").dataset.backend === "webgpu"
+    || !document.getElementById("error").hidden, null, { timeout: T });
+  await waitStatus("ready");
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.equal(await info.getAttribute("data-backend"), "webgpu");
+  assert.match(await info.textContent(), /backend WebGPU: /);
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("12");
+  assert.equal(await byTestId("alpha").inputValue(), "0.5"); // the vector file's default
+  await runCompare();
+  assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+  assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+  await byTestId("backend").selectOption("auto");
 });
