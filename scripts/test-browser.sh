@@ -27,10 +27,10 @@ done
 if [ "${1:-}" = "--bench" ]; then
   echo "== benchmark: wasm (headless Chromium, 1 thread) vs native, same code and model (tests/web_bench.rs)" >&2
   wasm=$(cargo test --target wasm32-unknown-unknown --release --no-default-features --test web_bench \
-           -- --include-ignored --nocapture 2>&1 | grep '^cmrm-bench') || { echo "wasm benchmark failed" >&2; exit 1; }
-  native=$(cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep '^cmrm-bench') \
+           -- --include-ignored --nocapture 2>&1 | grep -o 'cmrm-bench .*') || { echo "wasm benchmark failed" >&2; exit 1; }
+  native=$(cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep -o 'cmrm-bench .*') \
     || { echo "native benchmark failed" >&2; exit 1; }
-  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep '^cmrm-bench') \
+  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep -o 'cmrm-bench .*') \
     || { echo "native 1-thread benchmark failed" >&2; exit 1; }
   printf '%s\n%s\n%s\n' "$wasm" "$native" "$native1"
   # value NAME LINES: the number after the last '=' on the line of benchmark NAME.

@@ -80,14 +80,25 @@ impl Vlm {
     /// [`Vlm::load_dir`] with the linears held in `format` (quantized on load).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load_dir_as(dir: &std::path::Path, format: crate::quant::WeightFormat) -> Result<Self> {
+        Self::load_dir_choice(dir, crate::quant::WeightChoice::Fixed(format))
+    }
+
+    /// [`Vlm::load_dir`] in a fixed format, or `Auto`: the format of a quantized GGUF
+    /// (`cmrm quantize`), else F32.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_dir_choice(dir: &std::path::Path, choice: crate::quant::WeightChoice) -> Result<Self> {
         if !dir.is_dir() {
             bail!("{}: not a folder (expected a Hugging Face checkpoint folder with config.json)", dir.display());
         }
+        let weights = Weights::from_dir(dir)?;
+        let format = match choice {
+            crate::quant::WeightChoice::Fixed(f) => f,
+            crate::quant::WeightChoice::Auto => weights.stored_format().unwrap_or_default(),
+        };
         let config = LlavaConfig::from_file(&dir.join("config.json"))?.with_weight_format(format);
         let files = ProcessorFiles::read_dir(dir)?;
         let gen_path = dir.join("generation_config.json");
         let generation_config = std::fs::read_to_string(&gen_path).ok();
-        let weights = Weights::from_dir(dir)?;
         Self::from_parts(config, &files, generation_config.as_deref(), weights)
             .with_context(|| format!("loading {}", dir.display()))
     }

@@ -61,6 +61,47 @@ impl WeightFormat {
     }
 }
 
+/// The decoder's token embedding table (canonical name): F16 when the model is quantized.
+const EMBED_TOKENS: &str = "lm.embed_tokens.weight";
+
+/// A linear layer's `[out, in]` weight (canonical name): what a quantized format quantizes.
+fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.ends_with(".weight") && !name.contains("embed")
+}
+
+/// `cmrm quantize`: a checkpoint's tensors as one GGUF file, linears in `format`'s block type
+/// (where the block divides the input dimension), the token embedding in F16, the rest in F32 —
+/// what loading in `format` holds in memory, so the file is the model's in-memory size. Tensor
+/// names stay the checkpoint's own (any layout `weights::canonical_key` reads).
+pub fn quantize_to_gguf(weights: &crate::weights::Weights, format: WeightFormat) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    use candle_core::quantized::gguf_file;
+    if format == WeightFormat::F32 {
+        anyhow::bail!("quantize to q8_0 or q4 (f32 is the checkpoint itself)");
+    }
+    let device = candle_core::Device::Cpu;
+    let mut tensors = Vec::new();
+    for (key, canonical) in weights.keys() {
+        let tensor = weights.load(canonical, &device)?;
+        let dtype = if canonical == EMBED_TOKENS {
+            GgmlDType::F16
+        } else if is_linear_weight(canonical, tensor.dims()) {
+            format.ggml_type(tensor.dim(1)?).unwrap_or(GgmlDType::F32)
+        } else {
+            GgmlDType::F32
+        };
+        let q = QTensor::quantize(&tensor, dtype).with_context(|| format!("quantizing {key}"))?;
+        tensors.push((key.to_owned(), q));
+    }
+    let arch = gguf_file::Value::String("cmrm-llava".into());
+    let weights_name = gguf_file::Value::String(format.name().into());
+    let metadata = [("general.architecture", &arch), ("cmrm.weights", &weights_name)];
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, q)| (k.as_str(), q)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &refs)?;
+    Ok(out.into_inner())
+}
+
 /// Bytes a model takes in memory in `format`, from its tensors' canonical names and shapes (as
 /// `weights::canonical_key` names them): linears quantized where the block size divides their
 /// input dimension, the embedding table in F16 when quantized, plus a quantized lm_head copy for
@@ -72,15 +113,14 @@ pub fn estimate_model_bytes<'a>(format: WeightFormat, tensors: impl Iterator<Ite
     for (name, shape) in tensors {
         let elements: u64 = shape.iter().map(|&d| d as u64).product();
         has_lm_head |= name == "lm_head.weight";
-        let is_linear = shape.len() == 2 && name.ends_with(".weight") && !name.contains("embed");
-        total += if name == "lm.embed_tokens.weight" && shape.len() == 2 {
+        total += if name == EMBED_TOKENS && shape.len() == 2 {
             embed = Some((shape[0], shape[1]));
             if format == WeightFormat::F32 {
                 elements * 4
             } else {
                 elements * 2
             }
-        } else if is_linear {
+        } else if is_linear_weight(name, shape) {
             (elements as f64 * format.bytes_per_weight(shape[1])) as u64
         } else {
             elements * 4

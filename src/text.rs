@@ -219,11 +219,15 @@ impl TextModel {
         let lm = vb.pp("lm");
         let embed_weight = lm.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
         // Quantized models keep the embedding table in F16 (half the bytes; rows are converted to
-        // F32 on lookup); the lm_head gets its own quantized copy when tied.
-        let embed_table = if cfg.weight_format == WeightFormat::F32 {
-            embed_weight.clone()
+        // F32 on lookup); the lm_head gets its own quantized copy when tied, made from the same
+        // F16 values — so a `cmrm quantize` GGUF (which stores the table in F16) loads as exactly
+        // this model.
+        let (embed_table, embed_weight) = if cfg.weight_format == WeightFormat::F32 {
+            (embed_weight.clone(), embed_weight)
         } else {
-            embed_weight.to_dtype(DType::F16)?
+            let table = embed_weight.to_dtype(DType::F16)?;
+            let rounded = table.to_dtype(DType::F32)?;
+            (table, rounded)
         };
         let embed_tokens = Embedding::new(embed_table, cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)

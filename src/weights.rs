@@ -1,5 +1,7 @@
-//! Safetensors checkpoints (single file or shards) → named F32 tensors behind a candle
-//! `VarBuilder`, with errors that name the file, the tensor and the problem.
+//! Checkpoints → named F32 tensors behind a candle `VarBuilder`, with errors that name the file,
+//! the tensor and the problem. Files: safetensors (single file or shards; F32/F16/BF16) and GGUF
+//! (`cmrm quantize` output: GGML block formats, dequantized when the model takes a tensor and
+//! re-quantized by the layer's in-memory format — bit-exact for Q8_0 → q8_0).
 //!
 //! Key layouts are normalised to one canonical form, so model code asks for `lm.layers.0...`,
 //! `lm_head.weight`, `vision.encoder...`, `projector.linear_1...` whichever layout was saved:
@@ -12,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, gguf_file, GgmlDType};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -33,11 +36,20 @@ impl AsRef<[u8]> for FileBytes {
     }
 }
 
-/// Where one tensor lives: its file, its saved name, dtype, shape and byte range.
+/// How a tensor's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// A safetensors tensor.
+    Plain(DType),
+    /// A GGUF tensor (F32, F16 or a block format).
+    Ggml(GgmlDType),
+}
+
+/// Where one tensor lives: its file, its saved name, storage, shape and byte range.
 struct Entry {
     file: usize,
     key: String,
-    dtype: DType,
+    stored: Stored,
     shape: Vec<usize>,
     range: std::ops::Range<usize>,
 }
@@ -84,9 +96,13 @@ impl Weights {
         Self { entries: HashMap::new(), files: Vec::new() }
     }
 
-    /// Parse one safetensors file and index its tensors (F32, F16 or BF16); `name` labels errors.
+    /// Parse one weight file and index its tensors: safetensors (F32, F16 or BF16) or GGUF (by its
+    /// magic bytes); `name` labels errors.
     pub fn add_file(&mut self, name: &str, bytes: FileBytes) -> Result<()> {
         let data = bytes.as_ref();
+        if data.starts_with(b"GGUF") {
+            return self.add_gguf(name, bytes);
+        }
         let st = safetensors::SafeTensors::deserialize(data).map_err(|e| {
             anyhow!("{name}: not a valid safetensors file ({e}); the download may be truncated or corrupt")
         })?;
@@ -104,10 +120,64 @@ impl Weights {
             }
             let start = view.data().as_ptr() as usize - data.as_ptr() as usize;
             let range = start..start + view.data().len();
-            self.entries.insert(canonical, Entry { file: index, key, dtype, shape: view.shape().to_vec(), range });
+            let stored = Stored::Plain(dtype);
+            self.entries.insert(canonical, Entry { file: index, key, stored, shape: view.shape().to_vec(), range });
         }
         self.files.push((Arc::from(name), bytes));
         Ok(())
+    }
+
+    fn add_gguf(&mut self, name: &str, bytes: FileBytes) -> Result<()> {
+        let data = bytes.as_ref();
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(data))
+            .map_err(|e| anyhow!("{name}: not a valid GGUF file ({e}); the download may be truncated or corrupt"))?;
+        let index = self.files.len();
+        for (key, info) in &content.tensor_infos {
+            let Some(canonical) = canonical_key(key) else { continue };
+            let (elements, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
+            if !elements.is_multiple_of(block) {
+                bail!("{name}: tensor '{key}' has {elements} values, not whole {:?} blocks", info.ggml_dtype);
+            }
+            let start = content.tensor_data_offset as usize + info.offset as usize;
+            let end = start + elements / block * info.ggml_dtype.type_size();
+            if end > data.len() {
+                bail!(
+                    "{name}: tensor '{key}' ends at byte {end}, past the end of the file ({} bytes): truncated download?",
+                    data.len()
+                );
+            }
+            if let Some(prev) = self.entries.get(&canonical) {
+                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.files[prev.file].0, prev.key);
+            }
+            let entry = Entry {
+                file: index,
+                key: key.clone(),
+                stored: Stored::Ggml(info.ggml_dtype),
+                shape: info.shape.dims().to_vec(),
+                range: start..end,
+            };
+            self.entries.insert(canonical, entry);
+        }
+        self.files.push((Arc::from(name), bytes));
+        Ok(())
+    }
+
+    /// The quantized format the files were saved in (a `cmrm quantize` GGUF), if any: what to load
+    /// them as unless asked otherwise.
+    pub fn stored_format(&self) -> Option<crate::quant::WeightFormat> {
+        use crate::quant::WeightFormat;
+        self.entries.values().find_map(|e| match e.stored {
+            Stored::Ggml(GgmlDType::Q8_0) => Some(WeightFormat::Q8_0),
+            Stored::Ggml(GgmlDType::Q4K | GgmlDType::Q4_0) => Some(WeightFormat::Q4),
+            _ => None,
+        })
+    }
+
+    /// `(saved name, canonical name)` of every tensor, sorted by saved name.
+    pub fn keys(&self) -> Vec<(&str, &str)> {
+        let mut keys: Vec<(&str, &str)> = self.entries.iter().map(|(c, e)| (e.key.as_str(), c.as_str())).collect();
+        keys.sort();
+        keys
     }
 
     /// Index `model.safetensors`, or the shards listed in `model.safetensors.index.json`
@@ -138,9 +208,15 @@ impl Weights {
     pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let e = self.entry(name)?;
         let (file, bytes) = &self.files[e.file];
-        Tensor::from_raw_buffer(&bytes.as_ref()[e.range.clone()], e.dtype, &e.shape, device)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|err| candle_core::Error::Msg(format!("{file}: tensor '{}' cannot be read: {err}", e.key)))
+        let raw = &bytes.as_ref()[e.range.clone()];
+        match e.stored {
+            Stored::Plain(dtype) => Tensor::from_raw_buffer(raw, dtype, &e.shape, device),
+            Stored::Ggml(dtype) => {
+                qtensor_from_ggml(dtype, raw, e.shape.clone(), device).and_then(|q| q.dequantize(device))
+            }
+        }
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(|err| candle_core::Error::Msg(format!("{file}: tensor '{}' cannot be read: {err}", e.key)))
     }
 
     pub fn into_var_builder(self, device: &Device) -> VarBuilder<'static> {
@@ -169,10 +245,14 @@ pub fn weight_files_in_dir(dir: &std::path::Path) -> Result<Vec<std::path::PathB
         return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
     }
     let single = dir.join("model.safetensors");
-    if !single.exists() {
-        bail!("{}: no model.safetensors or model.safetensors.index.json in this folder", dir.display());
+    if single.exists() {
+        return Ok(vec![single]);
     }
-    Ok(vec![single])
+    let gguf = dir.join("model.gguf");
+    if gguf.exists() {
+        return Ok(vec![gguf]);
+    }
+    bail!("{}: no model.safetensors, model.safetensors.index.json or model.gguf in this folder", dir.display())
 }
 
 /// Distinct shard file names from a `model.safetensors.index.json`, in first-seen order.

@@ -115,3 +115,98 @@ fn memory_estimate_matches_the_loaded_decoder() {
         assert!(all(WeightFormat::Q4) < all(WeightFormat::Q8_0) && all(WeightFormat::Q8_0) < all(WeightFormat::F32));
     }
 }
+
+fn cmrm_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cmrm")).args(args).output().unwrap()
+}
+
+/// `cmrm quantize`: a folder with one GGUF (linears in the block format, embedding F16) and the
+/// other files; loading it gives the same model as quantizing the safetensors on load — bit for
+/// bit for Q8_0 (Q8_0 blocks survive dequantize → re-quantize exactly) — in the GGUF's format by
+/// default, and the copy is smaller.
+#[test]
+fn quantize_writes_a_gguf_copy_that_loads_as_the_same_model() {
+    for model in MODELS {
+        let src = model_dir(model);
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4] {
+            let out =
+                std::env::temp_dir().join(format!("cmrm-quantize-{model}-{}-{}", format.name(), std::process::id()));
+            let _ = std::fs::remove_dir_all(&out);
+            let o = cmrm_cli(&[
+                "quantize",
+                "--model",
+                src.to_str().unwrap(),
+                "--format",
+                format.name(),
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert!(!out.join("model.safetensors").exists());
+            for file in ["config.json", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"] {
+                assert_eq!(std::fs::read(out.join(file)).unwrap(), std::fs::read(src.join(file)).unwrap(), "{file}");
+            }
+            let gguf_bytes = std::fs::metadata(out.join("model.gguf")).unwrap().len();
+            assert_eq!(report["gguf_bytes"], gguf_bytes);
+            let input = std::fs::metadata(src.join("model.safetensors")).unwrap().len();
+            assert!(gguf_bytes < input, "{model} {format:?}: {gguf_bytes} vs {input} bytes");
+
+            let weights = cmrm::weights::Weights::from_dir(&out).unwrap();
+            assert_eq!(weights.stored_format(), Some(format));
+            let from_gguf = Vlm::load_dir_choice(&out, cmrm::quant::WeightChoice::Auto).unwrap();
+            assert_eq!(from_gguf.config().weight_format(), format);
+            let on_load = Vlm::load_dir_as(&src, format).unwrap();
+            let (a, b) = (run_cases(&from_gguf, model), run_cases(&on_load, model));
+            let worst = a.iter().zip(&b).map(|((_, la), (_, lb))| max_abs_diff(la, lb)).fold(0f32, f32::max);
+            let same_ids = a.iter().zip(&b).filter(|((ia, _), (ib, _))| ia == ib).count();
+            eprintln!(
+                "{model} {format:?}: GGUF copy vs quantize-on-load: max |Δlogit| {worst:e}, ids equal {same_ids}/9"
+            );
+            if format == WeightFormat::Q8_0 {
+                assert_eq!(worst, 0.0, "{model}: Q8_0 from GGUF must equal Q8_0 on load");
+                assert_eq!(same_ids, 9);
+            } else {
+                let spread = b.iter().flat_map(|(_, l)| l).fold(0f32, |m, x| m.max(x.abs()));
+                assert!(worst / spread < 0.1, "{model}: 4-bit GGUF copy off by {worst} (spread {spread})");
+            }
+            // F32 tensors (norms, biases) are stored as they were.
+            let src_weights = cmrm::weights::Weights::from_dir(&src).unwrap();
+            let norm = "lm.norm.weight";
+            let dev = candle_core::Device::Cpu;
+            let (x, y) = (weights.load(norm, &dev).unwrap(), src_weights.load(norm, &dev).unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+    }
+}
+
+/// A truncated GGUF, a bad format and writing over the input are refused with clear messages.
+#[test]
+fn quantize_and_gguf_bad_inputs() {
+    let src = model_dir(MODELS[1]);
+    let out = std::env::temp_dir().join(format!("cmrm-quantize-bad-{}", std::process::id()));
+    let o = cmrm_cli(&["quantize", "--model", src.to_str().unwrap(), "--format", "q5", "--out", out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("weight format must be f32, q8_0 or q4"));
+    let o =
+        cmrm_cli(&["quantize", "--model", src.to_str().unwrap(), "--format", "q8_0", "--out", src.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out must be another folder"), "{o:?}");
+
+    let o =
+        cmrm_cli(&["quantize", "--model", src.to_str().unwrap(), "--format", "q8_0", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    let gguf = std::fs::read(out.join("model.gguf")).unwrap();
+    let mut weights = cmrm::weights::Weights::empty();
+    let e = weights
+        .add_file("model.gguf", cmrm::weights::FileBytes::Owned(gguf[..gguf.len() / 2].to_vec()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.gguf") && e.contains("past the end of the file"), "{e}");
+    let mut weights = cmrm::weights::Weights::empty();
+    let e =
+        weights.add_file("model.gguf", cmrm::weights::FileBytes::Owned(gguf[..40].to_vec())).unwrap_err().to_string();
+    assert!(e.contains("not a valid GGUF file"), "{e}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

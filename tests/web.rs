@@ -411,3 +411,57 @@ async fn in_browser_calibration_equals_native_extract() {
         .unwrap_err();
     assert!(e.contains("bad:1") && e.contains("prompt"), "{e}");
 }
+
+/// A `cmrm quantize` copy (one Q8_0 GGUF instead of the safetensors) loads in the browser in its
+/// own format and answers exactly as the safetensors quantized on load.
+#[wasm_bindgen_test]
+async fn quantized_gguf_copy_loads_as_q8_0() {
+    let oracle = siglip_qwen2();
+    let safetensors = oracle.files.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
+    let mut weights = cmrm::weights::Weights::empty();
+    weights.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(safetensors.clone())).unwrap();
+    let gguf = cmrm::quant::quantize_to_gguf(&weights, cmrm::quant::WeightFormat::Q8_0).unwrap();
+    assert!(gguf.len() < safetensors.len());
+    let files: Vec<(String, Vec<u8>)> =
+        oracle
+            .files
+            .iter()
+            .map(|(n, b)| {
+                if n == "model.safetensors" {
+                    ("model.gguf".to_owned(), gguf.clone())
+                } else {
+                    (n.clone(), b.clone())
+                }
+            })
+            .collect();
+    let session = Session::from_named_bytes("gguf copy", files).unwrap();
+    let info: Value = serde_wasm_bindgen::from_value(session.info().map_err(JsValue::from).unwrap()).unwrap();
+    assert_eq!(info["weights"], "q8_0", "{info}");
+    session.set_image(oracle.images[0].1).map_err(JsValue::from).unwrap();
+    session.set_vectors("v", BUNDLED_CMRM_VECTORS).map_err(JsValue::from).unwrap();
+    let question = "What is in the image?";
+    let from_gguf = compare(&session, json!({"prompt": question, "maxNewTokens": 12})).await.unwrap();
+
+    // The same checkpoint from safetensors, quantized to Q8_0 on load (library API).
+    let on_load = {
+        let text = |n: &str| String::from_utf8(oracle.files.iter().find(|(f, _)| f == n).unwrap().1.clone()).unwrap();
+        let config = cmrm::LlavaConfig::from_json_str(&text("config.json"))
+            .unwrap()
+            .with_weight_format(cmrm::quant::WeightFormat::Q8_0);
+        let files = cmrm::processor::ProcessorFiles {
+            tokenizer_json: text("tokenizer.json").into_bytes(),
+            tokenizer_config_json: Some(text("tokenizer_config.json")),
+            chat_template_jinja: Some(text("chat_template.jinja")),
+            preprocessor_config_json: Some(text("preprocessor_config.json")),
+            processor_config_json: Some(text("processor_config.json")),
+            ..Default::default()
+        };
+        let vlm = cmrm::Vlm::from_parts(config, &files, Some(&text("generation_config.json")), weights).unwrap();
+        let features = vlm.encode_image(&cmrm::decode_image(oracle.images[0].1).unwrap()).unwrap();
+        let prepared = vlm.prepare(&cmrm::PromptText::Chat(question.into()), Some(&features)).unwrap();
+        let opts = vlm.default_generate_options(12, cmrm::Sampling::Greedy);
+        vlm.generate(&prepared, None, &opts, &mut |_| true).unwrap().generated_ids
+    };
+    let got: Vec<u32> = ids(&from_gguf["unaltered"]["generatedIds"]).into_iter().map(|x| x as u32).collect();
+    assert_eq!(got, on_load);
+}

@@ -36,6 +36,24 @@ enum Command {
     Eval(EvalArgs),
     /// Benchmark a real-size config with random weights.
     Bench(BenchArgs),
+    /// Write a smaller copy of a checkpoint: weights as one quantized GGUF (q8_0 or q4), the other
+    /// files copied; `--model` and the page load the copy like the original.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Checkpoint folder or Hub repo id owner/name[@revision].
+    #[arg(long)]
+    model: PathBuf,
+    /// q8_0 (8.5 bits per weight) or q4 (4.5).
+    #[arg(long)]
+    format: String,
+    /// Output folder (created; must not be the input folder).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -53,8 +71,9 @@ struct InputArgs {
     /// The prompt is already the full prompt (may contain <image>); use it as is.
     #[arg(long)]
     raw_prompt: bool,
-    /// In-memory weight format: f32 | q8_0 | q4 (quantized on load; CPU backend).
-    #[arg(long, default_value = "f32")]
+    /// In-memory weight format: f32 | q8_0 | q4 (quantized on load), or auto: a quantized
+    /// model.gguf's own format, else f32.
+    #[arg(long, default_value = "auto")]
     weights: String,
 }
 
@@ -253,6 +272,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Probe(a) => cmd_probe(a),
         Command::Extract(a) => cmd_extract(a),
+        Command::Quantize(a) => cmd_quantize(a),
         Command::Vectors(VectorsCommand::Info { file, json }) => cmd_vectors_info(&file, json),
         Command::Vectors(VectorsCommand::CatalogEntry { file, url, model, calibration_name }) => {
             cmd_catalog_entry(&file, &url, &model, &calibration_name)
@@ -286,9 +306,9 @@ fn load_model(spec: &Path) -> Result<Vlm> {
 
 fn load_model_as(spec: &Path, weights: &str) -> Result<Vlm> {
     let t0 = std::time::Instant::now();
-    let format: cmrm::quant::WeightFormat = weights.parse()?;
+    let choice = cmrm::quant::WeightChoice::parse(Some(weights))?;
     let dir = cmrm::hub::resolve_model(&spec.to_string_lossy())?;
-    let vlm = Vlm::load_dir_as(&dir, format)?;
+    let vlm = Vlm::load_dir_choice(&dir, choice)?;
     eprintln!("loaded {} in {:.2}s", dir.display(), t0.elapsed().as_secs_f64());
     Ok(vlm)
 }
@@ -453,6 +473,53 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    let format: cmrm::quant::WeightFormat = a.format.parse()?;
+    let dir = cmrm::hub::resolve_model(&a.model.to_string_lossy())?;
+    // Parse the config first: a folder that is not a LLaVA checkpoint fails before any work.
+    cmrm::LlavaConfig::from_file(&dir.join("config.json"))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    if std::fs::canonicalize(&dir)? == std::fs::canonicalize(&a.out)? {
+        bail!("--out must be another folder than the model's ({})", dir.display());
+    }
+    let t0 = std::time::Instant::now();
+    let weights = cmrm::weights::Weights::from_dir(&dir)?;
+    let input_bytes: u64 = cmrm::weights::weight_files_in_dir(&dir)?
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let gguf = cmrm::quant::quantize_to_gguf(&weights, format)?;
+    write_atomic(&a.out.join("model.gguf"), &gguf)?;
+    // Everything but the weights, as is (config, tokenizer, templates, preprocessor, …).
+    let mut copied = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let is_weights =
+            name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == "model.gguf";
+        if path.is_file() && !is_weights {
+            write_atomic(&a.out.join(&name), &std::fs::read(&path)?)?;
+            copied.push(name);
+        }
+    }
+    copied.sort();
+    let seconds = t0.elapsed().as_secs_f64();
+    if a.json {
+        emit(&json!({"out": a.out.display().to_string(), "format": format.name(), "input_weight_bytes": input_bytes,
+                     "gguf_bytes": gguf.len(), "copied": copied, "seconds": seconds}));
+    } else {
+        eprintln!(
+            "wrote {} ({} weights: {:.1} MB from {:.1} MB) and {} other files in {seconds:.1}s",
+            a.out.join("model.gguf").display(),
+            format.name(),
+            gguf.len() as f64 / 1e6,
+            input_bytes as f64 / 1e6,
+            copied.len()
+        );
+    }
     Ok(())
 }
 

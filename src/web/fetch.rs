@@ -26,6 +26,8 @@ pub const OPTIONAL_FILES: [&str; 6] = [
 ];
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+/// A `cmrm quantize` copy: the weights as one quantized GGUF.
+pub const WEIGHTS_GGUF: &str = "model.gguf";
 
 #[wasm_bindgen]
 extern "C" {
@@ -246,6 +248,9 @@ impl Plan {
 
     /// Fill `tensor_shapes` from the weight files' headers (a few kB each, not cached).
     pub async fn read_tensor_shapes(&mut self) {
+        if self.files.iter().any(|f| f.name.ends_with(".gguf")) {
+            return; // a quantized copy: its size is its in-memory size, decided once it is in
+        }
         let mut shapes = Vec::new();
         for file in self.files.iter().filter(|f| f.name.ends_with(".safetensors")) {
             match safetensors_shapes(&file.url).await {
@@ -264,7 +269,11 @@ impl Plan {
 
     /// Bytes of the weight files (`*.safetensors`), all held until the model is built.
     pub fn weight_file_bytes(&self) -> u64 {
-        self.files.iter().filter(|f| f.name.ends_with(".safetensors")).map(|f| f.size).sum()
+        self.files
+            .iter()
+            .filter(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
+            .map(|f| f.size)
+            .sum()
     }
 }
 
@@ -366,8 +375,13 @@ pub async fn plan_hub(repo: &str, revision: &str) -> Result<Plan> {
             .with_context(|| format!("{repo}: invalid {WEIGHTS_INDEX}"))?
     } else if size_of(WEIGHTS_FILE).is_some() {
         vec![WEIGHTS_FILE.to_owned()]
+    } else if size_of(WEIGHTS_GGUF).is_some() {
+        vec![WEIGHTS_GGUF.to_owned()]
     } else {
-        bail!("{repo} has no {WEIGHTS_FILE} (cmrm reads safetensors checkpoints, e.g. the llava-hf/* repos)");
+        bail!(
+            "{repo} has no {WEIGHTS_FILE} or {WEIGHTS_GGUF} (cmrm reads safetensors checkpoints such as the llava-hf/* \
+             repos, and their `cmrm quantize` copies)"
+        );
     };
     let names = order_files(&|n| size_of(n).is_some(), shards).with_context(|| repo.to_owned())?;
     let cache = open_cache().await;
@@ -388,7 +402,8 @@ pub async fn plan_url(label: &str, base: &str, names: Option<Vec<String>>) -> Re
         Some(names) => names,
         None => {
             let mut found = std::collections::HashMap::new();
-            for name in REQUIRED_FILES.iter().chain(&OPTIONAL_FILES).chain(&[WEIGHTS_INDEX, WEIGHTS_FILE]) {
+            for name in REQUIRED_FILES.iter().chain(&OPTIONAL_FILES).chain(&[WEIGHTS_INDEX, WEIGHTS_FILE, WEIGHTS_GGUF])
+            {
                 if let Some(size) = probe_size(&join(base, name)).await? {
                     found.insert(name.to_string(), size);
                 }
@@ -398,8 +413,10 @@ pub async fn plan_url(label: &str, base: &str, names: Option<Vec<String>>) -> Re
                 crate::weights::shard_names_from_index(&String::from_utf8_lossy(&index))?
             } else if found.contains_key(WEIGHTS_FILE) {
                 vec![WEIGHTS_FILE.to_owned()]
+            } else if found.contains_key(WEIGHTS_GGUF) {
+                vec![WEIGHTS_GGUF.to_owned()]
             } else {
-                bail!("{base}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}");
+                bail!("{base}: no {WEIGHTS_FILE}, {WEIGHTS_INDEX} or {WEIGHTS_GGUF}");
             };
             order_files(&|n| found.contains_key(n), shards)?
         }

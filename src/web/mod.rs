@@ -352,7 +352,7 @@ impl Assembler {
                 self.generation_config =
                     Some(String::from_utf8(bytes).context("generation_config.json is not UTF-8 text")?)
             }
-            n if n.ends_with(".safetensors") => {
+            n if n.ends_with(".safetensors") || n.ends_with(".gguf") => {
                 self.weight_bytes += bytes.len() as u64;
                 self.weights.add_file(n, FileBytes::Owned(bytes))?;
                 self.weight_files += 1;
@@ -373,6 +373,11 @@ impl Assembler {
         if self.weight_files == 0 {
             bail!("no weights (model.safetensors or shards) were given");
         }
+        // A quantized GGUF (`cmrm quantize`) loads in its own format unless asked otherwise.
+        let choice = match (choice, self.weights.stored_format()) {
+            (WeightChoice::Auto, Some(stored)) => WeightChoice::Fixed(stored),
+            (choice, _) => choice,
+        };
         let format = fit_format(
             name,
             choice,
