@@ -20,10 +20,14 @@ pub struct LlavaModel {
 impl LlavaModel {
     /// `vb` holds canonical names (`vision.`, `projector.`, `lm.`, `lm_head.`; see `weights.rs`).
     pub fn new(config: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        // The decoder first: its embedding table is the largest tensor and passes through F16
+        // while it is quantized; built before anything else, that transient is not stacked on
+        // the vision tower (peak memory ≈ the model, not the model + the table).
+        let text = TextModel::new(&config.text, vb.clone())?;
         Ok(Self {
             vision: VisionTower::new(&config.vision, vb.pp("vision"))?,
             projector: Projector::new(config, vb.pp("projector"))?,
-            text: TextModel::new(&config.text, vb.clone())?,
+            text,
             config: config.clone(),
             device: vb.device().clone(),
         })

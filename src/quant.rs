@@ -42,7 +42,8 @@ impl WeightFormat {
         }
     }
 
-    /// The GGML type a `[out, in]` matrix gets, or `None` to keep it in F32.
+    /// The GGML type a `[out, in]` matrix gets when its input dimension is a whole number of
+    /// blocks, or `None`.
     pub fn ggml_type(&self, in_dim: usize) -> Option<GgmlDType> {
         let fits = |t: GgmlDType| in_dim.is_multiple_of(t.block_size());
         match self {
@@ -52,11 +53,26 @@ impl WeightFormat {
         }
     }
 
-    /// Approximate bytes per weight of a matrix with `in_dim` inputs (for memory budgets).
-    pub fn bytes_per_weight(&self, in_dim: usize) -> f64 {
-        match self.ggml_type(in_dim) {
-            None => 4.0,
-            Some(t) => t.type_size() as f64 / t.block_size() as f64,
+    /// In memory: the GGML type and the input dimension padded with zero columns to whole
+    /// blocks (SigLIP-so400m's `fc2` has 4304 inputs: 4320 = 135 blocks of 32), or `None` for
+    /// F32 — also when padding would add over 1/16 (small layers, where it costs accuracy and
+    /// saves nothing).
+    pub fn padded_type(&self, in_dim: usize) -> Option<(GgmlDType, usize)> {
+        let pad = |t: GgmlDType| (t, in_dim.div_ceil(t.block_size()) * t.block_size());
+        let (t, padded) = match self {
+            Self::F32 => return None,
+            Self::Q8_0 => pad(GgmlDType::Q8_0),
+            Self::Q4 => self.ggml_type(in_dim).map_or_else(|| pad(GgmlDType::Q4_0), pad),
+        };
+        (in_dim > 0 && padded - in_dim <= in_dim / 16).then_some((t, padded))
+    }
+
+    /// Bytes of an `[out, in]` matrix in memory in this format (padding included).
+    pub fn matrix_bytes(&self, out_dim: usize, in_dim: usize) -> u64 {
+        match self.padded_type(in_dim) {
+            None => out_dim as u64 * in_dim as u64 * 4,
+            // In u64: on wasm32 a usize product overflows for a large table.
+            Some((t, padded)) => out_dim as u64 * (padded / t.block_size()) as u64 * t.type_size() as u64,
         }
     }
 }
@@ -69,10 +85,11 @@ fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && name.ends_with(".weight") && !name.contains("embed")
 }
 
-/// `cmrm quantize`: a checkpoint's tensors as one GGUF file, linears in `format`'s block type
-/// (where the block divides the input dimension), the token embedding in F16, the rest in F32 —
-/// what loading in `format` holds in memory, so the file is the model's in-memory size. Tensor
-/// names stay the checkpoint's own (any layout `weights::canonical_key` reads).
+/// `cmrm quantize`: a checkpoint's tensors as one GGUF file holding exactly what loading in
+/// `format` holds in memory — linears in the block type (padded with zero columns where
+/// `padded_type` pads), the token embedding quantized by rows (F16 where rows are not whole
+/// blocks), the rest F32 — so the file is the model's in-memory size and loads without
+/// re-quantizing. Tensor names stay the checkpoint's own (any layout `canonical_key` reads).
 pub fn quantize_to_gguf(weights: &crate::weights::Weights, format: WeightFormat) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context;
     use candle_core::quantized::gguf_file;
@@ -82,15 +99,24 @@ pub fn quantize_to_gguf(weights: &crate::weights::Weights, format: WeightFormat)
     let device = candle_core::Device::Cpu;
     let mut tensors = Vec::new();
     for (key, canonical) in weights.keys() {
-        let tensor = weights.load(canonical, &device)?;
-        let dtype = if canonical == EMBED_TOKENS {
-            GgmlDType::F16
-        } else if is_linear_weight(canonical, tensor.dims()) {
-            format.ggml_type(tensor.dim(1)?).unwrap_or(GgmlDType::F32)
+        let q = if canonical == EMBED_TOKENS {
+            // As the model loads it: F16, then rows quantized from those values.
+            let table = weights.load_as(canonical, candle_core::DType::F16, &device)?;
+            match format.ggml_type(table.dim(1)?) {
+                Some(dtype) => quantize_rows(&table, dtype),
+                None => QTensor::quantize(&table, GgmlDType::F16),
+            }
         } else {
-            GgmlDType::F32
-        };
-        let q = QTensor::quantize(&tensor, dtype).with_context(|| format!("quantizing {key}"))?;
+            let tensor = weights.load(canonical, &device)?;
+            match format.padded_type(tensor.dims().get(1).copied().unwrap_or(0)) {
+                Some((dtype, padded)) if is_linear_weight(canonical, tensor.dims()) => {
+                    let in_dim = tensor.dim(1)?;
+                    quantize_rows(&tensor.pad_with_zeros(1, 0, padded - in_dim)?, dtype)
+                }
+                _ => QTensor::quantize(&tensor, GgmlDType::F32),
+            }
+        }
+        .with_context(|| format!("quantizing {key}"))?;
         tensors.push((key.to_owned(), q));
     }
     let arch = gguf_file::Value::String("cmrm-llava".into());
@@ -103,9 +129,9 @@ pub fn quantize_to_gguf(weights: &crate::weights::Weights, format: WeightFormat)
 }
 
 /// Bytes a model takes in memory in `format`, from its tensors' canonical names and shapes (as
-/// `weights::canonical_key` names them): linears quantized where the block size divides their
-/// input dimension, the embedding table in F16 when quantized, plus a quantized lm_head copy for
-/// tied models; everything else F32.
+/// `weights::canonical_key` names them): linears quantized (input padded to whole blocks where
+/// that adds little), the embedding table quantized by rows (shared by a tied lm_head; F16 with a
+/// quantized lm_head copy where rows are not whole blocks); everything else F32.
 pub fn estimate_model_bytes<'a>(format: WeightFormat, tensors: impl Iterator<Item = (&'a str, &'a [usize])>) -> u64 {
     let mut total = 0u64;
     let mut has_lm_head = false;
@@ -115,19 +141,23 @@ pub fn estimate_model_bytes<'a>(format: WeightFormat, tensors: impl Iterator<Ite
         has_lm_head |= name == "lm_head.weight";
         total += if name == EMBED_TOKENS && shape.len() == 2 {
             embed = Some((shape[0], shape[1]));
-            if format == WeightFormat::F32 {
-                elements * 4
-            } else {
-                elements * 2
+            match format {
+                WeightFormat::F32 => elements * 4,
+                // Quantized rows (dense F16 where rows are not whole blocks).
+                _ if format.ggml_type(shape[1]).is_some() => format.matrix_bytes(shape[0], shape[1]),
+                _ => elements * 2,
             }
         } else if is_linear_weight(name, shape) {
-            (elements as f64 * format.bytes_per_weight(shape[1])) as u64
+            format.matrix_bytes(shape[0], shape[1])
         } else {
             elements * 4
         };
     }
+    // A tied lm_head shares a quantized table; next to an F16 table it is a quantized copy.
     if let (Some((vocab, hidden)), false, false) = (embed, has_lm_head, format == WeightFormat::F32) {
-        total += (vocab as f64 * hidden as f64 * format.bytes_per_weight(hidden)) as u64;
+        if format.ggml_type(hidden).is_none() {
+            total += format.matrix_bytes(vocab, hidden);
+        }
     }
     total
 }
@@ -191,24 +221,105 @@ pub fn choose_format(
 #[derive(Debug, Clone)]
 pub enum QLinear {
     F32(Linear),
-    Quantized { matmul: QMatMul, bias: Option<Tensor>, dtype: GgmlDType, out_dim: usize, in_dim: usize },
+    /// `padded_in ≥ in_dim`: the weight has zero columns up to whole blocks; inputs are padded
+    /// to match.
+    Quantized {
+        matmul: QMatMul,
+        bias: Option<Tensor>,
+        dtype: GgmlDType,
+        out_dim: usize,
+        in_dim: usize,
+        padded_in: usize,
+    },
 }
 
+/// Quantize a `[rows, cols]` matrix of any float dtype a slice of rows at a time: the F32 copy
+/// that quantizing needs never exceeds [`QUANTIZE_CHUNK`] values (an F16 embedding table becomes
+/// a tied lm_head without a 622 MB F32 detour). Blocks run along rows, so the slices' bytes
+/// concatenate to the whole matrix's.
+pub fn quantize_rows(weight: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    let (rows, cols) = weight.dims2()?;
+    let step = (QUANTIZE_CHUNK / cols.max(1)).max(1);
+    if rows <= step {
+        return QTensor::quantize(&weight.to_dtype(candle_core::DType::F32)?, dtype);
+    }
+    let mut bytes = Vec::with_capacity(rows * (cols / dtype.block_size()) * dtype.type_size());
+    for start in (0..rows).step_by(step) {
+        let n = step.min(rows - start);
+        let slice = weight.narrow(0, start, n)?.to_dtype(candle_core::DType::F32)?;
+        bytes.extend_from_slice(&QTensor::quantize(&slice, dtype)?.data()?);
+    }
+    candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], weight.device())
+}
+
+/// The name under which a weight file offers `name`'s raw GGML blocks of type `dtype`
+/// (`weights::Weights` answers for GGUF tensors stored in that type): `embed_tokens.weight#q8_0`.
+pub fn block_key(name: &str, dtype: GgmlDType) -> String {
+    format!("{name}#{}", format!("{dtype:?}").to_lowercase())
+}
+
+/// `name`'s stored blocks as a `[rows, cols]` QTensor when `vb`'s files hold them in `dtype`
+/// (no dequantize → re-quantize), else `None`.
+pub fn stored_blocks(
+    vb: &VarBuilder,
+    name: &str,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+) -> Result<Option<QTensor>> {
+    let key = block_key(name, dtype);
+    if !vb.contains_tensor(&key) {
+        return Ok(None);
+    }
+    let bytes = rows * (cols / dtype.block_size()) * dtype.type_size();
+    let raw = vb.get_with_hints_dtype(bytes, &key, candle_nn::Init::Const(0.), candle_core::DType::U8)?;
+    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &raw.to_vec1::<u8>()?,
+        vec![rows, cols],
+        vb.device(),
+    )?;
+    Ok(Some(q))
+}
+
+/// Values per slice in [`quantize_rows`] (16 Mi: 64 MB of F32).
+const QUANTIZE_CHUNK: usize = 16 << 20;
+
 impl QLinear {
-    /// From an F32 `[out, in]` weight; quantized when `format` asks for it and the shape allows.
+    /// From an `[out, in]` weight (F32, or F16/BF16 to quantize); quantized when `format` asks
+    /// for it and the shape allows, else held in F32.
     pub fn new(weight: Tensor, bias: Option<Tensor>, format: WeightFormat) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        match format.ggml_type(in_dim) {
-            None => Ok(Self::F32(Linear::new(weight, bias))),
-            Some(dtype) => {
-                let q = QTensor::quantize(&weight, dtype)?;
-                Ok(Self::Quantized { matmul: QMatMul::from_qtensor(q)?, bias, dtype, out_dim, in_dim })
+        match format.padded_type(in_dim) {
+            None => Ok(Self::F32(Linear::new(weight.to_dtype(candle_core::DType::F32)?, bias))),
+            Some((dtype, padded_in)) => {
+                let weight = if padded_in > in_dim { weight.pad_with_zeros(1, 0, padded_in - in_dim)? } else { weight };
+                let q = quantize_rows(&weight, dtype)?;
+                drop(weight);
+                Ok(Self::Quantized { matmul: QMatMul::from_qtensor(q)?, bias, dtype, out_dim, in_dim, padded_in })
             }
         }
     }
 
-    /// Load `weight` `[out, in]` (and `bias` `[out]` when `bias`) from `vb`, in `format`.
+    /// A quantized `[out, in]` matrix used as is (a tied lm_head sharing the quantized
+    /// embedding table).
+    pub fn from_qtensor(q: std::sync::Arc<QTensor>) -> Result<Self> {
+        let (out_dim, in_dim) = q.shape().dims2()?;
+        let dtype = q.dtype();
+        Ok(Self::Quantized { matmul: QMatMul::from_arc(q)?, bias: None, dtype, out_dim, in_dim, padded_in: in_dim })
+    }
+
+    /// Load `weight` `[out, in]` (and `bias` `[out]` when `bias`) from `vb`, in `format`: the
+    /// stored blocks as they are when the file holds this format's (a `cmrm quantize` GGUF),
+    /// else quantized on load.
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        if let Some((dtype, padded_in)) = format.padded_type(in_dim) {
+            if let Some(q) = stored_blocks(&vb, "weight", dtype, out_dim, padded_in)? {
+                let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+                let matmul = QMatMul::from_qtensor(q)?;
+                return Ok(Self::Quantized { matmul, bias, dtype, out_dim, in_dim, padded_in });
+            }
+        }
         let linear = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
         Self::new(linear.weight().clone(), linear.bias().cloned(), format)
     }
@@ -232,7 +343,9 @@ impl QLinear {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Self::F32(l) => l.weight().elem_count() * 4,
-            Self::Quantized { dtype, out_dim, in_dim, .. } => out_dim * in_dim / dtype.block_size() * dtype.type_size(),
+            Self::Quantized { dtype, out_dim, padded_in, .. } => {
+                out_dim * (padded_in / dtype.block_size()) * dtype.type_size()
+            }
         }
     }
 
@@ -249,8 +362,12 @@ impl Module for QLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::F32(l) => l.forward(xs),
-            Self::Quantized { matmul, bias, .. } => {
-                let ys = matmul.forward(xs)?;
+            Self::Quantized { matmul, bias, in_dim, padded_in, .. } => {
+                let ys = if padded_in > in_dim {
+                    matmul.forward(&xs.pad_with_zeros(candle_core::D::Minus1, 0, padded_in - in_dim)?)?
+                } else {
+                    matmul.forward(xs)?
+                };
                 match bias {
                     Some(b) => ys.broadcast_add(b),
                     None => Ok(ys),
@@ -309,11 +426,21 @@ mod tests {
         assert!(WeightChoice::parse(Some("q5")).is_err());
     }
 
+    /// Input dimensions that are not whole blocks are padded with zero columns (and the inputs
+    /// with zeros): the result equals the unpadded product up to quantization.
     #[test]
-    fn shapes_that_do_not_fit_a_block_stay_f32() {
+    fn shapes_that_do_not_fit_a_block_are_padded() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (8, 48), &dev).unwrap(); // 48 inputs: not a multiple of 32
-        assert_eq!(QLinear::new(w.clone(), None, WeightFormat::Q8_0).unwrap().format(), "f32");
+        let w = Tensor::randn(0f32, 1.0, (40, 4304 / 8), &dev).unwrap(); // 538 inputs: 16.8 blocks of 32
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 538), &dev).unwrap();
+        let want = QLinear::new(w.clone(), None, WeightFormat::F32).unwrap().forward(&x).unwrap();
+        for (format, kind, tol) in [(WeightFormat::Q8_0, "q8_0", 0.01), (WeightFormat::Q4, "q4_0", 0.15)] {
+            let q = QLinear::new(w.clone(), None, format).unwrap();
+            assert_eq!(q.format(), kind);
+            assert_eq!(q.weight_bytes(), 40 * 544 / 32 * if kind == "q8_0" { 34 } else { 18 });
+            let err = rel_err(&q.forward(&x).unwrap(), &want);
+            assert!(err < tol && err > 0.0, "{format:?}: relative error {err}");
+        }
         let w = Tensor::randn(0f32, 1.0, (8, 96), &dev).unwrap(); // 96 = 3·32, not a multiple of 256
         assert_eq!(QLinear::new(w, None, WeightFormat::Q4).unwrap().format(), "q4_0");
     }

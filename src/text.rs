@@ -4,6 +4,9 @@
 //! `[1, heads, t, head_dim]`. Positions are absolute: RoPE uses `start .. start + t` over the whole
 //! sequence, image tokens included (HF `position_ids = 0..T-1`).
 
+use std::sync::Arc;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
@@ -204,8 +207,45 @@ pub struct ForwardOptions<'a> {
     pub logits: bool,
 }
 
+/// The token embedding table: dense (F32, or F16 when the rows are not whole blocks), or
+/// quantized rows dequantized on lookup — which a tied lm_head shares, so a tied quantized model
+/// holds the table once.
+enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized { table: Arc<QTensor>, hidden: usize },
+}
+
+impl TokenEmbedding {
+    /// Rows `ids` as F32 `[t, H]` (ids already checked against the vocabulary).
+    fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(&Tensor::new(ids, e.embeddings().device())?)?.to_dtype(DType::F32),
+            Self::Quantized { table, hidden } => {
+                let dtype = table.dtype();
+                let row_bytes = hidden / dtype.block_size() * dtype.type_size();
+                let data = table.data()?;
+                let mut rows = Vec::with_capacity(ids.len() * row_bytes);
+                for &id in ids {
+                    let start = id as usize * row_bytes;
+                    rows.extend_from_slice(&data[start..start + row_bytes]);
+                }
+                qtensor_from_ggml(dtype, &rows, vec![ids.len(), *hidden], &Device::Cpu)?.dequantize(&Device::Cpu)
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(e) => e.embeddings().elem_count() * e.embeddings().dtype().size_in_bytes(),
+            Self::Quantized { table, .. } => table.storage_size_in_bytes(),
+        }
+    }
+}
+
 pub struct TextModel {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
+    /// The lm_head is the quantized embedding table itself (counted once in `weight_bytes`).
+    head_shares_table: bool,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: QLinear,
@@ -217,36 +257,42 @@ impl TextModel {
     /// `vb` is the root builder: weights live under canonical `lm.` and `lm_head.`.
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let lm = vb.pp("lm");
-        let embed_weight = lm.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
-        // Quantized models keep the embedding table in F16 (half the bytes; rows are converted to
-        // F32 on lookup); the lm_head gets its own quantized copy when tied, made from the same
-        // F16 values — so a `cmrm quantize` GGUF (which stores the table in F16) loads as exactly
-        // this model.
-        let (embed_table, embed_weight) = if cfg.weight_format == WeightFormat::F32 {
-            (embed_weight.clone(), embed_weight)
-        } else {
-            let table = embed_weight.to_dtype(DType::F16)?;
-            let rounded = table.to_dtype(DType::F32)?;
-            (table, rounded)
+        // Quantized models load the embedding table straight in F16 and quantize it by rows
+        // (dequantized on lookup); a tied lm_head is that same quantized table — so a `cmrm
+        // quantize` GGUF (which stores the table in F16) loads as exactly this model. Rows that
+        // are not whole blocks stay F16, with a separate quantized lm_head.
+        let format = cfg.weight_format;
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let table_dtype = if format == WeightFormat::F32 { DType::F32 } else { DType::F16 };
+        let load_table =
+            || lm.get_with_hints_dtype((vocab, hidden), "embed_tokens.weight", Default::default(), table_dtype);
+        let tied = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
+        let (embed_tokens, tied_head) = match format.ggml_type(hidden) {
+            Some(block) => {
+                let table = match crate::quant::stored_blocks(&lm, "embed_tokens.weight", block, vocab, hidden)? {
+                    Some(stored) => stored,
+                    None => crate::quant::quantize_rows(&load_table()?, block)?,
+                };
+                let table = Arc::new(table);
+                let head = tied.then(|| QLinear::from_qtensor(table.clone())).transpose()?;
+                (TokenEmbedding::Quantized { table, hidden }, head)
+            }
+            None => {
+                let table = load_table()?;
+                let head = tied.then(|| QLinear::new(table.clone(), None, format)).transpose()?;
+                (TokenEmbedding::Dense(Embedding::new(table, hidden)), head)
+            }
         };
-        let embed_tokens = Embedding::new(embed_table, cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, lm.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
-        let lm_head_weight = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            embed_weight
-        } else {
-            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        let head_shares_table = tied_head.is_some() && matches!(embed_tokens, TokenEmbedding::Quantized { .. });
+        let lm_head = match tied_head {
+            Some(head) => head,
+            None => QLinear::new(vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?, None, format)?,
         };
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head: QLinear::new(lm_head_weight, None, cfg.weight_format)?,
-            rope: Rope::new(cfg),
-            cfg: cfg.clone(),
-        })
+        Ok(Self { embed_tokens, head_shares_table, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -262,8 +308,7 @@ impl TextModel {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
         }
-        let ids = Tensor::new(ids, self.embed_tokens.embeddings().device())?;
-        self.embed_tokens.forward(&ids)?.to_dtype(DType::F32)?.unsqueeze(0)
+        self.embed_tokens.lookup(ids)?.unsqueeze(0)
     }
 
     /// Run the decoder over `embeds` `[1, t, H]` at positions `cache.len() ..`, appending to the
@@ -308,10 +353,6 @@ impl TextModel {
         Ok((Tensor::stack(&states, 0)?, logits))
     }
 
-    pub fn dtype(&self) -> DType {
-        self.embed_tokens.embeddings().dtype()
-    }
-
     /// Read-only views of every weight, for other compute backends (`gpu`); `None` when the
     /// model was loaded quantized (those backends take F32 weights).
     pub fn weights(&self) -> Option<TextWeights<'_>> {
@@ -335,8 +376,9 @@ impl TextModel {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
+        let TokenEmbedding::Dense(embed_tokens) = &self.embed_tokens else { return None };
         Some(TextWeights {
-            embed_tokens: self.embed_tokens.embeddings(),
+            embed_tokens: embed_tokens.embeddings(),
             layers,
             norm: self.norm.weight(),
             lm_head: self.lm_head.weight()?,
@@ -360,13 +402,15 @@ impl TextModel {
         linears + self.lm_head.weight_bytes()
     }
 
-    /// Bytes of weights held in memory (linears, lm_head, embedding table; a tied F32 lm_head
-    /// shares the embedding's storage).
+    /// Bytes of weights held in memory (linears, lm_head, embedding table; a tied lm_head
+    /// shares the table's storage, F32 or quantized).
     pub fn weight_bytes(&self) -> usize {
-        let embed = self.embed_tokens.embeddings();
-        let shared_head = self.lm_head.weight().is_some_and(|w| w.id() == embed.id());
+        let shared_head = match &self.embed_tokens {
+            TokenEmbedding::Dense(e) => self.lm_head.weight().is_some_and(|w| w.id() == e.embeddings().id()),
+            TokenEmbedding::Quantized { .. } => self.head_shares_table,
+        };
         let head = if shared_head { self.lm_head.weight_bytes() } else { 0 };
-        self.bytes_read_per_token() - head + embed.elem_count() * embed.dtype().size_in_bytes()
+        self.bytes_read_per_token() - head + self.embed_tokens.bytes()
     }
 }
 

@@ -155,6 +155,11 @@ fn quantize_writes_a_gguf_copy_that_loads_as_the_same_model() {
 
             let weights = cmrm::weights::Weights::from_dir(&out).unwrap();
             assert_eq!(weights.stored_format(), Some(format));
+            // The blocks are offered as stored (loaded without re-quantizing).
+            let block = format.ggml_type(64).unwrap();
+            let vb = cmrm::weights::Weights::from_dir(&out).unwrap().into_var_builder(&candle_core::Device::Cpu);
+            assert!(vb.contains_tensor(&cmrm::quant::block_key("lm.embed_tokens.weight", block)), "{model} {format:?}");
+            assert!(!vb.contains_tensor(&cmrm::quant::block_key("lm.norm.weight", block)));
             let from_gguf = Vlm::load_dir_choice(&out, cmrm::quant::WeightChoice::Auto).unwrap();
             assert_eq!(from_gguf.config().weight_format(), format);
             let on_load = Vlm::load_dir_as(&src, format).unwrap();
@@ -171,6 +176,17 @@ fn quantize_writes_a_gguf_copy_that_loads_as_the_same_model() {
                 let spread = b.iter().flat_map(|(_, l)| l).fold(0f32, |m, x| m.max(x.abs()));
                 assert!(worst / spread < 0.1, "{model}: 4-bit GGUF copy off by {worst} (spread {spread})");
             }
+            // Asked for F32, the copy is dequantized: the same model up to the arithmetic.
+            let dequantized = run_cases(&Vlm::load_dir_as(&out, WeightFormat::F32).unwrap(), model);
+            let cos = dequantized
+                .iter()
+                .zip(&a)
+                .map(|((_, x), (_, y))| {
+                    let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+                    dot / (x.iter().map(|p| p * p).sum::<f32>().sqrt() * y.iter().map(|q| q * q).sum::<f32>().sqrt())
+                })
+                .fold(1f32, f32::min);
+            assert!(cos > 0.99, "{model} {format:?}: dequantized copy vs quantized, logits cosine {cos}");
             // F32 tensors (norms, biases) are stored as they were.
             let src_weights = cmrm::weights::Weights::from_dir(&src).unwrap();
             let norm = "lm.norm.weight";

@@ -8,7 +8,10 @@
 //!   the bundled model over the built-in set;
 //! - `calibrate-0.5b`: seconds per calibration prompt on the 0.5B decoder — the two prefills one
 //!   prompt costs (the anchor image's 729 tokens + 24 text tokens, and the 24 text tokens alone),
-//!   keeping every layer's last-token state.
+//!   keeping every layer's last-token state;
+//! - `memory`: the whole llava-interleave-qwen-0.5b model (vision, projector, decoder) built from
+//!   random weights in a format — peak memory (wasm memory size; natively peak RSS) and decode
+//!   tokens/s.
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -36,6 +39,11 @@ fn decode_tokens_per_s() -> (f64, usize) {
     let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
     let text = TextModel::new(&cfg.text, vb).unwrap();
+    (decode_on(&text), candle_core::utils::get_num_threads())
+}
+
+/// Decode tokens/s of `text` over `TIMED_STEPS` cached steps after a short prompt.
+fn decode_on(text: &TextModel) -> f64 {
     let prompt: Vec<u32> = (0..PROMPT_TOKENS as u32).map(|i| 1000 + i).collect();
     let mut cache = text.new_cache(PROMPT_TOKENS + WARMUP_STEPS + TIMED_STEPS + 1);
     let opts = ForwardOptions { steering: None, prompt_len: PROMPT_TOKENS, capture_layers: false, logits: true };
@@ -51,7 +59,7 @@ fn decode_tokens_per_s() -> (f64, usize) {
     for _ in 0..TIMED_STEPS {
         logits = step(&logits);
     }
-    (TIMED_STEPS as f64 / (now_seconds() - t0), candle_core::utils::get_num_threads())
+    TIMED_STEPS as f64 / (now_seconds() - t0)
 }
 
 /// Seconds per prompt of a full extraction on the bundled model over the built-in set (best of 3).
@@ -132,6 +140,42 @@ fn print_calibration(target: &str) {
     println_or_log(&format!("cmrm-bench calibrate-0.5b target={target} threads={threads} seconds_per_prompt={big:.3}"));
 }
 
+/// Memory in use: wasm memory size (it only grows), or natively the peak RSS (VmHWM).
+fn memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        use wasm_bindgen::JsCast;
+        let memory = wasm_bindgen::memory().unchecked_into::<js_sys::WebAssembly::Memory>();
+        memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as u64
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        cmrm::bench::peak_rss_bytes().unwrap_or(0)
+    }
+}
+
+/// Memory after building the full model in `format` (one format per process natively: peak RSS
+/// is per process), and its decode speed.
+fn print_memory(target: &str, formats: &[cmrm::quant::WeightFormat]) {
+    let base = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
+    let before = memory_bytes();
+    for &format in formats {
+        let cfg = base.clone().with_weight_format(format);
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
+        let t0 = now_seconds();
+        let model = cmrm::llava::LlavaModel::new(&cfg, vb).unwrap();
+        let build_s = now_seconds() - t0;
+        let after_build = memory_bytes();
+        let tps = decode_on(&model.text);
+        println_or_log(&format!(
+            "cmrm-bench memory target={target} weights={} build_s={build_s:.1} decoder_weight_bytes={} \
+             decode_tokens_per_s={tps:.3} start_bytes={before} peak_bytes={after_build}",
+            format.name(),
+            model.text.weight_bytes(),
+        ));
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 fn println_or_log(line: &str) {
     wasm_bindgen_test::console_log!("{line}");
@@ -159,6 +203,15 @@ mod wasm {
     fn calibration_benchmark() {
         super::print_calibration("wasm32");
     }
+
+    /// Ascending sizes: wasm memory only grows, so each figure is that build's peak. F32 (about
+    /// 3.5 GB of parameters) does not fit wasm32's 4 GiB.
+    #[wasm_bindgen_test]
+    #[ignore]
+    fn memory_benchmark() {
+        use cmrm::quant::WeightFormat;
+        super::print_memory("wasm32", &[WeightFormat::Q4, WeightFormat::Q8_0]);
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -174,4 +227,13 @@ fn decode_benchmark() {
 #[ignore]
 fn calibration_benchmark() {
     print_calibration("native");
+}
+
+/// One format per run (`CMRM_BENCH_WEIGHTS=q4|q8_0|f32`, default q8_0): peak RSS is per process.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+#[ignore]
+fn memory_benchmark() {
+    let format = std::env::var("CMRM_BENCH_WEIGHTS").unwrap_or_else(|_| "q8_0".into()).parse().unwrap();
+    print_memory("native", &[format]);
 }

@@ -35,9 +35,9 @@ async function runCompare() {
   for (const pane of ["pane-unaltered", "pane-steered"]) assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
 }
 
-/// A model folder whose weights header declares a 151936×16384 embedding (5 GB even in F16, so
-/// no weight format fits; the body is never read): the page must refuse it before downloading,
-/// from the header alone (HTTP range requests).
+/// A model folder whose weights header declares a 151936×`hidden` F16 embedding (the body is
+/// never read): the page must judge it before downloading, from the header alone (HTTP range
+/// requests).
 function headerOnlyModel(folder, hidden) {
   const bundled = resolve(dist, "assets/models/tiny-llava-siglip-qwen2");
   let header = JSON.stringify({ "language_model.model.embed_tokens.weight": { dtype: "F16", shape: [151936, hidden], data_offsets: [0, 151936 * hidden * 2] } });
@@ -51,10 +51,11 @@ function headerOnlyModel(folder, hidden) {
   };
 }
 
-/// `huge`: no weight format fits. `mid`: 4.4 GB as F32, 3.3 GB with 8-bit weights (F16 embedding
-/// + Q8_0 lm_head): `auto` must choose q8_0.
+/// `huge` (hidden 65536): no weight format fits (5.6 GB even in 4-bit). `mid` (hidden 7168):
+/// 4.4 GB as F32, 1.2 GB with 8-bit weights (the table quantized by rows, shared with the tied
+/// lm_head): `auto` must choose q8_0.
 function oversizedModel() {
-  return { ...headerOnlyModel("huge", 16384), ...headerOnlyModel("mid", 7168), ...badCatalog() };
+  return { ...headerOnlyModel("huge", 65536), ...headerOnlyModel("mid", 7168), ...badCatalog() };
 }
 
 /// The real catalog with the bundled entry's sha256 changed: the page must refuse the download.
