@@ -25,6 +25,7 @@ pub mod processor;
 pub mod projector;
 pub mod quant;
 pub mod steering;
+pub mod streaming;
 pub mod text;
 pub mod vision;
 #[cfg(target_arch = "wasm32")]

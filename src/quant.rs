@@ -85,6 +85,29 @@ fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && name.ends_with(".weight") && !name.contains("embed")
 }
 
+/// A tensor (canonical name, any float dtype) as a model in `format` holds it: linears in the
+/// block type (padded with zero columns where [`WeightFormat::padded_type`] pads), the token
+/// embedding quantized by rows from its F16 values (F16 where rows are not whole blocks), the
+/// rest F32. What `cmrm quantize` writes and a streamed download keeps.
+pub fn in_memory_form(canonical: &str, tensor: &Tensor, format: WeightFormat) -> Result<QTensor> {
+    let f32 = candle_core::DType::F32;
+    if canonical == EMBED_TOKENS && format != WeightFormat::F32 {
+        let table = tensor.to_dtype(candle_core::DType::F16)?;
+        return match format.ggml_type(table.dim(1)?) {
+            Some(block) => quantize_rows(&table, block),
+            None => QTensor::quantize(&table, GgmlDType::F16),
+        };
+    }
+    match format.padded_type(tensor.dims().get(1).copied().unwrap_or(0)) {
+        Some((block, padded)) if is_linear_weight(canonical, tensor.dims()) => {
+            let in_dim = tensor.dim(1)?;
+            let tensor = if padded > in_dim { tensor.pad_with_zeros(1, 0, padded - in_dim)? } else { tensor.clone() };
+            quantize_rows(&tensor, block)
+        }
+        _ => QTensor::quantize(&tensor.to_dtype(f32)?, GgmlDType::F32),
+    }
+}
+
 /// `cmrm quantize`: a checkpoint's tensors as one GGUF file holding exactly what loading in
 /// `format` holds in memory — linears in the block type (padded with zero columns where
 /// `padded_type` pads), the token embedding quantized by rows (F16 where rows are not whole
@@ -99,24 +122,10 @@ pub fn quantize_to_gguf(weights: &crate::weights::Weights, format: WeightFormat)
     let device = candle_core::Device::Cpu;
     let mut tensors = Vec::new();
     for (key, canonical) in weights.keys() {
-        let q = if canonical == EMBED_TOKENS {
-            // As the model loads it: F16, then rows quantized from those values.
-            let table = weights.load_as(canonical, candle_core::DType::F16, &device)?;
-            match format.ggml_type(table.dim(1)?) {
-                Some(dtype) => quantize_rows(&table, dtype),
-                None => QTensor::quantize(&table, GgmlDType::F16),
-            }
-        } else {
-            let tensor = weights.load(canonical, &device)?;
-            match format.padded_type(tensor.dims().get(1).copied().unwrap_or(0)) {
-                Some((dtype, padded)) if is_linear_weight(canonical, tensor.dims()) => {
-                    let in_dim = tensor.dim(1)?;
-                    quantize_rows(&tensor.pad_with_zeros(1, 0, padded - in_dim)?, dtype)
-                }
-                _ => QTensor::quantize(&tensor, GgmlDType::F32),
-            }
-        }
-        .with_context(|| format!("quantizing {key}"))?;
+        // The table as the model loads it: F16 first (its rows are quantized from those values).
+        let dtype = if canonical == EMBED_TOKENS { candle_core::DType::F16 } else { candle_core::DType::F32 };
+        let tensor = weights.load_as(canonical, dtype, &device)?;
+        let q = in_memory_form(canonical, &tensor, format).with_context(|| format!("quantizing {key}"))?;
         tensors.push((key.to_owned(), q));
     }
     let arch = gguf_file::Value::String("cmrm-llava".into());
@@ -273,12 +282,19 @@ pub fn stored_blocks(
     }
     let bytes = rows * (cols / dtype.block_size()) * dtype.type_size();
     let raw = vb.get_with_hints_dtype(bytes, &key, candle_nn::Init::Const(0.), candle_core::DType::U8)?;
-    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-        dtype,
-        &raw.to_vec1::<u8>()?,
-        vec![rows, cols],
-        vb.device(),
-    )?;
+    let from =
+        |data: &[u8]| candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, data, vec![rows, cols], vb.device());
+    // Read the bytes in place (one copy, into the QTensor).
+    let (storage, layout) = raw.storage_and_layout();
+    let q = match (&*storage, raw.is_contiguous()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::U8(data)), true) => {
+            from(&data[layout.start_offset()..layout.start_offset() + bytes])?
+        }
+        _ => {
+            drop(storage);
+            from(&raw.to_vec1::<u8>()?)?
+        }
+    };
     Ok(Some(q))
 }
 

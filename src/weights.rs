@@ -45,9 +45,19 @@ enum Stored {
     Ggml(GgmlDType),
 }
 
-/// Where one tensor lives: its file, its saved name, storage, shape and byte range.
+/// Which bytes hold a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A range of a weight file (`files`).
+    File(usize),
+    /// Its own buffer in `converted`, already in the model's in-memory form (a streamed
+    /// download); freed once the model has read it.
+    Converted(usize),
+}
+
+/// Where one tensor lives: its bytes, its saved name, storage, shape and byte range.
 struct Entry {
-    file: usize,
+    source: Source,
     key: String,
     stored: Stored,
     shape: Vec<usize>,
@@ -61,6 +71,8 @@ pub struct Weights {
     entries: HashMap<String, Entry>,
     /// `(name, bytes)` of each file, in the order added.
     files: Vec<(Arc<str>, FileBytes)>,
+    /// Tensors converted as a download streamed in; `None` once read.
+    converted: Vec<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
 /// Map a saved key to the canonical name, or `None` for keys cmrm does not use.
@@ -93,7 +105,7 @@ pub fn canonical_key(key: &str) -> Option<String> {
 
 impl Weights {
     pub fn empty() -> Self {
-        Self { entries: HashMap::new(), files: Vec::new() }
+        Self { entries: HashMap::new(), files: Vec::new(), converted: Vec::new() }
     }
 
     /// Parse one weight file and index its tensors: safetensors (F32, F16 or BF16) or GGUF (by its
@@ -116,12 +128,13 @@ impl Weights {
                 other => bail!("{name}: tensor '{key}' has dtype {other:?}; cmrm reads F32, F16 and BF16"),
             };
             if let Some(prev) = self.entries.get(&canonical) {
-                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.files[prev.file].0, prev.key);
+                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.source_name(prev), prev.key);
             }
             let start = view.data().as_ptr() as usize - data.as_ptr() as usize;
             let range = start..start + view.data().len();
             let stored = Stored::Plain(dtype);
-            self.entries.insert(canonical, Entry { file: index, key, stored, shape: view.shape().to_vec(), range });
+            let entry = Entry { source: Source::File(index), key, stored, shape: view.shape().to_vec(), range };
+            self.entries.insert(canonical, entry);
         }
         self.files.push((Arc::from(name), bytes));
         Ok(())
@@ -147,10 +160,10 @@ impl Weights {
                 );
             }
             if let Some(prev) = self.entries.get(&canonical) {
-                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.files[prev.file].0, prev.key);
+                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.source_name(prev), prev.key);
             }
             let entry = Entry {
-                file: index,
+                source: Source::File(index),
                 key: key.clone(),
                 stored: Stored::Ggml(info.ggml_dtype),
                 shape: info.shape.dims().to_vec(),
@@ -173,15 +186,63 @@ impl Weights {
         })
     }
 
-    /// The raw bytes behind `quant::block_key(name, type)` when `name` is stored in that GGML
-    /// block type.
-    fn stored_blocks(&self, key: &str) -> Option<&[u8]> {
-        let (name, block) = key.split_once('#')?;
+    /// The entry behind `quant::block_key(name, type)` when `name` is stored in that GGML block
+    /// type.
+    fn stored_blocks(&self, key: &str) -> Option<&Entry> {
+        let (name, _) = key.split_once('#')?;
         let e = self.entries.get(name)?;
         let Stored::Ggml(t) = e.stored else { return None };
-        (crate::quant::block_key(name, t) == key)
-            .then(|| &self.files[e.file].1.as_ref()[e.range.clone()])
-            .filter(|_| !block.is_empty())
+        (crate::quant::block_key(name, t) == key).then_some(e)
+    }
+
+    /// Add one tensor already in its in-memory form (`quant::in_memory_form`) under its saved
+    /// `key`: what a streamed download keeps instead of the file.
+    pub fn add_converted(&mut self, key: &str, q: &candle_core::quantized::QTensor) -> Result<()> {
+        self.add_converted_bytes(key, q.dtype(), q.shape().dims(), q.data()?.into_owned())
+    }
+
+    /// [`Self::add_converted`] from the GGML bytes of a `shape` tensor of type `dtype`.
+    pub fn add_converted_bytes(&mut self, key: &str, dtype: GgmlDType, shape: &[usize], bytes: Vec<u8>) -> Result<()> {
+        let Some(canonical) = canonical_key(key) else { return Ok(()) };
+        if let Some(prev) = self.entries.get(&canonical) {
+            bail!("tensor '{key}' is also in {} (as '{}')", self.source_name(prev), prev.key);
+        }
+        let elements: usize = shape.iter().product();
+        if elements / dtype.block_size() * dtype.type_size() != bytes.len() {
+            bail!("tensor '{key}': {} bytes for {shape:?} in {dtype:?}", bytes.len());
+        }
+        let entry = Entry {
+            source: Source::Converted(self.converted.len()),
+            key: key.to_owned(),
+            stored: Stored::Ggml(dtype),
+            shape: shape.to_vec(),
+            range: 0..bytes.len(),
+        };
+        self.converted.push(std::sync::Mutex::new(Some(bytes)));
+        self.entries.insert(canonical, entry);
+        Ok(())
+    }
+
+    fn source_name(&self, e: &Entry) -> String {
+        match e.source {
+            Source::File(i) => self.files[i].0.to_string(),
+            Source::Converted(_) => "the streamed download".to_owned(),
+        }
+    }
+
+    /// `f` over a tensor's raw bytes. A converted tensor is freed after its one read (the model
+    /// now holds it).
+    fn with_bytes<T>(&self, e: &Entry, f: impl FnOnce(&[u8]) -> candle_core::Result<T>) -> candle_core::Result<T> {
+        match e.source {
+            Source::File(i) => f(&self.files[i].1.as_ref()[e.range.clone()]),
+            Source::Converted(i) => {
+                let mut slot = self.converted[i].lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+                let bytes = slot.take().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tensor '{}' was already handed to the model", e.key))
+                })?;
+                f(&bytes)
+            }
+        }
     }
 
     /// `(saved name, canonical name)` of every tensor, sorted by saved name.
@@ -224,8 +285,6 @@ impl Weights {
     /// F32: for a 151936×1024 embedding that is 622 MB saved at the peak).
     pub fn load_as(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let e = self.entry(name)?;
-        let (file, bytes) = &self.files[e.file];
-        let raw = &bytes.as_ref()[e.range.clone()];
         let plain = match e.stored {
             Stored::Plain(d) => Some(d),
             Stored::Ggml(GgmlDType::F32) => Some(DType::F32),
@@ -233,15 +292,17 @@ impl Weights {
             Stored::Ggml(GgmlDType::BF16) => Some(DType::BF16),
             Stored::Ggml(_) => None,
         };
-        match (plain, e.stored) {
+        self.with_bytes(e, |raw| match (plain, e.stored) {
             (Some(d), _) => Tensor::from_raw_buffer(raw, d, &e.shape, device),
             (None, Stored::Ggml(block)) => {
                 qtensor_from_ggml(block, raw, e.shape.clone(), device).and_then(|q| q.dequantize(device))
             }
             (None, Stored::Plain(_)) => unreachable!("plain tensors have a dtype"),
-        }
+        })
         .and_then(|t| t.to_dtype(dtype))
-        .map_err(|err| candle_core::Error::Msg(format!("{file}: tensor '{}' cannot be read: {err}", e.key)))
+        .map_err(|err| {
+            candle_core::Error::Msg(format!("{}: tensor '{}' cannot be read: {err}", self.source_name(e), e.key))
+        })
     }
 
     pub fn into_var_builder(self, device: &Device) -> VarBuilder<'static> {
@@ -309,8 +370,21 @@ impl SimpleBackend for Weights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        if let Some(raw) = self.stored_blocks(name) {
-            return Tensor::from_slice(raw, raw.len(), dev)?.reshape(s);
+        if let Some(e) = self.stored_blocks(name) {
+            // A converted tensor's buffer moves into the tensor (no copy at the peak).
+            let raw = match e.source {
+                Source::Converted(i) => {
+                    let mut slot =
+                        self.converted[i].lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+                    let bytes = slot.take().ok_or_else(|| {
+                        candle_core::Error::Msg(format!("tensor '{}' was already handed to the model", e.key))
+                    })?;
+                    let n = bytes.len();
+                    Tensor::from_vec(bytes, n, dev)?
+                }
+                Source::File(_) => self.with_bytes(e, |raw| Tensor::from_slice(raw, raw.len(), dev))?,
+            };
+            return raw.reshape(s);
         }
         let entry = self.entry(name)?;
         // A `cmrm quantize` GGUF keeps linears padded with zero columns to whole blocks.
@@ -322,7 +396,7 @@ impl SimpleBackend for Weights {
         if entry.shape.as_slice() != s.dims() {
             return Err(candle_core::Error::Msg(format!(
                 "{}: tensor '{}' has shape {:?}, but the config needs {:?}",
-                self.files[entry.file].0,
+                self.source_name(entry),
                 entry.key,
                 entry.shape,
                 s.dims()

@@ -226,3 +226,41 @@ fn quantize_and_gguf_bad_inputs() {
     assert!(e.contains("not a valid GGUF file"), "{e}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// A safetensors file fed in chunks (as a download arrives) and converted tensor by tensor gives
+/// exactly the model that loading the whole file gives, in every format; a truncated stream is
+/// an error that says so.
+#[test]
+fn streamed_load_equals_loading_the_file() {
+    use cmrm::streaming::SafetensorsStream;
+    for model in MODELS {
+        let dir = model_dir(model);
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let config = cmrm::LlavaConfig::from_file(&dir.join("config.json")).unwrap();
+        let files = cmrm::processor::ProcessorFiles::read_dir(&dir).unwrap();
+        let generation = std::fs::read_to_string(dir.join("generation_config.json")).ok();
+        for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4] {
+            let want = run_cases(&Vlm::load_dir_as(&dir, format).unwrap(), model);
+            // Chunks of 7 bytes converted a few rows at a time (slices of 200 bytes), chunks of
+            // 64 KiB, and the whole file at once.
+            for (chunk, slice) in [(7, 200), (65536, 1 << 24), (bytes.len(), 1 << 24)] {
+                let mut weights = cmrm::weights::Weights::empty();
+                let mut stream =
+                    SafetensorsStream::new("model.safetensors", Box::new(move |_| Ok(format))).with_slice_bytes(slice);
+                for c in bytes.chunks(chunk) {
+                    stream.push(c, &mut weights).unwrap();
+                }
+                assert_eq!(stream.finish().unwrap(), format);
+                let cfg = config.clone().with_weight_format(format);
+                let vlm = Vlm::from_parts(cfg, &files, generation.as_deref(), weights).unwrap();
+                let got = run_cases(&vlm, model);
+                assert_eq!(got, want, "{model} {format:?} in chunks of {chunk}");
+            }
+        }
+        let mut weights = cmrm::weights::Weights::empty();
+        let mut stream = SafetensorsStream::new("model.safetensors", Box::new(|_| Ok(WeightFormat::Q8_0)));
+        stream.push(&bytes[..bytes.len() / 2], &mut weights).unwrap();
+        let e = stream.finish().unwrap_err().to_string();
+        assert!(e.contains("the download stopped after") && e.contains("missing"), "{e}");
+    }
+}

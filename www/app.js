@@ -169,6 +169,8 @@ async function loadModel() {
     $("progress").value = 1;
     $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     $("model-info").dataset.backend = info.backend;
+    $("model-info").dataset.streamed = String(info.streamedLoad);
+    $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);
     useVectorsInfo(info.vectors);
     if ($("calibrate-text")) {
       $("calibrate-progress").hidden = true;

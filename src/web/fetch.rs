@@ -105,6 +105,37 @@ pub type OnBytes<'a> = dyn FnMut(u64, Option<u64>, bool) + 'a;
 /// a JS buffer, so files over 2 GB fit where memory allows); the response is stored in the cache
 /// while it streams. `on_bytes(done, total, from_cache)`.
 pub async fn fetch_bytes(url: &str, on_bytes: &mut OnBytes<'_>) -> Result<Vec<u8>> {
+    let bytes = std::cell::RefCell::new(Vec::<u8>::new());
+    fetch_chunks(
+        url,
+        on_bytes,
+        &mut |total| {
+            if let Some(n) = total {
+                let mut bytes = bytes.borrow_mut();
+                bytes.try_reserve_exact(n as usize).map_err(|_| anyhow!("{url}: not enough memory for {n} bytes"))?;
+            }
+            Ok(())
+        },
+        &mut |chunk| {
+            let mut bytes = bytes.borrow_mut();
+            bytes.try_reserve(chunk.len()).map_err(|_| anyhow!("{url}: out of memory after {} bytes", bytes.len()))?;
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(bytes.into_inner())
+}
+
+/// GET a file, cache-first, handing its body to `on_chunk` piece by piece as it arrives (nothing
+/// is kept here); `on_total(content length)` is called first. The response is stored in the cache
+/// while it streams. Returns the number of bytes.
+pub async fn fetch_chunks(
+    url: &str,
+    on_bytes: &mut OnBytes<'_>,
+    on_total: &mut dyn FnMut(Option<u64>) -> Result<()>,
+    on_chunk: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
     let cache = open_cache().await;
     let (response, from_cache) = match cached_response(cache.as_ref(), url).await {
         Some(r) => (r, true),
@@ -123,34 +154,36 @@ pub async fn fetch_bytes(url: &str, on_bytes: &mut OnBytes<'_>) -> Result<Vec<u8
         _ => None,
     };
     let total = content_length(&response);
+    on_total(total)?;
     let body: ReadableStream = response.body().with_context(|| format!("{url}: the response has no body"))?;
     let reader: ReadableStreamDefaultReader = body.get_reader().unchecked_into();
-    let mut bytes: Vec<u8> = Vec::new();
-    if let Some(n) = total {
-        bytes.try_reserve_exact(n as usize).map_err(|_| anyhow!("{url}: not enough memory for {n} bytes"))?;
-    }
+    let mut received = 0u64;
+    let mut chunk: Vec<u8> = Vec::new();
     let mut last_report = 0.0;
     loop {
-        let chunk = await_promise(&format!("download of {url} failed"), reader.read()).await?;
-        if Reflect::get(&chunk, &"done".into()).ok().and_then(|d| d.as_bool()).unwrap_or(true) {
+        let next = await_promise(&format!("download of {url} failed"), reader.read()).await?;
+        if Reflect::get(&next, &"done".into()).ok().and_then(|d| d.as_bool()).unwrap_or(true) {
             break;
         }
-        let value: Uint8Array = Reflect::get(&chunk, &"value".into()).map_err(|e| js_error(url, e))?.unchecked_into();
-        let (start, n) = (bytes.len(), value.length() as usize);
-        bytes.try_reserve(n).map_err(|_| anyhow!("{url}: out of memory after {start} bytes"))?;
-        bytes.resize(start + n, 0);
-        value.copy_to(&mut bytes[start..]);
+        let value: Uint8Array = Reflect::get(&next, &"value".into()).map_err(|e| js_error(url, e))?.unchecked_into();
+        chunk.resize(value.length() as usize, 0);
+        value.copy_to(&mut chunk);
+        received += chunk.len() as u64;
+        if let Err(e) = on_chunk(&chunk) {
+            let _ = reader.cancel();
+            return Err(e);
+        }
         let now = js_sys::Date::now();
         if now - last_report > 100.0 {
             last_report = now;
-            on_bytes(bytes.len() as u64, total, from_cache);
+            on_bytes(received, total, from_cache);
         }
     }
-    on_bytes(bytes.len() as u64, total, from_cache);
-    if let Some(n) = total.filter(|&n| n != bytes.len() as u64) {
+    on_bytes(received, total, from_cache);
+    if let Some(n) = total.filter(|&n| n != received) {
         // Compressed transfers report the compressed length; only a short body is an error.
-        if (bytes.len() as u64) < n && !from_cache {
-            bail!("{url}: the download stopped after {} of {n} bytes", bytes.len());
+        if received < n && !from_cache {
+            bail!("{url}: the download stopped after {received} of {n} bytes");
         }
     }
     if let Some(put) = cache_put {
@@ -159,7 +192,7 @@ pub async fn fetch_bytes(url: &str, on_bytes: &mut OnBytes<'_>) -> Result<Vec<u8
             web_sys::console::warn_1(&format!("cmrm: could not cache {url}: {}", js_error("", e)).into());
         }
     }
-    Ok(bytes)
+    Ok(received)
 }
 
 /// [`fetch_bytes`], then check the bytes against a catalog entry's size and sha256; a file that

@@ -301,6 +301,8 @@ pub struct Session {
     revision: String,
     /// Bytes of the weight files loaded.
     weight_bytes: u64,
+    /// The weights were converted while they downloaded (never held whole).
+    streamed: bool,
 }
 
 /// Routes a file's bytes to the processor-file slot it belongs to.
@@ -328,6 +330,8 @@ struct Assembler {
     weights: Weights,
     weight_files: usize,
     weight_bytes: u64,
+    /// The weights were converted as they streamed in, in this format (not held as files).
+    streamed: Option<WeightFormat>,
 }
 
 impl Assembler {
@@ -339,6 +343,7 @@ impl Assembler {
             weights: Weights::empty(),
             weight_files: 0,
             weight_bytes: 0,
+            streamed: None,
         }
     }
 
@@ -373,17 +378,21 @@ impl Assembler {
         if self.weight_files == 0 {
             bail!("no weights (model.safetensors or shards) were given");
         }
-        // A quantized GGUF (`cmrm quantize`) loads in its own format unless asked otherwise.
+        // A quantized GGUF (`cmrm quantize`) loads in its own format unless asked otherwise;
+        // streamed weights are already in theirs (and in memory: nothing left to check).
         let choice = match (choice, self.weights.stored_format()) {
             (WeightChoice::Auto, Some(stored)) => WeightChoice::Fixed(stored),
             (choice, _) => choice,
         };
-        let format = fit_format(
-            name,
-            choice,
-            |f| crate::quant::estimate_model_bytes(f, self.weights.shapes()),
-            wasm_memory_bytes(),
-        )?;
+        let format = match self.streamed {
+            Some(format) => format,
+            None => fit_format(
+                name,
+                choice,
+                |f| crate::quant::estimate_model_bytes(f, self.weights.shapes()),
+                wasm_memory_bytes(),
+            )?,
+        };
         let config = config.with_weight_format(format);
         let vlm = Vlm::from_parts(config, &self.processor, self.generation_config.as_deref(), self.weights)?;
         Ok(Session {
@@ -394,6 +403,7 @@ impl Assembler {
             name: name.to_owned(),
             revision: "local".to_owned(),
             weight_bytes: self.weight_bytes,
+            streamed: self.streamed.is_some(),
         })
     }
 }
@@ -428,14 +438,21 @@ fn wasm_memory_bytes() -> u64 {
     memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as u64
 }
 
-/// Before downloading: the weight format the model will load in, or a readable refusal (the
-/// weight files are held as bytes while the model is built). `None` when the headers could not be
-/// read (then the format is decided once the files are in memory).
+/// Before downloading: the weight format the model will load in, or a readable refusal. The
+/// safetensors weights then stream in (converted tensor by tensor: beside the model only the
+/// largest raw tensor is held); GGUF files are held whole while the model is built. `None` when
+/// the headers could not be read (then the format is decided from the first file's header, or
+/// once the files are in memory).
 fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat>> {
     if plan.tensor_shapes.is_none() {
         return Ok(None);
     }
-    let held = plan.weight_file_bytes() + wasm_memory_bytes();
+    let held = wasm_memory_bytes()
+        + if plan.files.iter().any(|f| f.name.ends_with(".gguf")) {
+            plan.weight_file_bytes()
+        } else {
+            crate::streaming::STREAM_OVERHEAD_BYTES
+        };
     fit_format(&plan.model, choice, |f| plan.model_bytes(f).unwrap_or(0), held).map(Some)
 }
 
@@ -632,6 +649,7 @@ impl Session {
             "backendFallbackReason": state.backend_info.fallback_reason,
             "weights": cfg.weight_format().name(),
             "weightBytes": self.weight_bytes,
+            "streamedLoad": self.streamed,
             "wasmMemoryBytes": memory,
             "numLayers": cfg.text.num_hidden_layers,
             "hiddenSize": cfg.text.hidden_size,
@@ -679,7 +697,11 @@ impl Session {
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
             plan.read_tensor_shapes().await;
         }
-        check_memory(&plan, choice)?;
+        let known_format = check_memory(&plan, choice)?;
+        // Safetensors weights stream in when the format is known, or decided from the header of
+        // the only weight file; shards with unknown sizes are held until all are in.
+        let safetensors = plan.files.iter().filter(|f| f.name.ends_with(".safetensors")).count();
+        let stream_weights = known_format.is_some() || safetensors == 1;
         let vectors_size = match &options.vectors {
             Some(url) => fetch::probe_size(url).await?.map_or(0, |(n, _)| n),
             None => 0,
@@ -700,6 +722,46 @@ impl Session {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", &file.name, n, t.unwrap_or(file.size), done_before + n, cached)
             };
+            let is_weights = file.name.ends_with(".safetensors") || file.name.ends_with(".gguf");
+            if is_weights && assembler.weight_files == 0 {
+                // Config and tokenizer disagree? Say so before gigabytes move.
+                if let Some(config) = &assembler.config {
+                    crate::processor::Processor::from_files(&assembler.processor, config)
+                        .with_context(|| format!("loading {}", plan.model))?;
+                }
+            }
+            if stream_weights && file.name.ends_with(".safetensors") {
+                let model = plan.model.clone();
+                let decide: crate::streaming::DecideFormat = match known_format {
+                    Some(format) => Box::new(move |_| Ok(format)),
+                    None => Box::new(move |shapes| {
+                        let estimate = |f| {
+                            crate::quant::estimate_model_bytes(
+                                f,
+                                shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+                            )
+                        };
+                        let held = wasm_memory_bytes() + crate::streaming::STREAM_OVERHEAD_BYTES;
+                        fit_format(&model, choice, estimate, held)
+                    }),
+                };
+                let mut stream = crate::streaming::SafetensorsStream::new(&file.name, decide);
+                let weights = &mut assembler.weights;
+                let n = fetch::fetch_chunks(&file.url, &mut on_bytes, &mut |_| Ok(()), &mut |chunk| {
+                    stream.push(chunk, weights)
+                })
+                .await
+                .with_context(|| format!("{}: {}", plan.model, file.name))?;
+                let format = stream.finish()?;
+                if assembler.streamed.is_some_and(|f| f != format) {
+                    bail!("{}: the weight files were converted to different formats", plan.model);
+                }
+                assembler.streamed = Some(format);
+                assembler.weight_files += 1;
+                assembler.weight_bytes += n;
+                done_before += n;
+                continue;
+            }
             let bytes = fetch_bytes(&file.url, &mut on_bytes).await?;
             done_before += bytes.len() as u64;
             report("parse", &file.name, bytes.len() as u64, bytes.len() as u64, done_before, file.cached);

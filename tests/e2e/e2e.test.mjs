@@ -118,6 +118,8 @@ test("bundled model: upload, compare, stream both panes, chart, same-origin only
   await waitStatus("ready");
   const loadMs = Date.now() - t0;
   assert.equal(await byTestId("progress").evaluate((p) => p.value), 1);
+  // The weights were converted while they streamed in (never held whole).
+  assert.equal(await page.locator("#model-info").getAttribute("data-streamed"), "true");
   // Defaults come from the vector file's metadata.
   assert.equal(await byTestId("alpha").inputValue(), "0.5");
   assert.equal(await byTestId("layers").inputValue(), "all");

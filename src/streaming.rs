@@ -1,0 +1,237 @@
+//! Streaming load: a safetensors file converted tensor by tensor as its bytes arrive, so a
+//! download never sits in memory whole. Each tensor goes straight to the form the model holds
+//! it in (`quant::in_memory_form`: quantized blocks, F16/F32) and its raw bytes are dropped;
+//! the model then takes those blocks as they are (`quant::stored_blocks`), and each is freed as
+//! the model takes it. Peak memory ≈ the model in its format plus one raw tensor.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::quant::{in_memory_form, WeightFormat};
+use crate::weights::{canonical_key, Weights};
+
+/// One tensor of the header: saved key, dtype, shape, byte range within the data section.
+struct Pending {
+    key: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    range: std::ops::Range<u64>,
+}
+
+/// Decides the in-memory format once the header's shapes are known (canonical names).
+pub type DecideFormat<'a> = Box<dyn FnMut(&[(String, Vec<usize>)]) -> Result<WeightFormat> + 'a>;
+
+pub struct SafetensorsStream<'a> {
+    name: String,
+    decide: Option<DecideFormat<'a>>,
+    format: Option<WeightFormat>,
+    /// Bytes received and not yet consumed; `buf[0]` is at file offset `buf_offset`.
+    buf: Vec<u8>,
+    buf_offset: u64,
+    /// File offset where the data section starts (8 + header length), once known.
+    data_start: Option<u64>,
+    /// Tensors in data order; `next` is the first not yet converted.
+    tensors: Vec<Pending>,
+    next: usize,
+    received: u64,
+    /// The current tensor's converted bytes so far, their type and the last slice's shape.
+    out: Vec<u8>,
+    out_dtype: Option<candle_core::quantized::GgmlDType>,
+    out_shape: Vec<usize>,
+    slice_bytes: u64,
+}
+
+/// Rows are converted once this many bytes of them are buffered (or the tensor is complete).
+const SLICE_BYTES: u64 = 16 << 20;
+
+/// Memory a streamed load needs beside the model: a slice of raw rows, its tensor copy and F32
+/// conversion, and the quantizer's F32 chunk (64 MiB).
+pub const STREAM_OVERHEAD_BYTES: u64 = 4 * SLICE_BYTES + (64 << 20);
+
+impl<'a> SafetensorsStream<'a> {
+    /// `decide` picks the format from the header (called once, before any tensor is converted).
+    pub fn new(name: &str, decide: DecideFormat<'a>) -> Self {
+        Self {
+            name: name.to_owned(),
+            decide: Some(decide),
+            format: None,
+            buf: Vec::new(),
+            buf_offset: 0,
+            data_start: None,
+            tensors: Vec::new(),
+            next: 0,
+            received: 0,
+            out: Vec::new(),
+            out_dtype: None,
+            out_shape: Vec::new(),
+            slice_bytes: SLICE_BYTES,
+        }
+    }
+
+    /// Convert rows once `bytes` of them are buffered (default 16 MiB; tests use tiny slices).
+    pub fn with_slice_bytes(mut self, bytes: u64) -> Self {
+        self.slice_bytes = bytes.max(1);
+        self
+    }
+
+    /// The format chosen (once the header has arrived).
+    pub fn format(&self) -> Option<WeightFormat> {
+        self.format
+    }
+
+    /// Feed the next bytes of the file; converted tensors go into `into`. Matrices are converted
+    /// a slice of rows at a time as their bytes arrive (all conversions are row-wise), so the
+    /// buffer holds about one slice, not one tensor.
+    pub fn push(&mut self, chunk: &[u8], into: &mut Weights) -> Result<()> {
+        self.received += chunk.len() as u64;
+        self.buf.extend_from_slice(chunk);
+        if self.data_start.is_none() && !self.read_header()? {
+            return Ok(());
+        }
+        let data_start = self.data_start.unwrap_or(0);
+        let format = self.format.unwrap_or_default();
+        while let Some(t) = self.tensors.get(self.next) {
+            let buffered_end = self.buf_offset + self.buf.len() as u64;
+            let (start, end) = (data_start + t.range.start, data_start + t.range.end);
+            let available = buffered_end.min(end).saturating_sub(self.buf_offset.max(start));
+            let whole = buffered_end >= end;
+            let canonical = canonical_key(&t.key);
+            // Rows of a matrix (skip the rows of tensors cmrm does not use), or the whole tensor.
+            let row_bytes = match t.shape.as_slice() {
+                [rows, cols] if *rows > 0 => (cols * t.dtype.size_in_bytes()) as u64,
+                _ => end - start,
+            }
+            .max(1);
+            let rows = available / row_bytes;
+            if !whole && rows * row_bytes < self.slice_bytes {
+                break; // wait for a slice's worth of rows
+            }
+            if rows == 0 {
+                // Whole but nothing left to convert (an empty tensor): skip to its end.
+                let skip = end.saturating_sub(self.buf_offset) as usize;
+                self.buf.drain(..skip.min(self.buf.len()));
+                self.buf_offset = self.buf_offset.max(end);
+            } else {
+                let from = (self.buf_offset.max(start) - self.buf_offset) as usize;
+                let raw = &self.buf[from..from + (rows * row_bytes) as usize];
+                if let Some(canonical) = &canonical {
+                    let shape = match t.shape.as_slice() {
+                        [_, cols] => vec![rows as usize, *cols],
+                        other => other.to_vec(),
+                    };
+                    let tensor = Tensor::from_raw_buffer(raw, t.dtype, &shape, &Device::Cpu)
+                        .with_context(|| format!("{}: tensor '{}'", self.name, t.key))?;
+                    let q = in_memory_form(canonical, &tensor, format)
+                        .with_context(|| format!("{}: converting '{}'", self.name, t.key))?;
+                    let data = q.data()?;
+                    if self.out.is_empty() {
+                        // The whole tensor's converted size, known from its first slice: one
+                        // allocation, no doubling (a 165 MB table would pass through 256 MB).
+                        let total_rows = t.shape.first().copied().unwrap_or(1) as u64;
+                        let per_row = data.len() as u64 / (rows.max(1));
+                        let whole_tensor = if t.shape.len() == 2 { per_row * total_rows } else { data.len() as u64 };
+                        self.out.reserve_exact(whole_tensor as usize);
+                    }
+                    self.out.extend_from_slice(&data);
+                    self.out_shape = q.shape().dims().to_vec();
+                    self.out_dtype = Some(q.dtype());
+                }
+                let consumed = from + (rows * row_bytes) as usize;
+                self.buf.drain(..consumed);
+                self.buf_offset += consumed as u64;
+            }
+            if self.buf_offset < end {
+                continue; // more rows of this tensor are buffered, or none: the loop re-checks
+            }
+            // The tensor is complete.
+            if let (Some(_), Some(dtype)) = (&canonical, self.out_dtype) {
+                let mut shape = self.out_shape.clone();
+                if let (Some(first), [rows, _]) = (shape.first_mut(), t.shape.as_slice()) {
+                    *first = *rows;
+                }
+                let bytes = std::mem::take(&mut self.out);
+                into.add_converted_bytes(&t.key, dtype, &shape, bytes).with_context(|| self.name.clone())?;
+            }
+            self.out.clear();
+            self.out_dtype = None;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Parse the header once it is in; `false` while more bytes are needed.
+    fn read_header(&mut self) -> Result<bool> {
+        if self.buf.len() < 8 {
+            return Ok(false);
+        }
+        let n = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
+        if n > 100 << 20 {
+            bail!("{}: not a safetensors file (header of {n} bytes)", self.name);
+        }
+        if (self.buf.len() as u64) < 8 + n {
+            return Ok(false);
+        }
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&self.buf[8..8 + n as usize])
+                .with_context(|| format!("{}: not a valid safetensors header", self.name))?;
+        let mut tensors = Vec::new();
+        for (key, info) in &header {
+            if key == "__metadata__" {
+                continue;
+            }
+            let bad = || format!("{}: tensor '{key}' has a malformed header entry", self.name);
+            let dtype = match info.get("dtype").and_then(|d| d.as_str()).with_context(bad)? {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                other => bail!("{}: tensor '{key}' has dtype {other}; cmrm reads F32, F16 and BF16", self.name),
+            };
+            let shape: Vec<usize> = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .with_context(bad)?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<_>>()
+                .with_context(bad)?;
+            let offsets = info.get("data_offsets").and_then(|o| o.as_array()).with_context(bad)?;
+            let (start, end) = match offsets.as_slice() {
+                [a, b] => (a.as_u64().with_context(bad)?, b.as_u64().with_context(bad)?),
+                _ => bail!(bad()),
+            };
+            let elements: u64 = shape.iter().map(|&d| d as u64).product();
+            if end < start || end - start != elements * dtype.size_in_bytes() as u64 {
+                bail!("{}: tensor '{key}' has {} bytes for shape {shape:?}", self.name, end.saturating_sub(start));
+            }
+            tensors.push(Pending { key: key.clone(), dtype, shape, range: start..end });
+        }
+        tensors.sort_by_key(|t| t.range.start);
+        let shapes: Vec<(String, Vec<usize>)> =
+            tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect();
+        let decide = self.decide.take().context("the header was read twice")?;
+        let mut decide = decide;
+        self.format = Some(decide(&shapes)?);
+        self.tensors = tensors;
+        self.data_start = Some(8 + n);
+        self.buf.drain(..(8 + n) as usize);
+        self.buf_offset = 8 + n;
+        Ok(true)
+    }
+
+    /// After the last byte: every tensor must have arrived.
+    pub fn finish(self) -> Result<WeightFormat> {
+        let Some(format) = self.format else {
+            bail!("{}: the download stopped after {} bytes, inside the header", self.name, self.received)
+        };
+        if self.next < self.tensors.len() {
+            bail!(
+                "{}: the download stopped after {} bytes; tensor '{}' and {} more are missing (truncated file?)",
+                self.name,
+                self.received,
+                self.tensors[self.next].key,
+                self.tensors.len() - self.next - 1
+            );
+        }
+        Ok(format)
+    }
+}

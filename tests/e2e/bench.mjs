@@ -1,0 +1,55 @@
+// Benchmark, not a test (figures, no assertions): the built page loads a real-size checkpoint —
+// the llava-interleave-qwen-0.5b shapes with random BF16 weights, 1.7 GB, written by
+// `cargo test --release --test web_bench -- --ignored streamed_load` — from the local server in
+// headless Chromium, in each quantized format (a fresh browser each, since wasm memory only
+// grows), and prints the wasm memory after the load (= its peak) and the load time.
+//   node tests/e2e/bench.mjs        (scripts/test-browser.sh --bench runs it)
+import { existsSync, symlinkSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+import { serve } from "./server.mjs";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const dist = resolve(process.env.DIST || resolve(here, "../../dist"));
+const model = process.env.CMRM_BENCH_MODEL_DIR || resolve(tmpdir(), "cmrm-bench-llava-interleave-qwen-0.5b");
+if (!existsSync(resolve(model, "model.safetensors"))) {
+  console.error(`bench: ${model}/model.safetensors is missing (run the web_bench streamed_load benchmark first)`);
+  process.exit(1);
+}
+const link = resolve(dist, "bench-model");
+rmSync(link, { force: true });
+symlinkSync(model, link);
+const site = await serve(dist, 0);
+try {
+  for (const weights of (process.env.CMRM_BENCH_FORMATS || "q4,q8_0").split(",")) {
+    const browser = await chromium.launch({
+      executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+      headless: true,
+      args: ["--no-sandbox", "--disable-background-networking", "--disable-component-update"],
+    });
+    const page = await browser.newPage();
+    await page.goto(`${site.origin}/index.html`);
+    await page.locator("#model-select").selectOption("custom");
+    await page.locator("#custom-repo").fill(`${site.origin}/bench-model/`);
+    await page.locator("#custom-repo").dispatchEvent("change");
+    await page.getByTestId("weights").selectOption(weights);
+    const t0 = Date.now();
+    await page.getByTestId("load-model").click();
+    await page.waitForFunction(() => document.getElementById("status").textContent === "ready"
+      || !document.getElementById("error").hidden, null, { timeout: 900_000 });
+    const seconds = (Date.now() - t0) / 1000;
+    const error = await page.locator("#error").isVisible() ? await page.locator("#error").textContent() : "";
+    const info = page.locator("#model-info");
+    const memory = await info.getAttribute("data-wasm-memory");
+    const streamed = await info.getAttribute("data-streamed");
+    console.log(error
+      ? `cmrm-bench page-load target=chromium weights=${weights} error=${JSON.stringify(error)}`
+      : `cmrm-bench page-load target=chromium weights=${weights} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}`);
+    await browser.close();
+  }
+} finally {
+  site.server.close();
+  rmSync(link, { force: true });
+}
