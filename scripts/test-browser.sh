@@ -11,7 +11,8 @@
 # scripts/test-browser.sh --bench   instead runs the benchmark (not a test, tests/web_bench.rs),
 # wasm in headless Chromium vs native on this machine, and prints the ratios: decode tokens/s of
 # the llava-interleave-qwen-0.5b decoder (random f32 weights), and seconds per calibration prompt
-# of CMRM extraction (bundled model; 0.5B decoder).
+# of CMRM extraction (bundled model; 0.5B decoder); then the memory of the 0.5B model: built in
+# each format, streamed from a real-size file natively, and loaded by the page in Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -28,9 +29,9 @@ if [ "${1:-}" = "--bench" ]; then
   echo "== benchmark: wasm (headless Chromium, 1 thread) vs native, same code and model (tests/web_bench.rs)" >&2
   wasm=$(cargo test --target wasm32-unknown-unknown --release --no-default-features --test web_bench \
            -- --include-ignored --nocapture 2>&1 | grep -o 'cmrm-bench .*') || { echo "wasm benchmark failed" >&2; exit 1; }
-  native=$(cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep -o 'cmrm-bench .*') \
+  native=$(cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 --skip memory 2>&1 | grep -o 'cmrm-bench .*') \
     || { echo "native benchmark failed" >&2; exit 1; }
-  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 2>&1 | grep -o 'cmrm-bench .*') \
+  native1=$(RAYON_NUM_THREADS=1 cargo test --release --test web_bench -- --ignored --nocapture --test-threads=1 --skip memory 2>&1 | grep -o 'cmrm-bench .*') \
     || { echo "native 1-thread benchmark failed" >&2; exit 1; }
   printf '%s\n%s\n%s\n' "$wasm" "$native" "$native1"
   # value NAME LINES: the number after the last '=' on the line of benchmark NAME.
@@ -41,6 +42,16 @@ if [ "${1:-}" = "--bench" ]; then
     awk -v b="$b" -v w="$(value "$b" "$wasm")" -v n="$(value "$b" "$native")" -v n1="$(value "$b" "$native1")" 'BEGIN {
       printf "%s seconds per prompt, wasm / native = %.2f (native all threads), %.2f (native 1 thread)\n", b, w / n, w / n1 }'
   done
+  echo "== benchmark: memory of a streamed load of a real-size checkpoint (1.7 GB BF16, random), native and in the page" >&2
+  # One measurement per process: peak RSS is per process.
+  for w in q4 q8_0; do
+    for t in memory_benchmark streamed_load_memory_benchmark; do
+      CMRM_BENCH_WEIGHTS=$w cargo test --release --test web_bench -- --ignored --nocapture --exact "$t" 2>&1 \
+        | grep -o 'cmrm-bench .*'
+    done
+  done
+  trunk build --release >/dev/null 2>&1 || { echo "trunk build failed" >&2; exit 1; }
+  (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error && DIST="$OLDPWD/dist" node bench.mjs)
   exit 0
 fi
 
