@@ -674,7 +674,9 @@ impl Session {
         let options: Result<CompareOptions> = from_js_value("compare options", options);
         let (vlm, state, stop, busy) = (self.vlm.clone(), self.state.clone(), self.stop.clone(), self.busy.clone());
         if busy.get() {
-            return js_sys::Promise::reject(&JsError::new("a comparison is already running: stop it first").into());
+            return js_sys::Promise::reject(
+                &JsError::new("the model is busy (a comparison or a calibration is running): stop it first").into(),
+            );
         }
         // Claimed now, not when the future first runs: a `stop()` right after this call counts.
         busy.set(true);
@@ -770,7 +772,10 @@ impl Session {
         let mut session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
         session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
         report("backend", "", 0, 0, done_before, false);
-        session.select_backend(backend).await?;
+        if let Err(e) = session.select_backend(backend).await {
+            // The model is loaded: keep it on the CPU and say why (setBackend can try again).
+            session.state.borrow_mut().backend_info = BackendInfo::cpu(Some(format!("WebGPU was asked for: {e:#}")));
+        }
         if let Some(url) = &options.vectors {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", url, n, t.unwrap_or(vectors_size), done_before + n, cached)

@@ -385,5 +385,16 @@ test("backend: auto skips a software WebGPU adapter; webgpu answers with the ref
   await runCompare();
   assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
   assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+
+  // WebGPU with 8-bit weights: the engine takes F32, so the model loads on the CPU and says why.
+  await page.goto(`${site.origin}/index.html`);
+  await byTestId("backend").selectOption("webgpu");
+  await byTestId("weights").selectOption("q8_0");
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.equal(await info.getAttribute("data-backend"), "cpu");
+  assert.match(await info.textContent(), /not WebGPU: WebGPU was asked for: .*F32 weights/);
   await byTestId("backend").selectOption("auto");
+  await byTestId("weights").selectOption("auto");
 });
