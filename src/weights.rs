@@ -235,14 +235,14 @@ impl Weights {
     fn with_bytes<T>(&self, e: &Entry, f: impl FnOnce(&[u8]) -> candle_core::Result<T>) -> candle_core::Result<T> {
         match e.source {
             Source::File(i) => f(&self.files[i].1.as_ref()[e.range.clone()]),
-            Source::Converted(i) => {
-                let mut slot = self.converted[i].lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-                let bytes = slot.take().ok_or_else(|| {
-                    candle_core::Error::Msg(format!("tensor '{}' was already handed to the model", e.key))
-                })?;
-                f(&bytes)
-            }
+            Source::Converted(i) => f(&self.take_converted(i, &e.key)?),
         }
+    }
+
+    /// A converted tensor's bytes, handed over once (the model keeps its own copy).
+    fn take_converted(&self, i: usize, key: &str) -> candle_core::Result<Vec<u8>> {
+        let mut slot = self.converted[i].lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        slot.take().ok_or_else(|| candle_core::Error::Msg(format!("tensor '{key}' was already handed to the model")))
     }
 
     /// `(saved name, canonical name)` of every tensor, sorted by saved name.
@@ -374,11 +374,7 @@ impl SimpleBackend for Weights {
             // A converted tensor's buffer moves into the tensor (no copy at the peak).
             let raw = match e.source {
                 Source::Converted(i) => {
-                    let mut slot =
-                        self.converted[i].lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-                    let bytes = slot.take().ok_or_else(|| {
-                        candle_core::Error::Msg(format!("tensor '{}' was already handed to the model", e.key))
-                    })?;
+                    let bytes = self.take_converted(i, &e.key)?;
                     let n = bytes.len();
                     Tensor::from_vec(bytes, n, dev)?
                 }

@@ -87,6 +87,28 @@ fn clip_llama() -> Oracle {
 const BUNDLED_CMRM_VECTORS: &[u8] =
     include_bytes!("../www/assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors");
 
+fn file_of<'a>(files: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
+    &files.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1
+}
+
+/// The same checkpoint through the library API (no `Session`), in `format`.
+fn library_vlm(files: &[(String, Vec<u8>)], format: cmrm::quant::WeightFormat) -> cmrm::Vlm {
+    let text = |n: &str| String::from_utf8(file_of(files, n).to_vec()).unwrap();
+    let config = cmrm::LlavaConfig::from_json_str(&text("config.json")).unwrap().with_weight_format(format);
+    let processor = cmrm::processor::ProcessorFiles {
+        tokenizer_json: file_of(files, "tokenizer.json").to_vec(),
+        tokenizer_config_json: Some(text("tokenizer_config.json")),
+        chat_template_jinja: Some(text("chat_template.jinja")),
+        preprocessor_config_json: Some(text("preprocessor_config.json")),
+        processor_config_json: Some(text("processor_config.json")),
+        ..Default::default()
+    };
+    let mut weights = cmrm::weights::Weights::empty();
+    let safetensors = file_of(files, "model.safetensors").to_vec();
+    weights.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(safetensors)).unwrap();
+    cmrm::Vlm::from_parts(config, &processor, Some(&text("generation_config.json")), weights).unwrap()
+}
+
 fn js<T: Serialize>(v: &T) -> JsValue {
     v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap()
 }
@@ -282,25 +304,7 @@ async fn sample_level_stop_and_errors() {
 
     // The same vectors, computed by the library directly and loaded as a CMRM file.
     let vlm_side = {
-        let files = siglip_qwen2().files;
-        let native = cmrm::Vlm::from_parts(
-            cmrm::LlavaConfig::from_json_str(std::str::from_utf8(&files[0].1).unwrap()).unwrap(),
-            &cmrm::processor::ProcessorFiles {
-                tokenizer_json: files[1].1.clone(),
-                tokenizer_config_json: Some(String::from_utf8(files[2].1.clone()).unwrap()),
-                chat_template_jinja: Some(String::from_utf8(files[3].1.clone()).unwrap()),
-                preprocessor_config_json: Some(String::from_utf8(files[4].1.clone()).unwrap()),
-                processor_config_json: Some(String::from_utf8(files[5].1.clone()).unwrap()),
-                ..Default::default()
-            },
-            Some(std::str::from_utf8(&files[6].1).unwrap()),
-            {
-                let mut w = cmrm::weights::Weights::empty();
-                w.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(files[7].1.clone())).unwrap();
-                w
-            },
-        )
-        .unwrap();
+        let native = library_vlm(&siglip_qwen2().files, cmrm::quant::WeightFormat::F32);
         cmrm::cmrm::sample_level_vectors(&native, &cmrm::PromptText::Chat(question.into()), cmrm::cmrm::Anchor::Blank)
             .unwrap()
     };
@@ -417,7 +421,7 @@ async fn in_browser_calibration_equals_native_extract() {
 #[wasm_bindgen_test]
 async fn quantized_gguf_copy_loads_as_q8_0() {
     let oracle = siglip_qwen2();
-    let safetensors = oracle.files.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
+    let safetensors = file_of(&oracle.files, "model.safetensors").to_vec();
     let mut weights = cmrm::weights::Weights::empty();
     weights.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(safetensors.clone())).unwrap();
     let gguf = cmrm::quant::quantize_to_gguf(&weights, cmrm::quant::WeightFormat::Q8_0).unwrap();
@@ -444,19 +448,7 @@ async fn quantized_gguf_copy_loads_as_q8_0() {
 
     // The same checkpoint from safetensors, quantized to Q8_0 on load (library API).
     let on_load = {
-        let text = |n: &str| String::from_utf8(oracle.files.iter().find(|(f, _)| f == n).unwrap().1.clone()).unwrap();
-        let config = cmrm::LlavaConfig::from_json_str(&text("config.json"))
-            .unwrap()
-            .with_weight_format(cmrm::quant::WeightFormat::Q8_0);
-        let files = cmrm::processor::ProcessorFiles {
-            tokenizer_json: text("tokenizer.json").into_bytes(),
-            tokenizer_config_json: Some(text("tokenizer_config.json")),
-            chat_template_jinja: Some(text("chat_template.jinja")),
-            preprocessor_config_json: Some(text("preprocessor_config.json")),
-            processor_config_json: Some(text("processor_config.json")),
-            ..Default::default()
-        };
-        let vlm = cmrm::Vlm::from_parts(config, &files, Some(&text("generation_config.json")), weights).unwrap();
+        let vlm = library_vlm(&oracle.files, cmrm::quant::WeightFormat::Q8_0);
         let features = vlm.encode_image(&cmrm::decode_image(oracle.images[0].1).unwrap()).unwrap();
         let prepared = vlm.prepare(&cmrm::PromptText::Chat(question.into()), Some(&features)).unwrap();
         let opts = vlm.default_generate_options(12, cmrm::Sampling::Greedy);
