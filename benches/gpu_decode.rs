@@ -4,7 +4,8 @@
 //! cargo bench --bench gpu_decode                      # synthetic "small" model (random weights)
 //! CMRM_BENCH_PRESET=llava-interleave-qwen-0.5b cargo bench --bench gpu_decode   # its Qwen1.5-0.5B, ~1.9 GB f32
 //! CMRM_BENCH_MODEL=path/to/checkpoint cargo bench --bench gpu_decode
-//! (CMRM_BENCH_PROMPT / CMRM_BENCH_TOKENS: prompt and decode lengths.)
+//! (CMRM_BENCH_PROMPT / CMRM_BENCH_TOKENS: prompt and decode lengths; CMRM_BENCH_GPU_WEIGHTS=f16:
+//! the GPU stores the matrices as f16.)
 
 use std::sync::Arc;
 
@@ -27,7 +28,8 @@ fn main() -> anyhow::Result<()> {
         (format!("synthetic {preset}"), cmrm::gpu::bench::random_text_model(&cfg)?)
     };
     println!("model: {label}; adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
-    let report = cmrm::gpu::bench::run(&text, ctx, prompt, tokens)?;
+    let weights: cmrm::gpu::GpuWeights = std::env::var("CMRM_BENCH_GPU_WEIGHTS").as_deref().unwrap_or("f32").parse()?;
+    let report = cmrm::gpu::bench::run(&text, ctx, prompt, tokens, weights)?;
     println!("{report}");
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

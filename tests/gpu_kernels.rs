@@ -105,10 +105,43 @@ fn split_cases(ctx: &GpuContext) {
         let want =
             flat(&t(&x, &[m, k]).matmul(&t(&w, &[n, k]).t().unwrap()).unwrap().broadcast_add(&t(&b, &[n])).unwrap());
         for rows in [1, 7, 60, 61] {
-            let matrix = ops::matrix_in_chunks(ctx, &w, n, k, Some(&b), rows).unwrap();
+            let matrix = ops::matrix_in_chunks(ctx, &w, n, k, Some(&b), rows, false).unwrap();
             assert_eq!(matrix.chunks.len(), n.div_ceil(rows));
             let got = pollster::block_on(ops::run_linear(ctx, &matrix, &x, m, None)).unwrap();
             assert_close(&format!("split {rows} rows, m={m}"), &got, &want, 1e-5);
+        }
+    }
+}
+
+/// f16 weights (two per `u32`, unpacked in the kernel): every matmul kernel, on the shapes above
+/// and split into chunks of odd row counts with an odd `k` (chunks that start mid-word are
+/// padded), equals candle's product with the weights rounded to f16 — the only difference the
+/// storage makes.
+#[test]
+fn f16_weights_match_candle_on_rounded_weights() {
+    let Some(mut ctx) = ctx() else { return };
+    let round = |w: &[f32]| w.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect::<Vec<_>>();
+    for variant in [false, true] {
+        ctx.set_rows_per_invocation(variant);
+        for (i, &(m, k, n)) in [(1, 37, 21), (3, 5, 7), (65, 67, 129), (1, 300, 1000), (70, 33, 65)].iter().enumerate()
+        {
+            let x = rand_vec(m * k, 110 + i as u64);
+            let w = rand_vec(n * k, 120 + i as u64);
+            let b = rand_vec(n, 130 + i as u64);
+            let want = flat(
+                &t(&x, &[m, k])
+                    .matmul(&t(&round(&w), &[n, k]).t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t(&b, &[n]))
+                    .unwrap(),
+            );
+            for rows in [n, 7, 1] {
+                let matrix = ops::matrix_in_chunks(&ctx, &w, n, k, Some(&b), rows, true).unwrap();
+                assert!(matrix.half);
+                assert_eq!(matrix.bytes(), (n * k * 2 + n * 4) as u64);
+                let got = pollster::block_on(ops::run_linear(&ctx, &matrix, &x, m, None)).unwrap();
+                assert_close(&format!("f16 {m}x{k}x{n} in chunks of {rows}"), &got, &want, 1e-5);
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cmrm::generate::{CpuSession, DecodeSession, Next, Sampling};
 use cmrm::gpu::session::GpuSession;
-use cmrm::gpu::{DecoderBackend, GpuContext, GpuDecoder};
+use cmrm::gpu::{DecoderBackend, GpuContext, GpuDecoder, GpuWeights};
 use cmrm::steering::{Intervention, Positions, SteeringVectors};
 use cmrm::text::ForwardOptions;
 use cmrm::{decode_image, PromptText, Vlm};
@@ -199,23 +199,68 @@ fn gpu_parity_siglip_qwen2() {
 fn backend_choice_reports_adapter() {
     use cmrm::gpu::BackendChoice;
     let vlm = Vlm::load_dir(&model_dir(MODELS[0])).unwrap();
-    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Cpu, &vlm.model.text).unwrap();
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Cpu, &vlm.model.text, GpuWeights::F32).unwrap();
     assert!(matches!(b, DecoderBackend::Cpu));
     assert_eq!(info.backend, "cpu");
     let Some(adapter) = pollster::block_on(cmrm::gpu::context::probe_adapter()) else {
         eprintln!("SKIPPED (auto/webgpu part): no adapter");
         return;
     };
-    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text).unwrap();
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::F32).unwrap();
     assert!(matches!(b, DecoderBackend::Gpu(_)));
     assert_eq!(info.backend, "webgpu");
     assert!(info.adapter.as_deref().is_some_and(|a| !a.is_empty()));
-    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Auto, &vlm.model.text).unwrap();
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Auto, &vlm.model.text, GpuWeights::F32).unwrap();
     eprintln!("auto -> {}", serde_json::to_string(&info).unwrap());
     if adapter.device_type == wgpu::DeviceType::Cpu {
         assert!(matches!(b, DecoderBackend::Cpu));
         assert!(info.fallback_reason.as_deref().is_some_and(|r| r.contains("software rasterizer")));
     } else {
         assert!(matches!(b, DecoderBackend::Gpu(_)), "auto fell back: {:?}", info.fallback_reason);
+    }
+}
+
+/// f16 storage of the decoder's matrices: half the bytes per token, and the logits stay close to
+/// the CPU's f32 ones (the only change is each weight rounded to f16, relative error ≤ 2⁻¹¹), on
+/// every oracle case's prompt, unaltered and steered; `info()` says f16.
+#[test]
+fn f16_weights_stay_close_to_f32() {
+    use cmrm::gpu::BackendChoice;
+    let Some(_) = ctx() else { return };
+    for model in MODELS {
+        let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
+        let (half, info) =
+            DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::F16).unwrap();
+        assert_eq!(info.gpu_weights.as_deref(), Some("f16"));
+        let (full, _) =
+            DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::F32).unwrap();
+        let (DecoderBackend::Gpu(half), DecoderBackend::Gpu(full)) = (&half, &full) else { panic!("not on the GPU") };
+        assert!(
+            half.weight_bytes_per_token() * 10 < full.weight_bytes_per_token() * 6,
+            "f16 must read ~half the bytes"
+        );
+        let refs = Refs::load(model);
+        let vectors = SteeringVectors::load(&refs_dir(model).join("steer_random.safetensors")).unwrap();
+        let steer = Intervention::add(&vectors, 1.5, None, Positions::All, vlm.device()).unwrap();
+        let (mut worst, mut min_cos) = (0f32, 1f32);
+        for case in refs.json["cases"].as_array().unwrap() {
+            let prepared = vlm.prepare_text_only(case["multimodal"]["prompt"].as_str().unwrap()).unwrap();
+            for steering in [None, Some(&steer)] {
+                let n = prepared.encoded.input_ids.len();
+                let opts = ForwardOptions { steering, prompt_len: n, capture_layers: false, logits: true };
+                let cpu = vlm.probe(&prepared, steering).unwrap().logits;
+                let mut cache = half.new_cache(n).unwrap();
+                let out = half.forward_like_cpu_blocking(&prepared.embeds, &mut cache, opts).unwrap();
+                let gpu: Vec<f32> = out.logits.unwrap().to_vec1().unwrap();
+                let spread = cpu.iter().fold(0f32, |m, x| m.max(x.abs()));
+                worst = worst.max(max_abs_diff(&gpu, &cpu) / spread);
+                let dot: f32 = gpu.iter().zip(&cpu).map(|(a, b)| a * b).sum();
+                let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                min_cos = min_cos.min(dot / norm(&gpu) / norm(&cpu));
+            }
+        }
+        eprintln!("{model}: f16 GPU weights vs f32 CPU: max |Δlogit|/max |logit| {worst:e}, min cosine {min_cos}");
+        assert!(worst > 0.0 && worst < 5e-3, "{model}: {worst}");
+        assert!(min_cos > 0.99999, "{model}: {min_cos}");
     }
 }

@@ -87,6 +87,10 @@ fn clip_llama() -> Oracle {
 const BUNDLED_CMRM_VECTORS: &[u8] =
     include_bytes!("../www/assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors");
 
+fn oracle_image() -> &'static [u8] {
+    include_bytes!("fixtures/oracle/refs/tiny-llava-siglip-qwen2/red_square.png")
+}
+
 fn file_of<'a>(files: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
     &files.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1
 }
@@ -143,7 +147,7 @@ fn negated_cmrm_file(shift: &[u8], config_json: &[u8]) -> Vec<u8> {
 async fn parity(oracle: Oracle, cmrm_file: Vec<u8>, backend: &str) -> usize {
     let session = Session::from_named_bytes(oracle.name, oracle.files).unwrap();
     let info: Value = serde_wasm_bindgen::from_value(
-        session.set_backend(backend.into()).await.map_err(JsValue::from).map_err(message).unwrap(),
+        session.set_backend(backend.into(), None).await.map_err(JsValue::from).map_err(message).unwrap(),
     )
     .unwrap();
     assert_eq!(info["backend"], backend, "{info}");
@@ -245,12 +249,12 @@ async fn backend_choice_is_reported() {
     let info = |v: JsValue| -> Value { serde_wasm_bindgen::from_value(v).unwrap() };
     let cpu = info(session.info().map_err(JsValue::from).unwrap());
     assert_eq!(cpu["backend"], "cpu");
-    let e = message(session.set_backend("tpu".into()).await.map_err(JsValue::from).unwrap_err());
+    let e = message(session.set_backend("tpu".into(), None).await.map_err(JsValue::from).unwrap_err());
     assert!(e.contains("backend must be auto, webgpu or cpu"), "{e}");
     if !has_webgpu().await {
         return;
     }
-    let auto = info(session.set_backend("auto".into()).await.map_err(JsValue::from).unwrap());
+    let auto = info(session.set_backend("auto".into(), None).await.map_err(JsValue::from).unwrap());
     let adapter = cmrm::gpu::context::probe_adapter().await.unwrap();
     if adapter.device_type == wgpu::DeviceType::Cpu {
         assert_eq!(auto["backend"], "cpu", "{auto}");
@@ -258,9 +262,22 @@ async fn backend_choice_is_reported() {
     } else {
         assert_eq!(auto["backend"], "webgpu", "{auto}");
     }
-    let gpu = info(session.set_backend("webgpu".into()).await.map_err(JsValue::from).unwrap());
+    let gpu = info(session.set_backend("webgpu".into(), None).await.map_err(JsValue::from).unwrap());
     assert_eq!(gpu["backend"], "webgpu");
     assert!(gpu["backendDetail"].as_str().unwrap().starts_with("WebGPU: "), "{gpu}");
+    // f16 weights on WebGPU: reported, and the answer's first token (decided by the prompt's
+    // logits, which f16 rounding moves by ~1e-3 of their range) is the f32 one.
+    let question = json!({"prompt": "What is in the image?", "maxNewTokens": 4, "variant": "sample"});
+    session.set_image(oracle_image()).map_err(JsValue::from).unwrap();
+    let f32_answer = compare(&session, question.clone()).await.unwrap();
+    let e = message(session.set_backend("webgpu".into(), Some("f8".into())).await.map_err(JsValue::from).unwrap_err());
+    assert!(e.contains("f32 or f16"), "{e}");
+    let half = info(session.set_backend("webgpu".into(), Some("f16".into())).await.map_err(JsValue::from).unwrap());
+    assert!(half["backendDetail"].as_str().unwrap().ends_with("f16 weights"), "{half}");
+    let f16_answer = compare(&session, question).await.unwrap();
+    for pane in ["unaltered", "steered"] {
+        assert_eq!(ids(&f16_answer[pane]["generatedIds"])[0], ids(&f32_answer[pane]["generatedIds"])[0], "{pane}");
+    }
 }
 
 #[wasm_bindgen_test]

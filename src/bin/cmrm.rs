@@ -139,6 +139,10 @@ struct GenerateArgs {
     /// webgpu (wgpu: Vulkan/Metal/DX12 natively) | cpu.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// How the GPU stores the decoder's matrices: f32 | f16 (half the memory and bytes per
+    /// token; computed in f32).
+    #[arg(long, default_value = "f32")]
+    gpu_weights: String,
     #[arg(long)]
     json: bool,
 }
@@ -402,7 +406,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let opts = vlm.default_generate_options(a.max_new_tokens, sampling);
     let choice: cmrm::gpu::BackendChoice = a.backend.parse()?;
-    let (backend, backend_info) = cmrm::gpu::DecoderBackend::select_blocking(choice, &vlm.model.text)?;
+    let gpu_weights: cmrm::gpu::GpuWeights = a.gpu_weights.parse()?;
+    let (backend, backend_info) = cmrm::gpu::DecoderBackend::select_blocking(choice, &vlm.model.text, gpu_weights)?;
     if !a.json {
         eprintln!("backend: {}", serde_json::to_string(&backend_info)?);
     }

@@ -39,6 +39,8 @@ pub fn random_text_model(cfg: &TextConfig) -> Result<TextModel> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub adapter: String,
+    /// How the GPU stored the matrices (`f32` / `f16`).
+    pub gpu_weights: String,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub cpu_decode_tokens_per_s: f64,
@@ -54,7 +56,7 @@ pub struct BenchReport {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "adapter: {}", self.adapter)?;
+        writeln!(f, "adapter: {} ({} weights on the GPU)", self.adapter, self.gpu_weights)?;
         writeln!(f, "prompt {} tokens, decode {} tokens (greedy)", self.prompt_tokens, self.decode_tokens)?;
         writeln!(
             f,
@@ -114,7 +116,13 @@ pub fn measure_read_bandwidth() -> f64 {
 
 /// Greedy decode of `decode_tokens` after a `prompt_tokens`-token prompt on both backends.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn run(model: &TextModel, ctx: Arc<GpuContext>, prompt_tokens: usize, decode_tokens: usize) -> Result<BenchReport> {
+pub fn run(
+    model: &TextModel,
+    ctx: Arc<GpuContext>,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    weights: super::GpuWeights,
+) -> Result<BenchReport> {
     let cfg = model.config().clone();
     let ids: Vec<u32> = (0..prompt_tokens).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
     let embeds = model.embed(&ids)?;
@@ -137,7 +145,7 @@ pub fn run(model: &TextModel, ctx: Arc<GpuContext>, prompt_tokens: usize, decode
     let cpu_decode = now_seconds() - t1;
 
     // GPU.
-    let dec = GpuDecoder::new_blocking(ctx.clone(), model)?;
+    let dec = pollster::block_on(GpuDecoder::new_with(ctx.clone(), model, weights))?;
     let mut cache = dec.new_cache(prompt_len + decode_tokens + 1)?;
     let gopts = GpuForwardOptions { steering: None, prompt_len, capture_layers: false, readback: Readback::Argmax };
     let data: Vec<f32> = embeds.flatten_all()?.to_vec1()?;
@@ -161,6 +169,7 @@ pub fn run(model: &TextModel, ctx: Arc<GpuContext>, prompt_tokens: usize, decode
     let bw = measure_read_bandwidth();
     Ok(BenchReport {
         adapter: ctx.info().adapter.unwrap_or_default(),
+        gpu_weights: weights.name().to_owned(),
         prompt_tokens,
         decode_tokens,
         cpu_decode_tokens_per_s: decode_tokens as f64 / cpu_decode,

@@ -53,14 +53,43 @@ pub struct GpuMatrix {
     /// `(first row, rows, buffer)`.
     pub chunks: Vec<(usize, usize, wgpu::Buffer)>,
     pub bias: Option<wgpu::Buffer>,
+    /// Weights stored as f16 (two per `u32`; the `*_f16` kernels read them), else f32.
+    pub half: bool,
 }
 
 impl GpuMatrix {
     /// Upload `w` (`n·k` values, row-major) in chunks of at most `max_binding` bytes.
     pub fn new(ctx: &GpuContext, label: &str, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Self> {
+        Self::upload_as(ctx, label, w, n, k, bias, false)
+    }
+
+    /// [`Self::new`] in `half` (f16) or f32 storage; the bias stays f32.
+    pub fn upload_as(
+        ctx: &GpuContext,
+        label: &str,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+        half: bool,
+    ) -> Result<Self> {
+        Self::upload_chunked(ctx, label, w, (n, k), bias, half, usize::MAX)
+    }
+
+    /// [`Self::upload_as`] with at most `max_rows` rows per chunk (tests use it to exercise
+    /// the split path on small matrices).
+    pub fn upload_chunked(
+        ctx: &GpuContext,
+        label: &str,
+        w: &[f32],
+        (n, k): (usize, usize),
+        bias: Option<&[f32]>,
+        half: bool,
+        max_rows: usize,
+    ) -> Result<Self> {
         assert_eq!(w.len(), n * k, "{label}: weight size");
-        let row_bytes = (k as u64 * 4).max(4);
-        let rows_per_chunk = (ctx.max_binding() / row_bytes) as usize;
+        let row_bytes = (k as u64 * if half { 2 } else { 4 }).max(4);
+        let rows_per_chunk = ((ctx.max_binding() / row_bytes) as usize).min(max_rows);
         if rows_per_chunk == 0 {
             bail!("{label}: one row of {k} values exceeds the adapter's largest storage binding");
         }
@@ -68,17 +97,46 @@ impl GpuMatrix {
         let mut r0 = 0;
         while r0 < n {
             let rows = rows_per_chunk.min(n - r0);
-            chunks.push((r0, rows, upload(ctx, label, &w[r0 * k..(r0 + rows) * k])?));
+            let values = &w[r0 * k..(r0 + rows) * k];
+            let buffer = if half { upload_words(ctx, label, &pack_f16(values))? } else { upload(ctx, label, values)? };
+            chunks.push((r0, rows, buffer));
             r0 += rows;
         }
         let bias = bias.map(|b| upload(ctx, label, b)).transpose()?;
-        Ok(Self { k, n, chunks, bias })
+        Ok(Self { k, n, chunks, bias, half })
     }
 
     /// Bytes of weights (and bias) one pass over this matrix reads.
     pub fn bytes(&self) -> u64 {
-        (self.n * self.k + if self.bias.is_some() { self.n } else { 0 }) as u64 * 4
+        let weights = (self.n * self.k) as u64 * if self.half { 2 } else { 4 };
+        weights + if self.bias.is_some() { self.n as u64 * 4 } else { 0 }
     }
+}
+
+/// f32 values as f16, two per `u32` (the even element in the low half; an odd count is padded).
+pub fn pack_f16(values: &[f32]) -> Vec<u32> {
+    values
+        .chunks(2)
+        .map(|pair| {
+            let lo = u32::from(half::f16::from_f32(pair[0]).to_bits());
+            let hi = pair.get(1).map_or(0, |v| u32::from(half::f16::from_f32(*v).to_bits()));
+            lo | (hi << 16)
+        })
+        .collect()
+}
+
+/// A storage buffer holding `words` (at least 4 bytes).
+fn upload_words(ctx: &GpuContext, label: &str, words: &[u32]) -> Result<wgpu::Buffer> {
+    let bytes = (words.len() as u64 * 4).max(4);
+    if bytes > ctx.max_binding() {
+        bail!("{label}: {bytes} bytes exceed the adapter's largest storage binding ({})", ctx.max_binding());
+    }
+    let contents: &[u8] = if words.is_empty() { &[0u8; 4] } else { bytemuck::cast_slice(words) };
+    Ok(ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents,
+        usage: STORAGE,
+    }))
 }
 
 /// One chunk of a linear layer bound to its input and output: both kernels (tiled matmul for
@@ -86,6 +144,8 @@ impl GpuMatrix {
 pub struct LinearOp {
     pub rows: usize,
     pub n: usize,
+    /// The weights are f16: the `*_f16` kernels.
+    pub half: bool,
     pub tiled: wgpu::BindGroup,
     pub gemv: wgpu::BindGroup,
     pub gemv_rows: wgpu::BindGroup,
@@ -130,12 +190,14 @@ pub fn bind_linear(
             ];
             let params = uniform(ctx, &p);
             let bias = matrix.bias.as_ref().unwrap_or(dummy);
+            let (matmul, gemv, gemv_rows) = k.matmul_kernels(matrix.half);
             LinearOp {
                 rows: m,
                 n: *rows,
-                tiled: k.matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
-                gemv: k.gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
-                gemv_rows: k.gemv_rows.bind(&ctx.device, &[step, &params, x, w, out, bias]),
+                half: matrix.half,
+                tiled: matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
+                gemv: gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
+                gemv_rows: gemv_rows.bind(&ctx.device, &[step, &params, x, w, out, bias]),
                 _params: params,
             }
         })
@@ -147,17 +209,18 @@ impl LinearOp {
     pub fn record(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>, t: usize) {
         let rows = if self.rows == 0 { t } else { self.rows };
         let k = &ctx.kernels;
+        let (matmul, gemv, gemv_rows) = k.matmul_kernels(self.half);
         if rows == 1 && k.rows_per_invocation {
             super::kernels::dispatch(
                 pass,
-                &k.gemv_rows,
+                gemv_rows,
                 &self.gemv_rows,
                 super::kernels::grid(self.n.div_ceil(64) as u32),
             );
         } else if rows == 1 {
-            super::kernels::dispatch(pass, &k.gemv, &self.gemv, super::kernels::grid(self.n.div_ceil(8) as u32));
+            super::kernels::dispatch(pass, gemv, &self.gemv, super::kernels::grid(self.n.div_ceil(8) as u32));
         } else {
-            pass.set_pipeline(&k.matmul.pipeline);
+            pass.set_pipeline(&matmul.pipeline);
             pass.set_bind_group(0, &self.tiled, &[]);
             pass.dispatch_workgroups(self.n.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1);
         }

@@ -50,11 +50,14 @@ pub struct BackendInfo {
     /// Why `auto` fell back to the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<String>,
+    /// How the decoder's matrices are stored on the GPU (`f32` / `f16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_weights: Option<String>,
 }
 
 impl BackendInfo {
     pub fn cpu(reason: Option<String>) -> Self {
-        Self { backend: "cpu".into(), adapter: None, api: None, fallback_reason: reason }
+        Self { backend: "cpu".into(), adapter: None, api: None, fallback_reason: reason, gpu_weights: None }
     }
 }
 
@@ -146,6 +149,7 @@ impl GpuContext {
             adapter: Some(self.adapter_info.name.clone()),
             api: Some(format!("{:?}", self.adapter_info.backend).to_lowercase()),
             fallback_reason: None,
+            gpu_weights: None,
         }
     }
 

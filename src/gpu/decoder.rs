@@ -133,6 +133,35 @@ pub struct GpuSteering {
     owner: usize,
 }
 
+/// How the decoder's matrices are stored on the GPU: f32, or f16 (half the memory and the bytes
+/// read per token; the kernels unpack to f32 and compute in f32). The token embedding stays f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuWeights {
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for GpuWeights {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => bail!("GPU weights must be f32 or f16 (got '{other}')"),
+        }
+    }
+}
+
+impl GpuWeights {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
 pub struct GpuDecoder {
     ctx: Arc<GpuContext>,
     cfg: TextConfig,
@@ -170,6 +199,7 @@ pub struct GpuDecoder {
     /// A forward is running: the scratch buffers are shared by every sequence (KV caches are
     /// not), so sequences take turns — one forward at a time, awaited to the end.
     in_flight: std::sync::atomic::AtomicBool,
+    storage: GpuWeights,
 }
 
 /// Clears `in_flight` however a forward ends (error, early return, dropped future).
@@ -205,10 +235,16 @@ fn concat_rows(parts: &[(&Tensor, Option<&Tensor>)]) -> Result<(Vec<f32>, usize,
 }
 
 impl GpuDecoder {
-    /// Upload `model`'s weights. Errors (never panics or hangs) when the adapter cannot hold them.
+    /// Upload `model`'s weights in f32. Errors (never panics or hangs) when the adapter cannot
+    /// hold them.
     pub async fn new(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
+        Self::new_with(ctx, model, GpuWeights::F32).await
+    }
+
+    /// [`Self::new`] with the matrices stored as `weights`.
+    pub async fn new_with(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let built = Self::build(ctx.clone(), model);
+        let built = Self::build(ctx.clone(), model, weights);
         let oom = scope.pop().await;
         let this = built?;
         if let Some(e) = oom {
@@ -218,7 +254,8 @@ impl GpuDecoder {
         Ok(this)
     }
 
-    fn build(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
+    fn build(ctx: Arc<GpuContext>, model: &TextModel, storage: GpuWeights) -> Result<Self> {
+        let f16_weights = storage == GpuWeights::F16;
         let cfg = model.config().clone();
         let w = model
             .weights()
@@ -268,10 +305,10 @@ impl GpuDecoder {
         let dummy = scratch(&ctx, "dummy", 1)?;
 
         let embed = Arc::new(GpuMatrix::new(&ctx, "embed_tokens", &f32s(w.embed_tokens)?, vocab, h, None)?);
-        let lm_head = if w.lm_head.id() == w.embed_tokens.id() {
+        let lm_head = if w.lm_head.id() == w.embed_tokens.id() && !f16_weights {
             embed.clone()
         } else {
-            Arc::new(GpuMatrix::new(&ctx, "lm_head", &f32s(w.lm_head)?, vocab, h, None)?)
+            Arc::new(GpuMatrix::upload_as(&ctx, "lm_head", &f32s(w.lm_head)?, vocab, h, None, f16_weights)?)
         };
 
         let k = &ctx.kernels;
@@ -285,24 +322,21 @@ impl GpuDecoder {
             let norm1 = upload(&ctx, "input_layernorm", &f32s(lw.input_norm)?)?;
             let norm2 = upload(&ctx, "post_attention_layernorm", &f32s(lw.post_attention_norm)?)?;
             let (wq, n_qkv, bq) = concat_rows(&[lw.q_proj, lw.k_proj, lw.v_proj])?;
-            let qkv_m = GpuMatrix::new(&ctx, "qkv_proj", &wq, n_qkv, h, bq.as_deref())?;
-            let o_m = GpuMatrix::new(
-                &ctx,
-                "o_proj",
-                &f32s(lw.o_proj.0)?,
-                h,
-                nh * d,
-                lw.o_proj.1.map(f32s).transpose()?.as_deref(),
-            )?;
+            let qkv_m = GpuMatrix::upload_as(&ctx, "qkv_proj", &wq, n_qkv, h, bq.as_deref(), f16_weights)?;
+            let o_bias = lw.o_proj.1.map(f32s).transpose()?;
+            let o_m =
+                GpuMatrix::upload_as(&ctx, "o_proj", &f32s(lw.o_proj.0)?, h, nh * d, o_bias.as_deref(), f16_weights)?;
             let (wgu, n_gu, bgu) = concat_rows(&[lw.gate_proj, lw.up_proj])?;
-            let gu_m = GpuMatrix::new(&ctx, "gate_up_proj", &wgu, n_gu, h, bgu.as_deref())?;
-            let down_m = GpuMatrix::new(
+            let gu_m = GpuMatrix::upload_as(&ctx, "gate_up_proj", &wgu, n_gu, h, bgu.as_deref(), f16_weights)?;
+            let down_bias = lw.down_proj.1.map(f32s).transpose()?;
+            let down_m = GpuMatrix::upload_as(
                 &ctx,
                 "down_proj",
                 &f32s(lw.down_proj.0)?,
                 h,
                 mi,
-                lw.down_proj.1.map(f32s).transpose()?.as_deref(),
+                down_bias.as_deref(),
+                f16_weights,
             )?;
             let p_capture = uniform(&ctx, &[h as u32, (l * h) as u32, 0, 0]);
             layers.push(Layer {
@@ -364,9 +398,15 @@ impl GpuDecoder {
             _params: vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax],
             _dummy: dummy,
             in_flight: std::sync::atomic::AtomicBool::new(false),
+            storage,
             cfg,
             ctx,
         })
+    }
+
+    /// How the matrices are stored.
+    pub fn weights(&self) -> GpuWeights {
+        self.storage
     }
 
     pub fn context(&self) -> &Arc<GpuContext> {

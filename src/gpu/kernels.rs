@@ -17,6 +17,10 @@ pub struct Kernels {
     pub gemv: Kernel,
     /// One row per invocation (CPU-backed adapters).
     pub gemv_rows: Kernel,
+    /// The same three reading f16 weights (two per `u32`, unpacked to f32 in the kernel).
+    pub matmul_f16: Kernel,
+    pub gemv_f16: Kernel,
+    pub gemv_rows_f16: Kernel,
     /// Use `gemv_rows` for single-row matmuls.
     pub rows_per_invocation: bool,
     pub rmsnorm: Kernel,
@@ -46,6 +50,55 @@ fn kernel(device: &wgpu::Device, name: &str, body: &str) -> Kernel {
     Kernel { pipeline, layout }
 }
 
+/// A matmul kernel's source reading f16 weights: the `f32` array `w` becomes `w_half`, two f16
+/// values per `u32` (element `i` in the low half of word `i / 2` when `i` is even), and every
+/// `w[i]` becomes `w_at(i)`, which unpacks. Core WGSL (`unpack2x16float`): no `shader-f16`
+/// feature needed; arithmetic stays f32.
+pub fn half_weights(source: &str) -> String {
+    const DECL: &str = "var<storage, read> w: array<f32>;";
+    assert!(source.contains(DECL), "a matmul kernel declares `{DECL}`");
+    let source = source.replace(DECL, "var<storage, read> w_half: array<u32>;");
+    let mut out = String::with_capacity(source.len() + 256);
+    let mut depth_stack: Vec<usize> = Vec::new(); // bracket depths where a `w[` opened
+    let mut depth = 0usize;
+    let chars: Vec<char> = source.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let starts_w = c == 'w'
+            && chars.get(i + 1) == Some(&'[')
+            && !i.checked_sub(1).and_then(|j| chars.get(j)).is_some_and(|p| p.is_alphanumeric() || *p == '_');
+        if starts_w {
+            out.push_str("w_at(");
+            depth += 1;
+            depth_stack.push(depth);
+            i += 2;
+            continue;
+        }
+        match c {
+            '[' => {
+                depth += 1;
+                out.push(c);
+            }
+            ']' if depth_stack.last() == Some(&depth) => {
+                depth_stack.pop();
+                depth -= 1;
+                out.push(')');
+            }
+            ']' => {
+                depth = depth.saturating_sub(1);
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    out.push_str(
+        "\nfn w_at(i: u32) -> f32 {\n    let pair = unpack2x16float(w_half[i >> 1u]);\n    return select(pair.x, pair.y, (i & 1u) == 1u);\n}\n",
+    );
+    out
+}
+
 impl Kernels {
     /// `cpu_adapter`: the adapter runs on the CPU (lavapipe, SwiftShader), where one output row
     /// per invocation beats a cooperative reduction. `CMRM_GEMV=rows|coop` overrides (native).
@@ -58,11 +111,19 @@ impl Kernels {
         };
         #[cfg(target_arch = "wasm32")]
         let rows_per_invocation = cpu_adapter;
+        let (matmul, gemv, gemv_rows) = (
+            include_str!("shaders/matmul.wgsl"),
+            include_str!("shaders/gemv.wgsl"),
+            include_str!("shaders/gemv_rows.wgsl"),
+        );
         Self {
-            gemv_rows: kernel(device, "gemv_rows", include_str!("shaders/gemv_rows.wgsl")),
+            matmul_f16: kernel(device, "matmul_f16", &half_weights(matmul)),
+            gemv_f16: kernel(device, "gemv_f16", &half_weights(gemv)),
+            gemv_rows_f16: kernel(device, "gemv_rows_f16", &half_weights(gemv_rows)),
             rows_per_invocation,
-            matmul: kernel(device, "matmul", include_str!("shaders/matmul.wgsl")),
-            gemv: kernel(device, "gemv", include_str!("shaders/gemv.wgsl")),
+            gemv_rows: kernel(device, "gemv_rows", gemv_rows),
+            matmul: kernel(device, "matmul", matmul),
+            gemv: kernel(device, "gemv", gemv),
             rmsnorm: kernel(device, "rmsnorm", include_str!("shaders/rmsnorm.wgsl")),
             rope_kv: kernel(device, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
             attention: kernel(device, "attention", include_str!("shaders/attention.wgsl")),
@@ -70,6 +131,17 @@ impl Kernels {
             steer: kernel(device, "steer", include_str!("shaders/steer.wgsl")),
             copy_row: kernel(device, "copy_row", include_str!("shaders/copy_row.wgsl")),
             argmax: kernel(device, "argmax", include_str!("shaders/argmax.wgsl")),
+        }
+    }
+}
+
+impl Kernels {
+    /// `(matmul, gemv, gemv_rows)` for f32 or f16 (`half`) weights.
+    pub fn matmul_kernels(&self, half: bool) -> (&Kernel, &Kernel, &Kernel) {
+        if half {
+            (&self.matmul_f16, &self.gemv_f16, &self.gemv_rows_f16)
+        } else {
+            (&self.matmul, &self.gemv, &self.gemv_rows)
         }
     }
 }

@@ -26,5 +26,5 @@ pub mod ops;
 pub mod session;
 
 pub use context::{BackendChoice, BackendInfo, GpuContext};
-pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, Readback};
+pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};
 pub use session::DecoderBackend;

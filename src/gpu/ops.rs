@@ -76,7 +76,8 @@ pub async fn run_linear(
     read(ctx, enc, &out, m * n).await
 }
 
-/// Split a matrix into chunks of `rows_per_chunk` rows (test helper for the split path).
+/// Split a matrix into chunks of `rows_per_chunk` rows (test helper for the split path), in f16
+/// (`half`) or f32.
 pub fn matrix_in_chunks(
     ctx: &GpuContext,
     w: &[f32],
@@ -84,15 +85,9 @@ pub fn matrix_in_chunks(
     k: usize,
     bias: Option<&[f32]>,
     rows_per_chunk: usize,
+    half: bool,
 ) -> Result<GpuMatrix> {
-    let mut chunks = Vec::new();
-    let mut r0 = 0;
-    while r0 < n {
-        let rows = rows_per_chunk.min(n - r0);
-        chunks.push((r0, rows, upload(ctx, "w", &w[r0 * k..(r0 + rows) * k])?));
-        r0 += rows;
-    }
-    Ok(GpuMatrix { k, n, chunks, bias: bias.map(|b| upload(ctx, "b", b)).transpose()? })
+    GpuMatrix::upload_chunked(ctx, "w", w, (n, k), bias, half, rows_per_chunk.max(1))
 }
 
 /// RMSNorm of `rows` rows of `x`.

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
 use super::context::{BackendChoice, BackendInfo, GpuContext};
-use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, Readback};
+use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, GpuWeights, Readback};
 use crate::generate::{
     generate_on, CpuSession, DecodeSession, GenerateOptions, Generation, Next, Sampling, StepFuture, TokenEvent,
 };
@@ -78,7 +78,7 @@ pub enum DecoderBackend {
 }
 
 impl DecoderBackend {
-    /// Upload `model` to a GPU context (the decoder's weights, once).
+    /// Upload `model` to a GPU context (the decoder's weights, once, in f32).
     pub async fn gpu(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
         Ok(Self::Gpu(Box::new(GpuDecoder::new(ctx, model).await?)))
     }
@@ -87,25 +87,39 @@ impl DecoderBackend {
     /// to the CPU (with the reason in the info) when no adapter passes the self-test or the
     /// weights do not fit.
     pub async fn select(choice: BackendChoice, model: &TextModel) -> Result<(Self, BackendInfo)> {
-        let (ctx, info) = super::context::select_backend(choice).await?;
+        Self::select_with(choice, model, GpuWeights::F32).await
+    }
+
+    /// [`Self::select`] with the GPU matrices stored as `weights`.
+    pub async fn select_with(
+        choice: BackendChoice,
+        model: &TextModel,
+        weights: GpuWeights,
+    ) -> Result<(Self, BackendInfo)> {
+        let (ctx, mut info) = super::context::select_backend(choice).await?;
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
-        match Self::gpu(Arc::new(ctx), model).await {
+        info.gpu_weights = Some(weights.name().to_owned());
+        match GpuDecoder::new_with(Arc::new(ctx), model, weights).await.map(|d| Self::Gpu(Box::new(d))) {
             Ok(backend) => Ok((backend, info)),
             Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),
             Err(e) => Err(e.context("--backend webgpu")),
         }
     }
 
-    /// Blocking [`Self::select`] (native).
+    /// Blocking [`Self::select_with`] (native).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn select_blocking(choice: BackendChoice, model: &TextModel) -> Result<(Self, BackendInfo)> {
-        pollster::block_on(Self::select(choice, model))
+    pub fn select_blocking(
+        choice: BackendChoice,
+        model: &TextModel,
+        weights: GpuWeights,
+    ) -> Result<(Self, BackendInfo)> {
+        pollster::block_on(Self::select_with(choice, model, weights))
     }
 
     pub fn info(&self) -> BackendInfo {
         match self {
             Self::Cpu => BackendInfo::cpu(None),
-            Self::Gpu(d) => d.context().info(),
+            Self::Gpu(d) => BackendInfo { gpu_weights: Some(d.weights().name().to_owned()), ..d.context().info() },
         }
     }
 

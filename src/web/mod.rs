@@ -31,6 +31,7 @@ use crate::config::LlavaConfig;
 use crate::generate::{max_new_tokens, now_seconds, GenerateOptions, Generation, Generator, Sampling};
 use crate::gpu::context::{BackendChoice, BackendInfo};
 use crate::gpu::session::DecoderBackend;
+use crate::gpu::GpuWeights;
 use crate::image::{decode_image, RgbImage};
 use crate::pipeline::{PromptText, Vlm};
 use crate::processor::ProcessorFiles;
@@ -99,6 +100,9 @@ struct LoadOptions {
     vectors: Option<String>,
     #[serde(default)]
     backend: Option<String>,
+    /// How WebGPU stores the decoder's matrices: "f32" (default) or "f16".
+    #[serde(default)]
+    gpu_weights: Option<String>,
 }
 
 /// Options of one side-by-side comparison.
@@ -616,14 +620,17 @@ impl Session {
 
     /// Where the answers' decoder runs: `"auto"` (WebGPU when a hardware adapter passes the
     /// self-test, else the CPU, with the reason in `info().backendFallbackReason`), `"webgpu"`
-    /// (or an error saying why not) or `"cpu"`. Resolves to `info()`.
+    /// (or an error saying why not) or `"cpu"`; `gpu_weights`: `"f32"` (default) or `"f16"` (half
+    /// the GPU memory and bytes per token, computed in f32). Resolves to `info()`.
     #[wasm_bindgen(js_name = setBackend)]
-    pub async fn set_backend(&self, choice: String) -> Result<JsValue, JsError> {
+    pub async fn set_backend(&self, choice: String, gpu_weights: Option<String>) -> Result<JsValue, JsError> {
         if self.busy.get() {
             return Err(JsError::new("the model is busy: stop the running task first"));
         }
         self.busy.set(true);
-        let selected = async { self.select_backend(choice.parse()?).await }.await;
+        let selected =
+            async { self.select_backend(choice.parse()?, gpu_weights.as_deref().unwrap_or("f32").parse()?).await }
+                .await;
         self.busy.set(false);
         selected.map_err(to_js)?;
         self.info()
@@ -643,7 +650,10 @@ impl Session {
             "model": self.name,
             "backend": state.backend_info.backend,
             "backendDetail": match &state.backend_info.adapter {
-                Some(adapter) => format!("WebGPU: {adapter}"),
+                Some(adapter) => format!(
+                    "WebGPU: {adapter}, {} weights",
+                    state.backend_info.gpu_weights.as_deref().unwrap_or("f32")
+                ),
                 None => "candle on the CPU, wasm32 simd128, one thread".to_owned(),
             },
             "backendFallbackReason": state.backend_info.fallback_reason,
@@ -694,6 +704,7 @@ impl Session {
     async fn load_inner(options: JsValue, on_progress: Option<Function>) -> Result<Session> {
         let options: LoadOptions = from_js_value("load options", options)?;
         let backend: BackendChoice = options.backend.as_deref().unwrap_or("auto").parse()?;
+        let gpu_weights: GpuWeights = options.gpu_weights.as_deref().unwrap_or("f32").parse()?;
         let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
         let mut plan = plan_for(&options.spec).await?;
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
@@ -772,7 +783,7 @@ impl Session {
         let mut session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
         session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
         report("backend", "", 0, 0, done_before, false);
-        if let Err(e) = session.select_backend(backend).await {
+        if let Err(e) = session.select_backend(backend, gpu_weights).await {
             // The model is loaded: keep it on the CPU and say why (setBackend can try again).
             session.state.borrow_mut().backend_info = BackendInfo::cpu(Some(format!("WebGPU was asked for: {e:#}")));
         }
@@ -800,8 +811,8 @@ impl Session {
     }
 
     /// Upload the decoder to WebGPU (or not) per `choice`; the previous backend is kept on error.
-    async fn select_backend(&self, choice: BackendChoice) -> Result<()> {
-        let (backend, info) = DecoderBackend::select(choice, &self.vlm.model.text)
+    async fn select_backend(&self, choice: BackendChoice, weights: GpuWeights) -> Result<()> {
+        let (backend, info) = DecoderBackend::select_with(choice, &self.vlm.model.text, weights)
             .await
             .map_err(|e| e.context("WebGPU is not available for this model (choose the CPU backend)"))?;
         let mut state = self.state.borrow_mut();
