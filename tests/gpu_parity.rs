@@ -210,6 +210,10 @@ fn backend_choice_reports_adapter() {
     assert!(matches!(b, DecoderBackend::Gpu(_)));
     assert_eq!(info.backend, "webgpu");
     assert!(info.adapter.as_deref().is_some_and(|a| !a.is_empty()));
+    // GPU weights `auto`: f16 on a hardware GPU, f32 on a software rasterizer.
+    let (_, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::Auto).unwrap();
+    let software = adapter.device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(info.gpu_weights.as_deref(), Some(if software { "f32" } else { "f16" }));
     let (b, info) = DecoderBackend::select_blocking(BackendChoice::Auto, &vlm.model.text, GpuWeights::F32).unwrap();
     eprintln!("auto -> {}", serde_json::to_string(&info).unwrap());
     if adapter.device_type == wgpu::DeviceType::Cpu {

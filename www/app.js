@@ -116,8 +116,9 @@ function modelChoice() {
   const v = $("model-select").value;
   const weights = $("weights")?.value ?? "auto"; // embed.html has no weights or backend picker
   const picked = $("backend")?.value ?? params.get("backend") ?? "auto";
-  // "webgpu-f16": WebGPU with the decoder's matrices stored as f16.
-  const [backend, gpuWeights] = picked === "webgpu-f16" ? ["webgpu", "f16"] : [picked, "f32"];
+  // "webgpu-f16" / "webgpu-f32": WebGPU with the decoder's matrices stored so; else auto
+  // (f16 on a hardware GPU).
+  const [backend, gpuWeights] = picked.startsWith("webgpu-") ? ["webgpu", picked.slice(7)] : [picked, "auto"];
   if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights, backend, gpuWeights }, vectors: BUNDLED.vectors, label: BUNDLED.label, catalogKey: "bundled:tiny-llava-siglip-qwen2" };
   const repo = v === "custom" ? $("custom-repo").value.trim() : v;
   return { options: { model: repo, revision: "main", weights, backend, gpuWeights }, vectors: null, label: repo, catalogKey: repo };

@@ -140,8 +140,8 @@ struct GenerateArgs {
     #[arg(long, default_value = "auto")]
     backend: String,
     /// How the GPU stores the decoder's matrices: f32 | f16 (half the memory and bytes per
-    /// token; computed in f32).
-    #[arg(long, default_value = "f32")]
+    /// token; computed in f32) | auto (f16 on a hardware GPU, f32 on a software rasterizer).
+    #[arg(long, default_value = "auto")]
     gpu_weights: String,
     #[arg(long)]
     json: bool,

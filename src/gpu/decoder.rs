@@ -135,9 +135,12 @@ pub struct GpuSteering {
 
 /// How the decoder's matrices are stored on the GPU: f32, or f16 (half the memory and the bytes
 /// read per token; the kernels unpack to f32 and compute in f32). The token embedding stays f32.
+/// `Auto`: f16 on a hardware GPU (where decode is bound by memory bandwidth), f32 on a software
+/// rasterizer (where unpacking costs more than it saves).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GpuWeights {
     #[default]
+    Auto,
     F32,
     F16,
 }
@@ -146,9 +149,10 @@ impl std::str::FromStr for GpuWeights {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
-            other => bail!("GPU weights must be f32 or f16 (got '{other}')"),
+            other => bail!("GPU weights must be auto, f32 or f16 (got '{other}')"),
         }
     }
 }
@@ -156,8 +160,18 @@ impl std::str::FromStr for GpuWeights {
 impl GpuWeights {
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::F32 => "f32",
             Self::F16 => "f16",
+        }
+    }
+
+    /// `Auto` decided for an adapter.
+    pub fn resolve(self, adapter: &wgpu::AdapterInfo) -> Self {
+        match self {
+            Self::Auto if adapter.device_type == wgpu::DeviceType::Cpu => Self::F32,
+            Self::Auto => Self::F16,
+            fixed => fixed,
         }
     }
 }
@@ -243,6 +257,7 @@ impl GpuDecoder {
 
     /// [`Self::new`] with the matrices stored as `weights`.
     pub async fn new_with(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
+        let weights = weights.resolve(&ctx.adapter_info);
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let built = Self::build(ctx.clone(), model, weights);
         let oom = scope.pop().await;

@@ -98,7 +98,7 @@ impl DecoderBackend {
     ) -> Result<(Self, BackendInfo)> {
         let (ctx, mut info) = super::context::select_backend(choice).await?;
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
-        info.gpu_weights = Some(weights.name().to_owned());
+        info.gpu_weights = Some(weights.resolve(&ctx.adapter_info).name().to_owned());
         match GpuDecoder::new_with(Arc::new(ctx), model, weights).await.map(|d| Self::Gpu(Box::new(d))) {
             Ok(backend) => Ok((backend, info)),
             Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),

@@ -100,7 +100,8 @@ struct LoadOptions {
     vectors: Option<String>,
     #[serde(default)]
     backend: Option<String>,
-    /// How WebGPU stores the decoder's matrices: "f32" (default) or "f16".
+    /// How WebGPU stores the decoder's matrices: "auto" (default: f16 on a hardware GPU), "f32"
+    /// or "f16".
     #[serde(default)]
     gpu_weights: Option<String>,
 }
@@ -620,8 +621,9 @@ impl Session {
 
     /// Where the answers' decoder runs: `"auto"` (WebGPU when a hardware adapter passes the
     /// self-test, else the CPU, with the reason in `info().backendFallbackReason`), `"webgpu"`
-    /// (or an error saying why not) or `"cpu"`; `gpu_weights`: `"f32"` (default) or `"f16"` (half
-    /// the GPU memory and bytes per token, computed in f32). Resolves to `info()`.
+    /// (or an error saying why not) or `"cpu"`; `gpu_weights`: `"auto"` (default: f16 on a hardware
+    /// GPU, f32 on a software one), `"f32"` or `"f16"` (half the GPU memory and bytes per token,
+    /// computed in f32). Resolves to `info()`.
     #[wasm_bindgen(js_name = setBackend)]
     pub async fn set_backend(&self, choice: String, gpu_weights: Option<String>) -> Result<JsValue, JsError> {
         if self.busy.get() {
@@ -629,7 +631,7 @@ impl Session {
         }
         self.busy.set(true);
         let selected =
-            async { self.select_backend(choice.parse()?, gpu_weights.as_deref().unwrap_or("f32").parse()?).await }
+            async { self.select_backend(choice.parse()?, gpu_weights.as_deref().unwrap_or("auto").parse()?).await }
                 .await;
         self.busy.set(false);
         selected.map_err(to_js)?;
@@ -704,7 +706,7 @@ impl Session {
     async fn load_inner(options: JsValue, on_progress: Option<Function>) -> Result<Session> {
         let options: LoadOptions = from_js_value("load options", options)?;
         let backend: BackendChoice = options.backend.as_deref().unwrap_or("auto").parse()?;
-        let gpu_weights: GpuWeights = options.gpu_weights.as_deref().unwrap_or("f32").parse()?;
+        let gpu_weights: GpuWeights = options.gpu_weights.as_deref().unwrap_or("auto").parse()?;
         let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
         let mut plan = plan_for(&options.spec).await?;
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
