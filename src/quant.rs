@@ -398,6 +398,20 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// N(0, 1) values from a seed (Box–Muller): the same tensor on every run.
+    fn seeded_normal(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u, v): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
         let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
@@ -406,10 +420,9 @@ mod tests {
 
     #[test]
     fn quantized_linear_is_close_to_f32() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 5, 512), &dev).unwrap();
+        let w = seeded_normal(&[48, 512], 1);
+        let b = seeded_normal(&[48], 2);
+        let x = seeded_normal(&[1, 5, 512], 3);
         let exact = QLinear::new(w.clone(), Some(b.clone()), WeightFormat::F32).unwrap();
         let want = exact.forward(&x).unwrap();
         for (format, tol, kind) in [(WeightFormat::Q8_0, 0.01, "q8_0"), (WeightFormat::Q4, 0.15, "q4k")] {
@@ -417,6 +430,7 @@ mod tests {
             assert_eq!(q.format(), kind);
             assert!(q.weight().is_none());
             let err = rel_err(&q.forward(&x).unwrap(), &want);
+            eprintln!("{format:?}: relative error {err}");
             assert!(err < tol && err > 0.0, "{format:?}: relative error {err}");
             assert!(q.weight_bytes() * 3 < exact.weight_bytes(), "{format:?}");
         }
@@ -447,14 +461,15 @@ mod tests {
     #[test]
     fn shapes_that_do_not_fit_a_block_are_padded() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (40, 4304 / 8), &dev).unwrap(); // 538 inputs: 16.8 blocks of 32
-        let x = Tensor::randn(0f32, 1.0, (1, 3, 538), &dev).unwrap();
+        let w = seeded_normal(&[40, 4304 / 8], 4); // 538 inputs: 16.8 blocks of 32
+        let x = seeded_normal(&[1, 3, 538], 5);
         let want = QLinear::new(w.clone(), None, WeightFormat::F32).unwrap().forward(&x).unwrap();
         for (format, kind, tol) in [(WeightFormat::Q8_0, "q8_0", 0.01), (WeightFormat::Q4, "q4_0", 0.15)] {
             let q = QLinear::new(w.clone(), None, format).unwrap();
             assert_eq!(q.format(), kind);
             assert_eq!(q.weight_bytes(), 40 * 544 / 32 * if kind == "q8_0" { 34 } else { 18 });
             let err = rel_err(&q.forward(&x).unwrap(), &want);
+            eprintln!("padded {format:?}: relative error {err}");
             assert!(err < tol && err > 0.0, "{format:?}: relative error {err}");
         }
         let w = Tensor::randn(0f32, 1.0, (8, 96), &dev).unwrap(); // 96 = 3·32, not a multiple of 256
