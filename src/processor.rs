@@ -20,6 +20,37 @@ pub struct ProcessorFiles {
     pub processor_config_json: Option<String>,
 }
 
+impl ProcessorFiles {
+    /// Every file name a processor reads (`tokenizer.json` is required, the rest optional).
+    pub const NAMES: [&'static str; 6] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ];
+
+    /// Put a checkpoint file's bytes in its slot. Returns `false` (and keeps nothing) for a name
+    /// that is not a processor file; text files must be UTF-8.
+    pub fn insert(&mut self, name: &str, bytes: Vec<u8>) -> Result<bool> {
+        let slot = match name {
+            "tokenizer.json" => {
+                self.tokenizer_json = bytes;
+                return Ok(true);
+            }
+            "tokenizer_config.json" => &mut self.tokenizer_config_json,
+            "chat_template.jinja" => &mut self.chat_template_jinja,
+            "chat_template.json" => &mut self.chat_template_json,
+            "preprocessor_config.json" => &mut self.preprocessor_config_json,
+            "processor_config.json" => &mut self.processor_config_json,
+            _ => return Ok(false),
+        };
+        *slot = Some(String::from_utf8(bytes).with_context(|| format!("{name} is not UTF-8 text"))?);
+        Ok(true)
+    }
+}
+
 /// Token ids of a prompt and where its image tokens are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedPrompt {
@@ -233,23 +264,19 @@ impl Processor {
 #[cfg(not(target_arch = "wasm32"))]
 impl ProcessorFiles {
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
-        let read_opt = |name: &str| -> Result<Option<String>> {
-            let path = dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(s) => Ok(Some(s)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),
-            }
-        };
         let tok_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read(&tok_path).with_context(|| format!("cannot read {}", tok_path.display()))?;
-        Ok(Self {
-            tokenizer_json,
-            tokenizer_config_json: read_opt("tokenizer_config.json")?,
-            chat_template_jinja: read_opt("chat_template.jinja")?,
-            chat_template_json: read_opt("chat_template.json")?,
-            preprocessor_config_json: read_opt("preprocessor_config.json")?,
-            processor_config_json: read_opt("processor_config.json")?,
-        })
+        let mut files = Self { tokenizer_json, ..Self::default() };
+        for name in &Self::NAMES[1..] {
+            let path = dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    files.insert(name, bytes).with_context(|| format!("cannot read {}", path.display()))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => bail!("cannot read {}: {e}", path.display()),
+            }
+        }
+        Ok(files)
     }
 }

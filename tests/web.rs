@@ -99,14 +99,10 @@ fn file_of<'a>(files: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
 fn library_vlm(files: &[(String, Vec<u8>)], format: cmrm::quant::WeightFormat) -> cmrm::Vlm {
     let text = |n: &str| String::from_utf8(file_of(files, n).to_vec()).unwrap();
     let config = cmrm::LlavaConfig::from_json_str(&text("config.json")).unwrap().with_weight_format(format);
-    let processor = cmrm::processor::ProcessorFiles {
-        tokenizer_json: file_of(files, "tokenizer.json").to_vec(),
-        tokenizer_config_json: Some(text("tokenizer_config.json")),
-        chat_template_jinja: Some(text("chat_template.jinja")),
-        preprocessor_config_json: Some(text("preprocessor_config.json")),
-        processor_config_json: Some(text("processor_config.json")),
-        ..Default::default()
-    };
+    let mut processor = cmrm::processor::ProcessorFiles::default();
+    for (name, bytes) in files {
+        processor.insert(name, bytes.clone()).unwrap();
+    }
     let mut weights = cmrm::weights::Weights::empty();
     let safetensors = file_of(files, "model.safetensors").to_vec();
     weights.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(safetensors)).unwrap();

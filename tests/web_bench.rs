@@ -70,14 +70,16 @@ fn calibrate_tiny_seconds_per_prompt() -> f64 {
         };
     }
     let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
-    let files = cmrm::processor::ProcessorFiles {
-        tokenizer_json: bundled!("tokenizer.json").to_vec(),
-        tokenizer_config_json: Some(text(bundled!("tokenizer_config.json"))),
-        chat_template_jinja: Some(text(bundled!("chat_template.jinja"))),
-        preprocessor_config_json: Some(text(bundled!("preprocessor_config.json"))),
-        processor_config_json: Some(text(bundled!("processor_config.json"))),
-        ..Default::default()
-    };
+    let mut files = cmrm::processor::ProcessorFiles::default();
+    for (name, bytes) in [
+        ("tokenizer.json", bundled!("tokenizer.json")),
+        ("tokenizer_config.json", bundled!("tokenizer_config.json")),
+        ("chat_template.jinja", bundled!("chat_template.jinja")),
+        ("preprocessor_config.json", bundled!("preprocessor_config.json")),
+        ("processor_config.json", bundled!("processor_config.json")),
+    ] {
+        files.insert(name, bytes.to_vec()).unwrap();
+    }
     let mut weights = cmrm::weights::Weights::empty();
     weights
         .add_file("model.safetensors", cmrm::weights::FileBytes::Owned(bundled!("model.safetensors").to_vec()))

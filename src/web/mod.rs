@@ -310,21 +310,6 @@ pub struct Session {
     streamed: bool,
 }
 
-/// Routes a file's bytes to the processor-file slot it belongs to.
-fn put_processor_file(files: &mut ProcessorFiles, name: &str, bytes: Vec<u8>) -> Result<()> {
-    let text = || String::from_utf8(bytes.clone()).with_context(|| format!("{name} is not UTF-8 text"));
-    match name {
-        "tokenizer.json" => files.tokenizer_json = bytes,
-        "tokenizer_config.json" => files.tokenizer_config_json = Some(text()?),
-        "chat_template.jinja" => files.chat_template_jinja = Some(text()?),
-        "chat_template.json" => files.chat_template_json = Some(text()?),
-        "preprocessor_config.json" => files.preprocessor_config_json = Some(text()?),
-        "processor_config.json" => files.processor_config_json = Some(text()?),
-        _ => {}
-    }
-    Ok(())
-}
-
 /// Collects a checkpoint file by file; each weight file's header is parsed as it arrives and its
 /// bytes are kept until the model is built (tensors are converted as the model takes them), so
 /// peak memory is the weight files plus the model in memory.
@@ -368,7 +353,9 @@ impl Assembler {
                 self.weight_files += 1;
             }
             n if n.ends_with(".index.json") => {}
-            n => put_processor_file(&mut self.processor, n, bytes)?,
+            n => {
+                self.processor.insert(n, bytes)?;
+            }
         }
         Ok(())
     }
@@ -443,22 +430,19 @@ fn wasm_memory_bytes() -> u64 {
     memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as u64
 }
 
-/// Before downloading: the weight format the model will load in, or a readable refusal. The
-/// safetensors weights then stream in (converted tensor by tensor: beside the model only the
-/// largest raw tensor is held); GGUF files are held whole while the model is built. `None` when
-/// the headers could not be read (then the format is decided from the first file's header, or
-/// once the files are in memory).
+/// Before downloading: the weight format the model will load in, or a readable refusal. `None`
+/// when the safetensors headers could not be read (a GGUF copy, a cached or unreachable file):
+/// then the format is decided from the first file's header, or once the files are in memory.
 fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat>> {
-    if plan.tensor_shapes.is_none() {
-        return Ok(None);
-    }
-    let held = wasm_memory_bytes()
-        + if plan.files.iter().any(|f| f.name.ends_with(".gguf")) {
-            plan.weight_file_bytes()
-        } else {
-            crate::streaming::STREAM_OVERHEAD_BYTES
-        };
-    fit_format(&plan.model, choice, |f| plan.model_bytes(f).unwrap_or(0), held).map(Some)
+    let Some(shapes) = &plan.tensor_shapes else { return Ok(None) };
+    fit_streamed(&plan.model, choice, shapes).map(Some)
+}
+
+/// The format safetensors weights load in as they stream in: beside the model, only a slice of
+/// rows in conversion is held (`streaming::STREAM_OVERHEAD_BYTES`).
+fn fit_streamed(name: &str, choice: WeightChoice, shapes: &[(String, Vec<usize>)]) -> Result<WeightFormat> {
+    let estimate = |f| crate::quant::estimate_model_bytes(f, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
+    fit_format(name, choice, estimate, wasm_memory_bytes() + crate::streaming::STREAM_OVERHEAD_BYTES)
 }
 
 /// Resolves after the event loop has run once (a `stop` message gets its turn).
@@ -749,16 +733,7 @@ impl Session {
                 let model = plan.model.clone();
                 let decide: crate::streaming::DecideFormat = match known_format {
                     Some(format) => Box::new(move |_| Ok(format)),
-                    None => Box::new(move |shapes| {
-                        let estimate = |f| {
-                            crate::quant::estimate_model_bytes(
-                                f,
-                                shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
-                            )
-                        };
-                        let held = wasm_memory_bytes() + crate::streaming::STREAM_OVERHEAD_BYTES;
-                        fit_format(&model, choice, estimate, held)
-                    }),
+                    None => Box::new(move |shapes| fit_streamed(&model, choice, shapes)),
                 };
                 let mut stream = crate::streaming::SafetensorsStream::new(&file.name, decide);
                 let weights = &mut assembler.weights;
