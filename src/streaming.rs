@@ -10,12 +10,61 @@ use candle_core::{DType, Device, Tensor};
 use crate::quant::{in_memory_form, WeightFormat};
 use crate::weights::{canonical_key, Weights};
 
-/// One tensor of the header: saved key, dtype, shape, byte range within the data section.
-struct Pending {
-    key: String,
-    dtype: DType,
-    shape: Vec<usize>,
-    range: std::ops::Range<u64>,
+/// One tensor of a safetensors header: saved key, dtype, shape, byte range within the data
+/// section.
+pub struct HeaderTensor {
+    pub key: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub range: std::ops::Range<u64>,
+}
+
+/// Largest header accepted (a real one is kilobytes; a bigger length means not safetensors).
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// The tensors of a safetensors header (the JSON after the 8-byte length), in data order, each
+/// checked: F32/F16/BF16, and a byte range that matches its shape.
+pub fn parse_header(name: &str, json: &[u8]) -> Result<Vec<HeaderTensor>> {
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(json).with_context(|| format!("{name}: not a valid safetensors header"))?;
+    let mut tensors = Vec::new();
+    for (key, info) in &header {
+        if key == "__metadata__" {
+            continue;
+        }
+        let bad = || format!("{name}: tensor '{key}' has a malformed header entry");
+        let dtype = match info.get("dtype").and_then(|d| d.as_str()).with_context(bad)? {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            other => bail!("{name}: tensor '{key}' has dtype {other}; cmrm reads F32, F16 and BF16"),
+        };
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .with_context(bad)?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .with_context(bad)?;
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array()).with_context(bad)?;
+        let (start, end) = match offsets.as_slice() {
+            [a, b] => (a.as_u64().with_context(bad)?, b.as_u64().with_context(bad)?),
+            _ => bail!(bad()),
+        };
+        let elements: u64 = shape.iter().map(|&d| d as u64).product();
+        if end < start || end - start != elements * dtype.size_in_bytes() as u64 {
+            bail!("{name}: tensor '{key}' has {} bytes for shape {shape:?}", end.saturating_sub(start));
+        }
+        tensors.push(HeaderTensor { key: key.clone(), dtype, shape, range: start..end });
+    }
+    tensors.sort_by_key(|t| t.range.start);
+    Ok(tensors)
+}
+
+/// `(canonical name, shape)` of the tensors cmrm uses (what memory estimates take).
+pub fn canonical_shapes(tensors: &[HeaderTensor]) -> Vec<(String, Vec<usize>)> {
+    tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect()
 }
 
 /// Decides the in-memory format once the header's shapes are known (canonical names).
@@ -28,10 +77,8 @@ pub struct SafetensorsStream<'a> {
     /// Bytes received and not yet consumed; `buf[0]` is at file offset `buf_offset`.
     buf: Vec<u8>,
     buf_offset: u64,
-    /// File offset where the data section starts (8 + header length), once known.
-    data_start: Option<u64>,
-    /// Tensors in data order; `next` is the first not yet converted.
-    tensors: Vec<Pending>,
+    /// Tensors in data order, their ranges as file offsets; `next` is the first not yet converted.
+    tensors: Vec<HeaderTensor>,
     next: usize,
     received: u64,
     /// The current tensor's converted bytes so far, their type and the last slice's shape.
@@ -57,7 +104,6 @@ impl<'a> SafetensorsStream<'a> {
             format: None,
             buf: Vec::new(),
             buf_offset: 0,
-            data_start: None,
             tensors: Vec::new(),
             next: 0,
             received: 0,
@@ -85,14 +131,13 @@ impl<'a> SafetensorsStream<'a> {
     pub fn push(&mut self, chunk: &[u8], into: &mut Weights) -> Result<()> {
         self.received += chunk.len() as u64;
         self.buf.extend_from_slice(chunk);
-        if self.data_start.is_none() && !self.read_header()? {
+        if self.format.is_none() && !self.read_header()? {
             return Ok(());
         }
-        let data_start = self.data_start.unwrap_or(0);
         let format = self.format.unwrap_or_default();
         while let Some(t) = self.tensors.get(self.next) {
             let buffered_end = self.buf_offset + self.buf.len() as u64;
-            let (start, end) = (data_start + t.range.start, data_start + t.range.end);
+            let (start, end) = (t.range.start, t.range.end);
             let available = buffered_end.min(end).saturating_sub(self.buf_offset.max(start));
             let whole = buffered_end >= end;
             let canonical = canonical_key(&t.key);
@@ -165,54 +210,20 @@ impl<'a> SafetensorsStream<'a> {
             return Ok(false);
         }
         let n = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
-        if n > 100 << 20 {
+        if n > MAX_HEADER_BYTES {
             bail!("{}: not a safetensors file (header of {n} bytes)", self.name);
         }
         if (self.buf.len() as u64) < 8 + n {
             return Ok(false);
         }
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&self.buf[8..8 + n as usize])
-                .with_context(|| format!("{}: not a valid safetensors header", self.name))?;
-        let mut tensors = Vec::new();
-        for (key, info) in &header {
-            if key == "__metadata__" {
-                continue;
-            }
-            let bad = || format!("{}: tensor '{key}' has a malformed header entry", self.name);
-            let dtype = match info.get("dtype").and_then(|d| d.as_str()).with_context(bad)? {
-                "F32" => DType::F32,
-                "F16" => DType::F16,
-                "BF16" => DType::BF16,
-                other => bail!("{}: tensor '{key}' has dtype {other}; cmrm reads F32, F16 and BF16", self.name),
-            };
-            let shape: Vec<usize> = info
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .with_context(bad)?
-                .iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<_>>()
-                .with_context(bad)?;
-            let offsets = info.get("data_offsets").and_then(|o| o.as_array()).with_context(bad)?;
-            let (start, end) = match offsets.as_slice() {
-                [a, b] => (a.as_u64().with_context(bad)?, b.as_u64().with_context(bad)?),
-                _ => bail!(bad()),
-            };
-            let elements: u64 = shape.iter().map(|&d| d as u64).product();
-            if end < start || end - start != elements * dtype.size_in_bytes() as u64 {
-                bail!("{}: tensor '{key}' has {} bytes for shape {shape:?}", self.name, end.saturating_sub(start));
-            }
-            tensors.push(Pending { key: key.clone(), dtype, shape, range: start..end });
+        let mut tensors = parse_header(&self.name, &self.buf[8..8 + n as usize])?;
+        let mut decide = self.decide.take().context("the header was read twice")?;
+        self.format = Some(decide(&canonical_shapes(&tensors))?);
+        // Ranges from here on are file offsets (the data section starts after the header).
+        for t in &mut tensors {
+            t.range = t.range.start + 8 + n..t.range.end + 8 + n;
         }
-        tensors.sort_by_key(|t| t.range.start);
-        let shapes: Vec<(String, Vec<usize>)> =
-            tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect();
-        let decide = self.decide.take().context("the header was read twice")?;
-        let mut decide = decide;
-        self.format = Some(decide(&shapes)?);
         self.tensors = tensors;
-        self.data_start = Some(8 + n);
         self.buf.drain(..(8 + n) as usize);
         self.buf_offset = 8 + n;
         Ok(true)

@@ -299,15 +299,6 @@ impl Plan {
         let shapes = self.tensor_shapes.as_ref()?;
         Some(crate::quant::estimate_model_bytes(format, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()))))
     }
-
-    /// Bytes of the weight files (`*.safetensors`), all held until the model is built.
-    pub fn weight_file_bytes(&self) -> u64 {
-        self.files
-            .iter()
-            .filter(|f| f.name.ends_with(".safetensors") || f.name.ends_with(".gguf"))
-            .map(|f| f.size)
-            .sum()
-    }
 }
 
 /// `bytes=start-end` (inclusive) of a URL, or `None` if the server does not answer with 206.
@@ -333,19 +324,12 @@ async fn fetch_range(url: &str, start: u64, end: u64) -> Option<Vec<u8>> {
 async fn safetensors_shapes(url: &str) -> Option<Vec<(String, Vec<usize>)>> {
     let len = fetch_range(url, 0, 7).await?;
     let n = u64::from_le_bytes(len.get(..8)?.try_into().ok()?);
-    if n > 100 << 20 {
+    if n > crate::streaming::MAX_HEADER_BYTES {
         return None;
     }
     let header = fetch_range(url, 8, 8 + n - 1).await?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
-    let mut shapes = Vec::new();
-    for (key, info) in &header {
-        let Some(name) = crate::weights::canonical_key(key) else { continue };
-        let shape =
-            info.get("shape")?.as_array()?.iter().map(|d| d.as_u64().map(|x| x as usize)).collect::<Option<_>>()?;
-        shapes.push((name, shape));
-    }
-    Some(shapes)
+    let tensors = crate::streaming::parse_header(url, &header).ok()?;
+    Some(crate::streaming::canonical_shapes(&tensors))
 }
 
 /// `owner/name` on the Hugging Face Hub (not a URL or a path).
