@@ -155,6 +155,15 @@ pub struct CpuSession<'a> {
     pub opts: ForwardOptions<'a>,
 }
 
+impl<'a> CpuSession<'a> {
+    /// A sequence of up to `capacity` positions after a `prompt_len`-token prompt, steered by
+    /// `steering`; every pass returns the last position's logits.
+    pub fn new(model: &'a LlavaModel, steering: Option<&'a Intervention>, prompt_len: usize, capacity: usize) -> Self {
+        let opts = ForwardOptions { steering, prompt_len, capture_layers: false, logits: true };
+        Self { model, cache: model.text.new_cache(capacity), opts }
+    }
+}
+
 impl DecodeSession for CpuSession<'_> {
     fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
         let out = self.model.forward(embeds, &mut self.cache, self.opts).context("prefill failed");
@@ -201,11 +210,7 @@ pub fn generate(
 ) -> Result<Generation> {
     let prompt_len = input_ids.len();
     let max_new = max_new_tokens(model.config.text.max_position_embeddings, prompt_len, opts.max_new_tokens);
-    let mut session = CpuSession {
-        model,
-        cache: model.text.new_cache(prompt_len + max_new),
-        opts: ForwardOptions { steering, prompt_len, capture_layers: false, logits: true },
-    };
+    let mut session = CpuSession::new(model, steering, prompt_len, prompt_len + max_new);
     complete_now(generate_on(&mut session, tokenizer, input_ids, embeds, max_new, opts, on_token))
 }
 

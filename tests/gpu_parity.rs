@@ -50,11 +50,7 @@ fn stepwise(
 ) {
     let ids = &prepared.encoded.input_ids;
     let n = ids.len();
-    let mut cpu = CpuSession {
-        model: &vlm.model,
-        cache: vlm.model.text.new_cache(n + steps),
-        opts: ForwardOptions { steering, prompt_len: n, capture_layers: false, logits: true },
-    };
+    let mut cpu = CpuSession::new(&vlm.model, steering, n, n + steps);
     let mut gpu = GpuSession::new(dec, n, n + 2, steering, false).unwrap(); // small capacity: exercises growth
     let mut a = logits_of(pollster::block_on(cpu.prefill(&prepared.embeds)).unwrap());
     let mut b = logits_of(pollster::block_on(gpu.prefill(&prepared.embeds)).unwrap());

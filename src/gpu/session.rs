@@ -12,7 +12,7 @@ use crate::generate::{
 };
 use crate::pipeline::{Prepared, Vlm};
 use crate::steering::Intervention;
-use crate::text::{ForwardOptions, TextModel};
+use crate::text::TextModel;
 
 /// One sequence on the GPU: its KV cache and uploaded steering.
 pub struct GpuSession<'a> {
@@ -98,9 +98,11 @@ impl DecoderBackend {
     ) -> Result<(Self, BackendInfo)> {
         let (ctx, mut info) = super::context::select_backend(choice).await?;
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
-        info.gpu_weights = Some(weights.resolve(&ctx.adapter_info).name().to_owned());
-        match GpuDecoder::new_with(Arc::new(ctx), model, weights).await.map(|d| Self::Gpu(Box::new(d))) {
-            Ok(backend) => Ok((backend, info)),
+        match GpuDecoder::new_with(Arc::new(ctx), model, weights).await {
+            Ok(decoder) => {
+                info.gpu_weights = Some(decoder.weights().name().to_owned());
+                Ok((Self::Gpu(Box::new(decoder)), info))
+            }
             Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),
             Err(e) => Err(e.context("--backend webgpu")),
         }
@@ -134,11 +136,7 @@ impl DecoderBackend {
         greedy: bool,
     ) -> Result<Box<dyn DecodeSession + 'a>> {
         Ok(match self {
-            Self::Cpu => Box::new(CpuSession {
-                model: &vlm.model,
-                cache: vlm.model.text.new_cache(capacity),
-                opts: ForwardOptions { steering, prompt_len, capture_layers: false, logits: true },
-            }),
+            Self::Cpu => Box::new(CpuSession::new(&vlm.model, steering, prompt_len, capacity)),
             Self::Gpu(decoder) => Box::new(GpuSession::new(decoder, prompt_len, capacity, steering, greedy)?),
         })
     }
