@@ -4,8 +4,9 @@
 //! cargo bench --bench gpu_decode                      # synthetic "small" model (random weights)
 //! CMRM_BENCH_PRESET=llava-interleave-qwen-0.5b cargo bench --bench gpu_decode   # its Qwen1.5-0.5B, ~1.9 GB f32
 //! CMRM_BENCH_MODEL=path/to/checkpoint cargo bench --bench gpu_decode
-//! (CMRM_BENCH_PROMPT / CMRM_BENCH_TOKENS: prompt and decode lengths; CMRM_BENCH_GPU_WEIGHTS=f16:
-//! the GPU stores the matrices as f16.)
+//! (CMRM_BENCH_PROMPT / CMRM_BENCH_TOKENS: prompt and decode lengths; CMRM_BENCH_WEIGHTS=q8_0|q4:
+//! the model is loaded quantized (both backends; the GPU keeps the blocks); CMRM_BENCH_GPU_WEIGHTS=
+//! auto|f32|f16: how the GPU stores the matrices, default f32, or auto for a quantized model.)
 
 use std::sync::Arc;
 
@@ -18,17 +19,27 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     };
     let ctx = Arc::new(cmrm::gpu::context::new_blocking()?);
+    let format: cmrm::quant::WeightFormat = std::env::var("CMRM_BENCH_WEIGHTS").as_deref().unwrap_or("f32").parse()?;
     let (label, text) = if let Ok(dir) = std::env::var("CMRM_BENCH_MODEL") {
-        let vlm = cmrm::Vlm::load_dir(std::path::Path::new(&dir))?;
+        let vlm = cmrm::Vlm::load_dir_as(std::path::Path::new(&dir), format)?;
         (dir, vlm.model.text)
     } else {
         let preset = std::env::var("CMRM_BENCH_PRESET").unwrap_or_else(|_| "small".into());
-        let cfg = cmrm::gpu::bench::preset(&preset)
+        let mut cfg = cmrm::gpu::bench::preset(&preset)
             .ok_or_else(|| anyhow::anyhow!("unknown preset {preset} (small, llava-interleave-qwen-0.5b)"))?;
+        cfg.weight_format = format;
         (format!("synthetic {preset}"), cmrm::gpu::bench::random_text_model(&cfg)?)
     };
-    println!("model: {label}; adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
-    let weights: cmrm::gpu::GpuWeights = std::env::var("CMRM_BENCH_GPU_WEIGHTS").as_deref().unwrap_or("f32").parse()?;
+    println!(
+        "model: {label} ({} weights); adapter: {} ({:?}, {:?})",
+        format.name(),
+        info.name,
+        info.backend,
+        info.device_type
+    );
+    let default_storage = if format == cmrm::quant::WeightFormat::F32 { "f32" } else { "auto" };
+    let weights: cmrm::gpu::GpuWeights =
+        std::env::var("CMRM_BENCH_GPU_WEIGHTS").as_deref().unwrap_or(default_storage).parse()?;
     let report = cmrm::gpu::bench::run(&text, ctx, prompt, tokens, weights)?;
     println!("{report}");
     println!("{}", serde_json::to_string(&report)?);

@@ -298,6 +298,47 @@ pub fn stored_blocks(
     Ok(Some(q))
 }
 
+/// A weight matrix `[out, in]` as a model holds it.
+#[derive(Clone, Copy)]
+pub enum MatrixRef<'a> {
+    /// Values (F32; F16 for an embedding table that is not whole blocks). May hold more
+    /// columns than the layer's input (zero padding), never fewer.
+    Dense(&'a Tensor),
+    /// GGML blocks: rows of `in_dim` values padded with zeros to whole blocks.
+    Blocks { blocks: &'a QTensor, in_dim: usize },
+}
+
+impl MatrixRef<'_> {
+    /// Output rows.
+    pub fn rows(&self) -> Result<usize> {
+        match self {
+            Self::Dense(t) => t.dim(0),
+            Self::Blocks { blocks, .. } => blocks.shape().dims2().map(|(rows, _)| rows),
+        }
+    }
+
+    /// Row-major F32 values of the first `in_dim` columns (blocks dequantized, as candle does).
+    pub fn to_f32(&self, in_dim: usize) -> Result<Vec<f32>> {
+        let dense = match self {
+            Self::Dense(t) => (*t).clone(),
+            Self::Blocks { blocks, .. } => blocks.dequantize(&candle_core::Device::Cpu)?,
+        };
+        let dense = if dense.dim(1)? > in_dim { dense.narrow(1, 0, in_dim)? } else { dense };
+        dense.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()
+    }
+
+    /// Whether both are the same storage (a tied lm_head sharing the embedding table).
+    pub fn same_as(&self, other: &MatrixRef<'_>) -> bool {
+        match (*self, *other) {
+            (MatrixRef::Dense(a), MatrixRef::Dense(b)) => a.id() == b.id(),
+            (MatrixRef::Blocks { blocks: a, .. }, MatrixRef::Blocks { blocks: b, .. }) => {
+                std::ptr::eq(a as *const QTensor, b as *const QTensor)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Values per slice in [`quantize_rows`] (16 Mi: 64 MB of F32).
 const QUANTIZE_CHUNK: usize = 16 << 20;
 
@@ -345,6 +386,19 @@ impl QLinear {
         match self {
             Self::F32(l) => Some(l.weight()),
             Self::Quantized { .. } => None,
+        }
+    }
+
+    /// The weight matrix as it is held (for other compute backends).
+    pub fn matrix(&self) -> MatrixRef<'_> {
+        match self {
+            Self::F32(l) => MatrixRef::Dense(l.weight()),
+            Self::Quantized { matmul: QMatMul::QTensor(blocks), in_dim, .. } => {
+                MatrixRef::Blocks { blocks, in_dim: *in_dim }
+            }
+            // candle's CANDLE_DEQUANTIZE_ALL[_F16] keeps quantized layers dense (padded columns
+            // included).
+            Self::Quantized { matmul: QMatMul::Tensor(t) | QMatMul::TensorF16(t), .. } => MatrixRef::Dense(t),
         }
     }
 

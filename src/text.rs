@@ -12,7 +12,7 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::{Activation, TextConfig};
-use crate::quant::{QLinear, WeightFormat};
+use crate::quant::{MatrixRef, QLinear, WeightFormat};
 use crate::steering::Intervention;
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, cfg: &TextConfig, vb: VarBuilder) -> Result<QLinear> {
@@ -353,37 +353,38 @@ impl TextModel {
         Ok((Tensor::stack(&states, 0)?, logits))
     }
 
-    /// Read-only views of every weight, for other compute backends (`gpu`); `None` when the
-    /// model was loaded quantized (those backends take F32 weights).
-    pub fn weights(&self) -> Option<TextWeights<'_>> {
-        fn lin(l: &QLinear) -> Option<LinearRef<'_>> {
-            Some((l.weight()?, l.bias()))
+    /// Read-only views of every weight as held (F32 or quantized blocks), for other compute
+    /// backends (`gpu`).
+    pub fn weights(&self) -> TextWeights<'_> {
+        fn lin(l: &QLinear) -> LinearRef<'_> {
+            (l.matrix(), l.bias())
         }
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                Some(LayerWeights {
-                    input_norm: l.input_layernorm.weight(),
-                    q_proj: lin(&l.self_attn.q_proj)?,
-                    k_proj: lin(&l.self_attn.k_proj)?,
-                    v_proj: lin(&l.self_attn.v_proj)?,
-                    o_proj: lin(&l.self_attn.o_proj)?,
-                    post_attention_norm: l.post_attention_layernorm.weight(),
-                    gate_proj: lin(&l.mlp.gate_proj)?,
-                    up_proj: lin(&l.mlp.up_proj)?,
-                    down_proj: lin(&l.mlp.down_proj)?,
-                })
+            .map(|l| LayerWeights {
+                input_norm: l.input_layernorm.weight(),
+                q_proj: lin(&l.self_attn.q_proj),
+                k_proj: lin(&l.self_attn.k_proj),
+                v_proj: lin(&l.self_attn.v_proj),
+                o_proj: lin(&l.self_attn.o_proj),
+                post_attention_norm: l.post_attention_layernorm.weight(),
+                gate_proj: lin(&l.mlp.gate_proj),
+                up_proj: lin(&l.mlp.up_proj),
+                down_proj: lin(&l.mlp.down_proj),
             })
-            .collect::<Option<Vec<_>>>()?;
-        let TokenEmbedding::Dense(embed_tokens) = &self.embed_tokens else { return None };
-        Some(TextWeights {
-            embed_tokens: embed_tokens.embeddings(),
+            .collect();
+        let embed_tokens = match &self.embed_tokens {
+            TokenEmbedding::Dense(e) => MatrixRef::Dense(e.embeddings()),
+            TokenEmbedding::Quantized { table, hidden } => MatrixRef::Blocks { blocks: table, in_dim: *hidden },
+        };
+        TextWeights {
+            embed_tokens,
             layers,
             norm: self.norm.weight(),
-            lm_head: self.lm_head.weight()?,
+            lm_head: self.lm_head.matrix(),
             rope_inv_freq: &self.rope.inv_freq,
-        })
+        }
     }
 
     /// Bytes of the matrices one decode step reads: every linear of every block and the lm_head
@@ -415,7 +416,7 @@ impl TextModel {
 }
 
 /// A linear layer's `([out, in]` weight, optional `[out]` bias).
-pub type LinearRef<'a> = (&'a Tensor, Option<&'a Tensor>);
+pub type LinearRef<'a> = (MatrixRef<'a>, Option<&'a Tensor>);
 
 /// Read-only references to one decoder block's weights.
 pub struct LayerWeights<'a> {
@@ -433,11 +434,11 @@ pub struct LayerWeights<'a> {
 /// Read-only references to the whole decoder's weights ([`TextModel::weights`]).
 pub struct TextWeights<'a> {
     /// `[V, H]`.
-    pub embed_tokens: &'a Tensor,
+    pub embed_tokens: MatrixRef<'a>,
     pub layers: Vec<LayerWeights<'a>>,
     pub norm: &'a Tensor,
-    /// `[V, H]` (the embedding itself when tied).
-    pub lm_head: &'a Tensor,
+    /// `[V, H]` (the embedding itself when tied: [`MatrixRef::same_as`]).
+    pub lm_head: MatrixRef<'a>,
     /// RoPE `inv_freq` (`[head_dim / 2]`), exactly the values the CPU path uses.
     pub rope_inv_freq: &'a [f32],
 }

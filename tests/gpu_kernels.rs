@@ -4,7 +4,9 @@
 //! (Mesa lavapipe on machines without a GPU); skips, with a message, only when none exists.
 
 use candle_core::{Device, Tensor, D};
+use cmrm::gpu::buffers::GpuMatrix;
 use cmrm::gpu::ops::{self, AttnShape};
+use cmrm::gpu::storage::WeightStorage;
 use cmrm::gpu::GpuContext;
 use cmrm::steering::{Intervention, Positions, SteeringVectors};
 
@@ -105,7 +107,7 @@ fn split_cases(ctx: &GpuContext) {
         let want =
             flat(&t(&x, &[m, k]).matmul(&t(&w, &[n, k]).t().unwrap()).unwrap().broadcast_add(&t(&b, &[n])).unwrap());
         for rows in [1, 7, 60, 61] {
-            let matrix = ops::matrix_in_chunks(ctx, &w, n, k, Some(&b), rows, false).unwrap();
+            let matrix = ops::matrix_in_chunks(ctx, &w, (n, k), Some(&b), rows, WeightStorage::F32).unwrap();
             assert_eq!(matrix.chunks.len(), n.div_ceil(rows));
             let got = pollster::block_on(ops::run_linear(ctx, &matrix, &x, m, None)).unwrap();
             assert_close(&format!("split {rows} rows, m={m}"), &got, &want, 1e-5);
@@ -136,14 +138,80 @@ fn f16_weights_match_candle_on_rounded_weights() {
                     .unwrap(),
             );
             for rows in [n, 7, 1] {
-                let matrix = ops::matrix_in_chunks(&ctx, &w, n, k, Some(&b), rows, true).unwrap();
-                assert!(matrix.half);
-                assert_eq!(matrix.bytes(), (n * k * 2 + n * 4) as u64);
+                let matrix = ops::matrix_in_chunks(&ctx, &w, (n, k), Some(&b), rows, WeightStorage::F16).unwrap();
+                assert_stored_bytes(&matrix, WeightStorage::F16);
                 let got = pollster::block_on(ops::run_linear(&ctx, &matrix, &x, m, None)).unwrap();
                 assert_close(&format!("f16 {m}x{k}x{n} in chunks of {rows}"), &got, &want, 1e-5);
             }
         }
     }
+}
+
+/// A matrix holds `row_bytes(k)` per row, each chunk rounded up to whole words, plus its bias.
+fn assert_stored_bytes(matrix: &GpuMatrix, storage: WeightStorage) {
+    assert_eq!(matrix.storage, storage);
+    let chunks: u64 =
+        matrix.chunks.iter().map(|(_, rows, _)| (*rows as u64 * storage.row_bytes(matrix.k)).div_ceil(4) * 4).sum();
+    let bias = if matrix.bias.is_some() { matrix.n as u64 * 4 } else { 0 };
+    assert_eq!(matrix.bytes(), chunks + bias);
+}
+
+/// Quantized weights (GGML blocks made by candle, repacked for the GPU or as they are): every
+/// matmul kernel, in whole and split matrices, and the embedding kernel equal candle's product /
+/// rows with the weights `QTensor::dequantize`d — the GPU reads exactly candle's values. Rows
+/// whose `k` is not whole blocks are padded with zero columns, as the model pads them.
+#[test]
+fn quantized_weights_match_candle_dequantized() {
+    use candle_core::quantized::QTensor;
+    let Some(mut ctx) = ctx() else { return };
+    let q8_shapes: [(usize, usize, usize); 5] = [(1, 64, 21), (3, 40, 7), (65, 96, 129), (1, 300, 1000), (70, 32, 65)];
+    let q4k_shapes = [(1, 256, 21), (3, 300, 7), (65, 512, 129), (1, 768, 300), (70, 256, 65)];
+    for variant in [false, true] {
+        ctx.set_rows_per_invocation(variant);
+        for (storage, shapes) in
+            [(WeightStorage::Q8_0, q8_shapes), (WeightStorage::Q4_0, q8_shapes), (WeightStorage::Q4K, q4k_shapes)]
+        {
+            let dtype = storage.ggml().unwrap();
+            for (i, &(m, k, n)) in shapes.iter().enumerate() {
+                let kp = k.div_ceil(dtype.block_size()) * dtype.block_size();
+                let x = rand_vec(m * k, 210 + i as u64);
+                let w = t(&rand_vec(n * k, 220 + i as u64), &[n, k]).pad_with_zeros(1, 0, kp - k).unwrap();
+                let b = rand_vec(n, 230 + i as u64);
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let dequantized = q.dequantize(&Device::Cpu).unwrap().narrow(1, 0, k).unwrap().contiguous().unwrap();
+                let want = flat(
+                    &t(&x, &[m, k]).matmul(&dequantized.t().unwrap()).unwrap().broadcast_add(&t(&b, &[n])).unwrap(),
+                );
+                let data = q.data().unwrap();
+                for rows in [n, 7, 1] {
+                    let what = format!("{} {m}x{k}x{n} in chunks of {rows}", storage.name());
+                    let matrix = GpuMatrix::blocks(&ctx, "w", &data, (n, k), Some(&b), storage, rows).unwrap();
+                    assert_stored_bytes(&matrix, storage);
+                    let got = pollster::block_on(ops::run_linear(&ctx, &matrix, &x, m, None)).unwrap();
+                    assert_close(&what, &got, &want, 1e-5);
+                    if variant {
+                        let ids = [0, (n - 1) as u32, (n / 2) as u32, 0];
+                        let got = pollster::block_on(ops::embed_rows(&ctx, &matrix, &ids)).unwrap();
+                        let ids_t = Tensor::new(&ids, &Device::Cpu).unwrap();
+                        let rows_want = flat(&dequantized.index_select(&ids_t, 0).unwrap());
+                        assert_eq!(got, rows_want, "{what}: embedding rows");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Blocks that do not match their shape are refused with the sizes, not read out of bounds.
+#[test]
+fn mismatched_blocks_are_refused() {
+    let Some(ctx) = ctx() else { return };
+    let err = GpuMatrix::blocks(&ctx, "down_proj", &[0u8; 100], (2, 64), None, WeightStorage::Q8_0, usize::MAX)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("100 bytes of q8_0 blocks for 2 rows of 64 values"), "{err:#}");
+    let err = GpuMatrix::blocks(&ctx, "w", &[0u8; 4], (1, 2), None, WeightStorage::F16, usize::MAX).err().unwrap();
+    assert!(format!("{err:#}").contains("not a block format"), "{err:#}");
 }
 
 #[test]

@@ -239,28 +239,112 @@ fn f16_weights_stay_close_to_f32() {
             half.weight_bytes_per_token() * 10 < full.weight_bytes_per_token() * 6,
             "f16 must read ~half the bytes"
         );
-        let refs = Refs::load(model);
-        let vectors = SteeringVectors::load(&refs_dir(model).join("steer_random.safetensors")).unwrap();
-        let steer = Intervention::add(&vectors, 1.5, None, Positions::All, vlm.device()).unwrap();
         let (mut worst, mut min_cos) = (0f32, 1f32);
-        for case in refs.json["cases"].as_array().unwrap() {
-            let prepared = vlm.prepare_text_only(case["multimodal"]["prompt"].as_str().unwrap()).unwrap();
-            for steering in [None, Some(&steer)] {
-                let n = prepared.encoded.input_ids.len();
-                let opts = ForwardOptions { steering, prompt_len: n, capture_layers: false, logits: true };
-                let cpu = vlm.probe(&prepared, steering).unwrap().logits;
-                let mut cache = half.new_cache(n).unwrap();
-                let out = half.forward_like_cpu_blocking(&prepared.embeds, &mut cache, opts).unwrap();
-                let gpu: Vec<f32> = out.logits.unwrap().to_vec1().unwrap();
-                let spread = cpu.iter().fold(0f32, |m, x| m.max(x.abs()));
-                worst = worst.max(max_abs_diff(&gpu, &cpu) / spread);
-                let dot: f32 = gpu.iter().zip(&cpu).map(|(a, b)| a * b).sum();
-                let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                min_cos = min_cos.min(dot / norm(&gpu) / norm(&cpu));
-            }
-        }
+        for_each_prompt(&vlm, model, |prepared, steering| {
+            let cpu = vlm.probe(prepared, steering).unwrap().logits;
+            let (diff, cos) = closeness(&gpu_logits(half, prepared, steering), &cpu);
+            worst = worst.max(diff);
+            min_cos = min_cos.min(cos);
+        });
         eprintln!("{model}: f16 GPU weights vs f32 CPU: max |Δlogit|/max |logit| {worst:e}, min cosine {min_cos}");
         assert!(worst > 0.0 && worst < 5e-3, "{model}: {worst}");
         assert!(min_cos > 0.99999, "{model}: {min_cos}");
+    }
+}
+
+/// Every oracle case's prompt (text only), unaltered and steered (random vectors, α 1.5, all
+/// layers).
+fn for_each_prompt(vlm: &Vlm, model: &str, mut f: impl FnMut(&cmrm::Prepared, Option<&Intervention>)) {
+    let refs = Refs::load(model);
+    let vectors = SteeringVectors::load(&refs_dir(model).join("steer_random.safetensors")).unwrap();
+    let steer = Intervention::add(&vectors, 1.5, None, Positions::All, vlm.device()).unwrap();
+    for case in refs.json["cases"].as_array().unwrap() {
+        let prepared = vlm.prepare_text_only(case["multimodal"]["prompt"].as_str().unwrap()).unwrap();
+        for steering in [None, Some(&steer)] {
+            f(&prepared, steering);
+        }
+    }
+}
+
+/// The last position's logits of one prefill of `prepared` on `dec`.
+fn gpu_logits(dec: &GpuDecoder, prepared: &cmrm::Prepared, steering: Option<&Intervention>) -> Vec<f32> {
+    let n = prepared.encoded.input_ids.len();
+    let opts = ForwardOptions { steering, prompt_len: n, capture_layers: false, logits: true };
+    let mut cache = dec.new_cache(n).unwrap();
+    let out = dec.forward_like_cpu_blocking(&prepared.embeds, &mut cache, opts).unwrap();
+    out.logits.unwrap().to_vec1().unwrap()
+}
+
+/// `(max |a − b| / max |b|, cosine(a, b))`.
+fn closeness(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let spread = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    (max_abs_diff(a, b) / spread, dot / norm(a) / norm(b))
+}
+
+/// A model loaded quantized decodes on the GPU from its own blocks (`auto`: Q8_0; Q4 = Q4_0 and,
+/// where rows are whole 256-blocks, Q4_K), reading a fraction of the f32 bytes per token, with
+/// the logits of the same weights dequantized to f32 on the GPU (the kernels read exactly
+/// candle's values), and close to candle's quantized CPU path, which also quantizes the
+/// activations (Q8_0 / Q8_K) — on every oracle prompt, unaltered and steered.
+#[test]
+fn quantized_weights_decode_on_the_gpu() {
+    use cmrm::gpu::BackendChoice;
+    use cmrm::quant::WeightFormat;
+    let Some(_) = ctx() else { return };
+    for model in MODELS {
+        let exact_vlm = Vlm::load_dir(&model_dir(model)).unwrap();
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4] {
+            let vlm = Vlm::load_dir_as(&model_dir(model), format).unwrap();
+            let text = &vlm.model.text;
+            let (blocks, info) =
+                DecoderBackend::select_blocking(BackendChoice::Webgpu, text, GpuWeights::Auto).unwrap();
+            let (dense, dense_info) =
+                DecoderBackend::select_blocking(BackendChoice::Webgpu, text, GpuWeights::F32).unwrap();
+            let (DecoderBackend::Gpu(blocks), DecoderBackend::Gpu(dense)) = (&blocks, &dense) else {
+                panic!("not on the GPU")
+            };
+            let stored = info.gpu_weights.unwrap();
+            assert_eq!(dense_info.gpu_weights.as_deref(), Some("f32"));
+            let ratio = blocks.weight_bytes_per_token() as f64 / dense.weight_bytes_per_token() as f64;
+            let (mut exact, mut vs_cpu, mut min_cos, mut first, mut n) = (0f32, 0f32, 1f32, 0, 0);
+            // Against the unquantized model: the GPU's and candle's quantized paths.
+            let (mut gpu_vs_f32, mut cpu_vs_f32) = (1f32, 1f32);
+            for_each_prompt(&vlm, model, |prepared, steering| {
+                let on_blocks = gpu_logits(blocks, prepared, steering);
+                exact = exact.max(closeness(&on_blocks, &gpu_logits(dense, prepared, steering)).0);
+                let cpu = vlm.probe(prepared, steering).unwrap().logits;
+                let (diff, cos) = closeness(&on_blocks, &cpu);
+                vs_cpu = vs_cpu.max(diff);
+                min_cos = min_cos.min(cos);
+                first += usize::from(cmrm::text::argmax(&on_blocks) == cmrm::text::argmax(&cpu));
+                n += 1;
+                let unquantized = exact_vlm.probe(prepared, steering).unwrap().logits;
+                gpu_vs_f32 = gpu_vs_f32.min(closeness(&on_blocks, &unquantized).1);
+                cpu_vs_f32 = cpu_vs_f32.min(closeness(&cpu, &unquantized).1);
+            });
+            eprintln!(
+                "{model} {format:?}: GPU {stored} weights, {ratio:.3}× the f32 bytes per token; vs the same weights dequantized on the GPU: max |Δlogit|/max |logit| {exact:e}; vs candle's quantized CPU path: {vs_cpu:.4}, min cosine {min_cos:.5}, first token {first}/{n}; min cosine to the F32 model: GPU {gpu_vs_f32:.5}, CPU {cpu_vs_f32:.5}"
+            );
+            let expected = match format {
+                WeightFormat::Q8_0 => "q8_0",
+                _ => "q4",
+            };
+            assert!(stored.starts_with(expected) || stored.contains(expected), "{model} {format:?}: {stored}");
+            assert!(exact < 1e-4, "{model} {format:?}: blocks vs dequantized {exact}");
+            assert!(min_cos > 0.995, "{model} {format:?}: cosine to candle's quantized path {min_cos}");
+            match format {
+                WeightFormat::Q8_0 => {
+                    assert!(ratio < 0.28, "{model}: Q8_0 reads {ratio}× the f32 bytes");
+                    assert!(first + 1 >= n, "{model}: Q8_0 first tokens {first}/{n}");
+                    assert!(gpu_vs_f32 > 0.995, "{model}: Q8_0 cosine to F32 {gpu_vs_f32}");
+                }
+                _ => {
+                    assert!(ratio < 0.16, "{model}: Q4 reads {ratio}× the f32 bytes");
+                    assert!(gpu_vs_f32 > cpu_vs_f32 - 0.03, "{model}: Q4 cosine to F32 {gpu_vs_f32} vs {cpu_vs_f32}");
+                }
+            }
+        }
     }
 }

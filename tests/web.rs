@@ -469,4 +469,22 @@ async fn quantized_gguf_copy_loads_as_q8_0() {
     };
     let got: Vec<u32> = ids(&from_gguf["unaltered"]["generatedIds"]).into_iter().map(|x| x as u32).collect();
     assert_eq!(got, on_load);
+
+    // On WebGPU the Q8_0 blocks are the GPU's weights (dequantized in the kernels): the answers
+    // equal those of the same weights dequantized to f32 at upload.
+    if !has_webgpu().await {
+        return;
+    }
+    let info = |v: JsValue| -> Value { serde_wasm_bindgen::from_value(v).unwrap() };
+    let blocks = info(session.set_backend("webgpu".into(), None).await.map_err(JsValue::from).unwrap());
+    assert!(blocks["backendDetail"].as_str().unwrap().ends_with("q8_0 weights"), "{blocks}");
+    let on_blocks = compare(&session, json!({"prompt": question, "maxNewTokens": 12})).await.unwrap();
+    let dense = info(session.set_backend("webgpu".into(), Some("f32".into())).await.map_err(JsValue::from).unwrap());
+    assert!(dense["backendDetail"].as_str().unwrap().ends_with("f32 weights"), "{dense}");
+    let on_dense = compare(&session, json!({"prompt": question, "maxNewTokens": 12})).await.unwrap();
+    for pane in ["unaltered", "steered"] {
+        let blocks_ids = ids(&on_blocks[pane]["generatedIds"]);
+        assert!(!blocks_ids.is_empty(), "{pane}");
+        assert_eq!(blocks_ids, ids(&on_dense[pane]["generatedIds"]), "{pane}");
+    }
 }

@@ -116,8 +116,8 @@ function modelChoice() {
   const v = $("model-select").value;
   const weights = $("weights")?.value ?? "auto"; // embed.html has no weights or backend picker
   const picked = $("backend")?.value ?? params.get("backend") ?? "auto";
-  // "webgpu-f16" / "webgpu-f32": WebGPU with the decoder's matrices stored so; else auto
-  // (f16 on a hardware GPU).
+  // "webgpu-f16" / "webgpu-f32": WebGPU with the decoder's matrices stored so; else auto (a
+  // quantized model's own blocks, dense matrices f16 on a hardware GPU).
   const [backend, gpuWeights] = picked.startsWith("webgpu-") ? ["webgpu", picked.slice(7)] : [picked, "auto"];
   if (v === "bundled") return { options: { model: BUNDLED.model, files: BUNDLED.files, weights, backend, gpuWeights }, vectors: BUNDLED.vectors, label: BUNDLED.label, catalogKey: "bundled:tiny-llava-siglip-qwen2" };
   const repo = v === "custom" ? $("custom-repo").value.trim() : v;

@@ -139,8 +139,9 @@ struct GenerateArgs {
     /// webgpu (wgpu: Vulkan/Metal/DX12 natively) | cpu.
     #[arg(long, default_value = "auto")]
     backend: String,
-    /// How the GPU stores the decoder's matrices: f32 | f16 (half the memory and bytes per
-    /// token; computed in f32) | auto (f16 on a hardware GPU, f32 on a software rasterizer).
+    /// How the GPU stores the decoder's matrices: auto (a quantized model's own Q8_0 / Q4 blocks,
+    /// dequantized in the kernels; dense matrices f16 on a hardware GPU, f32 on a software
+    /// rasterizer) | f32 | f16 (every matrix so, blocks dequantized at upload). Computed in f32.
     #[arg(long, default_value = "auto")]
     gpu_weights: String,
     #[arg(long)]

@@ -39,7 +39,7 @@ pub fn random_text_model(cfg: &TextConfig) -> Result<TextModel> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub adapter: String,
-    /// How the GPU stored the matrices (`f32` / `f16`).
+    /// How the GPU stored the matrices (`f32`, `f16`, `q8_0`, `q4_0+q4k`, …).
     pub gpu_weights: String,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
@@ -169,7 +169,7 @@ pub fn run(
     let bw = measure_read_bandwidth();
     Ok(BenchReport {
         adapter: ctx.info().adapter.unwrap_or_default(),
-        gpu_weights: weights.name().to_owned(),
+        gpu_weights: dec.weights_name(),
         prompt_tokens,
         decode_tokens,
         cpu_decode_tokens_per_s: decode_tokens as f64 / cpu_decode,

@@ -5,6 +5,8 @@ use anyhow::{bail, Result};
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
+use super::kernels::MatmulKernels;
+use super::storage::WeightStorage;
 
 pub const STORAGE: wgpu::BufferUsages =
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
@@ -46,50 +48,75 @@ pub fn uniform(ctx: &GpuContext, values: &[u32]) -> wgpu::Buffer {
     })
 }
 
-/// A `[n, k]` weight (PyTorch `Linear` layout) stored as row chunks, with an optional `[n]` bias.
+/// A `[n, k]` weight (PyTorch `Linear` layout) stored as row chunks in one [`WeightStorage`],
+/// with an optional `[n]` f32 bias.
 pub struct GpuMatrix {
     pub k: usize,
     pub n: usize,
     /// `(first row, rows, buffer)`.
     pub chunks: Vec<(usize, usize, wgpu::Buffer)>,
     pub bias: Option<wgpu::Buffer>,
-    /// Weights stored as f16 (two per `u32`; the `*_f16` kernels read them), else f32.
-    pub half: bool,
+    pub storage: WeightStorage,
 }
 
 impl GpuMatrix {
-    /// Upload `w` (`n·k` values, row-major) in chunks of at most `max_binding` bytes.
+    /// Upload `w` (`n·k` values, row-major) in f32.
     pub fn new(ctx: &GpuContext, label: &str, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Result<Self> {
-        Self::upload_as(ctx, label, w, n, k, bias, false)
+        Self::dense(ctx, label, w, (n, k), bias, WeightStorage::F32, usize::MAX)
     }
 
-    /// [`Self::new`] in `half` (f16) or f32 storage; the bias stays f32.
-    pub fn upload_as(
-        ctx: &GpuContext,
-        label: &str,
-        w: &[f32],
-        n: usize,
-        k: usize,
-        bias: Option<&[f32]>,
-        half: bool,
-    ) -> Result<Self> {
-        Self::upload_chunked(ctx, label, w, (n, k), bias, half, usize::MAX)
-    }
-
-    /// [`Self::upload_as`] with at most `max_rows` rows per chunk (tests use it to exercise
-    /// the split path on small matrices).
-    pub fn upload_chunked(
+    /// Upload dense values `w` (`n·k`, row-major) in `storage` (f32 or f16), at most `max_rows`
+    /// rows per chunk (tests use it to exercise the split path on small matrices) and at most the
+    /// adapter's largest storage binding.
+    pub fn dense(
         ctx: &GpuContext,
         label: &str,
         w: &[f32],
         (n, k): (usize, usize),
         bias: Option<&[f32]>,
-        half: bool,
+        storage: WeightStorage,
         max_rows: usize,
     ) -> Result<Self> {
-        assert_eq!(w.len(), n * k, "{label}: weight size");
-        let row_bytes = (k as u64 * if half { 2 } else { 4 }).max(4);
-        let rows_per_chunk = ((ctx.max_binding() / row_bytes) as usize).min(max_rows);
+        if w.len() != n * k {
+            bail!("{label}: {} values for a {n}×{k} matrix", w.len());
+        }
+        Self::from_rows(ctx, label, (n, k), bias, storage, max_rows, |r0, rows| {
+            storage.pack_dense(&w[r0 * k..(r0 + rows) * k])
+        })
+    }
+
+    /// Upload GGML blocks (`data`: `n` rows of `k` values padded to whole blocks, as candle's
+    /// `QTensor::data`) in their quantized `storage`.
+    pub fn blocks(
+        ctx: &GpuContext,
+        label: &str,
+        data: &[u8],
+        (n, k): (usize, usize),
+        bias: Option<&[f32]>,
+        storage: WeightStorage,
+        max_rows: usize,
+    ) -> Result<Self> {
+        let Some(dtype) = storage.ggml() else { bail!("{label}: {} is not a block format", storage.name()) };
+        let row_bytes = k.div_ceil(dtype.block_size()) * dtype.type_size();
+        if data.len() != n * row_bytes {
+            bail!("{label}: {} bytes of {} blocks for {n} rows of {k} values", data.len(), storage.name());
+        }
+        Self::from_rows(ctx, label, (n, k), bias, storage, max_rows, |r0, rows| {
+            storage.pack_blocks(&data[r0 * row_bytes..(r0 + rows) * row_bytes], rows, k)
+        })
+    }
+
+    fn from_rows(
+        ctx: &GpuContext,
+        label: &str,
+        (n, k): (usize, usize),
+        bias: Option<&[f32]>,
+        storage: WeightStorage,
+        max_rows: usize,
+        pack: impl Fn(usize, usize) -> Result<Vec<u32>>,
+    ) -> Result<Self> {
+        let rows_per_chunk =
+            ((ctx.max_binding().saturating_sub(4) / storage.row_bytes(k).max(4)) as usize).min(max_rows);
         if rows_per_chunk == 0 {
             bail!("{label}: one row of {k} values exceeds the adapter's largest storage binding");
         }
@@ -97,32 +124,18 @@ impl GpuMatrix {
         let mut r0 = 0;
         while r0 < n {
             let rows = rows_per_chunk.min(n - r0);
-            let values = &w[r0 * k..(r0 + rows) * k];
-            let buffer = if half { upload_words(ctx, label, &pack_f16(values))? } else { upload(ctx, label, values)? };
-            chunks.push((r0, rows, buffer));
+            chunks.push((r0, rows, upload_words(ctx, label, &pack(r0, rows)?)?));
             r0 += rows;
         }
         let bias = bias.map(|b| upload(ctx, label, b)).transpose()?;
-        Ok(Self { k, n, chunks, bias, half })
+        Ok(Self { k, n, chunks, bias, storage })
     }
 
     /// Bytes of weights (and bias) one pass over this matrix reads.
     pub fn bytes(&self) -> u64 {
-        let weights = (self.n * self.k) as u64 * if self.half { 2 } else { 4 };
+        let weights: u64 = self.chunks.iter().map(|(_, _, b)| b.size()).sum();
         weights + if self.bias.is_some() { self.n as u64 * 4 } else { 0 }
     }
-}
-
-/// f32 values as f16, two per `u32` (the even element in the low half; an odd count is padded).
-pub fn pack_f16(values: &[f32]) -> Vec<u32> {
-    values
-        .chunks(2)
-        .map(|pair| {
-            let lo = u32::from(half::f16::from_f32(pair[0]).to_bits());
-            let hi = pair.get(1).map_or(0, |v| u32::from(half::f16::from_f32(*v).to_bits()));
-            lo | (hi << 16)
-        })
-        .collect()
 }
 
 /// A storage buffer holding `words` (at least 4 bytes).
@@ -144,8 +157,8 @@ fn upload_words(ctx: &GpuContext, label: &str, words: &[u32]) -> Result<wgpu::Bu
 pub struct LinearOp {
     pub rows: usize,
     pub n: usize,
-    /// The weights are f16: the `*_f16` kernels.
-    pub half: bool,
+    /// The weights' storage (which kernels read them).
+    pub storage: WeightStorage,
     pub tiled: wgpu::BindGroup,
     pub gemv: wgpu::BindGroup,
     pub gemv_rows: wgpu::BindGroup,
@@ -190,14 +203,14 @@ pub fn bind_linear(
             ];
             let params = uniform(ctx, &p);
             let bias = matrix.bias.as_ref().unwrap_or(dummy);
-            let (matmul, gemv, gemv_rows) = k.matmul_kernels(matrix.half);
+            let kernels = k.matmul_kernels(matrix.storage);
             LinearOp {
                 rows: m,
                 n: *rows,
-                half: matrix.half,
-                tiled: matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
-                gemv: gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
-                gemv_rows: gemv_rows.bind(&ctx.device, &[step, &params, x, w, out, bias]),
+                storage: matrix.storage,
+                tiled: kernels.matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
+                gemv: kernels.gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
+                gemv_rows: kernels.gemv_rows.bind(&ctx.device, &[step, &params, x, w, out, bias]),
                 _params: params,
             }
         })
@@ -209,7 +222,7 @@ impl LinearOp {
     pub fn record(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>, t: usize) {
         let rows = if self.rows == 0 { t } else { self.rows };
         let k = &ctx.kernels;
-        let (matmul, gemv, gemv_rows) = k.matmul_kernels(self.half);
+        let MatmulKernels { matmul, gemv, gemv_rows, .. } = k.matmul_kernels(self.storage);
         if rows == 1 && k.rows_per_invocation {
             super::kernels::dispatch(
                 pass,

@@ -16,9 +16,11 @@ use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearOp}
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
 use super::ops::step_values;
+use super::storage::WeightStorage;
 use crate::config::{Activation, TextConfig};
+use crate::quant::MatrixRef;
 use crate::steering::{Intervention, Positions};
-use crate::text::{DecoderOutput, ForwardOptions, TextModel};
+use crate::text::{DecoderOutput, ForwardOptions, LinearRef, TextModel};
 
 /// Most rows one submission processes (prefill is split into chunks of this many rows).
 const MAX_CHUNK_ROWS: usize = 256;
@@ -133,10 +135,12 @@ pub struct GpuSteering {
     owner: usize,
 }
 
-/// How the decoder's matrices are stored on the GPU: f32, or f16 (half the memory and the bytes
-/// read per token; the kernels unpack to f32 and compute in f32). The token embedding stays f32.
-/// `Auto`: f16 on a hardware GPU (where decode is bound by memory bandwidth), f32 on a software
-/// rasterizer (where unpacking costs more than it saves).
+/// How the decoder's matrices are stored on the GPU. `Auto`: matrices the model holds quantized
+/// keep their GGML blocks (Q8_0 / Q4_0 / Q4_K kernels dequantize on the fly: the model's own
+/// memory and bytes read per token); dense ones are f16 on a hardware GPU (where decode is bound
+/// by memory bandwidth), f32 on a software rasterizer (where unpacking costs more than it
+/// saves). `F32` / `F16`: every matrix in that storage (blocks dequantized at upload). The
+/// kernels compute in f32 whatever the storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GpuWeights {
     #[default]
@@ -166,13 +170,72 @@ impl GpuWeights {
         }
     }
 
-    /// `Auto` decided for an adapter.
-    pub fn resolve(self, adapter: &wgpu::AdapterInfo) -> Self {
+    /// The storage of dense matrices on `adapter`.
+    pub fn dense_storage(self, adapter: &wgpu::AdapterInfo) -> WeightStorage {
         match self {
-            Self::Auto if adapter.device_type == wgpu::DeviceType::Cpu => Self::F32,
-            Self::Auto => Self::F16,
-            fixed => fixed,
+            Self::Auto if adapter.device_type == wgpu::DeviceType::Cpu => WeightStorage::F32,
+            Self::Auto | Self::F16 => WeightStorage::F16,
+            Self::F32 => WeightStorage::F32,
         }
+    }
+
+    /// Quantized matrices keep their blocks.
+    pub fn keeps_blocks(self) -> bool {
+        self == Self::Auto
+    }
+}
+
+/// How [`GpuDecoder`] uploads one matrix: dense ones in `dense`, blocks as they are when
+/// `keep_blocks` (else dequantized into `dense`).
+#[derive(Clone, Copy)]
+struct Upload<'a> {
+    ctx: &'a GpuContext,
+    dense: WeightStorage,
+    keep_blocks: bool,
+}
+
+impl Upload<'_> {
+    /// The rows of `parts` stacked (fused QKV, gate/up) as one `[Σ rows, k]` matrix with the
+    /// biases stacked (zeros for a part without one).
+    fn stacked(&self, label: &str, parts: &[LinearRef], k: usize) -> Result<GpuMatrix> {
+        let mut rows = 0;
+        let any_bias = parts.iter().any(|(_, b)| b.is_some());
+        let mut bias = Vec::new();
+        for (matrix, b) in parts {
+            let n = matrix.rows()?;
+            rows += n;
+            match b {
+                Some(b) => bias.extend(f32s(b)?),
+                None => bias.extend(std::iter::repeat_n(0f32, n)),
+            }
+        }
+        let bias = any_bias.then_some(bias.as_slice());
+        // Blocks of one type concatenate row-wise as bytes.
+        let block_storage = |m: &MatrixRef| match m {
+            MatrixRef::Blocks { blocks, in_dim } if *in_dim == k => WeightStorage::from_ggml(blocks.dtype()),
+            _ => None,
+        };
+        let first = block_storage(&parts[0].0);
+        if let Some(storage) =
+            first.filter(|_| self.keep_blocks && parts.iter().all(|(m, _)| block_storage(m) == first))
+        {
+            let mut data = Vec::new();
+            for (m, _) in parts {
+                if let MatrixRef::Blocks { blocks, .. } = m {
+                    data.extend_from_slice(&blocks.data()?);
+                }
+            }
+            return GpuMatrix::blocks(self.ctx, label, &data, (rows, k), bias, storage, usize::MAX);
+        }
+        let mut values = Vec::with_capacity(rows * k);
+        for (m, _) in parts {
+            values.extend(m.to_f32(k)?);
+        }
+        GpuMatrix::dense(self.ctx, label, &values, (rows, k), bias, self.dense, usize::MAX)
+    }
+
+    fn one(&self, label: &str, (matrix, bias): LinearRef, k: usize) -> Result<GpuMatrix> {
+        self.stacked(label, &[(matrix, bias)], k)
     }
 }
 
@@ -213,7 +276,9 @@ pub struct GpuDecoder {
     /// A forward is running: the scratch buffers are shared by every sequence (KV caches are
     /// not), so sequences take turns — one forward at a time, awaited to the end.
     in_flight: std::sync::atomic::AtomicBool,
-    storage: GpuWeights,
+    /// The embedding table, in the storage of the lm_head when tied.
+    embed_binds: Vec<wgpu::BindGroup>,
+    ids: wgpu::Buffer,
 }
 
 /// Clears `in_flight` however a forward ends (error, early return, dropped future).
@@ -231,23 +296,6 @@ fn next_id() -> usize {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn concat_rows(parts: &[(&Tensor, Option<&Tensor>)]) -> Result<(Vec<f32>, usize, Option<Vec<f32>>)> {
-    let mut w = Vec::new();
-    let mut n = 0;
-    let any_bias = parts.iter().any(|(_, b)| b.is_some());
-    let mut bias = Vec::new();
-    for (weight, b) in parts {
-        let rows = weight.dim(0)?;
-        w.extend(f32s(weight)?);
-        n += rows;
-        match b {
-            Some(b) => bias.extend(f32s(b)?),
-            None => bias.extend(std::iter::repeat_n(0f32, rows)),
-        }
-    }
-    Ok((w, n, any_bias.then_some(bias)))
-}
-
 impl GpuDecoder {
     /// Upload `model`'s weights in f32. Errors (never panics or hangs) when the adapter cannot
     /// hold them.
@@ -257,7 +305,6 @@ impl GpuDecoder {
 
     /// [`Self::new`] with the matrices stored as `weights`.
     pub async fn new_with(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
-        let weights = weights.resolve(&ctx.adapter_info);
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let built = Self::build(ctx.clone(), model, weights);
         let oom = scope.pop().await;
@@ -269,12 +316,11 @@ impl GpuDecoder {
         Ok(this)
     }
 
-    fn build(ctx: Arc<GpuContext>, model: &TextModel, storage: GpuWeights) -> Result<Self> {
-        let f16_weights = storage == GpuWeights::F16;
+    fn build(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
+        let upload_as =
+            Upload { ctx: &ctx, dense: weights.dense_storage(&ctx.adapter_info), keep_blocks: weights.keeps_blocks() };
         let cfg = model.config().clone();
-        let w = model
-            .weights()
-            .context("the GPU engine takes F32 weights; this model was loaded quantized (load it with f32 weights: --weights f32 in the CLI, weights \"f32\" in the page)")?;
+        let w = model.weights();
         let (h, nh, kvh, d, mi, vocab) = (
             cfg.hidden_size,
             cfg.num_attention_heads,
@@ -319,13 +365,26 @@ impl GpuDecoder {
         let capture = scratch(&ctx, "capture", (n_layers + 1) * h)?;
         let dummy = scratch(&ctx, "dummy", 1)?;
 
-        let embed = Arc::new(GpuMatrix::new(&ctx, "embed_tokens", &f32s(w.embed_tokens)?, vocab, h, None)?);
-        let lm_head = if w.lm_head.id() == w.embed_tokens.id() && !f16_weights {
+        let ids = scratch(&ctx, "token_ids", chunk_rows)?;
+        let embed = Arc::new(upload_as.one("embed_tokens", (w.embed_tokens, None), h)?);
+        let lm_head = if w.lm_head.same_as(&w.embed_tokens) {
             embed.clone()
         } else {
-            Arc::new(GpuMatrix::upload_as(&ctx, "lm_head", &f32s(w.lm_head)?, vocab, h, None, f16_weights)?)
+            Arc::new(upload_as.one("lm_head", (w.lm_head, None), h)?)
         };
-
+        let embed_binds = embed
+            .chunks
+            .iter()
+            .map(|(r0, rows, table)| {
+                let p = uniform(&ctx, &[h as u32, *rows as u32, *r0 as u32, 0]);
+                let bind = ctx
+                    .kernels
+                    .matmul_kernels(embed.storage)
+                    .embed_rows
+                    .bind(&ctx.device, &[&step, &p, &ids, table, &x]);
+                (bind, p)
+            })
+            .collect::<Vec<_>>();
         let k = &ctx.kernels;
         let dev = &ctx.device;
         let eps = (cfg.rms_norm_eps as f32).to_bits();
@@ -336,23 +395,10 @@ impl GpuDecoder {
         for (l, lw) in w.layers.iter().enumerate() {
             let norm1 = upload(&ctx, "input_layernorm", &f32s(lw.input_norm)?)?;
             let norm2 = upload(&ctx, "post_attention_layernorm", &f32s(lw.post_attention_norm)?)?;
-            let (wq, n_qkv, bq) = concat_rows(&[lw.q_proj, lw.k_proj, lw.v_proj])?;
-            let qkv_m = GpuMatrix::upload_as(&ctx, "qkv_proj", &wq, n_qkv, h, bq.as_deref(), f16_weights)?;
-            let o_bias = lw.o_proj.1.map(f32s).transpose()?;
-            let o_m =
-                GpuMatrix::upload_as(&ctx, "o_proj", &f32s(lw.o_proj.0)?, h, nh * d, o_bias.as_deref(), f16_weights)?;
-            let (wgu, n_gu, bgu) = concat_rows(&[lw.gate_proj, lw.up_proj])?;
-            let gu_m = GpuMatrix::upload_as(&ctx, "gate_up_proj", &wgu, n_gu, h, bgu.as_deref(), f16_weights)?;
-            let down_bias = lw.down_proj.1.map(f32s).transpose()?;
-            let down_m = GpuMatrix::upload_as(
-                &ctx,
-                "down_proj",
-                &f32s(lw.down_proj.0)?,
-                h,
-                mi,
-                down_bias.as_deref(),
-                f16_weights,
-            )?;
+            let qkv_m = upload_as.stacked("qkv_proj", &[lw.q_proj, lw.k_proj, lw.v_proj], h)?;
+            let o_m = upload_as.one("o_proj", lw.o_proj, nh * d)?;
+            let gu_m = upload_as.stacked("gate_up_proj", &[lw.gate_proj, lw.up_proj], h)?;
+            let down_m = upload_as.one("down_proj", lw.down_proj, mi)?;
             let p_capture = uniform(&ctx, &[h as u32, (l * h) as u32, 0, 0]);
             layers.push(Layer {
                 norm1_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm1, &xn]),
@@ -380,6 +426,7 @@ impl GpuDecoder {
         let p_argmax = uniform(&ctx, &[vocab as u32, 0, 0, 0]);
         let argmax_bind = k.argmax.bind(dev, &[&p_argmax, &logits, &token]);
 
+        let (embed_binds, embed_params): (Vec<_>, Vec<_>) = embed_binds.into_iter().unzip();
         Ok(Self {
             id: next_id(),
             h,
@@ -410,18 +457,29 @@ impl GpuDecoder {
             final_capture_bind,
             lm_head_ops,
             argmax_bind,
-            _params: vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax],
+            _params: [vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax], embed_params].concat(),
             _dummy: dummy,
             in_flight: std::sync::atomic::AtomicBool::new(false),
-            storage,
+            embed_binds,
+            ids,
             cfg,
             ctx,
         })
     }
 
-    /// How the matrices are stored.
-    pub fn weights(&self) -> GpuWeights {
-        self.storage
+    /// How the matrices are stored: the storages of the layer matrices and the lm_head, largest
+    /// share first (`"q4_0+q4k"` for a Q4 model whose MLP down projection is Q4_K).
+    pub fn weights_name(&self) -> String {
+        let mut bytes: Vec<(WeightStorage, u64)> = Vec::new();
+        let all = self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).chain([&*self.lm_head]);
+        for m in all {
+            match bytes.iter_mut().find(|(s, _)| *s == m.storage) {
+                Some((_, b)) => *b += m.bytes(),
+                None => bytes.push((m.storage, m.bytes())),
+            }
+        }
+        bytes.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
+        bytes.iter().map(|(s, _)| s.name()).collect::<Vec<_>>().join("+")
     }
 
     pub fn context(&self) -> &Arc<GpuContext> {
@@ -616,16 +674,11 @@ impl GpuDecoder {
                     q.write_buffer(&self.x, 0, bytemuck::cast_slice(&e[r0 * self.h..(r0 + rows) * self.h]))
                 }
                 GpuInput::Tokens(ids) => {
-                    let row = (self.h * 4) as u64;
-                    for (i, &id) in ids[r0..r0 + rows].iter().enumerate() {
-                        let id = id as usize;
-                        let (c0, _, buf) = self
-                            .embed
-                            .chunks
-                            .iter()
-                            .find(|(c0, n, _)| id >= *c0 && id < c0 + n)
-                            .context("embedding row")?;
-                        enc.copy_buffer_to_buffer(buf, (id - c0) as u64 * row, &self.x, i as u64 * row, row);
+                    q.write_buffer(&self.ids, 0, bytemuck::cast_slice(&ids[r0..r0 + rows]));
+                    let kernel = &self.ctx.kernels.matmul_kernels(self.embed.storage).embed_rows;
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    for bind in &self.embed_binds {
+                        dispatch(&mut pass, kernel, bind, grid((rows * self.h).div_ceil(64) as u32));
                     }
                 }
             }

@@ -1,6 +1,8 @@
 //! The WGSL kernels (`shaders/*.wgsl`), compiled once per device, and the helpers to bind and
 //! dispatch them.
 
+use super::storage::WeightStorage;
+
 const COMMON: &str = include_str!("shaders/common.wgsl");
 
 /// Workgroups per dimension a dispatch may use (WebGPU's default limit).
@@ -12,15 +14,23 @@ pub struct Kernel {
     pub layout: wgpu::BindGroupLayout,
 }
 
-pub struct Kernels {
+/// The kernels reading a weight matrix, for one [`WeightStorage`].
+pub struct MatmulKernels {
+    /// Tiled matmul (several rows).
     pub matmul: Kernel,
+    /// One row, cooperative reduction (hardware GPUs).
     pub gemv: Kernel,
-    /// One row per invocation (CPU-backed adapters).
+    /// One row, one output per invocation (CPU-backed adapters).
     pub gemv_rows: Kernel,
-    /// The same three reading f16 weights (two per `u32`, unpacked to f32 in the kernel).
-    pub matmul_f16: Kernel,
-    pub gemv_f16: Kernel,
-    pub gemv_rows_f16: Kernel,
+    /// Token-embedding rows (the table is a weight matrix in the same storage).
+    pub embed_rows: Kernel,
+}
+
+pub struct Kernels {
+    device: wgpu::Device,
+    /// Per [`WeightStorage`] (index in `WeightStorage::ALL`), compiled on first use: a model
+    /// compiles only the storages it holds.
+    by_storage: [std::sync::OnceLock<MatmulKernels>; WeightStorage::ALL.len()],
     /// Use `gemv_rows` for single-row matmuls.
     pub rows_per_invocation: bool,
     pub rmsnorm: Kernel,
@@ -50,53 +60,18 @@ fn kernel(device: &wgpu::Device, name: &str, body: &str) -> Kernel {
     Kernel { pipeline, layout }
 }
 
-/// A matmul kernel's source reading f16 weights: the `f32` array `w` becomes `w_half`, two f16
-/// values per `u32` (element `i` in the low half of word `i / 2` when `i` is even), and every
-/// `w[i]` becomes `w_at(i)`, which unpacks. Core WGSL (`unpack2x16float`): no `shader-f16`
-/// feature needed; arithmetic stays f32.
-pub fn half_weights(source: &str) -> String {
-    const DECL: &str = "var<storage, read> w: array<f32>;";
-    assert!(source.contains(DECL), "a matmul kernel declares `{DECL}`");
-    let source = source.replace(DECL, "var<storage, read> w_half: array<u32>;");
-    let mut out = String::with_capacity(source.len() + 256);
-    let mut depth_stack: Vec<usize> = Vec::new(); // bracket depths where a `w[` opened
-    let mut depth = 0usize;
-    let chars: Vec<char> = source.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let starts_w = c == 'w'
-            && chars.get(i + 1) == Some(&'[')
-            && !i.checked_sub(1).and_then(|j| chars.get(j)).is_some_and(|p| p.is_alphanumeric() || *p == '_');
-        if starts_w {
-            out.push_str("w_at(");
-            depth += 1;
-            depth_stack.push(depth);
-            i += 2;
-            continue;
+impl MatmulKernels {
+    fn new(device: &wgpu::Device, storage: WeightStorage) -> Self {
+        let with_storage = |name: &str, body: &str| {
+            kernel(device, &format!("{name}_{}", storage.name()), &format!("{body}\n{}", storage.wgsl()))
+        };
+        Self {
+            matmul: with_storage("matmul", include_str!("shaders/matmul.wgsl")),
+            gemv: with_storage("gemv", include_str!("shaders/gemv.wgsl")),
+            gemv_rows: with_storage("gemv_rows", include_str!("shaders/gemv_rows.wgsl")),
+            embed_rows: with_storage("embed_rows", include_str!("shaders/embed_rows.wgsl")),
         }
-        match c {
-            '[' => {
-                depth += 1;
-                out.push(c);
-            }
-            ']' if depth_stack.last() == Some(&depth) => {
-                depth_stack.pop();
-                depth -= 1;
-                out.push(')');
-            }
-            ']' => {
-                depth = depth.saturating_sub(1);
-                out.push(c);
-            }
-            _ => out.push(c),
-        }
-        i += 1;
     }
-    out.push_str(
-        "\nfn w_at(i: u32) -> f32 {\n    let pair = unpack2x16float(w_half[i >> 1u]);\n    return select(pair.x, pair.y, (i & 1u) == 1u);\n}\n",
-    );
-    out
 }
 
 impl Kernels {
@@ -111,19 +86,10 @@ impl Kernels {
         };
         #[cfg(target_arch = "wasm32")]
         let rows_per_invocation = cpu_adapter;
-        let (matmul, gemv, gemv_rows) = (
-            include_str!("shaders/matmul.wgsl"),
-            include_str!("shaders/gemv.wgsl"),
-            include_str!("shaders/gemv_rows.wgsl"),
-        );
         Self {
-            matmul_f16: kernel(device, "matmul_f16", &half_weights(matmul)),
-            gemv_f16: kernel(device, "gemv_f16", &half_weights(gemv)),
-            gemv_rows_f16: kernel(device, "gemv_rows_f16", &half_weights(gemv_rows)),
+            device: device.clone(),
+            by_storage: Default::default(),
             rows_per_invocation,
-            gemv_rows: kernel(device, "gemv_rows", gemv_rows),
-            matmul: kernel(device, "matmul", matmul),
-            gemv: kernel(device, "gemv", gemv),
             rmsnorm: kernel(device, "rmsnorm", include_str!("shaders/rmsnorm.wgsl")),
             rope_kv: kernel(device, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
             attention: kernel(device, "attention", include_str!("shaders/attention.wgsl")),
@@ -133,16 +99,11 @@ impl Kernels {
             argmax: kernel(device, "argmax", include_str!("shaders/argmax.wgsl")),
         }
     }
-}
 
-impl Kernels {
-    /// `(matmul, gemv, gemv_rows)` for f32 or f16 (`half`) weights.
-    pub fn matmul_kernels(&self, half: bool) -> (&Kernel, &Kernel, &Kernel) {
-        if half {
-            (&self.matmul_f16, &self.gemv_f16, &self.gemv_rows_f16)
-        } else {
-            (&self.matmul, &self.gemv, &self.gemv_rows)
-        }
+    /// The matmul and embedding kernels for weights in `storage` (compiled on the first call).
+    pub fn matmul_kernels(&self, storage: WeightStorage) -> &MatmulKernels {
+        let slot = WeightStorage::ALL.iter().position(|&s| s == storage).expect("every storage is in ALL");
+        self.by_storage[slot].get_or_init(|| MatmulKernels::new(&self.device, storage))
     }
 }
 

@@ -24,6 +24,7 @@ pub mod decoder;
 pub mod kernels;
 pub mod ops;
 pub mod session;
+pub mod storage;
 
 pub use context::{BackendChoice, BackendInfo, GpuContext};
 pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};

@@ -6,6 +6,7 @@ use anyhow::Result;
 use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix};
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
+use super::storage::WeightStorage;
 
 /// The `Step` uniform: `start`, `t`, `prompt_len`, `last = t − 1`.
 pub fn step_values(start: usize, t: usize, prompt_len: usize) -> [u32; 4] {
@@ -76,18 +77,37 @@ pub async fn run_linear(
     read(ctx, enc, &out, m * n).await
 }
 
-/// Split a matrix into chunks of `rows_per_chunk` rows (test helper for the split path), in f16
-/// (`half`) or f32.
+/// Split a matrix into chunks of `rows_per_chunk` rows (test helper for the split path), in a
+/// dense `storage` (f32 or f16).
 pub fn matrix_in_chunks(
     ctx: &GpuContext,
     w: &[f32],
-    n: usize,
-    k: usize,
+    (n, k): (usize, usize),
     bias: Option<&[f32]>,
     rows_per_chunk: usize,
-    half: bool,
+    storage: WeightStorage,
 ) -> Result<GpuMatrix> {
-    GpuMatrix::upload_chunked(ctx, "w", w, (n, k), bias, half, rows_per_chunk.max(1))
+    GpuMatrix::dense(ctx, "w", w, (n, k), bias, storage, rows_per_chunk.max(1))
+}
+
+/// Rows `ids` of the table `matrix` (any storage), as the decoder embeds tokens: `[ids, k]`.
+pub async fn embed_rows(ctx: &GpuContext, matrix: &GpuMatrix, ids: &[u32]) -> Result<Vec<f32>> {
+    let out = scratch(ctx, "out", ids.len() * matrix.k)?;
+    let ids_buf = upload(ctx, "ids", bytemuck::cast_slice(ids))?;
+    let step = uniform(ctx, &step_values(0, ids.len(), ids.len()));
+    let kernel = &ctx.kernels.matmul_kernels(matrix.storage).embed_rows;
+    let mut enc = encoder(ctx);
+    let mut params = Vec::new();
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        for (r0, rows, table) in &matrix.chunks {
+            let p = uniform(ctx, &[matrix.k as u32, *rows as u32, *r0 as u32, 0]);
+            let bind = kernel.bind(&ctx.device, &[&step, &p, &ids_buf, table, &out]);
+            dispatch(&mut pass, kernel, &bind, grid((ids.len() * matrix.k).div_ceil(64) as u32));
+            params.push(p);
+        }
+    }
+    read(ctx, enc, &out, ids.len() * matrix.k).await
 }
 
 /// RMSNorm of `rows` rows of `x`.

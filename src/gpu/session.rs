@@ -100,7 +100,7 @@ impl DecoderBackend {
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
         match GpuDecoder::new_with(Arc::new(ctx), model, weights).await {
             Ok(decoder) => {
-                info.gpu_weights = Some(decoder.weights().name().to_owned());
+                info.gpu_weights = Some(decoder.weights_name());
                 Ok((Self::Gpu(Box::new(decoder)), info))
             }
             Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),
@@ -121,7 +121,7 @@ impl DecoderBackend {
     pub fn info(&self) -> BackendInfo {
         match self {
             Self::Cpu => BackendInfo::cpu(None),
-            Self::Gpu(d) => BackendInfo { gpu_weights: Some(d.weights().name().to_owned()), ..d.context().info() },
+            Self::Gpu(d) => BackendInfo { gpu_weights: Some(d.weights_name()), ..d.context().info() },
         }
     }
 

@@ -100,8 +100,8 @@ struct LoadOptions {
     vectors: Option<String>,
     #[serde(default)]
     backend: Option<String>,
-    /// How WebGPU stores the decoder's matrices: "auto" (default: f16 on a hardware GPU), "f32"
-    /// or "f16".
+    /// How WebGPU stores the decoder's matrices: "auto" (default: a quantized model's own
+    /// blocks; dense matrices f16 on a hardware GPU, f32 on a software one), "f32" or "f16".
     #[serde(default)]
     gpu_weights: Option<String>,
 }
@@ -605,9 +605,10 @@ impl Session {
 
     /// Where the answers' decoder runs: `"auto"` (WebGPU when a hardware adapter passes the
     /// self-test, else the CPU, with the reason in `info().backendFallbackReason`), `"webgpu"`
-    /// (or an error saying why not) or `"cpu"`; `gpu_weights`: `"auto"` (default: f16 on a hardware
-    /// GPU, f32 on a software one), `"f32"` or `"f16"` (half the GPU memory and bytes per token,
-    /// computed in f32). Resolves to `info()`.
+    /// (or an error saying why not) or `"cpu"`; `gpu_weights`: `"auto"` (default: a quantized model's
+    /// own Q8_0 / Q4 blocks, dequantized in the kernels; dense matrices f16 on a hardware GPU, f32
+    /// on a software one), `"f32"` or `"f16"` (every matrix so; computed in f32 whatever the
+    /// storage). Resolves to `info()`.
     #[wasm_bindgen(js_name = setBackend)]
     pub async fn set_backend(&self, choice: String, gpu_weights: Option<String>) -> Result<JsValue, JsError> {
         if self.busy.get() {

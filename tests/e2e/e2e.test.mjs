@@ -386,15 +386,22 @@ test("backend: auto skips a software WebGPU adapter; webgpu answers with the ref
   assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
   assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
 
-  // WebGPU with 8-bit weights: the engine takes F32, so the model loads on the CPU and says why.
+  // WebGPU with 8-bit weights: the Q8_0 blocks go to the GPU as they are, and it answers.
   await page.goto(`${site.origin}/index.html`);
   await byTestId("backend").selectOption("webgpu");
   await byTestId("weights").selectOption("q8_0");
   await byTestId("load-model").click();
   await waitStatus("ready");
   assert.equal(await byTestId("error").textContent(), "");
-  assert.equal(await info.getAttribute("data-backend"), "cpu");
-  assert.match(await info.textContent(), /not WebGPU: WebGPU was asked for: .*F32 weights/);
+  assert.equal(await info.getAttribute("data-backend"), "webgpu");
+  assert.match(await info.textContent(), /q8_0 weights; backend WebGPU: .*, q8_0 weights/);
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("6");
+  await runCompare();
+  assert.equal(await byTestId("error").textContent(), "", "compare on WebGPU with q8_0 weights");
+  assert.ok((await paneIds("pane-unaltered")).length > 0 && (await paneIds("pane-steered")).length > 0);
   await byTestId("backend").selectOption("auto");
   await byTestId("weights").selectOption("auto");
 });

@@ -1,4 +1,4 @@
-// One row of x (m = 1): out[out_off + c] (+)= dot(x[x_off ..], w[c, :]) + bias[bias_off + c].
+// One row of x (m = 1): out[out_off + c] (+)= dot(x[x_off ..], w_at(c, ..)) + bias[bias_off + c].
 // 8 output rows per workgroup, 32 threads per row, tree reduction in workgroup memory.
 struct P {
     m: u32,
@@ -13,7 +13,7 @@ struct P {
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<WeightWord>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -25,20 +25,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let row = wg_linear(wid, nwg) * 8u + lid.y;
     var s = 0.0;
     if (row < p.n) {
-        let base = row * p.k;
         var kk = lid.x;
         // 4 independent partial sums per thread.
         var s1 = 0.0;
         var s2 = 0.0;
         var s3 = 0.0;
         for (; kk + 96u < p.k; kk += 128u) {
-            s += w[base + kk] * x[p.x_off + kk];
-            s1 += w[base + kk + 32u] * x[p.x_off + kk + 32u];
-            s2 += w[base + kk + 64u] * x[p.x_off + kk + 64u];
-            s3 += w[base + kk + 96u] * x[p.x_off + kk + 96u];
+            s += w_at(row, kk) * x[p.x_off + kk];
+            s1 += w_at(row, kk + 32u) * x[p.x_off + kk + 32u];
+            s2 += w_at(row, kk + 64u) * x[p.x_off + kk + 64u];
+            s3 += w_at(row, kk + 96u) * x[p.x_off + kk + 96u];
         }
         for (; kk < p.k; kk += 32u) {
-            s += w[base + kk] * x[p.x_off + kk];
+            s += w_at(row, kk) * x[p.x_off + kk];
         }
         s = (s + s1) + (s2 + s3);
     }

@@ -14,7 +14,7 @@ struct P {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<WeightWord>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 
@@ -31,7 +31,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let r = g / p.n;
     let row = g % p.n;
-    let base = row * p.k;
     let xb = p.x_off + r * p.k;
     var s0 = 0.0;
     var s1 = 0.0;
@@ -39,13 +38,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var s3 = 0.0;
     var kk = 0u;
     for (; kk + 3u < p.k; kk += 4u) {
-        s0 += w[base + kk] * x[xb + kk];
-        s1 += w[base + kk + 1u] * x[xb + kk + 1u];
-        s2 += w[base + kk + 2u] * x[xb + kk + 2u];
-        s3 += w[base + kk + 3u] * x[xb + kk + 3u];
+        s0 += w_at(row, kk) * x[xb + kk];
+        s1 += w_at(row, kk + 1u) * x[xb + kk + 1u];
+        s2 += w_at(row, kk + 2u) * x[xb + kk + 2u];
+        s3 += w_at(row, kk + 3u) * x[xb + kk + 3u];
     }
     for (; kk < p.k; kk++) {
-        s0 += w[base + kk] * x[xb + kk];
+        s0 += w_at(row, kk) * x[xb + kk];
     }
     var v = (s0 + s1) + (s2 + s3);
     if ((p.flags & 1u) != 0u) {

@@ -1,4 +1,5 @@
-// out[r, out_off + c] (+)= sum_k x[x_off + r*k + kk] * w[c*k + kk] + bias[bias_off + c]
+// out[r, out_off + c] (+)= sum_k x[x_off + r*k + kk] * w_at(c, kk) + bias[bias_off + c]
+// (w_at and the type of w come from the weight storage prepended: storage/*.wgsl).
 // Tiled: 64×64 outputs per workgroup of 16×16 threads, 4×4 per thread, K in tiles of 16.
 struct P {
     m: u32,          // rows; 0 = step.t
@@ -14,7 +15,7 @@ struct P {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<WeightWord>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
@@ -77,7 +78,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             let gn = col0 + r;
             var u = 0.0;
             if (gn < p.n && gk < p.k) {
-                u = w[gn * p.k + gk];
+                u = w_at(gn, gk);
             }
             ws[c * TN + r] = u;
         }

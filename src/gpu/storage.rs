@@ -1,0 +1,144 @@
+//! How a weight matrix is stored on the GPU, and the repacking from the CPU's form.
+//!
+//! Every matmul kernel reads its weights through `w_at(row, col)` (row within the chunk); each
+//! storage is a WGSL snippet (`shaders/storage/*.wgsl`) defining `w`'s element type and `w_at`,
+//! compiled into its own set of kernels. Quantized storages keep GGML's blocks bit for bit (the
+//! values equal candle's `dequantize`); Q8_0 and Q4_0 are regrouped so that every load is a whole
+//! `u32` (their 34- and 18-byte blocks are not 4-byte aligned), Q4_K is uploaded as it is.
+
+use anyhow::{bail, Result};
+use candle_core::quantized::GgmlDType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightStorage {
+    F32,
+    /// Two f16 per `u32`.
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4K,
+}
+
+impl WeightStorage {
+    pub const ALL: [Self; 5] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0, Self::Q4K];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4K => "q4k",
+        }
+    }
+
+    /// The storage holding GGML `dtype` blocks as they are, if the kernels read that type.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
+            _ => None,
+        }
+    }
+
+    /// The GGML block type of a quantized storage.
+    pub fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::Q4K => Some(GgmlDType::Q4K),
+            Self::F32 | Self::F16 => None,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.ggml().is_some()
+    }
+
+    /// The WGSL declaring `WeightWord` and `w_at` for the matmul kernels.
+    pub(super) fn wgsl(self) -> &'static str {
+        match self {
+            Self::F32 => include_str!("shaders/storage/f32.wgsl"),
+            Self::F16 => include_str!("shaders/storage/f16.wgsl"),
+            Self::Q8_0 => include_str!("shaders/storage/q8_0.wgsl"),
+            Self::Q4_0 => include_str!("shaders/storage/q4_0.wgsl"),
+            Self::Q4K => include_str!("shaders/storage/q4k.wgsl"),
+        }
+    }
+
+    /// Blocks per row of `k` values (a quantized row is padded to whole blocks).
+    fn blocks_per_row(self, k: usize) -> usize {
+        self.ggml().map_or(0, |t| k.div_ceil(t.block_size()))
+    }
+
+    /// Bytes one row of `k` values takes (rounded up; a chunk of rows adds at most 2 bytes of
+    /// padding to a whole word).
+    pub fn row_bytes(self, k: usize) -> u64 {
+        let nb = self.blocks_per_row(k) as u64;
+        match self {
+            Self::F32 => 4 * k as u64,
+            Self::F16 => 2 * k as u64,
+            Self::Q8_0 => 34 * nb,
+            Self::Q4_0 => 18 * nb,
+            Self::Q4K => 144 * nb,
+        }
+    }
+
+    /// `rows` rows of GGML blocks of this type (`rows · blocks_per_row · type_size` bytes, row
+    /// after row, as candle's `QTensor::data`) in the layout `w_at` reads.
+    pub fn pack_blocks(self, data: &[u8], rows: usize, k: usize) -> Result<Vec<u32>> {
+        let Some(dtype) = self.ggml() else { bail!("{} is not a block format", self.name()) };
+        let (nb, block_bytes) = (self.blocks_per_row(k), dtype.type_size());
+        let blocks = rows * nb;
+        if data.len() != blocks * block_bytes {
+            bail!(
+                "{} blocks: {} bytes for {rows} rows of {k} values, expected {}",
+                self.name(),
+                data.len(),
+                blocks * block_bytes
+            );
+        }
+        let words = |bytes: &[u8]| -> Vec<u32> {
+            bytes.chunks(4).map(|w| w.iter().rev().fold(0u32, |acc, &b| (acc << 8) | u32::from(b))).collect()
+        };
+        // Q8_0 / Q4_0: the f16 scale first in every block, then the quants.
+        let split = |quant_bytes: usize| -> Vec<u32> {
+            let mut quants = Vec::with_capacity(blocks * quant_bytes);
+            let mut scales = Vec::with_capacity(blocks * 2);
+            for block in data.chunks_exact(block_bytes) {
+                scales.extend_from_slice(&block[..2]);
+                quants.extend_from_slice(&block[2..]);
+            }
+            let mut packed = words(&quants);
+            packed.extend(words(&scales));
+            packed
+        };
+        Ok(match self {
+            Self::Q8_0 => split(32),
+            Self::Q4_0 => split(16),
+            _ => words(data),
+        })
+    }
+
+    /// Dense values (`f32` storage: as they are; `f16`: rounded, two per word).
+    pub fn pack_dense(self, values: &[f32]) -> Result<Vec<u32>> {
+        match self {
+            Self::F32 => Ok(values.iter().map(|v| v.to_bits()).collect()),
+            Self::F16 => Ok(pack_f16(values)),
+            other => bail!("{} weights are uploaded as blocks, not values", other.name()),
+        }
+    }
+}
+
+/// f32 values as f16, two per `u32` (the even element in the low half; an odd count is padded).
+fn pack_f16(values: &[f32]) -> Vec<u32> {
+    values
+        .chunks(2)
+        .map(|pair| {
+            let lo = u32::from(half::f16::from_f32(pair[0]).to_bits());
+            let hi = pair.get(1).map_or(0, |v| u32::from(half::f16::from_f32(*v).to_bits()));
+            lo | (hi << 16)
+        })
+        .collect()
+}
