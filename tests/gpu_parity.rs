@@ -348,3 +348,31 @@ fn quantized_weights_decode_on_the_gpu() {
         }
     }
 }
+
+/// Q4_K at decoder scale (the oracle models' rows are too short for 256-blocks): a random
+/// Qwen2-shaped decoder with 256-multiple widths, loaded as Q4, decodes on the GPU from its Q4_K
+/// blocks with the logits of the same weights dequantized to f32 on the GPU, prefill and steps.
+#[test]
+fn q4k_decoder_matches_its_dequantized_weights() {
+    use cmrm::gpu::{GpuForwardOptions, GpuInput, Readback};
+    let Some(ctx) = ctx() else { return };
+    let mut cfg = cmrm::gpu::bench::preset("small").unwrap();
+    (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (1000, 256, 768, 2);
+    (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 64);
+    cfg.weight_format = cmrm::quant::WeightFormat::Q4;
+    let text = cmrm::gpu::bench::random_text_model(&cfg).unwrap();
+    let blocks = pollster::block_on(GpuDecoder::new_with(ctx.clone(), &text, GpuWeights::Auto)).unwrap();
+    let dense = pollster::block_on(GpuDecoder::new_with(ctx, &text, GpuWeights::F32)).unwrap();
+    assert_eq!(blocks.weights_name(), "q4k");
+    let opts = GpuForwardOptions { steering: None, prompt_len: 5, capture_layers: false, readback: Readback::Logits };
+    let (mut a, mut b) = (blocks.new_cache(8).unwrap(), dense.new_cache(8).unwrap());
+    let mut input = vec![3u32, 999, 0, 512, 77];
+    for step in 0..4 {
+        let la = blocks.forward_blocking(GpuInput::Tokens(&input), &mut a, &opts).unwrap().logits.unwrap();
+        let lb = dense.forward_blocking(GpuInput::Tokens(&input), &mut b, &opts).unwrap().logits.unwrap();
+        let (diff, _) = closeness(&la, &lb);
+        eprintln!("q4k step {step}: max |Δlogit|/max |logit| {diff:e}");
+        assert!(diff < 1e-4, "step {step}: {diff}");
+        input = vec![cmrm::text::argmax(&la)];
+    }
+}

@@ -4,7 +4,8 @@
 //! storage is a WGSL snippet (`shaders/storage/*.wgsl`) defining `w`'s element type and `w_at`,
 //! compiled into its own set of kernels. Quantized storages keep GGML's blocks bit for bit (the
 //! values equal candle's `dequantize`); Q8_0 and Q4_0 are regrouped so that every load is a whole
-//! `u32` (their 34- and 18-byte blocks are not 4-byte aligned), Q4_K is uploaded as it is.
+//! `u32` (their 34- and 18-byte blocks are not 4-byte aligned); Q4_K gets its packed 6-bit
+//! scales unpacked to bytes (4 more bytes per 256 values) so that a sub-block's scale is one load.
 
 use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
@@ -81,7 +82,7 @@ impl WeightStorage {
             Self::F16 => 2 * k as u64,
             Self::Q8_0 => 34 * nb,
             Self::Q4_0 => 18 * nb,
-            Self::Q4K => 144 * nb,
+            Self::Q4K => 148 * nb,
         }
     }
 
@@ -117,7 +118,20 @@ impl WeightStorage {
         Ok(match self {
             Self::Q8_0 => split(32),
             Self::Q4_0 => split(16),
-            _ => words(data),
+            _ => {
+                // d, dmin (4 bytes) | 12 bytes of 6-bit scales and mins | 128 quant bytes →
+                // d, dmin | (sc, m) of the 8 sub-blocks | the quant bytes.
+                let mut out = Vec::with_capacity(blocks * 148);
+                for block in data.chunks_exact(block_bytes) {
+                    let scales = &block[4..16];
+                    out.extend_from_slice(&block[..4]);
+                    for sub in 0..8 {
+                        out.extend(q4k_scale_min(sub, scales));
+                    }
+                    out.extend_from_slice(&block[16..]);
+                }
+                words(&out)
+            }
         })
     }
 
@@ -128,6 +142,15 @@ impl WeightStorage {
             Self::F16 => Ok(pack_f16(values)),
             other => bail!("{} weights are uploaded as blocks, not values", other.name()),
         }
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and min from Q4_K's 12 packed bytes (GGML's `get_scale_min_k4`).
+fn q4k_scale_min(j: usize, q: &[u8]) -> [u8; 2] {
+    if j < 4 {
+        [q[j] & 63, q[j + 4] & 63]
+    } else {
+        [(q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)]
     }
 }
 

@@ -25,21 +25,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let row = wg_linear(wid, nwg) * 8u + lid.y;
     var s = 0.0;
     if (row < p.n) {
-        var kk = lid.x;
-        // 4 independent partial sums per thread.
-        var s1 = 0.0;
-        var s2 = 0.0;
-        var s3 = 0.0;
-        for (; kk + 96u < p.k; kk += 128u) {
-            s += w_at(row, kk) * x[p.x_off + kk];
-            s1 += w_at(row, kk + 32u) * x[p.x_off + kk + 32u];
-            s2 += w_at(row, kk + 64u) * x[p.x_off + kk + 64u];
-            s3 += w_at(row, kk + 96u) * x[p.x_off + kk + 96u];
+        // Thread lid.x takes weights 4·lid.x .. 4·lid.x + 3 of every 128 (one decode per four
+        // for quantized storages); the last k % 4 go to the first threads.
+        let xb = p.x_off;
+        var acc = vec4<f32>(0.0);
+        for (var kk = lid.x * 4u; kk + 3u < p.k; kk += 128u) {
+            acc += w4_at(row, kk) * vec4<f32>(x[xb + kk], x[xb + kk + 1u], x[xb + kk + 2u], x[xb + kk + 3u]);
         }
-        for (; kk < p.k; kk += 32u) {
-            s += w_at(row, kk) * x[p.x_off + kk];
+        s = (acc.x + acc.y) + (acc.z + acc.w);
+        let tail = (p.k & ~3u) + lid.x;
+        if (lid.x < 4u && tail < p.k) {
+            s += w_at(row, tail) * x[xb + tail];
         }
-        s = (s + s1) + (s2 + s3);
     }
     let i = lid.y * 32u + lid.x;
     red[i] = s;

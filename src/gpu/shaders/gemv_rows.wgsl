@@ -32,21 +32,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let r = g / p.n;
     let row = g % p.n;
     let xb = p.x_off + r * p.k;
-    var s0 = 0.0;
-    var s1 = 0.0;
-    var s2 = 0.0;
-    var s3 = 0.0;
+    // Four weights at a time (one decode per four for quantized storages), four partial sums.
+    var s = vec4<f32>(0.0);
     var kk = 0u;
     for (; kk + 3u < p.k; kk += 4u) {
-        s0 += w_at(row, kk) * x[xb + kk];
-        s1 += w_at(row, kk + 1u) * x[xb + kk + 1u];
-        s2 += w_at(row, kk + 2u) * x[xb + kk + 2u];
-        s3 += w_at(row, kk + 3u) * x[xb + kk + 3u];
+        s += w4_at(row, kk) * vec4<f32>(x[xb + kk], x[xb + kk + 1u], x[xb + kk + 2u], x[xb + kk + 3u]);
     }
+    var v = (s.x + s.y) + (s.z + s.w);
     for (; kk < p.k; kk++) {
-        s0 += w_at(row, kk) * x[xb + kk];
+        v += w_at(row, kk) * x[xb + kk];
     }
-    var v = (s0 + s1) + (s2 + s3);
     if ((p.flags & 1u) != 0u) {
         v += bias[p.bias_off + row];
     }

@@ -75,12 +75,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
                 v = x[p.x_off + gr * p.k + gk];
             }
             xs[idx] = v;
+        }
+        // The weight tile: thread li loads 4 consecutive k of output column li / 4 (one decode
+        // per four for quantized storages).
+        {
+            let r = li >> 2u;
+            let c = (li & 3u) * 4u;
             let gn = col0 + r;
-            var u = 0.0;
-            if (gn < p.n && gk < p.k) {
-                u = w_at(gn, gk);
+            let gk = k0 + c;
+            var u = vec4<f32>(0.0);
+            if (gn < p.n) {
+                if (gk + 3u < p.k) {
+                    u = w4_at(gn, gk);
+                } else {
+                    for (var j = 0u; j < 4u; j++) {
+                        if (gk + j < p.k) {
+                            u[j] = w_at(gn, gk + j);
+                        }
+                    }
+                }
             }
-            ws[c * TN + r] = u;
+            ws[c * TN + r] = u.x;
+            ws[(c + 1u) * TN + r] = u.y;
+            ws[(c + 2u) * TN + r] = u.z;
+            ws[(c + 3u) * TN + r] = u.w;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {

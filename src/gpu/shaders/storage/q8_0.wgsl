@@ -12,3 +12,19 @@ fn w_at(r: u32, c: u32) -> f32 {
     let pair = unpack2x16float(w[p.n * kp / 4u + (s >> 1u)]);
     return q * select(pair.x, pair.y, (s & 1u) == 1u);
 }
+
+// Elements c .. c + 3 of row r (c a multiple of 4): one quant word, one scale.
+fn w4_at(r: u32, c: u32) -> vec4<f32> {
+    let kp = (p.k + 31u) & ~31u;
+    let i = r * kp + c;
+    let word = bitcast<i32>(w[i >> 2u]);
+    let q = vec4<f32>(
+        f32(extractBits(word, 0u, 8u)),
+        f32(extractBits(word, 8u, 8u)),
+        f32(extractBits(word, 16u, 8u)),
+        f32(extractBits(word, 24u, 8u)),
+    );
+    let s = i >> 5u;
+    let pair = unpack2x16float(w[p.n * kp / 4u + (s >> 1u)]);
+    return q * select(pair.x, pair.y, (s & 1u) == 1u);
+}
