@@ -317,14 +317,18 @@ impl MatrixRef<'_> {
         }
     }
 
-    /// Row-major F32 values of the first `in_dim` columns (blocks dequantized, as candle does).
-    pub fn to_f32(&self, in_dim: usize) -> Result<Vec<f32>> {
+    /// The first `in_dim` columns as a dense tensor (the same storage for a dense matrix;
+    /// blocks dequantized, as candle does).
+    pub fn to_dense(&self, in_dim: usize) -> Result<Tensor> {
         let dense = match self {
             Self::Dense(t) => (*t).clone(),
             Self::Blocks { blocks, .. } => blocks.dequantize(&candle_core::Device::Cpu)?,
         };
-        let dense = if dense.dim(1)? > in_dim { dense.narrow(1, 0, in_dim)? } else { dense };
-        dense.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()
+        if dense.dim(1)? > in_dim {
+            dense.narrow(1, 0, in_dim)
+        } else {
+            Ok(dense)
+        }
     }
 
     /// Whether both are the same storage (a tied lm_head sharing the embedding table).

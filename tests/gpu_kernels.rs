@@ -202,6 +202,35 @@ fn quantized_weights_match_candle_dequantized() {
     }
 }
 
+/// Matrices over the 4 MiB upload piece (written to the GPU a piece of rows at a time): odd row
+/// counts, f16 rows ending mid-word, Q8_0 rows with an odd number of scales — the same product
+/// as candle's.
+#[test]
+fn large_matrices_upload_in_pieces() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let Some(ctx) = ctx() else { return };
+    let (n, k) = (4099, 1056);
+    let x = rand_vec(k, 301);
+    let w = t(&rand_vec(n * k, 302), &[n, k]);
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+    let matrix =
+        GpuMatrix::blocks(&ctx, "w", &q.data().unwrap(), (n, k), None, WeightStorage::Q8_0, usize::MAX).unwrap();
+    assert!(matrix.bytes() > 4 << 20);
+    let want = flat(&t(&x, &[1, k]).matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap());
+    let got = pollster::block_on(ops::run_linear(&ctx, &matrix, &x, 1, None)).unwrap();
+    assert_close("q8_0 4099x1056 in pieces", &got, &want, 1e-5);
+
+    let (n, k) = (4099, 1001);
+    let w = rand_vec(n * k, 303);
+    let rounded: Vec<f32> = w.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+    let matrix = ops::matrix_in_chunks(&ctx, &w, (n, k), None, usize::MAX, WeightStorage::F16).unwrap();
+    assert!(matrix.bytes() > 4 << 20);
+    let x = rand_vec(k, 304);
+    let want = flat(&t(&x, &[1, k]).matmul(&t(&rounded, &[n, k]).t().unwrap()).unwrap());
+    let got = pollster::block_on(ops::run_linear(&ctx, &matrix, &x, 1, None)).unwrap();
+    assert_close("f16 4099x1001 in pieces", &got, &want, 1e-5);
+}
+
 /// Blocks that do not match their shape are refused with the sizes, not read out of bounds.
 #[test]
 fn mismatched_blocks_are_refused() {

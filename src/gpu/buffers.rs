@@ -8,6 +8,9 @@ use super::context::GpuContext;
 use super::kernels::MatmulKernels;
 use super::storage::WeightStorage;
 
+/// Host bytes of one piece of a weight upload ([`GpuMatrix::from_pieces`]).
+const PIECE_BYTES: u64 = 4 << 20;
+
 pub const STORAGE: wgpu::BufferUsages =
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
 
@@ -80,7 +83,7 @@ impl GpuMatrix {
         if w.len() != n * k {
             bail!("{label}: {} values for a {n}×{k} matrix", w.len());
         }
-        Self::from_rows(ctx, label, (n, k), bias, storage, max_rows, |r0, rows| {
+        Self::from_pieces(ctx, label, (n, k), bias, storage, max_rows, |r0, rows| {
             storage.pack_dense(&w[r0 * k..(r0 + rows) * k])
         })
     }
@@ -101,30 +104,56 @@ impl GpuMatrix {
         if data.len() != n * row_bytes {
             bail!("{label}: {} bytes of {} blocks for {n} rows of {k} values", data.len(), storage.name());
         }
-        Self::from_rows(ctx, label, (n, k), bias, storage, max_rows, |r0, rows| {
+        Self::from_pieces(ctx, label, (n, k), bias, storage, max_rows, |r0, rows| {
             storage.pack_blocks(&data[r0 * row_bytes..(r0 + rows) * row_bytes], rows, k)
         })
     }
 
-    fn from_rows(
+    /// Upload an `[n, k]` matrix in `storage`, in chunks of at most `max_rows` rows and the
+    /// adapter's largest storage binding, each written a piece of rows at a time:
+    /// `piece(first_row, rows)` gives those rows in `storage`'s layout (an even number of rows
+    /// per piece but the last, so that pieces start on whole words). Only one piece is held on
+    /// the host at a time (in the browser, wasm memory keeps its high-water mark).
+    pub fn from_pieces(
         ctx: &GpuContext,
         label: &str,
         (n, k): (usize, usize),
         bias: Option<&[f32]>,
         storage: WeightStorage,
         max_rows: usize,
-        pack: impl Fn(usize, usize) -> Result<Vec<u32>>,
+        piece: impl Fn(usize, usize) -> Result<Vec<u32>>,
     ) -> Result<Self> {
-        let rows_per_chunk =
-            ((ctx.max_binding().saturating_sub(4) / storage.row_bytes(k).max(4)) as usize).min(max_rows);
+        let row_bytes = storage.row_bytes(k).max(1);
+        let rows_per_chunk = ((ctx.max_binding().saturating_sub(4) / row_bytes) as usize).min(max_rows);
         if rows_per_chunk == 0 {
             bail!("{label}: one row of {k} values exceeds the adapter's largest storage binding");
         }
+        let piece_rows = ((PIECE_BYTES / row_bytes) as usize).max(2) & !1;
         let mut chunks = Vec::new();
         let mut r0 = 0;
         while r0 < n {
             let rows = rows_per_chunk.min(n - r0);
-            chunks.push((r0, rows, upload_words(ctx, label, &pack(r0, rows)?)?));
+            let bytes = (rows as u64 * row_bytes).div_ceil(4).max(1) * 4;
+            let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: STORAGE,
+                mapped_at_creation: false,
+            });
+            let mut done = 0;
+            while done < rows {
+                let count = piece_rows.min(rows - done);
+                let words = piece(r0 + done, count)?;
+                let offset = done as u64 * row_bytes;
+                if !offset.is_multiple_of(4) || offset + words.len() as u64 * 4 > bytes {
+                    bail!("{label}: rows {done}..{} do not fit their chunk", done + count);
+                }
+                ctx.queue.write_buffer(&buffer, offset, bytemuck::cast_slice(&words));
+                done += count;
+            }
+            // Natively, writes are staged until the next submission: flush them chunk by chunk.
+            ctx.queue.submit([]);
+            chunks.push((r0, rows, buffer));
             r0 += rows;
         }
         let bias = bias.map(|b| upload(ctx, label, b)).transpose()?;
@@ -136,20 +165,6 @@ impl GpuMatrix {
         let weights: u64 = self.chunks.iter().map(|(_, _, b)| b.size()).sum();
         weights + if self.bias.is_some() { self.n as u64 * 4 } else { 0 }
     }
-}
-
-/// A storage buffer holding `words` (at least 4 bytes).
-fn upload_words(ctx: &GpuContext, label: &str, words: &[u32]) -> Result<wgpu::Buffer> {
-    let bytes = (words.len() as u64 * 4).max(4);
-    if bytes > ctx.max_binding() {
-        bail!("{label}: {bytes} bytes exceed the adapter's largest storage binding ({})", ctx.max_binding());
-    }
-    let contents: &[u8] = if words.is_empty() { &[0u8; 4] } else { bytemuck::cast_slice(words) };
-    Ok(ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents,
-        usage: STORAGE,
-    }))
 }
 
 /// One chunk of a linear layer bound to its input and output: both kernels (tiled matmul for

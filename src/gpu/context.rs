@@ -104,7 +104,7 @@ impl GpuContext {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|e| anyhow!("{}: cannot open a device: {e}", adapter_info.name))?;
+            .map_err(|e| anyhow!("{}: cannot open a device: {e}", adapter_label(&adapter_info)))?;
         let health = Arc::new(Mutex::new(DeviceHealth::default()));
         {
             let h = health.clone();
@@ -124,10 +124,10 @@ impl GpuContext {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(&device, adapter_info.device_type == wgpu::DeviceType::Cpu);
         if let Some(e) = scope.pop().await {
-            bail!("{}: the WGSL kernels do not compile: {e}", adapter_info.name);
+            bail!("{}: the WGSL kernels do not compile: {e}", adapter_label(&adapter_info));
         }
         let ctx = Self { device, queue, adapter_info, limits, features, kernels, health };
-        ctx.self_test().await.with_context(|| format!("{}: GPU self-test failed", ctx.adapter_info.name))?;
+        ctx.self_test().await.with_context(|| format!("{}: GPU self-test failed", adapter_label(&ctx.adapter_info)))?;
         Ok(ctx)
     }
 
@@ -146,7 +146,7 @@ impl GpuContext {
     pub fn info(&self) -> BackendInfo {
         BackendInfo {
             backend: "webgpu".into(),
-            adapter: Some(self.adapter_info.name.clone()),
+            adapter: Some(adapter_label(&self.adapter_info)),
             api: Some(format!("{:?}", self.adapter_info.backend).to_lowercase()),
             fallback_reason: None,
             gpu_weights: None,
@@ -297,6 +297,16 @@ async fn request_adapter() -> std::result::Result<wgpu::Adapter, wgpu::RequestAd
         .await
 }
 
+/// An adapter's name for reports: browsers often withhold it (WebGPU's `description` may be
+/// empty), so say what is known instead.
+pub fn adapter_label(info: &wgpu::AdapterInfo) -> String {
+    match (info.name.trim(), info.device_type) {
+        ("", wgpu::DeviceType::Cpu) => "unnamed software adapter (fallback)".into(),
+        ("", _) => "unnamed browser adapter".into(),
+        (name, _) => name.to_owned(),
+    }
+}
+
 /// The adapter wgpu would use, if any exists at all (no device is opened).
 pub async fn probe_adapter() -> Option<wgpu::AdapterInfo> {
     let adapter = request_adapter().await.ok()?;
@@ -323,7 +333,7 @@ pub async fn select_backend(choice: BackendChoice) -> Result<(Option<GpuContext>
             if adapter_info.device_type == wgpu::DeviceType::Cpu {
                 let reason = format!(
                     "the adapter '{}' is a software rasterizer; the CPU path is faster (use --backend webgpu to force it)",
-                    adapter_info.name
+                    adapter_label(&adapter_info)
                 );
                 return Ok((None, BackendInfo::cpu(Some(reason))));
             }

@@ -210,28 +210,49 @@ impl Upload<'_> {
             }
         }
         let bias = any_bias.then_some(bias.as_slice());
-        // Blocks of one type concatenate row-wise as bytes.
+        // Blocks of one type stack row-wise as bytes; anything else goes dense.
         let block_storage = |m: &MatrixRef| match m {
             MatrixRef::Blocks { blocks, in_dim } if *in_dim == k => WeightStorage::from_ggml(blocks.dtype()),
             _ => None,
         };
         let first = block_storage(&parts[0].0);
-        if let Some(storage) =
-            first.filter(|_| self.keep_blocks && parts.iter().all(|(m, _)| block_storage(m) == first))
-        {
-            let mut data = Vec::new();
-            for (m, _) in parts {
-                if let MatrixRef::Blocks { blocks, .. } = m {
-                    data.extend_from_slice(&blocks.data()?);
-                }
-            }
-            return GpuMatrix::blocks(self.ctx, label, &data, (rows, k), bias, storage, usize::MAX);
+        let keep_blocks = self.keep_blocks && first.is_some() && parts.iter().all(|(m, _)| block_storage(m) == first);
+        let storage = if keep_blocks { first.unwrap_or(self.dense) } else { self.dense };
+        enum Part<'a> {
+            Blocks(std::borrow::Cow<'a, [u8]>),
+            Dense(Tensor),
         }
-        let mut values = Vec::with_capacity(rows * k);
+        let mut sources = Vec::with_capacity(parts.len());
         for (m, _) in parts {
-            values.extend(m.to_f32(k)?);
+            sources.push(match m {
+                MatrixRef::Blocks { blocks, .. } if keep_blocks => (Part::Blocks(blocks.data()?), m.rows()?),
+                _ => (Part::Dense(m.to_dense(k)?), m.rows()?),
+            });
         }
-        GpuMatrix::dense(self.ctx, label, &values, (rows, k), bias, self.dense, usize::MAX)
+        // Rows r0 .. r0 + n of the stack, in `storage`'s layout.
+        let piece = |r0: usize, n: usize| -> Result<Vec<u32>> {
+            let (mut bytes, mut values) = (Vec::new(), Vec::new());
+            let mut start = 0;
+            for (part, part_rows) in &sources {
+                let (a, b) = (r0.max(start), (r0 + n).min(start + part_rows));
+                if a < b {
+                    match part {
+                        Part::Blocks(data) => {
+                            let row = data.len() / part_rows;
+                            bytes.extend_from_slice(&data[(a - start) * row..(b - start) * row]);
+                        }
+                        Part::Dense(t) => values.extend(f32s(&t.narrow(0, a - start, b - a)?)?),
+                    }
+                }
+                start += part_rows;
+            }
+            if keep_blocks {
+                storage.pack_blocks(&bytes, n, k)
+            } else {
+                storage.pack_dense(&values)
+            }
+        };
+        GpuMatrix::from_pieces(self.ctx, label, (rows, k), bias, storage, usize::MAX, piece)
     }
 
     fn one(&self, label: &str, (matrix, bias): LinearRef, k: usize) -> Result<GpuMatrix> {

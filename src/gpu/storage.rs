@@ -3,9 +3,10 @@
 //! Every matmul kernel reads its weights through `w_at(row, col)` (row within the chunk); each
 //! storage is a WGSL snippet (`shaders/storage/*.wgsl`) defining `w`'s element type and `w_at`,
 //! compiled into its own set of kernels. Quantized storages keep GGML's blocks bit for bit (the
-//! values equal candle's `dequantize`); Q8_0 and Q4_0 are regrouped so that every load is a whole
-//! `u32` (their 34- and 18-byte blocks are not 4-byte aligned); Q4_K gets its packed 6-bit
-//! scales unpacked to bytes (4 more bytes per 256 values) so that a sub-block's scale is one load.
+//! values equal candle's `dequantize`), row after row; Q8_0 and Q4_0 rows are regrouped (the
+//! quants, then the scales) so that every load is a whole `u32` (their 34- and 18-byte blocks
+//! are not 4-byte aligned); Q4_K gets its packed 6-bit scales unpacked to bytes (4 more bytes
+//! per 256 values) so that a sub-block's scale is one load.
 
 use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
@@ -73,66 +74,58 @@ impl WeightStorage {
         self.ggml().map_or(0, |t| k.div_ceil(t.block_size()))
     }
 
-    /// Bytes one row of `k` values takes (rounded up; a chunk of rows adds at most 2 bytes of
-    /// padding to a whole word).
+    /// Bytes one row of `k` values takes (every quantized row is whole words, so a chunk of rows
+    /// is too; an f16 row of odd `k` ends mid-word, and a chunk is padded to a whole word).
     pub fn row_bytes(self, k: usize) -> u64 {
         let nb = self.blocks_per_row(k) as u64;
+        let scale_words = nb.div_ceil(2);
         match self {
             Self::F32 => 4 * k as u64,
             Self::F16 => 2 * k as u64,
-            Self::Q8_0 => 34 * nb,
-            Self::Q4_0 => 18 * nb,
+            Self::Q8_0 => 32 * nb + 4 * scale_words,
+            Self::Q4_0 => 16 * nb + 4 * scale_words,
             Self::Q4K => 148 * nb,
         }
     }
 
     /// `rows` rows of GGML blocks of this type (`rows · blocks_per_row · type_size` bytes, row
-    /// after row, as candle's `QTensor::data`) in the layout `w_at` reads.
+    /// after row, as candle's `QTensor::data`) in the layout `w_at` reads, row after row.
     pub fn pack_blocks(self, data: &[u8], rows: usize, k: usize) -> Result<Vec<u32>> {
         let Some(dtype) = self.ggml() else { bail!("{} is not a block format", self.name()) };
         let (nb, block_bytes) = (self.blocks_per_row(k), dtype.type_size());
-        let blocks = rows * nb;
-        if data.len() != blocks * block_bytes {
+        if data.len() != rows * nb * block_bytes {
             bail!(
                 "{} blocks: {} bytes for {rows} rows of {k} values, expected {}",
                 self.name(),
                 data.len(),
-                blocks * block_bytes
+                rows * nb * block_bytes
             );
         }
-        let words = |bytes: &[u8]| -> Vec<u32> {
-            bytes.chunks(4).map(|w| w.iter().rev().fold(0u32, |acc, &b| (acc << 8) | u32::from(b))).collect()
-        };
-        // Q8_0 / Q4_0: the f16 scale first in every block, then the quants.
-        let split = |quant_bytes: usize| -> Vec<u32> {
-            let mut quants = Vec::with_capacity(blocks * quant_bytes);
-            let mut scales = Vec::with_capacity(blocks * 2);
-            for block in data.chunks_exact(block_bytes) {
-                scales.extend_from_slice(&block[..2]);
-                quants.extend_from_slice(&block[2..]);
-            }
-            let mut packed = words(&quants);
-            packed.extend(words(&scales));
-            packed
-        };
-        Ok(match self {
-            Self::Q8_0 => split(32),
-            Self::Q4_0 => split(16),
-            _ => {
-                // d, dmin (4 bytes) | 12 bytes of 6-bit scales and mins | 128 quant bytes →
-                // d, dmin | (sc, m) of the 8 sub-blocks | the quant bytes.
-                let mut out = Vec::with_capacity(blocks * 148);
-                for block in data.chunks_exact(block_bytes) {
-                    let scales = &block[4..16];
-                    out.extend_from_slice(&block[..4]);
-                    for sub in 0..8 {
-                        out.extend(q4k_scale_min(sub, scales));
-                    }
-                    out.extend_from_slice(&block[16..]);
+        let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let mut out = Vec::with_capacity((rows as u64 * self.row_bytes(k) / 4) as usize);
+        for row in data.chunks_exact(nb * block_bytes) {
+            let blocks = row.chunks_exact(block_bytes);
+            match self {
+                // Q8_0 / Q4_0 blocks are an f16 scale and the quants: quants of the whole row
+                // first, then the scales two per word.
+                Self::Q8_0 | Self::Q4_0 => {
+                    out.extend(blocks.clone().flat_map(|b| b[2..].chunks_exact(4).map(word)));
+                    let scales: Vec<u32> = blocks.map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))).collect();
+                    out.extend(scales.chunks(2).map(|pair| pair[0] | pair.get(1).map_or(0, |hi| hi << 16)));
                 }
-                words(&out)
+                // Q4_K: d, dmin | 12 bytes of packed 6-bit scales and mins | 128 quant bytes →
+                // d, dmin | (sc, m) of the 8 sub-blocks, a byte each | the quant bytes.
+                _ => {
+                    for b in blocks {
+                        out.push(word(&b[..4]));
+                        let unpacked: Vec<u8> = (0..8).flat_map(|sub| q4k_scale_min(sub, &b[4..16])).collect();
+                        out.extend(unpacked.chunks_exact(4).map(word));
+                        out.extend(b[16..].chunks_exact(4).map(word));
+                    }
+                }
             }
-        })
+        }
+        Ok(out)
     }
 
     /// Dense values (`f32` storage: as they are; `f16`: rounded, two per word).

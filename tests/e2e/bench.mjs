@@ -3,6 +3,8 @@
 // `cargo test --release --test web_bench -- --ignored streamed_load` — from the local server in
 // headless Chromium, in each quantized format (a fresh browser each, since wasm memory only
 // grows), and prints the wasm memory after the load (= its peak) and the load time.
+// CMRM_BENCH_BACKEND=webgpu: the decoder is uploaded to WebGPU (SwiftShader here; a quantized
+// model in its own blocks) and the line adds the backend the page reports.
 //   node tests/e2e/bench.mjs        (scripts/test-browser.sh --bench runs it)
 import { existsSync, symlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -22,12 +24,13 @@ const link = resolve(dist, "bench-model");
 rmSync(link, { force: true });
 symlinkSync(model, link);
 const site = await serve(dist, 0);
+const backend = process.env.CMRM_BENCH_BACKEND || "auto";
 try {
   for (const weights of (process.env.CMRM_BENCH_FORMATS || "q4,q8_0").split(",")) {
     const browser = await chromium.launch({
       executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
       headless: true,
-      args: ["--no-sandbox", "--disable-background-networking", "--disable-component-update"],
+      args: ["--no-sandbox", "--enable-unsafe-webgpu", "--disable-background-networking", "--disable-component-update"],
     });
     const page = await browser.newPage();
     await page.goto(`${site.origin}/index.html`);
@@ -35,6 +38,7 @@ try {
     await page.locator("#custom-repo").fill(`${site.origin}/bench-model/`);
     await page.locator("#custom-repo").dispatchEvent("change");
     await page.getByTestId("weights").selectOption(weights);
+    await page.getByTestId("backend").selectOption(backend);
     const t0 = Date.now();
     await page.getByTestId("load-model").click();
     await page.waitForFunction(() => document.getElementById("status").textContent === "ready"
@@ -44,9 +48,10 @@ try {
     const info = page.locator("#model-info");
     const memory = await info.getAttribute("data-wasm-memory");
     const streamed = await info.getAttribute("data-streamed");
+    const detail = (await info.textContent()).match(/backend ([^;(]*)/)?.[1]?.trim() ?? "";
     console.log(error
-      ? `cmrm-bench page-load target=chromium weights=${weights} error=${JSON.stringify(error)}`
-      : `cmrm-bench page-load target=chromium weights=${weights} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}`);
+      ? `cmrm-bench page-load target=chromium weights=${weights} backend=${backend} error=${JSON.stringify(error)}`
+      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}`);
     await browser.close();
   }
 } finally {
