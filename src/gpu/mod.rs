@@ -4,8 +4,11 @@
 //!
 //! - [`context`]: adapter / device selection, self-test, error capture, read-back, and the
 //!   `auto` / `webgpu` / `cpu` choice;
-//! - [`kernels`] + `shaders/*.wgsl`: tiled matmul and GEMV (f32), RMSNorm, RoPE + KV-cache write,
-//!   causal GQA attention, gated MLP activation, steering add, argmax;
+//! - [`kernels`] + `shaders/*.wgsl`: tiled matmul, GEMV and token-embedding rows (one set per
+//!   weight storage, compiled on first use), RMSNorm, RoPE + KV-cache write, causal GQA
+//!   attention, gated MLP activation, steering add, argmax;
+//! - [`storage`] + `shaders/storage/*.wgsl`: weights as f32, f16, or GGML Q8_0 / Q4_0 / Q4_K
+//!   blocks (dequantized in the kernels), and the repacking from candle's blocks;
 //! - [`buffers`]: uploads within the adapter's binding limits (large matrices split by rows);
 //! - [`decoder`]: [`GpuDecoder`], the same outputs as `TextModel::forward`;
 //! - [`session`]: generation on the GPU and the [`DecoderBackend`] choice used by the CLI;

@@ -48,7 +48,7 @@ try {
     const info = page.locator("#model-info");
     const memory = await info.getAttribute("data-wasm-memory");
     const streamed = await info.getAttribute("data-streamed");
-    const detail = (await info.textContent()).match(/backend ([^;(]*)/)?.[1]?.trim() ?? "";
+    const detail = (await info.textContent()).match(/backend ([^;]*)/)?.[1]?.trim() ?? "";
     console.log(error
       ? `cmrm-bench page-load target=chromium weights=${weights} backend=${backend} error=${JSON.stringify(error)}`
       : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}`);
