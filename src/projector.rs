@@ -17,16 +17,15 @@ impl Projector {
     /// `vb` points at the canonical `projector.` prefix.
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
         let hidden = cfg.text.hidden_size;
+        // Image features come in batches of hundreds of rows, like the vision tower's.
+        let linear = |in_dim, name| {
+            QLinear::load(in_dim, hidden, cfg.projector_bias, cfg.weight_format(), vb.pp(name))
+                .map(QLinear::batches_in_f32)
+        };
         Ok(Self {
-            linear_1: QLinear::load(
-                cfg.projector_in_dim(),
-                hidden,
-                cfg.projector_bias,
-                cfg.weight_format(),
-                vb.pp("linear_1"),
-            )?,
+            linear_1: linear(cfg.projector_in_dim(), "linear_1")?,
             act: cfg.projector_act,
-            linear_2: QLinear::load(hidden, hidden, cfg.projector_bias, cfg.weight_format(), vb.pp("linear_2"))?,
+            linear_2: linear(hidden, "linear_2")?,
         })
     }
 }

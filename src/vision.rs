@@ -11,7 +11,7 @@ use crate::config::{Activation, VisionConfig, VisionKind};
 use crate::quant::QLinear;
 
 fn linear(in_dim: usize, out_dim: usize, cfg: &VisionConfig, vb: VarBuilder) -> Result<QLinear> {
-    QLinear::load(in_dim, out_dim, true, cfg.weight_format, vb)
+    Ok(QLinear::load(in_dim, out_dim, true, cfg.weight_format, vb)?.batches_in_f32())
 }
 
 struct VisionAttention {

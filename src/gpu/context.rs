@@ -332,7 +332,7 @@ pub async fn select_backend(choice: BackendChoice) -> Result<(Option<GpuContext>
             // decided from the adapter alone, before opening a device and compiling kernels.
             if adapter_info.device_type == wgpu::DeviceType::Cpu {
                 let reason = format!(
-                    "the adapter '{}' is a software rasterizer; the CPU path is faster (use --backend webgpu to force it)",
+                    "the adapter '{}' is a software rasterizer; the CPU path is faster (choose the webgpu backend to force it)",
                     adapter_label(&adapter_info)
                 );
                 return Ok((None, BackendInfo::cpu(Some(reason))));

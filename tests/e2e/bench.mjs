@@ -4,7 +4,8 @@
 // headless Chromium, in each quantized format (a fresh browser each, since wasm memory only
 // grows), and prints the wasm memory after the load (= its peak) and the load time.
 // CMRM_BENCH_BACKEND=webgpu: the decoder is uploaded to WebGPU (SwiftShader here; a quantized
-// model in its own blocks) and the line adds the backend the page reports.
+// model in its own blocks) and the line adds the backend the page reports. After the load, the
+// page encodes one image (the vision tower, on the CPU) and the line adds its time.
 //   node tests/e2e/bench.mjs        (scripts/test-browser.sh --bench runs it)
 import { existsSync, symlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -49,9 +50,17 @@ try {
     const memory = await info.getAttribute("data-wasm-memory");
     const streamed = await info.getAttribute("data-streamed");
     const detail = (await info.textContent()).match(/backend ([^;]*)/)?.[1]?.trim() ?? "";
+    let encode = "";
+    if (!error) {
+      await page.getByTestId("image-input").setInputFiles(resolve(here, "../fixtures/oracle/refs/tiny-llava-siglip-qwen2/red_square.png"));
+      await page.waitForFunction(() => /encoded in|error/i.test(document.getElementById("image-info").textContent)
+        || !document.getElementById("error").hidden, null, { timeout: 900_000 });
+      const ms = (await page.locator("#image-info").textContent()).match(/encoded in (\d+) ms/)?.[1];
+      encode = ms ? ` image_encode_seconds=${(ms / 1000).toFixed(1)}` : "";
+    }
     console.log(error
       ? `cmrm-bench page-load target=chromium weights=${weights} backend=${backend} error=${JSON.stringify(error)}`
-      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}`);
+      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}${encode}`);
     await browser.close();
   }
 } finally {
