@@ -58,14 +58,15 @@ impl WeightStorage {
         self.ggml().is_some()
     }
 
-    /// The WGSL declaring `WeightWord` and `w_at` for the matmul kernels.
-    pub(super) fn wgsl(self) -> &'static str {
+    /// The WGSL declaring `WeightWord`, `w_at` and `w4_at` for the matmul kernels.
+    pub(super) fn wgsl(self) -> String {
+        const BLOCKS32: &str = include_str!("shaders/storage/blocks32.wgsl");
         match self {
-            Self::F32 => include_str!("shaders/storage/f32.wgsl"),
-            Self::F16 => include_str!("shaders/storage/f16.wgsl"),
-            Self::Q8_0 => include_str!("shaders/storage/q8_0.wgsl"),
-            Self::Q4_0 => include_str!("shaders/storage/q4_0.wgsl"),
-            Self::Q4K => include_str!("shaders/storage/q4k.wgsl"),
+            Self::F32 => include_str!("shaders/storage/f32.wgsl").to_owned(),
+            Self::F16 => include_str!("shaders/storage/f16.wgsl").to_owned(),
+            Self::Q8_0 => format!("{BLOCKS32}\n{}", include_str!("shaders/storage/q8_0.wgsl")),
+            Self::Q4_0 => format!("{BLOCKS32}\n{}", include_str!("shaders/storage/q4_0.wgsl")),
+            Self::Q4K => include_str!("shaders/storage/q4k.wgsl").to_owned(),
         }
     }
 
