@@ -1,20 +1,41 @@
-//! Streaming load: a safetensors file converted tensor by tensor as its bytes arrive, so a
-//! download never sits in memory whole. Each tensor goes straight to the form the model holds
-//! it in (`quant::in_memory_form`: quantized blocks, F16/F32) and its raw bytes are dropped;
-//! the model then takes those blocks as they are (`quant::stored_blocks`), and each is freed as
-//! the model takes it. Peak memory ≈ the model in its format plus one raw tensor.
+//! Streaming load: a weight file (safetensors, or a `cmrm quantize` GGUF) converted tensor by
+//! tensor as its bytes arrive, so a download never sits in memory whole. Each tensor goes
+//! straight to the form the model holds it in (`quant::in_memory_form`: quantized blocks,
+//! F16/F32; a GGUF's blocks are kept as they are) and its raw bytes are dropped; the model then
+//! takes those blocks as they are (`quant::stored_blocks`), and each is freed as the model takes
+//! it. Peak memory ≈ the model in its format plus one slice of raw rows.
 
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 
 use crate::quant::{in_memory_form, WeightFormat};
 use crate::weights::{canonical_key, Weights};
 
-/// One tensor of a safetensors header: saved key, dtype, shape, byte range within the data
+/// How a tensor is stored in a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredType {
+    /// Values (F32, F16, BF16): converted to the model's in-memory form.
+    Values(DType),
+    /// GGML blocks (a `cmrm quantize` GGUF): kept as they are.
+    Blocks(GgmlDType),
+}
+
+impl StoredType {
+    /// Bytes of `values` values (whole blocks).
+    fn bytes(self, values: u64) -> u64 {
+        match self {
+            Self::Values(d) => values * d.size_in_bytes() as u64,
+            Self::Blocks(t) => values / t.block_size() as u64 * t.type_size() as u64,
+        }
+    }
+}
+
+/// One tensor of a weight file's header: saved key, type, shape, byte range within the data
 /// section.
 pub struct HeaderTensor {
     pub key: String,
-    pub dtype: DType,
+    pub stored: StoredType,
     pub shape: Vec<usize>,
     pub range: std::ops::Range<u64>,
 }
@@ -56,7 +77,7 @@ pub fn parse_header(name: &str, json: &[u8]) -> Result<Vec<HeaderTensor>> {
         if end < start || end - start != elements * dtype.size_in_bytes() as u64 {
             bail!("{name}: tensor '{key}' has {} bytes for shape {shape:?}", end.saturating_sub(start));
         }
-        tensors.push(HeaderTensor { key: key.clone(), dtype, shape, range: start..end });
+        tensors.push(HeaderTensor { key: key.clone(), stored: StoredType::Values(dtype), shape, range: start..end });
     }
     tensors.sort_by_key(|t| t.range.start);
     Ok(tensors)
@@ -67,10 +88,51 @@ pub fn canonical_shapes(tensors: &[HeaderTensor]) -> Vec<(String, Vec<usize>)> {
     tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect()
 }
 
-/// Decides the in-memory format once the header's shapes are known (canonical names).
-pub type DecideFormat<'a> = Box<dyn FnMut(&[(String, Vec<usize>)]) -> Result<WeightFormat> + 'a>;
+/// The tensors of a GGUF file's header (candle's reader over the bytes so far), in data order:
+/// F32 / F16 / BF16 as values, anything else as blocks. `Ok(None)` while the header may still be
+/// incomplete.
+fn parse_gguf_header(name: &str, bytes: &[u8]) -> Result<Option<(Vec<HeaderTensor>, u64)>> {
+    let content = match gguf_file::Content::read(&mut std::io::Cursor::new(bytes)) {
+        Ok(content) => content,
+        Err(_) if (bytes.len() as u64) < MAX_HEADER_BYTES => return Ok(None),
+        Err(e) => bail!("{name}: not a valid GGUF file ({e})"),
+    };
+    let data_start = content.tensor_data_offset;
+    let mut tensors = Vec::new();
+    for (key, info) in &content.tensor_infos {
+        let stored = match info.ggml_dtype {
+            GgmlDType::F32 => StoredType::Values(DType::F32),
+            GgmlDType::F16 => StoredType::Values(DType::F16),
+            GgmlDType::BF16 => StoredType::Values(DType::BF16),
+            blocks => StoredType::Blocks(blocks),
+        };
+        let (elements, block) = (info.shape.elem_count() as u64, info.ggml_dtype.block_size() as u64);
+        if !elements.is_multiple_of(block) {
+            bail!("{name}: tensor '{key}' has {elements} values, not whole {:?} blocks", info.ggml_dtype);
+        }
+        let start = data_start + info.offset;
+        let range = start..start + stored.bytes(elements);
+        tensors.push(HeaderTensor { key: key.clone(), stored, shape: info.shape.dims().to_vec(), range });
+    }
+    tensors.sort_by_key(|t| t.range.start);
+    Ok(Some((tensors, data_start)))
+}
 
-pub struct SafetensorsStream<'a> {
+/// The format a GGUF's blocks are in (`q8_0`, or `q4` for Q4_K / Q4_0), if any.
+fn stored_format(tensors: &[HeaderTensor]) -> Option<WeightFormat> {
+    tensors.iter().find_map(|t| match t.stored {
+        StoredType::Blocks(GgmlDType::Q8_0) => Some(WeightFormat::Q8_0),
+        StoredType::Blocks(GgmlDType::Q4K | GgmlDType::Q4_0) => Some(WeightFormat::Q4),
+        _ => None,
+    })
+}
+
+/// Decides the in-memory format once the header's shapes are known (canonical names), given the
+/// format the file's blocks are stored in (a quantized GGUF; `None` for safetensors).
+pub type DecideFormat<'a> = Box<dyn FnMut(&[(String, Vec<usize>)], Option<WeightFormat>) -> Result<WeightFormat> + 'a>;
+
+/// A weight file converted as it streams in: safetensors, or GGUF (told apart by the GGUF magic).
+pub struct WeightStream<'a> {
     name: String,
     decide: Option<DecideFormat<'a>>,
     format: Option<WeightFormat>,
@@ -95,7 +157,7 @@ const SLICE_BYTES: u64 = 16 << 20;
 /// conversion, and the quantizer's F32 chunk (64 MiB).
 pub const STREAM_OVERHEAD_BYTES: u64 = 4 * SLICE_BYTES + (64 << 20);
 
-impl<'a> SafetensorsStream<'a> {
+impl<'a> WeightStream<'a> {
     /// `decide` picks the format from the header (called once, before any tensor is converted).
     pub fn new(name: &str, decide: DecideFormat<'a>) -> Self {
         Self {
@@ -143,7 +205,7 @@ impl<'a> SafetensorsStream<'a> {
             let canonical = canonical_key(&t.key);
             // Rows of a matrix (skip the rows of tensors cmrm does not use), or the whole tensor.
             let row_bytes = match t.shape.as_slice() {
-                [rows, cols] if *rows > 0 => (cols * t.dtype.size_in_bytes()) as u64,
+                [rows, cols] if *rows > 0 => t.stored.bytes(*cols as u64),
                 _ => end - start,
             }
             .max(1);
@@ -164,11 +226,18 @@ impl<'a> SafetensorsStream<'a> {
                         [_, cols] => vec![rows as usize, *cols],
                         other => other.to_vec(),
                     };
-                    let tensor = Tensor::from_raw_buffer(raw, t.dtype, &shape, &Device::Cpu)
-                        .with_context(|| format!("{}: tensor '{}'", self.name, t.key))?;
-                    let q = in_memory_form(canonical, &tensor, format)
-                        .with_context(|| format!("{}: converting '{}'", self.name, t.key))?;
-                    let data = q.data()?;
+                    // Values go to the model's form; blocks stay as they are.
+                    let converted = match t.stored {
+                        StoredType::Values(dtype) => {
+                            let tensor = Tensor::from_raw_buffer(raw, dtype, &shape, &Device::Cpu)
+                                .with_context(|| format!("{}: tensor '{}'", self.name, t.key))?;
+                            let q = in_memory_form(canonical, &tensor, format)
+                                .with_context(|| format!("{}: converting '{}'", self.name, t.key))?;
+                            (std::borrow::Cow::Owned(q.data()?.into_owned()), q.dtype(), q.shape().dims().to_vec())
+                        }
+                        StoredType::Blocks(blocks) => (std::borrow::Cow::Borrowed(raw), blocks, shape),
+                    };
+                    let (data, dtype, shape) = converted;
                     if self.out.is_empty() {
                         // The whole tensor's converted size, known from its first slice: one
                         // allocation, no doubling (a 165 MB table would pass through 256 MB).
@@ -178,8 +247,8 @@ impl<'a> SafetensorsStream<'a> {
                         self.out.reserve_exact(whole_tensor as usize);
                     }
                     self.out.extend_from_slice(&data);
-                    self.out_shape = q.shape().dims().to_vec();
-                    self.out_dtype = Some(q.dtype());
+                    self.out_shape = shape;
+                    self.out_dtype = Some(dtype);
                 }
                 let consumed = from + (rows * row_bytes) as usize;
                 self.buf.drain(..consumed);
@@ -209,6 +278,10 @@ impl<'a> SafetensorsStream<'a> {
         if self.buf.len() < 8 {
             return Ok(false);
         }
+        if self.buf.starts_with(b"GGUF") {
+            let Some((tensors, data_start)) = parse_gguf_header(&self.name, &self.buf)? else { return Ok(false) };
+            return self.start_data(tensors, data_start, true);
+        }
         let n = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER_BYTES {
             bail!("{}: not a safetensors file (header of {n} bytes)", self.name);
@@ -217,21 +290,35 @@ impl<'a> SafetensorsStream<'a> {
             return Ok(false);
         }
         let mut tensors = parse_header(&self.name, &self.buf[8..8 + n as usize])?;
-        let mut decide = self.decide.take().context("the header was read twice")?;
-        self.format = Some(decide(&canonical_shapes(&tensors))?);
         // Ranges from here on are file offsets (the data section starts after the header).
         for t in &mut tensors {
             t.range = t.range.start + 8 + n..t.range.end + 8 + n;
         }
+        self.start_data(tensors, 8 + n, false)
+    }
+
+    /// The header is in: decide the format, then take tensors from `data_start` on.
+    fn start_data(&mut self, tensors: Vec<HeaderTensor>, data_start: u64, gguf: bool) -> Result<bool> {
+        let mut decide = self.decide.take().context("the header was read twice")?;
+        let stored = if gguf { stored_format(&tensors) } else { None };
+        self.format = Some(decide(&canonical_shapes(&tensors), stored)?);
         self.tensors = tensors;
-        self.buf.drain(..(8 + n) as usize);
-        self.buf_offset = 8 + n;
+        // The data section may start past the bytes so far (a GGUF pads its header to the
+        // alignment): `buf[0]` stays at its true offset and the gap is skipped like the others.
+        let header_end = data_start.min(self.buf.len() as u64);
+        self.buf.drain(..header_end as usize);
+        self.buf_offset = header_end;
         Ok(true)
     }
 
     /// After the last byte: every tensor must have arrived.
     pub fn finish(self) -> Result<WeightFormat> {
         let Some(format) = self.format else {
+            if self.buf.starts_with(b"GGUF") {
+                if let Err(e) = gguf_file::Content::read(&mut std::io::Cursor::new(&self.buf)) {
+                    bail!("{}: not a valid GGUF file ({e}); the download may be truncated or corrupt", self.name)
+                }
+            }
             bail!("{}: the download stopped after {} bytes, inside the header", self.name, self.received)
         };
         if self.next < self.tensors.len() {

@@ -232,7 +232,7 @@ fn quantize_and_gguf_bad_inputs() {
 /// an error that says so.
 #[test]
 fn streamed_load_equals_loading_the_file() {
-    use cmrm::streaming::SafetensorsStream;
+    use cmrm::streaming::WeightStream;
     for model in MODELS {
         let dir = model_dir(model);
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -246,7 +246,7 @@ fn streamed_load_equals_loading_the_file() {
             for (chunk, slice) in [(7, 200), (65536, 1 << 24), (bytes.len(), 1 << 24)] {
                 let mut weights = cmrm::weights::Weights::empty();
                 let mut stream =
-                    SafetensorsStream::new("model.safetensors", Box::new(move |_| Ok(format))).with_slice_bytes(slice);
+                    WeightStream::new("model.safetensors", Box::new(move |_, _| Ok(format))).with_slice_bytes(slice);
                 for c in bytes.chunks(chunk) {
                     stream.push(c, &mut weights).unwrap();
                 }
@@ -258,9 +258,65 @@ fn streamed_load_equals_loading_the_file() {
             }
         }
         let mut weights = cmrm::weights::Weights::empty();
-        let mut stream = SafetensorsStream::new("model.safetensors", Box::new(|_| Ok(WeightFormat::Q8_0)));
+        let mut stream = WeightStream::new("model.safetensors", Box::new(|_, _| Ok(WeightFormat::Q8_0)));
         stream.push(&bytes[..bytes.len() / 2], &mut weights).unwrap();
         let e = stream.finish().unwrap_err().to_string();
         assert!(e.contains("the download stopped after") && e.contains("missing"), "{e}");
+    }
+}
+
+/// A `cmrm quantize` GGUF fed in chunks (the page's download of a hosted copy) keeps its blocks
+/// and gives exactly the model that loading the whole file gives; the stream names the GGUF's own
+/// format to the format decision (what `auto` takes); a truncated or corrupt GGUF is an error
+/// that says so.
+#[test]
+fn streamed_gguf_equals_loading_the_file() {
+    use cmrm::streaming::WeightStream;
+    use cmrm::weights::{FileBytes, Weights};
+    for model in MODELS {
+        let dir = model_dir(model);
+        let config = cmrm::LlavaConfig::from_file(&dir.join("config.json")).unwrap();
+        let files = cmrm::processor::ProcessorFiles::read_dir(&dir).unwrap();
+        let generation = std::fs::read_to_string(dir.join("generation_config.json")).ok();
+        let mut source = Weights::empty();
+        source
+            .add_file("model.safetensors", FileBytes::Owned(std::fs::read(dir.join("model.safetensors")).unwrap()))
+            .unwrap();
+        let build = |weights: Weights, format: WeightFormat| {
+            Vlm::from_parts(config.clone().with_weight_format(format), &files, generation.as_deref(), weights).unwrap()
+        };
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4] {
+            let gguf = cmrm::quant::quantize_to_gguf(&source, format).unwrap();
+            let mut whole = Weights::empty();
+            whole.add_file("model.gguf", FileBytes::Owned(gguf.clone())).unwrap();
+            let want = run_cases(&build(whole, format), model);
+            for (chunk, slice) in [(7, 200), (65536, 1 << 24)] {
+                let mut weights = Weights::empty();
+                let mut stream = WeightStream::new(
+                    "model.gguf",
+                    Box::new(move |_, stored| {
+                        assert_eq!(stored, Some(format));
+                        Ok(format)
+                    }),
+                )
+                .with_slice_bytes(slice);
+                for c in gguf.chunks(chunk) {
+                    stream.push(c, &mut weights).unwrap();
+                }
+                assert_eq!(stream.finish().unwrap(), format);
+                assert_eq!(run_cases(&build(weights, format), model), want, "{model} {format:?} in chunks of {chunk}");
+            }
+            let mut weights = Weights::empty();
+            let mut stream = WeightStream::new("model.gguf", Box::new(|_, stored| Ok(stored.unwrap())));
+            stream.push(&gguf[..gguf.len() * 2 / 3], &mut weights).unwrap();
+            let e = stream.finish().unwrap_err().to_string();
+            assert!(e.contains("the download stopped after") && e.contains("missing"), "{e}");
+            let mut corrupt = gguf[..64].to_vec();
+            corrupt[4..8].copy_from_slice(&99u32.to_le_bytes()); // an unknown GGUF version
+            let mut stream = WeightStream::new("model.gguf", Box::new(|_, stored| Ok(stored.unwrap())));
+            stream.push(&corrupt, &mut Weights::empty()).unwrap();
+            let e = stream.finish().unwrap_err().to_string();
+            assert!(e.contains("model.gguf: not a valid GGUF file"), "{e}");
+        }
     }
 }

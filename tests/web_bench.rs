@@ -279,7 +279,7 @@ fn bench_model_dir() -> std::path::PathBuf {
 
 /// Peak memory of a streamed load of a real-size checkpoint: the 0.5B preset written as a
 /// llava-hf-layout BF16 safetensors file (random values, ~1.7 GB, in the temp folder), read back
-/// in 1 MiB chunks through `SafetensorsStream` (what the page does with a download) in
+/// in 1 MiB chunks through `WeightStream` (what the page does with a download) in
 /// `CMRM_BENCH_WEIGHTS` (default q8_0), and the model built from it. Prints peak RSS (one format
 /// per process) next to the file size.
 #[cfg(not(target_arch = "wasm32"))]
@@ -366,7 +366,7 @@ fn streamed_load_memory_benchmark() {
     let before = memory_bytes();
     let t0 = now_seconds();
     let mut weights = cmrm::weights::Weights::empty();
-    let mut stream = cmrm::streaming::SafetensorsStream::new("model.safetensors", Box::new(move |_| Ok(format)));
+    let mut stream = cmrm::streaming::WeightStream::new("model.safetensors", Box::new(move |_, _| Ok(format)));
     let mut file = std::fs::File::open(&path).unwrap();
     let mut chunk = vec![0u8; 1 << 20];
     loop {

@@ -347,7 +347,7 @@ impl Assembler {
                 self.generation_config =
                     Some(String::from_utf8(bytes).context("generation_config.json is not UTF-8 text")?)
             }
-            n if n.ends_with(".safetensors") || n.ends_with(".gguf") => {
+            n if is_weight_file(n) => {
                 self.weight_bytes += bytes.len() as u64;
                 self.weights.add_file(n, FileBytes::Owned(bytes))?;
                 self.weight_files += 1;
@@ -422,6 +422,10 @@ fn resolve_url(url: &str) -> String {
     }
 }
 
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".gguf")
+}
+
 /// A wasm32 instance can address at most 4 GiB.
 const WASM_MEMORY_LIMIT: u64 = 4 << 30;
 
@@ -432,7 +436,8 @@ fn wasm_memory_bytes() -> u64 {
 
 /// Before downloading: the weight format the model will load in, or a readable refusal. `None`
 /// when the safetensors headers could not be read (a GGUF copy, a cached or unreachable file):
-/// then the format is decided from the first file's header, or once the files are in memory.
+/// then the format is decided from the only weight file's header as it streams in, or once the
+/// files are in memory.
 fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat>> {
     let Some(shapes) = &plan.tensor_shapes else { return Ok(None) };
     fit_streamed(&plan.model, choice, shapes).map(Some)
@@ -698,10 +703,11 @@ impl Session {
             plan.read_tensor_shapes().await;
         }
         let known_format = check_memory(&plan, choice)?;
-        // Safetensors weights stream in when the format is known, or decided from the header of
-        // the only weight file; shards with unknown sizes are held until all are in.
-        let safetensors = plan.files.iter().filter(|f| f.name.ends_with(".safetensors")).count();
-        let stream_weights = known_format.is_some() || safetensors == 1;
+        // Weights stream in when the format is known, or decided from the header of the only
+        // weight file (safetensors, or a `cmrm quantize` GGUF: its own format unless asked
+        // otherwise); shards with unknown sizes are held until all are in.
+        let weight_files = plan.files.iter().filter(|f| is_weight_file(&f.name)).count();
+        let stream_weights = known_format.is_some() || weight_files == 1;
         let vectors_size = match &options.vectors {
             Some(url) => fetch::probe_size(url).await?.map_or(0, |(n, _)| n),
             None => 0,
@@ -722,7 +728,7 @@ impl Session {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", &file.name, n, t.unwrap_or(file.size), done_before + n, cached)
             };
-            let is_weights = file.name.ends_with(".safetensors") || file.name.ends_with(".gguf");
+            let is_weights = is_weight_file(&file.name);
             if is_weights && assembler.weight_files == 0 {
                 // Config and tokenizer disagree? Say so before gigabytes move.
                 if let Some(config) = &assembler.config {
@@ -730,13 +736,19 @@ impl Session {
                         .with_context(|| format!("loading {}", plan.model))?;
                 }
             }
-            if stream_weights && file.name.ends_with(".safetensors") {
+            if stream_weights && is_weights {
                 let model = plan.model.clone();
                 let decide: crate::streaming::DecideFormat = match known_format {
-                    Some(format) => Box::new(move |_| Ok(format)),
-                    None => Box::new(move |shapes| fit_streamed(&model, choice, shapes)),
+                    Some(format) => Box::new(move |_, _| Ok(format)),
+                    None => Box::new(move |shapes, stored| {
+                        let choice = match (choice, stored) {
+                            (WeightChoice::Auto, Some(stored)) => WeightChoice::Fixed(stored),
+                            (choice, _) => choice,
+                        };
+                        fit_streamed(&model, choice, shapes)
+                    }),
                 };
-                let mut stream = crate::streaming::SafetensorsStream::new(&file.name, decide);
+                let mut stream = crate::streaming::WeightStream::new(&file.name, decide);
                 let weights = &mut assembler.weights;
                 let n = fetch::fetch_chunks(&file.url, &mut on_bytes, &mut |_| Ok(()), &mut |chunk| {
                     stream.push(chunk, weights)

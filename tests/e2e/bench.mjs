@@ -3,6 +3,7 @@
 // `cargo test --release --test web_bench -- --ignored streamed_load` — from the local server in
 // headless Chromium, in each quantized format (a fresh browser each, since wasm memory only
 // grows), and prints the wasm memory after the load (= its peak) and the load time.
+// CMRM_BENCH_MODEL_DIR: another folder (e.g. a `cmrm quantize` copy, with CMRM_BENCH_FORMATS=auto).
 // CMRM_BENCH_BACKEND=webgpu: the decoder is uploaded to WebGPU (SwiftShader here; a quantized
 // model in its own blocks) and the line adds the backend the page reports. After the load, the
 // page encodes one image (the vision tower, on the CPU) and the line adds its time.
@@ -17,8 +18,8 @@ import { serve } from "./server.mjs";
 const here = dirname(fileURLToPath(import.meta.url));
 const dist = resolve(process.env.DIST || resolve(here, "../../dist"));
 const model = process.env.CMRM_BENCH_MODEL_DIR || resolve(tmpdir(), "cmrm-bench-llava-interleave-qwen-0.5b");
-if (!existsSync(resolve(model, "model.safetensors"))) {
-  console.error(`bench: ${model}/model.safetensors is missing (run the web_bench streamed_load benchmark first)`);
+if (!["model.safetensors", "model.gguf"].some((f) => existsSync(resolve(model, f)))) {
+  console.error(`bench: ${model} has no model.safetensors or model.gguf (run the web_bench streamed_load benchmark first)`);
   process.exit(1);
 }
 const link = resolve(dist, "bench-model");

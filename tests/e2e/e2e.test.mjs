@@ -4,7 +4,9 @@
 // Chromium is the system one (/usr/bin/chromium, or $CHROMIUM); nothing is downloaded.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, readdirSync, mkdirSync } from "node:fs";
+import { readFileSync, readdirSync, mkdirSync, mkdtempSync, existsSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { tmpdir } from "node:os";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -72,6 +74,17 @@ function uncataloguedModel() {
   return Object.fromEntries(files.map((f) => [`/more-models/tiny-llava-clip-llama/${f}`, readFileSync(resolve(dir, f))]));
 }
 
+/// The bundled model's `cmrm quantize --format q4` copy (model.gguf + the other files), made by
+/// the CLI that the native tests built (cargo builds it when missing).
+function quantizedCopy() {
+  const cli = resolve(repo, "target/debug/cmrm");
+  if (!existsSync(cli)) execFileSync("cargo", ["build", "--bin", "cmrm"], { cwd: repo, stdio: "inherit" });
+  const out = resolve(mkdtempSync(resolve(tmpdir(), "cmrm-e2e-")), "copy");
+  const src = resolve(repo, "tests/fixtures/oracle/fixtures/tiny-llava-siglip-qwen2");
+  execFileSync(cli, ["quantize", "--model", src, "--format", "q4", "--out", out], { stdio: "pipe" });
+  return Object.fromEntries(readdirSync(out).map((f) => [`/quantized-copy/${f}`, readFileSync(resolve(out, f))]));
+}
+
 /// A calibration set long enough to press Stop while it runs.
 function longCalibrationSet() {
   const lines = Array.from({ length: 4000 }, (_, i) => JSON.stringify({ prompt: `Question number ${i}: what is this?` }));
@@ -85,7 +98,7 @@ function safetensorsMetadata(bytes) {
 }
 
 before(async () => {
-  site = await serve(dist, 0, { ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet() });
+  site = await serve(dist, 0, { ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet(), ...quantizedCopy() });
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
@@ -291,6 +304,28 @@ test("catalog vectors with a wrong sha256 show a readable error and are not cach
   for (const pane of ["pane-unaltered", "pane-steered"]) {
     assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
   }
+});
+
+test("a cmrm quantize copy (model.gguf) streams in, in its own q4 format, and answers", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  await page.locator("#model-select").selectOption("custom");
+  await page.locator("#custom-repo").fill(`${site.origin}/quantized-copy/`);
+  await page.locator("#custom-repo").dispatchEvent("change");
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  assert.equal(await byTestId("error").textContent(), "");
+  const info = page.locator("#model-info");
+  assert.equal(await info.getAttribute("data-streamed"), "true");
+  assert.match(await info.textContent(), /; q4 weights;/);
+  assert.ok(requests.some((u) => u.endsWith("/quantized-copy/model.gguf")));
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("6");
+  await byTestId("variant").selectOption("sample");
+  await runCompare();
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.ok((await paneIds("pane-unaltered")).length > 0 && (await paneIds("pane-steered")).length > 0);
 });
 
 test("a model without a catalog entry: compute vectors here (progress, stop, cache), save them, compare", async () => {
