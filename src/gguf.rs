@@ -1,4 +1,5 @@
-//! llama.cpp / repeng control vectors (GGUF): export and import of CMRM vectors.
+//! GGUF writing ([`header`]: what `cmrm quantize` and the control-vector export share), and
+//! llama.cpp / repeng control vectors: export and import of CMRM vectors.
 //!
 //! Format: GGUF v3, `general.architecture = "controlvector"`, `controlvector.model_hint`,
 //! `controlvector.layer_count`, tensors `direction.{N}` F32 `[hidden]`. llama.cpp *adds*
@@ -48,44 +49,104 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend(s.as_bytes());
 }
 
+/// A metadata value of a GGUF being written.
+pub enum MetaValue<'a> {
+    String(&'a str),
+    U32(u32),
+}
+
+/// One tensor of a GGUF being written: its name, GGML type, shape (outermost first, as candle
+/// has it; GGUF stores it innermost first) and data bytes.
+pub struct TensorInfo {
+    pub name: String,
+    pub ggml_type: u32,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+/// The GGML type id of a block type.
+pub fn ggml_type_id(dtype: candle_core::quantized::GgmlDType) -> Result<u32> {
+    use candle_core::quantized::GgmlDType as T;
+    Ok(match dtype {
+        T::F32 => GGML_TYPE_F32,
+        T::F16 => 1,
+        T::Q4_0 => 2,
+        T::Q8_0 => 8,
+        T::Q4K => 12,
+        T::BF16 => 30,
+        other => bail!("writing {other:?} tensors to GGUF is not supported"),
+    })
+}
+
+/// Bytes a tensor of `bytes` takes in a GGUF's data section (each starts aligned).
+pub fn padded(bytes: u64) -> u64 {
+    bytes.div_ceil(ALIGNMENT as u64) * ALIGNMENT as u64
+}
+
+/// A GGUF v3 header: metadata, then the tensor infos with their data offsets (the tensors
+/// follow in this order, each padded to [`padded`]), padded to the alignment: the data section
+/// starts right after it.
+pub fn header(metadata: &[(&str, MetaValue)], tensors: &[TensorInfo]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend(MAGIC);
+    out.extend(VERSION.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut out, key);
+        match value {
+            MetaValue::String(s) => {
+                out.extend(T_STRING.to_le_bytes());
+                put_string(&mut out, s);
+            }
+            MetaValue::U32(v) => {
+                out.extend(T_U32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        put_string(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(t.ggml_type.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += padded(t.bytes);
+    }
+    out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    out
+}
+
 /// Serialize CMRM vectors as a llama.cpp control vector (negated, layer 0 dropped).
 pub fn export_control_vector(vectors: &SteeringVectors, model_hint: &str) -> GgufExport {
     let exported: Vec<(usize, &Vec<f32>)> =
         vectors.layers.iter().filter(|(l, _)| **l >= 1).map(|(l, v)| (*l, v)).collect();
     let dropped_layers = vectors.layers.keys().copied().filter(|&l| l == 0).collect();
-    // llama.cpp and repeng write the number of directions here.
-    let layer_count = exported.len() as u32;
-
-    let mut out = Vec::new();
-    out.extend(MAGIC);
-    out.extend(VERSION.to_le_bytes());
-    out.extend((exported.len() as u64).to_le_bytes());
-    out.extend(3u64.to_le_bytes()); // metadata entries
-    put_string(&mut out, "general.architecture");
-    out.extend(T_STRING.to_le_bytes());
-    put_string(&mut out, "controlvector");
-    put_string(&mut out, "controlvector.model_hint");
-    out.extend(T_STRING.to_le_bytes());
-    put_string(&mut out, model_hint);
-    put_string(&mut out, "controlvector.layer_count");
-    out.extend(T_U32.to_le_bytes());
-    out.extend(layer_count.to_le_bytes());
-
-    let tensor_bytes = vectors.hidden_size * 4;
-    let stride = tensor_bytes.div_ceil(ALIGNMENT) * ALIGNMENT;
-    for (i, (l, _)) in exported.iter().enumerate() {
-        put_string(&mut out, &format!("direction.{l}"));
-        out.extend(1u32.to_le_bytes());
-        out.extend((vectors.hidden_size as u64).to_le_bytes());
-        out.extend(GGML_TYPE_F32.to_le_bytes());
-        out.extend(((i * stride) as u64).to_le_bytes());
-    }
-    out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    let tensor_bytes = vectors.hidden_size as u64 * 4;
+    let infos: Vec<TensorInfo> = exported
+        .iter()
+        .map(|(l, _)| TensorInfo {
+            name: format!("direction.{l}"),
+            ggml_type: GGML_TYPE_F32,
+            shape: vec![vectors.hidden_size],
+            bytes: tensor_bytes,
+        })
+        .collect();
+    // llama.cpp and repeng write the number of directions as the layer count.
+    let metadata = [
+        ("general.architecture", MetaValue::String("controlvector")),
+        ("controlvector.model_hint", MetaValue::String(model_hint)),
+        ("controlvector.layer_count", MetaValue::U32(exported.len() as u32)),
+    ];
+    let mut out = header(&metadata, &infos);
     for (_, v) in &exported {
         let start = out.len();
         // llama.cpp adds; CMRM subtracts.
         out.extend(v.iter().flat_map(|x| (-x).to_le_bytes()));
-        out.resize(start + stride, 0);
+        out.resize(start + padded(tensor_bytes) as usize, 0);
     }
     GgufExport { bytes: out, dropped_layers }
 }

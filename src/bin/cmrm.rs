@@ -497,8 +497,25 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
-    let gguf = cmrm::quant::quantize_to_gguf(&weights, format)?;
-    write_atomic(&a.out.join("model.gguf"), &gguf)?;
+    // One tensor at a time: converted tensors go to a spill file, then header + tensors.
+    let target = a.out.join("model.gguf");
+    let partial = a.out.join(".model.gguf.partial");
+    let spill_path = a.out.join(".model.gguf.tensors");
+    let written = (|| -> Result<u64> {
+        let mut spill =
+            std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&spill_path)?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+        let n = cmrm::quant::write_quantized_gguf(&weights, format, &mut out, &mut spill)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(n)
+    })();
+    let _ = std::fs::remove_file(&spill_path);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    let gguf_bytes = written.with_context(|| format!("cannot write {}", target.display()))?;
+    std::fs::rename(&partial, &target)
+        .with_context(|| format!("cannot move {} to {}", partial.display(), target.display()))?;
     // Everything but the weights, as is (config, tokenizer, templates, preprocessor, …).
     let mut copied = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -515,13 +532,13 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     if a.json {
         emit(&json!({"out": a.out.display().to_string(), "format": format.name(), "input_weight_bytes": input_bytes,
-                     "gguf_bytes": gguf.len(), "copied": copied, "seconds": seconds}));
+                     "gguf_bytes": gguf_bytes, "copied": copied, "seconds": seconds}));
     } else {
         eprintln!(
             "wrote {} ({} weights: {:.1} MB from {:.1} MB) and {} other files in {seconds:.1}s",
             a.out.join("model.gguf").display(),
             format.name(),
-            gguf.len() as f64 / 1e6,
+            gguf_bytes as f64 / 1e6,
             input_bytes as f64 / 1e6,
             copied.len()
         );
