@@ -343,20 +343,6 @@ impl MatrixRef<'_> {
         }
     }
 
-    /// The first `in_dim` columns as a dense tensor (the same storage for a dense matrix;
-    /// blocks dequantized, as candle does).
-    pub fn to_dense(&self, in_dim: usize) -> Result<Tensor> {
-        let dense = match self {
-            Self::Dense(t) => (*t).clone(),
-            Self::Blocks { blocks, .. } => blocks.dequantize(&candle_core::Device::Cpu)?,
-        };
-        if dense.dim(1)? > in_dim {
-            dense.narrow(1, 0, in_dim)
-        } else {
-            Ok(dense)
-        }
-    }
-
     /// Whether both are the same storage (a tied lm_head sharing the embedding table).
     pub fn same_as(&self, other: &MatrixRef<'_>) -> bool {
         match (*self, *other) {

@@ -219,17 +219,27 @@ impl Upload<'_> {
         let keep_blocks = self.keep_blocks && first.is_some() && parts.iter().all(|(m, _)| block_storage(m) == first);
         let storage = if keep_blocks { first.unwrap_or(self.dense) } else { self.dense };
         enum Part<'a> {
-            Blocks(std::borrow::Cow<'a, [u8]>),
+            /// GGML blocks, rows of `cols` values (padded).
+            Blocks {
+                data: std::borrow::Cow<'a, [u8]>,
+                dtype: candle_core::quantized::GgmlDType,
+                cols: usize,
+            },
             Dense(Tensor),
         }
         let mut sources = Vec::with_capacity(parts.len());
         for (m, _) in parts {
             sources.push(match m {
-                MatrixRef::Blocks { blocks, .. } if keep_blocks => (Part::Blocks(blocks.data()?), m.rows()?),
-                _ => (Part::Dense(m.to_dense(k)?), m.rows()?),
+                MatrixRef::Blocks { blocks, .. } => {
+                    let (_, cols) = blocks.shape().dims2()?;
+                    (Part::Blocks { data: blocks.data()?, dtype: blocks.dtype(), cols }, m.rows()?)
+                }
+                // (dense copies of quantized layers may carry zero padding columns)
+                MatrixRef::Dense(t) => (Part::Dense(t.narrow(1, 0, k.min(t.dim(1)?))?), m.rows()?),
             });
         }
-        // Rows r0 .. r0 + n of the stack, in `storage`'s layout.
+        // Rows r0 .. r0 + n of the stack, in `storage`'s layout (blocks dequantized a piece at a
+        // time when the storage is dense: never a whole F32 copy of, say, the embedding table).
         let piece = |r0: usize, n: usize| -> Result<Vec<u32>> {
             let (mut bytes, mut values) = (Vec::new(), Vec::new());
             let mut start = 0;
@@ -237,9 +247,21 @@ impl Upload<'_> {
                 let (a, b) = (r0.max(start), (r0 + n).min(start + part_rows));
                 if a < b {
                     match part {
-                        Part::Blocks(data) => {
+                        Part::Blocks { data, dtype, cols } => {
                             let row = data.len() / part_rows;
-                            bytes.extend_from_slice(&data[(a - start) * row..(b - start) * row]);
+                            let rows = &data[(a - start) * row..(b - start) * row];
+                            if keep_blocks {
+                                bytes.extend_from_slice(rows);
+                            } else {
+                                let cpu = &Device::Cpu;
+                                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                                    *dtype,
+                                    rows,
+                                    vec![b - a, *cols],
+                                    cpu,
+                                )?;
+                                values.extend(f32s(&q.dequantize(cpu)?.narrow(1, 0, k)?)?);
+                            }
                         }
                         Part::Dense(t) => values.extend(f32s(&t.narrow(0, a - start, b - a)?)?),
                     }
