@@ -83,6 +83,36 @@ pub fn padded(bytes: u64) -> u64 {
     bytes.div_ceil(ALIGNMENT as u64) * ALIGNMENT as u64
 }
 
+/// One tensor of a GGUF file: saved name, type, shape (outermost first, as candle has it) and its
+/// bytes' range within the file.
+pub struct GgufTensor {
+    pub key: String,
+    pub dtype: candle_core::quantized::GgmlDType,
+    pub shape: Vec<usize>,
+    pub range: std::ops::Range<u64>,
+}
+
+/// The tensors of a GGUF header read by candle, checked: rows of whole blocks, ranges that fit
+/// in 64 bits (what a corrupt header would break).
+pub fn tensors(name: &str, content: &candle_core::quantized::gguf_file::Content) -> Result<Vec<GgufTensor>> {
+    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
+    for (key, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let block = info.ggml_dtype.block_size();
+        if dims.last().is_some_and(|cols| !cols.is_multiple_of(block)) {
+            bail!("{name}: tensor '{key}' has rows of {dims:?}, not whole {:?} blocks", info.ggml_dtype);
+        }
+        let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        let bytes = elements.map(|n| crate::quant::block_bytes(info.ggml_dtype, n));
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        let (Some(start), Some(end)) = (start, start.zip(bytes).and_then(|(s, b)| s.checked_add(b))) else {
+            bail!("{name}: tensor '{key}' has an impossible size or offset (corrupt header?)");
+        };
+        tensors.push(GgufTensor { key: key.clone(), dtype: info.ggml_dtype, shape: dims.to_vec(), range: start..end });
+    }
+    Ok(tensors)
+}
+
 /// A GGUF v3 header: metadata, then the tensor infos with their data offsets (the tensors
 /// follow in this order, each padded to [`padded`]), padded to the alignment: the data section
 /// starts right after it.
@@ -155,12 +185,19 @@ struct Reader<'a> {
     name: &'a str,
     bytes: &'a [u8],
     pos: usize,
+    /// A read went past the end of `bytes` (truncated, or not all here yet).
+    ran_out: bool,
 }
 
 impl<'a> Reader<'a> {
+    fn new(name: &'a str, bytes: &'a [u8]) -> Self {
+        Self { name, bytes, pos: 0, ran_out: false }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let Some(end) = end else {
+            self.ran_out = true;
             bail!(
                 "{}: truncated GGUF file (needs {n} bytes at offset {}, has {})",
                 self.name,
@@ -218,9 +255,57 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Most dimensions a GGUF tensor has (GGML's limit is 4).
+const MAX_DIMS: u32 = 8;
+
+/// Check a GGUF header's structure before candle reads it (candle allocates whatever lengths the
+/// file claims and divides by its alignment, so a corrupt header would abort instead of
+/// failing): `Ok(false)` while `bytes` end inside the header (more to come, or truncated),
+/// `Ok(true)` when it is whole and plausible, an error naming what cannot be right.
+pub fn check_header(name: &str, bytes: &[u8]) -> Result<bool> {
+    let mut r = Reader::new(name, bytes);
+    let checked = (|| -> Result<()> {
+        if r.take(4)? != MAGIC.as_slice() {
+            bail!("{name}: not a GGUF file (no GGUF magic)");
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            bail!("{name}: GGUF version {version} is not supported (2 or 3)");
+        }
+        let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
+        if n_tensors > 1 << 20 || n_kv > 1 << 20 {
+            bail!("{name}: implausible GGUF header ({n_tensors} tensors, {n_kv} metadata entries)");
+        }
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let kind = r.u32()?;
+            let value = r.value(kind)?;
+            if key == "general.alignment"
+                && !value.and_then(|v| v.parse::<u64>().ok()).is_some_and(|a| a.is_power_of_two())
+            {
+                bail!("{name}: general.alignment must be a power of two");
+            }
+        }
+        for _ in 0..n_tensors {
+            r.string()?;
+            let dims = r.u32()?;
+            if dims > MAX_DIMS {
+                bail!("{name}: a tensor with {dims} dimensions (corrupt header?)");
+            }
+            r.take(8 * dims as usize + 4 + 8)?; // dims, type, offset
+        }
+        Ok(())
+    })();
+    match checked {
+        Ok(()) => Ok(true),
+        Err(_) if r.ran_out => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Read a llama.cpp control vector as CMRM vectors (`v_l = −direction.l`).
 pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors> {
-    let mut r = Reader { name, bytes, pos: 0 };
+    let mut r = Reader::new(name, bytes);
     if r.take(4).ok() != Some(MAGIC.as_slice()) {
         bail!("{name}: not a GGUF file (no GGUF magic)");
     }
@@ -270,7 +355,7 @@ pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors
         if *hidden.get_or_insert(n) != n {
             bail!("{name}: tensor '{tname}' has {n} values, other directions have {}", hidden.unwrap_or(0));
         }
-        let mut data = Reader { name, bytes, pos: data_start + offset };
+        let mut data = Reader { pos: data_start + offset, ..Reader::new(name, bytes) };
         let raw = data.take(n * 4)?;
         layers.insert(l, raw.chunks_exact(4).map(|b| -f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
     }

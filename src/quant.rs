@@ -34,6 +34,15 @@ impl std::str::FromStr for WeightFormat {
 }
 
 impl WeightFormat {
+    /// The format whose blocks these are (`q8_0`; `q4` for Q4_K and Q4_0), if any.
+    pub fn of_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4K | GgmlDType::Q4_0 => Some(Self::Q4),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::F32 => "f32",
@@ -353,6 +362,11 @@ impl MatrixRef<'_> {
             _ => false,
         }
     }
+}
+
+/// Bytes of `values` values of GGML type `dtype` (whole blocks).
+pub fn block_bytes(dtype: GgmlDType, values: u64) -> u64 {
+    values / dtype.block_size() as u64 * dtype.type_size() as u64
 }
 
 /// Values per slice in [`quantize_rows`] (16 Mi: 64 MB of F32).

@@ -26,7 +26,7 @@ impl StoredType {
     fn bytes(self, values: u64) -> u64 {
         match self {
             Self::Values(d) => values * d.size_in_bytes() as u64,
-            Self::Blocks(t) => values / t.block_size() as u64 * t.type_size() as u64,
+            Self::Blocks(t) => crate::quant::block_bytes(t, values),
         }
     }
 }
@@ -92,38 +92,35 @@ pub fn canonical_shapes(tensors: &[HeaderTensor]) -> Vec<(String, Vec<usize>)> {
 /// F32 / F16 / BF16 as values, anything else as blocks. `Ok(None)` while the header may still be
 /// incomplete.
 fn parse_gguf_header(name: &str, bytes: &[u8]) -> Result<Option<(Vec<HeaderTensor>, u64)>> {
-    let content = match gguf_file::Content::read(&mut std::io::Cursor::new(bytes)) {
-        Ok(content) => content,
-        Err(_) if (bytes.len() as u64) < MAX_HEADER_BYTES => return Ok(None),
-        Err(e) => bail!("{name}: not a valid GGUF file ({e})"),
-    };
-    let data_start = content.tensor_data_offset;
-    let mut tensors = Vec::new();
-    for (key, info) in &content.tensor_infos {
-        let stored = match info.ggml_dtype {
-            GgmlDType::F32 => StoredType::Values(DType::F32),
-            GgmlDType::F16 => StoredType::Values(DType::F16),
-            GgmlDType::BF16 => StoredType::Values(DType::BF16),
-            blocks => StoredType::Blocks(blocks),
-        };
-        let (elements, block) = (info.shape.elem_count() as u64, info.ggml_dtype.block_size() as u64);
-        if !elements.is_multiple_of(block) {
-            bail!("{name}: tensor '{key}' has {elements} values, not whole {:?} blocks", info.ggml_dtype);
+    if !crate::gguf::check_header(name, bytes)? {
+        if bytes.len() as u64 > MAX_HEADER_BYTES {
+            bail!("{name}: not a valid GGUF file (no end to its header in {MAX_HEADER_BYTES} bytes)");
         }
-        let start = data_start + info.offset;
-        let range = start..start + stored.bytes(elements);
-        tensors.push(HeaderTensor { key: key.clone(), stored, shape: info.shape.dims().to_vec(), range });
+        return Ok(None);
     }
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| anyhow::anyhow!("{name}: not a valid GGUF file ({e})"))?;
+    let mut tensors: Vec<HeaderTensor> = crate::gguf::tensors(name, &content)?
+        .into_iter()
+        .map(|t| {
+            let stored = match t.dtype {
+                GgmlDType::F32 => StoredType::Values(DType::F32),
+                GgmlDType::F16 => StoredType::Values(DType::F16),
+                GgmlDType::BF16 => StoredType::Values(DType::BF16),
+                blocks => StoredType::Blocks(blocks),
+            };
+            HeaderTensor { key: t.key, stored, shape: t.shape, range: t.range }
+        })
+        .collect();
     tensors.sort_by_key(|t| t.range.start);
-    Ok(Some((tensors, data_start)))
+    Ok(Some((tensors, content.tensor_data_offset)))
 }
 
-/// The format a GGUF's blocks are in (`q8_0`, or `q4` for Q4_K / Q4_0), if any.
+/// The format a GGUF's blocks are in, if any.
 fn stored_format(tensors: &[HeaderTensor]) -> Option<WeightFormat> {
     tensors.iter().find_map(|t| match t.stored {
-        StoredType::Blocks(GgmlDType::Q8_0) => Some(WeightFormat::Q8_0),
-        StoredType::Blocks(GgmlDType::Q4K | GgmlDType::Q4_0) => Some(WeightFormat::Q4),
-        _ => None,
+        StoredType::Blocks(blocks) => WeightFormat::of_ggml(blocks),
+        StoredType::Values(_) => None,
     })
 }
 
@@ -314,11 +311,6 @@ impl<'a> WeightStream<'a> {
     /// After the last byte: every tensor must have arrived.
     pub fn finish(self) -> Result<WeightFormat> {
         let Some(format) = self.format else {
-            if self.buf.starts_with(b"GGUF") {
-                if let Err(e) = gguf_file::Content::read(&mut std::io::Cursor::new(&self.buf)) {
-                    bail!("{}: not a valid GGUF file ({e}); the download may be truncated or corrupt", self.name)
-                }
-            }
             bail!("{}: the download stopped after {} bytes, inside the header", self.name, self.received)
         };
         if self.next < self.tensors.len() {

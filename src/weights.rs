@@ -142,33 +142,28 @@ impl Weights {
 
     fn add_gguf(&mut self, name: &str, bytes: FileBytes) -> Result<()> {
         let data = bytes.as_ref();
+        if !crate::gguf::check_header(name, data)? {
+            bail!("{name}: the file ends inside its GGUF header; the download may be truncated");
+        }
         let content = gguf_file::Content::read(&mut std::io::Cursor::new(data))
             .map_err(|e| anyhow!("{name}: not a valid GGUF file ({e}); the download may be truncated or corrupt"))?;
         let index = self.files.len();
-        for (key, info) in &content.tensor_infos {
-            let Some(canonical) = canonical_key(key) else { continue };
-            let (elements, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
-            if !elements.is_multiple_of(block) {
-                bail!("{name}: tensor '{key}' has {elements} values, not whole {:?} blocks", info.ggml_dtype);
-            }
-            let start = content.tensor_data_offset as usize + info.offset as usize;
-            let end = start + elements / block * info.ggml_dtype.type_size();
-            if end > data.len() {
+        for t in crate::gguf::tensors(name, &content)? {
+            let Some(canonical) = canonical_key(&t.key) else { continue };
+            if t.range.end > data.len() as u64 {
                 bail!(
-                    "{name}: tensor '{key}' ends at byte {end}, past the end of the file ({} bytes): truncated download?",
+                    "{name}: tensor '{}' ends at byte {}, past the end of the file ({} bytes): truncated download?",
+                    t.key,
+                    t.range.end,
                     data.len()
                 );
             }
             if let Some(prev) = self.entries.get(&canonical) {
-                bail!("{name}: tensor '{key}' is also in {} (as '{}')", self.source_name(prev), prev.key);
+                bail!("{name}: tensor '{}' is also in {} (as '{}')", t.key, self.source_name(prev), prev.key);
             }
-            let entry = Entry {
-                source: Source::File(index),
-                key: key.clone(),
-                stored: Stored::Ggml(info.ggml_dtype),
-                shape: info.shape.dims().to_vec(),
-                range: start..end,
-            };
+            let range = t.range.start as usize..t.range.end as usize;
+            let entry =
+                Entry { source: Source::File(index), key: t.key, stored: Stored::Ggml(t.dtype), shape: t.shape, range };
             self.entries.insert(canonical, entry);
         }
         self.files.push((Arc::from(name), bytes));
@@ -178,10 +173,8 @@ impl Weights {
     /// The quantized format the files were saved in (a `cmrm quantize` GGUF), if any: what to load
     /// them as unless asked otherwise.
     pub fn stored_format(&self) -> Option<crate::quant::WeightFormat> {
-        use crate::quant::WeightFormat;
         self.entries.values().find_map(|e| match e.stored {
-            Stored::Ggml(GgmlDType::Q8_0) => Some(WeightFormat::Q8_0),
-            Stored::Ggml(GgmlDType::Q4K | GgmlDType::Q4_0) => Some(WeightFormat::Q4),
+            Stored::Ggml(t) => crate::quant::WeightFormat::of_ggml(t),
             _ => None,
         })
     }
@@ -208,7 +201,7 @@ impl Weights {
             bail!("tensor '{key}' is also in {} (as '{}')", self.source_name(prev), prev.key);
         }
         let elements: usize = shape.iter().product();
-        if elements / dtype.block_size() * dtype.type_size() != bytes.len() {
+        if crate::quant::block_bytes(dtype, elements as u64) != bytes.len() as u64 {
             bail!("tensor '{key}': {} bytes for {shape:?} in {dtype:?}", bytes.len());
         }
         let entry = Entry {

@@ -223,7 +223,7 @@ fn quantize_and_gguf_bad_inputs() {
     let mut weights = cmrm::weights::Weights::empty();
     let e =
         weights.add_file("model.gguf", cmrm::weights::FileBytes::Owned(gguf[..40].to_vec())).unwrap_err().to_string();
-    assert!(e.contains("not a valid GGUF file"), "{e}");
+    assert!(e.contains("ends inside its GGUF header"), "{e}");
     std::fs::remove_dir_all(&out).unwrap();
 }
 
@@ -311,12 +311,29 @@ fn streamed_gguf_equals_loading_the_file() {
             stream.push(&gguf[..gguf.len() * 2 / 3], &mut weights).unwrap();
             let e = stream.finish().unwrap_err().to_string();
             assert!(e.contains("the download stopped after") && e.contains("missing"), "{e}");
-            let mut corrupt = gguf[..64].to_vec();
-            corrupt[4..8].copy_from_slice(&99u32.to_le_bytes()); // an unknown GGUF version
-            let mut stream = WeightStream::new("model.gguf", Box::new(|_, stored| Ok(stored.unwrap())));
-            stream.push(&corrupt, &mut Weights::empty()).unwrap();
-            let e = stream.finish().unwrap_err().to_string();
-            assert!(e.contains("model.gguf: not a valid GGUF file"), "{e}");
+            // Corrupt headers: an unknown version, a string claiming 2⁶⁰ bytes, alignment 0 (candle
+            // would abort on the last two): errors as soon as the header says so, streamed or whole.
+            let mut version = gguf.clone();
+            version[4..8].copy_from_slice(&99u32.to_le_bytes());
+            let mut long_key = gguf.clone();
+            long_key[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes()); // the first key's length
+            let mut alignment = gguf[..24].to_vec();
+            alignment[16..24].copy_from_slice(&1u64.to_le_bytes()); // one metadata entry:
+            alignment.extend(17u64.to_le_bytes());
+            alignment.extend(b"general.alignment");
+            alignment.extend(4u32.to_le_bytes()); // u32
+            alignment.extend(0u32.to_le_bytes());
+            for (bad, want) in [
+                (version, "GGUF version 99"),
+                (long_key, "implausible string length"),
+                (alignment, "general.alignment must be a power of two"),
+            ] {
+                let mut stream = WeightStream::new("model.gguf", Box::new(|_, stored| Ok(stored.unwrap())));
+                let e = stream.push(&bad[..bad.len().min(4096)], &mut Weights::empty()).unwrap_err().to_string();
+                assert!(e.contains("model.gguf") && e.contains(want), "{e}");
+                let e = Weights::empty().add_file("model.gguf", FileBytes::Owned(bad)).unwrap_err().to_string();
+                assert!(e.contains(want), "{e}");
+            }
         }
     }
 }

@@ -145,8 +145,8 @@ impl GpuMatrix {
                 let count = piece_rows.min(rows - done);
                 let words = piece(r0 + done, count)?;
                 let offset = done as u64 * row_bytes;
-                if !offset.is_multiple_of(4) || offset + words.len() as u64 * 4 > bytes {
-                    bail!("{label}: rows {done}..{} do not fit their chunk", done + count);
+                if !offset.is_multiple_of(4) || words.len() as u64 != (count as u64 * row_bytes).div_ceil(4) {
+                    bail!("{label}: rows {done}..{} came as {} words, not their layout's", done + count, words.len());
                 }
                 ctx.queue.write_buffer(&buffer, offset, bytemuck::cast_slice(&words));
                 done += count;
@@ -251,6 +251,44 @@ impl LinearOp {
             pass.set_pipeline(&matmul.pipeline);
             pass.set_bind_group(0, &self.tiled, &[]);
             pass.dispatch_workgroups(self.n.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1);
+        }
+    }
+}
+
+/// The token-embedding kernel bound to every chunk of a table `matrix` (any storage): the step's
+/// token ids from `ids`, their rows written to `out` (`[t, k]`).
+pub struct EmbedOp {
+    k: usize,
+    storage: WeightStorage,
+    binds: Vec<wgpu::BindGroup>,
+    _params: Vec<wgpu::Buffer>,
+}
+
+pub fn bind_embed_rows(
+    ctx: &GpuContext,
+    step: &wgpu::Buffer,
+    matrix: &GpuMatrix,
+    ids: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+) -> EmbedOp {
+    let kernel = &ctx.kernels.matmul_kernels(matrix.storage).embed_rows;
+    let (binds, params) = matrix
+        .chunks
+        .iter()
+        .map(|(r0, rows, table)| {
+            let p = uniform(ctx, &[matrix.k as u32, *rows as u32, *r0 as u32, 0]);
+            (kernel.bind(&ctx.device, &[step, &p, ids, table, out]), p)
+        })
+        .unzip();
+    EmbedOp { k: matrix.k, storage: matrix.storage, binds, _params: params }
+}
+
+impl EmbedOp {
+    /// Record the dispatches for `t` tokens (each chunk writes the rows of its tokens).
+    pub fn record(&self, ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>, t: usize) {
+        let kernel = &ctx.kernels.matmul_kernels(self.storage).embed_rows;
+        for bind in &self.binds {
+            super::kernels::dispatch(pass, kernel, bind, super::kernels::grid((t * self.k).div_ceil(64) as u32));
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearOp};
+use super::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, EmbedOp, GpuMatrix, LinearOp};
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
 use super::ops::step_values;
@@ -235,7 +235,8 @@ impl Upload<'_> {
                     (Part::Blocks { data: blocks.data()?, dtype: blocks.dtype(), cols }, m.rows()?)
                 }
                 // (dense copies of quantized layers may carry zero padding columns)
-                MatrixRef::Dense(t) => (Part::Dense(t.narrow(1, 0, k.min(t.dim(1)?))?), m.rows()?),
+                MatrixRef::Dense(t) if t.dim(1)? >= k => (Part::Dense(t.narrow(1, 0, k)?), m.rows()?),
+                MatrixRef::Dense(t) => bail!("{label}: a {:?} matrix where {k} inputs are needed", t.dims()),
             });
         }
         // Rows r0 .. r0 + n of the stack, in `storage`'s layout (blocks dequantized a piece at a
@@ -306,7 +307,7 @@ pub struct GpuDecoder {
     logits: wgpu::Buffer,
     token: wgpu::Buffer,
     capture: wgpu::Buffer,
-    embed: Arc<GpuMatrix>,
+    _embed: Arc<GpuMatrix>,
     lm_head: Arc<GpuMatrix>,
     layers: Vec<Layer>,
     _final_norm: wgpu::Buffer,
@@ -319,8 +320,9 @@ pub struct GpuDecoder {
     /// A forward is running: the scratch buffers are shared by every sequence (KV caches are
     /// not), so sequences take turns — one forward at a time, awaited to the end.
     in_flight: std::sync::atomic::AtomicBool,
-    /// The embedding table, in the storage of the lm_head when tied.
-    embed_binds: Vec<wgpu::BindGroup>,
+    /// Token embedding from `ids` into `x` (the table in its own storage; shared with a tied
+    /// lm_head).
+    embed_op: EmbedOp,
     ids: wgpu::Buffer,
 }
 
@@ -348,12 +350,18 @@ impl GpuDecoder {
 
     /// [`Self::new`] with the matrices stored as `weights`.
     pub async fn new_with(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        // Validation: the kernels of the weights' storages compile here, on first use.
+        let validation = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let built = Self::build(ctx.clone(), model, weights);
-        let oom = scope.pop().await;
+        let oom = oom.pop().await;
+        let invalid = validation.pop().await;
         let this = built?;
         if let Some(e) = oom {
             bail!("the GPU ran out of memory while uploading the decoder weights: {e}");
+        }
+        if let Some(e) = invalid {
+            bail!("the GPU rejected the decoder's kernels or buffers: {e}");
         }
         ctx.check_health().context("uploading the decoder weights")?;
         Ok(this)
@@ -415,19 +423,7 @@ impl GpuDecoder {
         } else {
             Arc::new(upload_as.one("lm_head", (w.lm_head, None), h)?)
         };
-        let embed_binds = embed
-            .chunks
-            .iter()
-            .map(|(r0, rows, table)| {
-                let p = uniform(&ctx, &[h as u32, *rows as u32, *r0 as u32, 0]);
-                let bind = ctx
-                    .kernels
-                    .matmul_kernels(embed.storage)
-                    .embed_rows
-                    .bind(&ctx.device, &[&step, &p, &ids, table, &x]);
-                (bind, p)
-            })
-            .collect::<Vec<_>>();
+        let embed_op = bind_embed_rows(&ctx, &step, &embed, &ids, &x);
         let k = &ctx.kernels;
         let dev = &ctx.device;
         let eps = (cfg.rms_norm_eps as f32).to_bits();
@@ -469,7 +465,6 @@ impl GpuDecoder {
         let p_argmax = uniform(&ctx, &[vocab as u32, 0, 0, 0]);
         let argmax_bind = k.argmax.bind(dev, &[&p_argmax, &logits, &token]);
 
-        let (embed_binds, embed_params): (Vec<_>, Vec<_>) = embed_binds.into_iter().unzip();
         Ok(Self {
             id: next_id(),
             h,
@@ -492,7 +487,7 @@ impl GpuDecoder {
             logits,
             token,
             capture,
-            embed,
+            _embed: embed,
             lm_head,
             layers,
             _final_norm: final_norm,
@@ -500,10 +495,10 @@ impl GpuDecoder {
             final_capture_bind,
             lm_head_ops,
             argmax_bind,
-            _params: [vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax], embed_params].concat(),
+            _params: vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax],
             _dummy: dummy,
             in_flight: std::sync::atomic::AtomicBool::new(false),
-            embed_binds,
+            embed_op,
             ids,
             cfg,
             ctx,
@@ -718,11 +713,7 @@ impl GpuDecoder {
                 }
                 GpuInput::Tokens(ids) => {
                     q.write_buffer(&self.ids, 0, bytemuck::cast_slice(&ids[r0..r0 + rows]));
-                    let kernel = &self.ctx.kernels.matmul_kernels(self.embed.storage).embed_rows;
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    for bind in &self.embed_binds {
-                        dispatch(&mut pass, kernel, bind, grid((rows * self.h).div_ceil(64) as u32));
-                    }
+                    self.embed_op.record(&self.ctx, &mut enc.begin_compute_pass(&Default::default()), rows);
                 }
             }
             self.record(&mut enc, cache, rows, last, opts);

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix};
+use super::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix};
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
 use super::storage::WeightStorage;
@@ -95,18 +95,9 @@ pub async fn embed_rows(ctx: &GpuContext, matrix: &GpuMatrix, ids: &[u32]) -> Re
     let out = scratch(ctx, "out", ids.len() * matrix.k)?;
     let ids_buf = upload(ctx, "ids", bytemuck::cast_slice(ids))?;
     let step = uniform(ctx, &step_values(0, ids.len(), ids.len()));
-    let kernel = &ctx.kernels.matmul_kernels(matrix.storage).embed_rows;
+    let op = bind_embed_rows(ctx, &step, matrix, &ids_buf, &out);
     let mut enc = encoder(ctx);
-    let mut params = Vec::new();
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        for (r0, rows, table) in &matrix.chunks {
-            let p = uniform(ctx, &[matrix.k as u32, *rows as u32, *r0 as u32, 0]);
-            let bind = kernel.bind(&ctx.device, &[&step, &p, &ids_buf, table, &out]);
-            dispatch(&mut pass, kernel, &bind, grid((ids.len() * matrix.k).div_ceil(64) as u32));
-            params.push(p);
-        }
-    }
+    op.record(ctx, &mut enc.begin_compute_pass(&Default::default()), ids.len());
     read(ctx, enc, &out, ids.len() * matrix.k).await
 }
 

@@ -1,7 +1,8 @@
 //! How a weight matrix is stored on the GPU, and the repacking from the CPU's form.
 //!
-//! Every matmul kernel reads its weights through `w_at(row, col)` (row within the chunk); each
-//! storage is a WGSL snippet (`shaders/storage/*.wgsl`) defining `w`'s element type and `w_at`,
+//! Every matmul kernel reads its weights through `w4_at(row, col)` (four consecutive weights,
+//! `col` a multiple of 4) and `w_at(row, col)` (one; row within the chunk); each storage is a
+//! WGSL snippet (`shaders/storage/*.wgsl`) defining `w`'s element type and both functions,
 //! compiled into its own set of kernels. Quantized storages keep GGML's blocks bit for bit (the
 //! values equal candle's `dequantize`), row after row; Q8_0 and Q4_0 rows are regrouped (the
 //! quants, then the scales) so that every load is a whole `u32` (their 34- and 18-byte blocks
@@ -94,6 +95,9 @@ impl WeightStorage {
     pub fn pack_blocks(self, data: &[u8], rows: usize, k: usize) -> Result<Vec<u32>> {
         let Some(dtype) = self.ggml() else { bail!("{} is not a block format", self.name()) };
         let (nb, block_bytes) = (self.blocks_per_row(k), dtype.type_size());
+        if nb == 0 {
+            bail!("{} blocks: rows of {k} values", self.name());
+        }
         if data.len() != rows * nb * block_bytes {
             bail!(
                 "{} blocks: {} bytes for {rows} rows of {k} values, expected {}",

@@ -443,8 +443,8 @@ fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat
     fit_streamed(&plan.model, choice, shapes).map(Some)
 }
 
-/// The format safetensors weights load in as they stream in: beside the model, only a slice of
-/// rows in conversion is held (`streaming::STREAM_OVERHEAD_BYTES`).
+/// The format streamed weights (safetensors, or a GGUF copy) load in: beside the model, only a
+/// slice of rows in conversion is held (`streaming::STREAM_OVERHEAD_BYTES`).
 fn fit_streamed(name: &str, choice: WeightChoice, shapes: &[(String, Vec<usize>)]) -> Result<WeightFormat> {
     let estimate = |f| crate::quant::estimate_model_bytes(f, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
     fit_format(name, choice, estimate, wasm_memory_bytes() + crate::streaming::STREAM_OVERHEAD_BYTES)
