@@ -225,3 +225,77 @@ async fn webgpu_parity_siglip_qwen2() {
     let Some(ctx) = context().await else { return };
     parity(oracle!("tiny-llava-siglip-qwen2"), ctx).await;
 }
+
+/// Every quantized weight storage compiled by the browser's WGSL compiler (Tint) and run on its
+/// WebGPU adapter: the three matmul kernels (one row per invocation, cooperative GEMV, tiled) and
+/// the embedding kernel read Q8_0 / Q4_0 / Q4_K blocks as candle dequantizes them; and a Q4
+/// decoder with 256-wide rows (Q4_K) gives the logits of its weights dequantized to f32.
+#[wasm_bindgen_test]
+async fn quantized_storages_in_the_browser() {
+    use candle_core::quantized::QTensor;
+    use candle_core::Tensor;
+    use cmrm::gpu::buffers::GpuMatrix;
+    use cmrm::gpu::storage::WeightStorage;
+    use cmrm::gpu::{GpuForwardOptions, GpuInput, GpuWeights, Readback};
+    if context().await.is_none() {
+        return;
+    }
+    let cpu = &Device::Cpu;
+    for rows_per_invocation in [true, false] {
+        let mut ctx = GpuContext::new().await.unwrap();
+        ctx.set_rows_per_invocation(rows_per_invocation);
+        for (storage, (n, k)) in [
+            (WeightStorage::Q8_0, (37usize, 96usize)),
+            (WeightStorage::Q4_0, (37, 40)),
+            (WeightStorage::Q4K, (21, 512)),
+        ] {
+            let dtype = storage.ggml().unwrap();
+            let kp = k.div_ceil(dtype.block_size()) * dtype.block_size();
+            let w = Tensor::randn(0f32, 1.0, (n, k), cpu).unwrap().pad_with_zeros(1, 0, kp - k).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dequantized = q.dequantize(cpu).unwrap().narrow(1, 0, k).unwrap().contiguous().unwrap();
+            let matrix = GpuMatrix::blocks(&ctx, "w", &q.data().unwrap(), (n, k), None, storage, 16).unwrap();
+            for m in [1, 5] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), cpu).unwrap();
+                let want: Vec<f32> =
+                    x.matmul(&dequantized.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let got =
+                    cmrm::gpu::ops::run_linear(&ctx, &matrix, &x.flatten_all().unwrap().to_vec1().unwrap(), m, None)
+                        .await
+                        .unwrap();
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} m={m}: {a} vs {b}", storage.name());
+                }
+            }
+            let ids = [0u32, (n - 1) as u32, 3];
+            let rows = cmrm::gpu::ops::embed_rows(&ctx, &matrix, &ids).await.unwrap();
+            let want: Vec<f32> = dequantized
+                .index_select(&Tensor::new(&ids, cpu).unwrap(), 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(rows, want, "{} embedding rows", storage.name());
+        }
+    }
+    let ctx = context().await.unwrap();
+    let mut cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap().text;
+    (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (1000, 256, 768, 2);
+    (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 64);
+    cfg.weight_format = cmrm::quant::WeightFormat::Q4;
+    let random = Box::new(cmrm::weights::RandomWeights { seed: 0 });
+    let vb = candle_nn::VarBuilder::from_backend(random, candle_core::DType::F32, Device::Cpu);
+    let text = cmrm::text::TextModel::new(&cfg, vb).unwrap();
+    let blocks = GpuDecoder::new_with(ctx.clone(), &text, GpuWeights::Auto).await.unwrap();
+    let dense = GpuDecoder::new_with(ctx, &text, GpuWeights::F32).await.unwrap();
+    assert_eq!(blocks.weights_name(), "q4k");
+    let opts = GpuForwardOptions { steering: None, prompt_len: 4, capture_layers: false, readback: Readback::Logits };
+    let (mut a, mut b) = (blocks.new_cache(8).unwrap(), dense.new_cache(8).unwrap());
+    let la = blocks.forward(GpuInput::Tokens(&[3, 999, 0, 512]), &mut a, &opts).await.unwrap().logits.unwrap();
+    let lb = dense.forward(GpuInput::Tokens(&[3, 999, 0, 512]), &mut b, &opts).await.unwrap().logits.unwrap();
+    let spread = lb.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    log(&format!("Q4_K decoder on WebGPU: max |Δlogit| {worst:e} of {spread}"));
+    assert!(worst <= 1e-4 * spread, "{worst} of {spread}");
+}
