@@ -234,6 +234,13 @@ impl TokenEmbedding {
         }
     }
 
+    fn matrix(&self) -> MatrixRef<'_> {
+        match self {
+            Self::Dense(e) => MatrixRef::Dense(e.embeddings()),
+            Self::Quantized { table, hidden } => MatrixRef::Blocks { blocks: table, in_dim: *hidden },
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Self::Dense(e) => e.embeddings().elem_count() * e.embeddings().dtype().size_in_bytes(),
@@ -244,8 +251,6 @@ impl TokenEmbedding {
 
 pub struct TextModel {
     embed_tokens: TokenEmbedding,
-    /// The lm_head is the quantized embedding table itself (counted once in `weight_bytes`).
-    head_shares_table: bool,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: QLinear,
@@ -287,12 +292,11 @@ impl TextModel {
             .map(|i| DecoderLayer::new(cfg, lm.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
-        let head_shares_table = tied_head.is_some() && matches!(embed_tokens, TokenEmbedding::Quantized { .. });
         let lm_head = match tied_head {
             Some(head) => head,
             None => QLinear::new(vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?, None, format)?,
         };
-        Ok(Self { embed_tokens, head_shares_table, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -374,12 +378,8 @@ impl TextModel {
                 down_proj: lin(&l.mlp.down_proj),
             })
             .collect();
-        let embed_tokens = match &self.embed_tokens {
-            TokenEmbedding::Dense(e) => MatrixRef::Dense(e.embeddings()),
-            TokenEmbedding::Quantized { table, hidden } => MatrixRef::Blocks { blocks: table, in_dim: *hidden },
-        };
         TextWeights {
-            embed_tokens,
+            embed_tokens: self.embed_tokens.matrix(),
             layers,
             norm: self.norm.weight(),
             lm_head: self.lm_head.matrix(),
@@ -406,10 +406,7 @@ impl TextModel {
     /// Bytes of weights held in memory (linears, lm_head, embedding table; a tied lm_head
     /// shares the table's storage, F32 or quantized).
     pub fn weight_bytes(&self) -> usize {
-        let shared_head = match &self.embed_tokens {
-            TokenEmbedding::Dense(e) => self.lm_head.weight().is_some_and(|w| w.id() == e.embeddings().id()),
-            TokenEmbedding::Quantized { .. } => self.head_shares_table,
-        };
+        let shared_head = self.lm_head.matrix().same_as(&self.embed_tokens.matrix());
         let head = if shared_head { self.lm_head.weight_bytes() } else { 0 };
         self.bytes_read_per_token() - head + self.embed_tokens.bytes()
     }

@@ -475,11 +475,32 @@ fn cmd_probe(a: ProbeArgs) -> Result<()> {
 
 /// Write `bytes` to `path` atomically: a temp file beside it, then a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |out| Ok(out.write_all(bytes)?))
+}
+
+/// Write `path` through `write` into a hidden `.NAME.partial` next to it, renamed into place
+/// once complete (removed on error): a reader never sees half a file.
+fn write_atomic_with<T>(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T>,
+) -> Result<T> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let written = (|| -> Result<T> {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let value = write(&mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(value)
+    })();
+    let value = match written {
+        Ok(value) => value,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!("cannot write {}", path.display())));
+        }
+    };
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    Ok(value)
 }
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
@@ -498,24 +519,14 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
     // One tensor at a time: converted tensors go to a spill file, then header + tensors.
-    let target = a.out.join("model.gguf");
-    let partial = a.out.join(".model.gguf.partial");
     let spill_path = a.out.join(".model.gguf.tensors");
-    let written = (|| -> Result<u64> {
+    let written = write_atomic_with(&a.out.join("model.gguf"), |out| {
         let mut spill =
             std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&spill_path)?;
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
-        let n = cmrm::quant::write_quantized_gguf(&weights, format, &mut out, &mut spill)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok(n)
-    })();
+        cmrm::quant::write_quantized_gguf(&weights, format, out, &mut spill)
+    });
     let _ = std::fs::remove_file(&spill_path);
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    let gguf_bytes = written.with_context(|| format!("cannot write {}", target.display()))?;
-    std::fs::rename(&partial, &target)
-        .with_context(|| format!("cannot move {} to {}", partial.display(), target.display()))?;
+    let gguf_bytes = written?;
     // Everything but the weights, as is (config, tokenizer, templates, preprocessor, …).
     let mut copied = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {

@@ -50,7 +50,8 @@ pub struct BackendInfo {
     /// Why `auto` fell back to the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<String>,
-    /// How the decoder's matrices are stored on the GPU (`f32` / `f16`).
+    /// How the decoder's matrices are stored on the GPU (`GpuDecoder::weights_name`: `f32`, `f16`,
+    /// `q8_0`, `q4_0+q4k`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_weights: Option<String>,
 }

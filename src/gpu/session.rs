@@ -96,12 +96,13 @@ impl DecoderBackend {
         model: &TextModel,
         weights: GpuWeights,
     ) -> Result<(Self, BackendInfo)> {
-        let (ctx, mut info) = super::context::select_backend(choice).await?;
+        let (ctx, info) = super::context::select_backend(choice).await?;
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
         match GpuDecoder::new_with(Arc::new(ctx), model, weights).await {
             Ok(decoder) => {
-                info.gpu_weights = Some(decoder.weights_name());
-                Ok((Self::Gpu(Box::new(decoder)), info))
+                let backend = Self::Gpu(Box::new(decoder));
+                let info = backend.info();
+                Ok((backend, info))
             }
             Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),
             Err(e) => Err(e.context("--backend webgpu")),

@@ -55,10 +55,6 @@ impl WeightStorage {
         }
     }
 
-    pub fn is_quantized(self) -> bool {
-        self.ggml().is_some()
-    }
-
     /// The WGSL declaring `WeightWord`, `w_at` and `w4_at` for the matmul kernels.
     pub(super) fn wgsl(self) -> String {
         const BLOCKS32: &str = include_str!("shaders/storage/blocks32.wgsl");
