@@ -219,6 +219,14 @@ impl WeightChoice {
             other => Ok(Self::Fixed(other.parse()?)),
         }
     }
+
+    /// `auto` for weights stored quantized (a `cmrm quantize` GGUF) means their own format.
+    pub fn or_stored(self, stored: Option<WeightFormat>) -> Self {
+        match (self, stored) {
+            (Self::Auto, Some(stored)) => Self::Fixed(stored),
+            (choice, _) => choice,
+        }
+    }
 }
 
 /// Formats from the most to the least precise.

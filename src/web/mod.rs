@@ -372,10 +372,7 @@ impl Assembler {
         }
         // A quantized GGUF (`cmrm quantize`) loads in its own format unless asked otherwise;
         // streamed weights are already in theirs (and in memory: nothing left to check).
-        let choice = match (choice, self.weights.stored_format()) {
-            (WeightChoice::Auto, Some(stored)) => WeightChoice::Fixed(stored),
-            (choice, _) => choice,
-        };
+        let choice = choice.or_stored(self.weights.stored_format());
         let format = match self.streamed {
             Some(format) => format,
             None => fit_format(
@@ -740,13 +737,7 @@ impl Session {
                 let model = plan.model.clone();
                 let decide: crate::streaming::DecideFormat = match known_format {
                     Some(format) => Box::new(move |_, _| Ok(format)),
-                    None => Box::new(move |shapes, stored| {
-                        let choice = match (choice, stored) {
-                            (WeightChoice::Auto, Some(stored)) => WeightChoice::Fixed(stored),
-                            (choice, _) => choice,
-                        };
-                        fit_streamed(&model, choice, shapes)
-                    }),
+                    None => Box::new(move |shapes, stored| fit_streamed(&model, choice.or_stored(stored), shapes)),
                 };
                 let mut stream = crate::streaming::WeightStream::new(&file.name, decide);
                 let weights = &mut assembler.weights;
