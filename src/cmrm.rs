@@ -44,7 +44,7 @@ impl Anchor {
                 use rand::{Rng, SeedableRng};
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                 let data = (0..size * size * 3).map(|_| rng.random::<u8>()).collect();
-                RgbImage { width: size, height: size, data }
+                RgbImage { width: size, height: size, data, transparent_color: None }
             }
         }
     }

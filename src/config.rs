@@ -22,6 +22,8 @@ pub enum VisionKind {
 pub enum TextKind {
     Llama,
     Qwen2,
+    /// Llama's layers with a sliding attention window (bakLlava's Mistral-7B).
+    Mistral,
 }
 
 impl TextKind {
@@ -30,6 +32,7 @@ impl TextKind {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Mistral => "mistral",
         }
     }
 }
@@ -84,6 +87,9 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: Activation,
+    /// SigLIP's attention-pooling head (`vision_use_head`, default true): in the checkpoint,
+    /// never used by LLaVA.
+    pub use_head: bool,
     /// In-memory format of the linears, chosen at load (not part of config.json).
     pub weight_format: WeightFormat,
 }
@@ -121,6 +127,10 @@ pub struct TextConfig {
     pub mlp_bias: bool,
     pub hidden_act: Activation,
     pub tie_word_embeddings: bool,
+    /// Per layer: the attention window (a query sees its last `w` positions, itself included),
+    /// or `None` for full causal attention. Mistral: every layer; Qwen2 with
+    /// `use_sliding_window`: the layers from `max_window_layers` on (or as `layer_types` says).
+    pub sliding_windows: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// In-memory format of the linears and lm_head, chosen at load (not part of config.json).
@@ -195,6 +205,11 @@ impl LlavaConfig {
     }
 
     pub fn from_value(root: &Value) -> Result<Self> {
+        Self::from_resolved(&resolve(root)?.config)
+    }
+
+    /// Build from a config whose defaults [`resolve`] has filled.
+    fn from_resolved(root: &Value) -> Result<Self> {
         let model_type = root.get("model_type").and_then(Value::as_str).unwrap_or("");
         if model_type != "llava" {
             bail!(
@@ -202,20 +217,17 @@ impl LlavaConfig {
                  LlavaForConditionalGeneration)"
             );
         }
-        let vision_value = root.get("vision_config").context("config has no vision_config")?;
-        let text_value = root.get("text_config").context("config has no text_config")?;
-        let vision = parse_vision(vision_value).context("in vision_config")?;
-        let tie_top = root.get("tie_word_embeddings").and_then(Value::as_bool);
-        let text = parse_text(text_value, tie_top).context("in text_config")?;
+        let vision = parse_vision(&root["vision_config"]).context("in vision_config")?;
+        let text = parse_text(&root["text_config"], root["tie_word_embeddings"].as_bool() == Some(true))
+            .context("in text_config")?;
 
         let n_hidden_states = vision.num_hidden_layers as i64 + 1;
-        let raw_layers: Vec<i64> = match root.get("vision_feature_layer") {
-            None => vec![-2],
-            Some(Value::Array(items)) => items
+        let raw_layers: Vec<i64> = match &root["vision_feature_layer"] {
+            Value::Array(items) => items
                 .iter()
                 .map(|v| v.as_i64().context("vision_feature_layer entries must be integers"))
                 .collect::<Result<_>>()?,
-            Some(v) => vec![v.as_i64().context("vision_feature_layer must be an integer or a list")?],
+            v => vec![v.as_i64().context("vision_feature_layer must be an integer or a list")?],
         };
         let mut vision_feature_layers = Vec::new();
         for layer in raw_layers {
@@ -228,45 +240,224 @@ impl LlavaConfig {
             }
             vision_feature_layers.push(index as usize);
         }
-        let feature_select =
-            match root.get("vision_feature_select_strategy").and_then(Value::as_str).unwrap_or("default") {
-                "default" => FeatureSelect::Default,
-                "full" => FeatureSelect::Full,
-                other => bail!("unsupported vision_feature_select_strategy '{other}' (supported: default, full)"),
-            };
-        let image_token_id = root
-            .get("image_token_index")
-            .or_else(|| root.get("image_token_id"))
-            .and_then(Value::as_u64)
-            .context("config has no image_token_index")? as u32;
-        let projector_act =
-            Activation::from_hf(root.get("projector_hidden_act").and_then(Value::as_str).unwrap_or("gelu"))?;
-        let projector_bias = root.get("multimodal_projector_bias").and_then(Value::as_bool).unwrap_or(true);
-        if image_token_id as usize >= text.vocab_size {
-            bail!("image_token_index {image_token_id} is outside the vocabulary ({})", text.vocab_size);
-        }
+        let feature_select = match root["vision_feature_select_strategy"].as_str().unwrap_or("") {
+            "default" => FeatureSelect::Default,
+            "full" => FeatureSelect::Full,
+            other => bail!("unsupported vision_feature_select_strategy '{other}' (supported: default, full)"),
+        };
+        let image_token_id =
+            u32::try_from(get_u64(root, "image_token_index")?).context("image_token_index does not fit 32 bits")?;
+        let projector_act = Activation::from_hf(root["projector_hidden_act"].as_str().unwrap_or(""))?;
+        let projector_bias = root["multimodal_projector_bias"].as_bool().unwrap_or(true);
+        // An image token outside the vocabulary fails when a prompt with an image is embedded,
+        // as in transformers (which loads such a config and runs text-only prompts).
         Ok(Self { vision, text, vision_feature_layers, feature_select, image_token_id, projector_act, projector_bias })
     }
 }
 
+/// A `config.json` with every key transformers would default filled in, and which keys those
+/// are (`text_config.hidden_size`, …): what `cmrm inspect` prints.
+#[derive(Debug, Clone)]
+pub struct ResolvedConfig {
+    pub config: Value,
+    pub defaulted: Vec<String>,
+}
+
+/// The defaults of transformers 5's config classes for the keys cmrm reads. `Value::Null`
+/// marks a default derived from other keys (`num_key_value_heads` = heads, `head_dim` =
+/// hidden / heads) or one the class leaves as `None`.
+fn class_defaults(model_type: &str) -> Option<Vec<(&'static str, Value)>> {
+    use serde_json::json;
+    let text = |vocab: u64, hidden: u64, inter: u64, kv: Value, max_pos: u64, bos: Value, eos: Value| {
+        vec![
+            ("vocab_size", json!(vocab)),
+            ("hidden_size", json!(hidden)),
+            ("intermediate_size", json!(inter)),
+            ("num_hidden_layers", json!(32)),
+            ("num_attention_heads", json!(32)),
+            ("num_key_value_heads", kv),
+            ("hidden_act", json!("silu")),
+            ("max_position_embeddings", json!(max_pos)),
+            ("rms_norm_eps", json!(1e-6)),
+            ("tie_word_embeddings", json!(false)),
+            ("rope_theta", json!(10000.0)),
+            ("bos_token_id", bos),
+            ("eos_token_id", eos),
+        ]
+    };
+    #[allow(clippy::too_many_arguments)]
+    fn vision(
+        hidden: u64,
+        inter: u64,
+        layers: u64,
+        heads: u64,
+        image: u64,
+        patch: u64,
+        act: &str,
+        eps: f64,
+    ) -> Vec<(&'static str, Value)> {
+        vec![
+            ("hidden_size", json!(hidden)),
+            ("intermediate_size", json!(inter)),
+            ("num_hidden_layers", json!(layers)),
+            ("num_attention_heads", json!(heads)),
+            ("num_channels", json!(3)),
+            ("image_size", json!(image)),
+            ("patch_size", json!(patch)),
+            ("hidden_act", json!(act)),
+            ("layer_norm_eps", json!(eps)),
+        ]
+    }
+    Some(match model_type {
+        "llama" => {
+            let mut d = text(32000, 4096, 11008, Value::Null, 2048, json!(1), json!(2));
+            d.extend([("attention_bias", json!(false)), ("mlp_bias", json!(false)), ("head_dim", Value::Null)]);
+            d
+        }
+        "mistral" => {
+            let mut d = text(32000, 4096, 14336, json!(8), 4096 * 32, json!(1), json!(2));
+            d.extend([("head_dim", Value::Null), ("sliding_window", json!(4096))]);
+            d
+        }
+        "qwen2" => {
+            let mut d = text(151936, 4096, 22016, json!(32), 32768, Value::Null, Value::Null);
+            d.extend([
+                ("use_sliding_window", json!(false)),
+                ("sliding_window", json!(4096)),
+                ("max_window_layers", json!(28)),
+            ]);
+            d
+        }
+        "clip_vision_model" => vision(768, 3072, 12, 12, 224, 32, "quick_gelu", 1e-5),
+        "siglip_vision_model" => vision(768, 3072, 12, 12, 224, 16, "gelu_pytorch_tanh", 1e-6),
+        _ => return None,
+    })
+}
+
+/// Fill a sub-config's absent keys with its class's defaults (`prefix`: its path, for the list
+/// of defaulted keys). Unknown model types are left as they are (the parser names them).
+fn fill_defaults(v: &mut Value, prefix: &str, defaulted: &mut Vec<String>) {
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("").to_owned();
+    let Some(defaults) = class_defaults(&model_type) else { return };
+    let Some(obj) = v.as_object_mut() else { return };
+    for (key, default) in defaults {
+        if obj.get(key).is_some_and(|x| !x.is_null()) {
+            continue;
+        }
+        // `rope_theta` may live in transformers 5's `rope_parameters` instead.
+        if key == "rope_theta"
+            && obj.get("rope_parameters").and_then(|p| p.get("rope_theta")).is_some_and(|x| !x.is_null())
+        {
+            continue;
+        }
+        // An explicit `null` where the class derives the value also means "derive it".
+        let derived = match key {
+            "num_key_value_heads" if default.is_null() => obj.get("num_attention_heads").cloned(),
+            "head_dim" => {
+                let hidden = obj.get("hidden_size").and_then(Value::as_u64);
+                let heads = obj.get("num_attention_heads").and_then(Value::as_u64).filter(|&h| h > 0);
+                hidden.zip(heads).map(|(h, n)| Value::from(h / n))
+            }
+            _ => None,
+        };
+        let value = derived.unwrap_or(default);
+        if value.is_null() && obj.contains_key(key) {
+            continue; // an explicit null the class keeps as None (e.g. Qwen2's bos_token_id)
+        }
+        obj.insert(key.to_owned(), value);
+        defaulted.push(format!("{prefix}{key}"));
+    }
+}
+
+/// `config.json` with transformers' defaults filled in, as `LlavaConfig` resolves it: a missing
+/// `text_config` is a default `LlamaConfig`, a missing `vision_config` the llava-1.5 CLIP
+/// (ViT-L/14-336); a sub-config without `model_type` is llama / clip_vision_model; then every
+/// key the class defaults. `tie_word_embeddings` at the top is forwarded from the text config
+/// when that one ties (transformers' `LlavaConfig.__post_init__`).
+pub fn resolve(root: &Value) -> Result<ResolvedConfig> {
+    use serde_json::json;
+    let mut config = root.clone();
+    let obj = config.as_object_mut().context("config.json is not a JSON object")?;
+    let mut defaulted = Vec::new();
+    if obj.get("model_type").and_then(Value::as_str) == Some("llava") {
+        if obj.get("vision_config").is_none_or(Value::is_null) {
+            obj.insert(
+                "vision_config".into(),
+                json!({"model_type": "clip_vision_model", "intermediate_size": 4096, "hidden_size": 1024,
+                       "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16}),
+            );
+            defaulted.push("vision_config".to_owned());
+        }
+        if obj.get("text_config").is_none_or(Value::is_null) {
+            obj.insert("text_config".into(), json!({"model_type": "llama"}));
+            defaulted.push("text_config".to_owned());
+        }
+        for (key, model_type) in [("vision_config", "clip_vision_model"), ("text_config", "llama")] {
+            let sub = obj.get_mut(key).expect("inserted above");
+            let sub = sub.as_object_mut().with_context(|| format!("{key} is not a JSON object"))?;
+            if !sub.contains_key("model_type") {
+                sub.insert("model_type".into(), json!(model_type));
+                defaulted.push(format!("{key}.model_type"));
+            }
+        }
+        fill_defaults(obj.get_mut("vision_config").expect("present"), "vision_config.", &mut defaulted);
+        fill_defaults(obj.get_mut("text_config").expect("present"), "text_config.", &mut defaulted);
+        if obj.get("image_token_index").is_none_or(Value::is_null) {
+            if let Some(id) = obj.get("image_token_id").filter(|v| !v.is_null()).cloned() {
+                obj.insert("image_token_index".into(), id);
+            }
+        }
+        for (key, default) in [
+            ("image_token_index", json!(32000)),
+            ("projector_hidden_act", json!("gelu")),
+            ("vision_feature_select_strategy", json!("default")),
+            ("vision_feature_layer", json!(-2)),
+            ("multimodal_projector_bias", json!(true)),
+            ("tie_word_embeddings", json!(false)),
+        ] {
+            if obj.get(key).is_none_or(Value::is_null) {
+                obj.insert(key.into(), default);
+                defaulted.push(key.to_owned());
+            }
+        }
+        let text_ties = obj["text_config"].get("tie_word_embeddings").and_then(Value::as_bool) == Some(true);
+        if obj["tie_word_embeddings"].as_bool() != Some(true) && text_ties {
+            obj.insert("tie_word_embeddings".into(), json!(true));
+        }
+    }
+    Ok(ResolvedConfig { config, defaulted })
+}
+
+fn get_u64(v: &Value, key: &str) -> Result<u64> {
+    v.get(key).and_then(Value::as_u64).with_context(|| format!("'{key}' must be a non-negative integer"))
+}
+
 fn get_usize(v: &Value, key: &str) -> Result<usize> {
-    v.get(key).and_then(Value::as_u64).map(|x| x as usize).with_context(|| format!("missing or invalid '{key}'"))
+    usize::try_from(get_u64(v, key)?).with_context(|| format!("'{key}' is too large"))
 }
 
-fn get_usize_or(v: &Value, key: &str, default: usize) -> usize {
-    v.get(key).and_then(Value::as_u64).map_or(default, |x| x as usize)
-}
-
-fn get_f64_or(v: &Value, key: &str, default: f64) -> f64 {
-    v.get(key).and_then(Value::as_f64).unwrap_or(default)
+fn get_f64(v: &Value, key: &str) -> Result<f64> {
+    v.get(key).and_then(Value::as_f64).with_context(|| format!("'{key}' must be a number"))
 }
 
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        Some(Value::Array(items)) => {
+            items.iter().filter_map(Value::as_u64).filter_map(|x| u32::try_from(x).ok()).collect()
+        }
         _ => vec![],
     }
+}
+
+/// The ids that end an answer: `generation_config.json`'s `eos_token_id` (int or list), else the
+/// text config's (what transformers' `generate` uses).
+pub fn eos_ids(config: &LlavaConfig, generation_config: Option<&str>) -> Result<Vec<u32>> {
+    let from_generation = match generation_config {
+        Some(text) => eos_ids_from_generation_config(text)?,
+        None => Vec::new(),
+    };
+    Ok(if from_generation.is_empty() { config.text.eos_token_ids.clone() } else { from_generation })
 }
 
 /// Token ids from a `generation_config.json`'s `eos_token_id` (int or list).
@@ -276,25 +467,24 @@ pub fn eos_ids_from_generation_config(text: &str) -> Result<Vec<u32>> {
 }
 
 fn parse_vision(v: &Value) -> Result<VisionConfig> {
-    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("clip_vision_model");
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let kind = match model_type {
         "clip_vision_model" => VisionKind::Clip,
         "siglip_vision_model" => VisionKind::Siglip,
         other => bail!("unknown vision model_type '{other}' (supported: clip_vision_model, siglip_vision_model)"),
     };
-    let default_eps = if kind == VisionKind::Clip { 1e-5 } else { 1e-6 };
-    let default_act = if kind == VisionKind::Clip { "quick_gelu" } else { "gelu_pytorch_tanh" };
     let cfg = VisionConfig {
         kind,
         hidden_size: get_usize(v, "hidden_size")?,
         intermediate_size: get_usize(v, "intermediate_size")?,
         num_hidden_layers: get_usize(v, "num_hidden_layers")?,
         num_attention_heads: get_usize(v, "num_attention_heads")?,
-        num_channels: get_usize_or(v, "num_channels", 3),
-        image_size: get_usize(v, "image_size")?,
-        patch_size: get_usize(v, "patch_size")?,
-        layer_norm_eps: get_f64_or(v, "layer_norm_eps", default_eps),
-        hidden_act: Activation::from_hf(v.get("hidden_act").and_then(Value::as_str).unwrap_or(default_act))?,
+        num_channels: get_usize(v, "num_channels")?,
+        image_size: get_usize(v, "image_size").context("image_size must be one integer (square images)")?,
+        patch_size: get_usize(v, "patch_size").context("patch_size must be one integer (square patches)")?,
+        layer_norm_eps: get_f64(v, "layer_norm_eps")?,
+        hidden_act: Activation::from_hf(v["hidden_act"].as_str().unwrap_or(""))?,
+        use_head: kind == VisionKind::Siglip && v.get("vision_use_head").and_then(Value::as_bool) != Some(false),
         weight_format: WeightFormat::F32,
     };
     if cfg.num_channels != 3 {
@@ -311,20 +501,25 @@ fn parse_vision(v: &Value) -> Result<VisionConfig> {
     Ok(cfg)
 }
 
-fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
-    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("llama");
+fn parse_text(v: &Value, tie: bool) -> Result<TextConfig> {
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let kind = match model_type {
         "llama" => TextKind::Llama,
         "qwen2" => TextKind::Qwen2,
-        other => bail!("unknown text model_type '{other}' (supported: llama, qwen2)"),
+        "mistral" => TextKind::Mistral,
+        other => bail!("unknown text model_type '{other}' (supported: llama, qwen2, mistral)"),
     };
     let hidden_size = get_usize(v, "hidden_size")?;
     let num_attention_heads = get_usize(v, "num_attention_heads")?;
-    let num_key_value_heads = get_usize_or(v, "num_key_value_heads", num_attention_heads);
+    let num_key_value_heads = get_usize(v, "num_key_value_heads")?;
     if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
         bail!(
             "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
         );
+    }
+    // transformers' LlamaConfig validates this even with an explicit head_dim.
+    if kind == TextKind::Llama && (num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads)) {
+        bail!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}");
     }
     let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
         Some(d) => d as usize,
@@ -353,37 +548,71 @@ fn parse_text(v: &Value, tie_top: Option<bool>) -> Result<TextConfig> {
     if rope_type != "default" {
         bail!("RoPE type '{rope_type}' is not supported (only the default RoPE)");
     }
-    if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
-        bail!("sliding-window attention is not supported");
+    let num_hidden_layers = get_usize(v, "num_hidden_layers")?;
+    if num_hidden_layers == 0 {
+        bail!("num_hidden_layers is 0");
     }
+    let sliding_windows = sliding_windows(kind, v, num_hidden_layers)?;
     let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
     let (qkv_bias, o_bias) = match kind {
         TextKind::Llama => (attention_bias, attention_bias),
         TextKind::Qwen2 => (true, false),
+        TextKind::Mistral => (false, false),
     };
-    let cfg = TextConfig {
+    Ok(TextConfig {
         kind,
         vocab_size: get_usize(v, "vocab_size")?,
         hidden_size,
         intermediate_size: get_usize(v, "intermediate_size")?,
-        num_hidden_layers: get_usize(v, "num_hidden_layers")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        rms_norm_eps: get_f64_or(v, "rms_norm_eps", 1e-6),
+        rms_norm_eps: get_f64(v, "rms_norm_eps")?,
         rope_theta,
-        max_position_embeddings: get_usize_or(v, "max_position_embeddings", 4096),
+        max_position_embeddings: get_usize(v, "max_position_embeddings")?,
         qkv_bias,
         o_bias,
         mlp_bias: v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
-        hidden_act: Activation::from_hf(v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu"))?,
-        tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).or(tie_top).unwrap_or(false),
-        bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+        hidden_act: Activation::from_hf(v["hidden_act"].as_str().unwrap_or(""))?,
+        tie_word_embeddings: tie,
+        sliding_windows,
+        bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok()),
         eos_token_ids: token_ids(v.get("eos_token_id")),
         weight_format: WeightFormat::F32,
+    })
+}
+
+/// Each layer's attention window, as transformers' Mistral / Qwen2 configs decide it.
+fn sliding_windows(kind: TextKind, v: &Value, layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = match v.get("sliding_window") {
+        None | Some(Value::Null) => None,
+        Some(w) => Some(w.as_u64().filter(|&w| w > 0).context("sliding_window must be a positive integer")? as usize),
     };
-    if cfg.num_hidden_layers == 0 {
-        bail!("num_hidden_layers is 0");
-    }
-    Ok(cfg)
+    Ok(match kind {
+        TextKind::Llama => vec![None; layers],
+        TextKind::Mistral => vec![window; layers],
+        TextKind::Qwen2 => {
+            let used = if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) { window } else { None };
+            match v.get("layer_types").and_then(Value::as_array) {
+                Some(types) => {
+                    if types.len() != layers {
+                        bail!("layer_types lists {} layers, the model has {layers}", types.len());
+                    }
+                    types
+                        .iter()
+                        .map(|t| match t.as_str() {
+                            Some("full_attention") => Ok(None),
+                            Some("sliding_attention") => Ok(used),
+                            other => bail!("unsupported layer type {other:?} (full_attention, sliding_attention)"),
+                        })
+                        .collect::<Result<_>>()?
+                }
+                None => {
+                    let first = v.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28) as usize;
+                    (0..layers).map(|i| if i >= first { used } else { None }).collect()
+                }
+            }
+        }
+    })
 }

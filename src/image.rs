@@ -14,6 +14,10 @@ pub struct RgbImage {
     pub height: usize,
     /// `height * width * 3` bytes, row-major, RGB interleaved.
     pub data: Vec<u8>,
+    /// The colour PIL keeps as `info["transparency"]` after `convert("RGB")` (a PNG's single
+    /// transparent palette entry or tRNS colour): the image processor's `convert_rgb` turns those
+    /// pixels white.
+    pub transparent_color: Option<[u8; 3]>,
 }
 
 impl RgbImage {
@@ -21,13 +25,13 @@ impl RgbImage {
         if data.len() != width * height * 3 {
             bail!("RGB buffer has {} bytes, expected {width}×{height}×3", data.len());
         }
-        Ok(Self { width, height, data })
+        Ok(Self { width, height, data, transparent_color: None })
     }
 
     /// A uniform image of one colour.
     pub fn filled(width: usize, height: usize, rgb: [u8; 3]) -> Self {
         let data = rgb.iter().copied().cycle().take(width * height * 3).collect();
-        Self { width, height, data }
+        Self { width, height, data, transparent_color: None }
     }
 }
 
@@ -36,14 +40,25 @@ impl RgbImage {
 /// browser's own decoder before sending bytes, the CLI asks the user to.
 pub const MAX_IMAGE_PIXELS: u64 = 40_000_000;
 
-/// Decode PNG / JPEG / WebP / GIF bytes (any colour mode) into RGB.
+/// Decode PNG / JPEG / WebP / GIF bytes (any colour mode) into RGB, as transformers'
+/// `load_image(path)` makes it: opened with PIL, turned upright (`ImageOps.exif_transpose`),
+/// `convert("RGB")`.
 ///
-/// Transparent images are composited onto white (as transformers 5's `convert_rgb` does with PIL's
-/// `alpha_composite`); grayscale is replicated to RGB; 16-bit channels are reduced to 8 bits.
-/// The header is checked before any pixel is decoded, so an oversized image costs no memory.
+/// JPEG goes through [`crate::jpeg`], which gives libjpeg-turbo's pixels exactly (the `image`
+/// crate's decoder rounds differently). Then `convert("RGB")` as `load_image` does it: alpha
+/// dropped, grayscale replicated, 16-bit channels reduced to 8 bits. The header is checked
+/// before any pixel is decoded, so an oversized image costs no memory.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     use image::ImageReader;
     use std::io::Cursor;
+    if crate::jpeg::is_jpeg(bytes) {
+        let (w, h) = crate::jpeg::dimensions(bytes).context("cannot read the JPEG header: the file is corrupt")?;
+        check_pixel_count(w as u64, h as u64)?;
+        let jpeg = crate::jpeg::decode(bytes).with_context(|| format!("cannot decode the JPEG image ({w}×{h})"))?;
+        let data = if jpeg.channels == 1 { jpeg.data.iter().flat_map(|&g| [g, g, g]).collect() } else { jpeg.data };
+        let img = RgbImage { width: jpeg.width, height: jpeg.height, data, transparent_color: None };
+        return Ok(apply_orientation(img, jpeg.orientation));
+    }
     let format = image::guess_format(bytes).map_err(|_| {
         anyhow::anyhow!(
             "not a supported image: the data is not PNG, JPEG, WebP or GIF ({} bytes{})",
@@ -51,17 +66,35 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
             describe_magic(bytes)
         )
     })?;
-    if !matches!(
-        format,
-        image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP | image::ImageFormat::Gif
-    ) {
+    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::WebP | image::ImageFormat::Gif) {
         bail!("unsupported image format {format:?}: use PNG, JPEG, WebP or GIF");
     }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let (w, h) = reader
         .into_dimensions()
         .with_context(|| format!("cannot read the {format:?} header: the file is corrupt or truncated"))?;
-    let pixels = u64::from(w) * u64::from(h);
+    check_pixel_count(u64::from(w), u64::from(h))?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (64 << 20));
+    reader.limits(limits);
+    let corrupt = || format!("cannot decode the {format:?} image ({w}×{h}): the file is corrupt or truncated");
+    let mut decoder = reader.into_decoder().with_context(corrupt)?;
+    // An unreadable EXIF block leaves the image as stored (PIL ignores it too).
+    let orientation = image::ImageDecoder::orientation(&mut decoder)
+        .ok()
+        .and_then(|o| (1..=8).find(|&v| image::metadata::Orientation::from_exif(v) == Some(o)))
+        .unwrap_or(1);
+    let decoded = image::DynamicImage::from_decoder(decoder).with_context(corrupt)?;
+    let mut rgb = to_rgb(decoded);
+    if format == image::ImageFormat::Png {
+        rgb.transparent_color = png_transparent_color(bytes);
+    }
+    Ok(apply_orientation(rgb, orientation))
+}
+
+fn check_pixel_count(w: u64, h: u64) -> Result<()> {
+    let pixels = w * h;
     if pixels > MAX_IMAGE_PIXELS {
         bail!(
             "image is {w}×{h} ({:.1} megapixels), over the {} megapixel limit; downscale it first (the model only sees a few hundred pixels per side)",
@@ -72,14 +105,77 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     if pixels == 0 {
         bail!("image has zero size ({w}×{h})");
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (64 << 20));
-    reader.limits(limits);
-    let decoded = reader
-        .decode()
-        .with_context(|| format!("cannot decode the {format:?} image ({w}×{h}): the file is corrupt or truncated"))?;
-    Ok(to_rgb(decoded))
+    Ok(())
+}
+
+/// The colour Pillow records as a PNG's `transparency` and keeps through `convert("RGB")`: the
+/// palette colour of the one fully transparent entry (a tRNS of 255s and a single 0; other
+/// tables Pillow keeps as bytes and drops on conversion), or an 8-bit image's tRNS colour.
+fn png_transparent_color(png: &[u8]) -> Option<[u8; 3]> {
+    let mut pos = 8;
+    let (mut color_type, mut depth, mut palette) = (None, 0u8, None);
+    while pos + 8 <= png.len() {
+        let len = u32::from_be_bytes(png[pos..pos + 4].try_into().ok()?) as usize;
+        let kind = &png[pos + 4..pos + 8];
+        let data = png.get(pos + 8..pos + 8 + len)?;
+        match kind {
+            b"IHDR" if len >= 10 => (depth, color_type) = (data[8], Some(data[9])),
+            b"PLTE" => palette = Some(data),
+            b"tRNS" => {
+                return match color_type? {
+                    3 => {
+                        let zeros = data.iter().filter(|&&a| a == 0).count();
+                        let simple = zeros == 1 && data.iter().all(|&a| a == 0 || a == 255);
+                        let index = data.iter().position(|&a| a == 0).filter(|_| simple)?;
+                        let rgb = palette?.get(index * 3..index * 3 + 3)?;
+                        Some([rgb[0], rgb[1], rgb[2]])
+                    }
+                    0 if depth == 8 && data.len() >= 2 => Some([data[1]; 3]).filter(|_| data[0] == 0),
+                    2 if depth == 8 && data.len() >= 6 => {
+                        Some([data[1], data[3], data[5]]).filter(|_| data[0] == 0 && data[2] == 0 && data[4] == 0)
+                    }
+                    _ => None,
+                };
+            }
+            b"IDAT" | b"IEND" => return None,
+            _ => {}
+        }
+        pos += 12 + len;
+    }
+    None
+}
+
+/// Turn an image upright by its EXIF orientation (1–8), as PIL's `ImageOps.exif_transpose`:
+/// 2 mirror, 3 rotate 180°, 4 flip, 5 transpose, 6 rotate 90° clockwise, 7 transverse,
+/// 8 rotate 90° counter-clockwise.
+pub fn apply_orientation(img: RgbImage, orientation: u8) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    let swaps = orientation >= 5;
+    let (out_w, out_h) = if swaps { (h, w) } else { (w, h) };
+    // Source pixel of output pixel (x, y).
+    let source = |x: usize, y: usize| -> (usize, usize) {
+        match orientation {
+            2 => (w - 1 - x, y),
+            3 => (w - 1 - x, h - 1 - y),
+            4 => (x, h - 1 - y),
+            5 => (y, x),
+            6 => (y, h - 1 - x),
+            7 => (w - 1 - y, h - 1 - x),
+            8 => (w - 1 - y, x),
+            _ => (x, y),
+        }
+    };
+    if !(2..=8).contains(&orientation) {
+        return img;
+    }
+    let mut data = Vec::with_capacity(img.data.len());
+    for y in 0..out_h {
+        for x in 0..out_w {
+            let (sx, sy) = source(x, y);
+            data.extend_from_slice(&img.data[(sy * w + sx) * 3..][..3]);
+        }
+    }
+    RgbImage { width: out_w, height: out_h, data, transparent_color: img.transparent_color }
 }
 
 fn describe_magic(bytes: &[u8]) -> String {
@@ -91,38 +187,37 @@ fn describe_magic(bytes: &[u8]) -> String {
     }
 }
 
-/// Any decoded image → RGB u8, alpha composited onto white.
+/// Any decoded image → RGB u8 as PIL's `convert("RGB")` makes it: grayscale replicated, alpha
+/// dropped (transformers' `load_image` converts before the image processor sees the image, so
+/// its alpha compositing never applies to a file).
+///
+/// 16-bit samples follow Pillow's PNG modes: RGB / RGBA / LA keep the high byte (`;16B` raw
+/// modes), while 16-bit grayscale opens as `I;16`, which `convert` clips to 255.
 fn to_rgb(img: image::DynamicImage) -> RgbImage {
+    use image::DynamicImage as D;
     let (width, height) = (img.width() as usize, img.height() as usize);
-    if !img.color().has_alpha() {
-        return RgbImage { width, height, data: img.into_rgb8().into_raw() };
-    }
-    let rgba = img.into_rgba8();
-    let mut data = Vec::with_capacity(width * height * 3);
-    for px in rgba.pixels() {
-        let [r, g, b, a] = px.0;
-        for c in [r, g, b] {
-            data.push(composite_over_white(c, a));
-        }
-    }
-    RgbImage { width, height, data }
+    let high = |v: &u16| (v >> 8) as u8;
+    let data = match img {
+        D::ImageLuma16(g) => g.as_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
+        D::ImageLumaA16(g) => g.as_raw().chunks_exact(2).flat_map(|p| [high(&p[0]); 3]).collect(),
+        D::ImageRgb16(c) => c.as_raw().iter().map(high).collect(),
+        D::ImageRgba16(c) => c.as_raw().chunks_exact(4).flat_map(|p| [high(&p[0]), high(&p[1]), high(&p[2])]).collect(),
+        other => other.into_rgb8().into_raw(),
+    };
+    RgbImage { width, height, data, transparent_color: None }
 }
 
-/// PIL `Image.alpha_composite(white, src)` for one channel (libImaging/AlphaComposite.c, with an
-/// opaque white destination): fixed point with 7 fractional bits and a rounded division by 255.
-fn composite_over_white(src: u8, alpha: u8) -> u8 {
-    if alpha == 0 {
-        return 255;
+impl RgbImage {
+    /// An RGBA buffer (`width × height × 4`, e.g. a canvas' pixels) without its alpha, as
+    /// `convert("RGB")` does.
+    pub fn from_rgba(width: usize, height: usize, rgba: &[u8]) -> Result<Self> {
+        let expected = width.checked_mul(height).and_then(|n| n.checked_mul(4));
+        if expected != Some(rgba.len()) || width == 0 || height == 0 {
+            bail!("RGBA buffer has {} bytes, expected {width}×{height}×4", rgba.len());
+        }
+        let data = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+        Ok(Self { width, height, data, transparent_color: None })
     }
-    const PRECISION_BITS: u32 = 7;
-    let a = u32::from(alpha);
-    let blend = 255 * (255 - a);
-    let outa255 = a * 255 + blend;
-    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
-    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
-    let tmp = u32::from(src) * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
-    let div255 = ((tmp >> 8) + tmp) >> 8;
-    (div255 >> PRECISION_BITS) as u8
 }
 
 /// Resize rule of the checkpoint's image processor.
@@ -143,6 +238,9 @@ pub struct ImagePreprocessor {
     pub rescale_factor: Option<f64>,
     pub mean: Option<[f32; 3]>,
     pub std: Option<[f32; 3]>,
+    /// `do_convert_rgb` (the PIL processors' default `True`; an explicit `null` in the file means
+    /// no conversion): for an image that is already RGB it only whitens a PNG's transparent colour.
+    pub convert_rgb: bool,
 }
 
 impl ImagePreprocessor {
@@ -213,6 +311,11 @@ impl ImagePreprocessor {
             },
             mean: if normalize { triple("image_mean")? } else { None },
             std: if normalize { triple("image_std")? } else { None },
+            convert_rgb: match v.get("do_convert_rgb") {
+                None => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => false,
+            },
         };
         if normalize && (this.mean.is_none() || this.std.is_none()) {
             bail!("do_normalize needs image_mean and image_std");
@@ -247,6 +350,21 @@ impl ImagePreprocessor {
 
     /// Full preprocessing: `[3, S, S]` f32 CHW (the caller adds the batch dim).
     pub fn preprocess(&self, img: &RgbImage) -> (RgbImage, Vec<f32>) {
+        let whitened;
+        let img = match img.transparent_color.filter(|_| self.convert_rgb) {
+            // convert_to_rgb: RGB + transparency → RGBA (alpha 0 on that colour) → over white.
+            Some(color) => {
+                let mut copy = img.clone();
+                for px in copy.data.chunks_exact_mut(3) {
+                    if px == color {
+                        px.copy_from_slice(&[255; 3]);
+                    }
+                }
+                whitened = copy;
+                &whitened
+            }
+            None => img,
+        };
         let resized = self.resize_and_crop(img);
         let pixels = self.normalize(&resized);
         (resized, pixels)
@@ -305,7 +423,7 @@ pub fn center_crop(img: &RgbImage, cw: usize, ch: usize) -> RgbImage {
             data[(y * cw + x) * 3..][..3].copy_from_slice(&img.data[src..src + 3]);
         }
     }
-    RgbImage { width: cw, height: ch, data }
+    RgbImage { width: cw, height: ch, data, transparent_color: None }
 }
 
 /// PIL's bicubic kernel (a = −0.5), support 2.
@@ -364,82 +482,99 @@ fn clip8(v: i32) -> u8 {
     shifted.clamp(0, 255) as u8
 }
 
-/// PIL `Image.resize((w, h), Image.BICUBIC)` on an RGB u8 image, bit-exact: a horizontal pass
-/// over the needed rows, then a vertical pass, each in 22-bit fixed point.
+/// PIL `Image.resize((w, h), Image.BICUBIC)` on an RGB u8 image, bit-exact: two separable passes
+/// in 22-bit fixed point. Pillow 13 runs the vertical pass first when it removes more rows than
+/// twice the columns the horizontal pass removes (`in_h - out_h > 2·(in_w - out_w)`), else the
+/// horizontal one; the order changes the rounding of the intermediate image, so it is kept.
+/// The first pass computes only the rows (or columns) the second one reads.
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     if img.width == out_w && img.height == out_h {
         return img.clone();
     }
     let horiz = precompute_coeffs(img.width, out_w);
     let vert = precompute_coeffs(img.height, out_h);
-    let need_h = out_w != img.width;
-    let need_v = out_h != img.height;
+    let removed_rows = img.height as i64 - out_h as i64;
+    let removed_cols = img.width as i64 - out_w as i64;
+    let vertical_first = removed_rows > 0 && removed_rows > 2 * removed_cols;
+    let (w, h) = (img.width, img.height);
+    if out_w == w {
+        return resample_vertical(&img.data, w, &vert, 0, 0..w);
+    }
+    if out_h == h {
+        return resample_horizontal(&img.data, w, &horiz, 0..h);
+    }
+    if vertical_first {
+        let cols = horiz.span();
+        let tmp = resample_vertical(&img.data, w, &vert, 0, cols.clone());
+        let shifted = horiz.shifted(cols.start);
+        resample_horizontal(&tmp.data, tmp.width, &shifted, 0..out_h)
+    } else {
+        let rows = vert.span();
+        let tmp = resample_horizontal(&img.data, w, &horiz, rows.clone());
+        resample_vertical(&tmp.data, out_w, &vert, rows.start, 0..out_w)
+    }
+}
 
-    let (mut src, mut src_w) = (std::borrow::Cow::Borrowed(&img.data), img.width);
-    let mut row_offset = 0usize;
-    if need_h {
-        // Only the rows that the vertical pass reads.
-        let first = vert.bounds[0].0;
-        let last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
-        let (first, last) = if need_v { (first, last) } else { (0, img.height) };
-        let rows = last - first;
-        let mut tmp = vec![0u8; rows * out_w * 3];
-        for y in 0..rows {
-            let in_row = &img.data[(y + first) * img.width * 3..][..img.width * 3];
-            for (xx, ((xmin, n), k)) in horiz.bounds.iter().zip(&horiz.weights).enumerate() {
-                let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-                for x in 0..*n {
-                    let p = &in_row[(xmin + x) * 3..][..3];
-                    for c in 0..3 {
-                        ss[c] = ss[c].wrapping_add(i32::from(p[c]).wrapping_mul(k[x]));
-                    }
-                }
-                let out = &mut tmp[(y * out_w + xx) * 3..][..3];
-                for c in 0..3 {
-                    out[c] = clip8(ss[c]);
-                }
-            }
-        }
-        src = std::borrow::Cow::Owned(tmp);
-        src_w = out_w;
-        row_offset = first;
+impl Coeffs {
+    /// The input indices any output reads: `[first, last)`.
+    fn span(&self) -> std::ops::Range<usize> {
+        let first = self.bounds.first().map_or(0, |b| b.0);
+        let last = self.bounds.last().map_or(0, |b| b.0 + b.1);
+        first..last
     }
-    if !need_v {
-        return RgbImage { width: out_w, height: out_h, data: src.into_owned() };
+
+    fn shifted(&self, offset: usize) -> Coeffs {
+        Coeffs { bounds: self.bounds.iter().map(|&(s, n)| (s - offset, n)).collect(), weights: self.weights.clone() }
     }
-    let mut out = vec![0u8; out_h * out_w * 3];
-    for (yy, ((ymin, n), k)) in vert.bounds.iter().zip(&vert.weights).enumerate() {
-        let ymin = ymin - row_offset;
-        for xx in 0..src_w {
-            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-            for y in 0..*n {
-                let p = &src[((ymin + y) * src_w + xx) * 3..][..3];
-                for c in 0..3 {
-                    ss[c] = ss[c].wrapping_add(i32::from(p[c]).wrapping_mul(k[y]));
-                }
-            }
-            let o = &mut out[(yy * src_w + xx) * 3..][..3];
-            for c in 0..3 {
-                o[c] = clip8(ss[c]);
-            }
+}
+
+/// Horizontal pass over `rows` of `src` (`src_w` pixels wide): one output column per coefficient.
+fn resample_horizontal(src: &[u8], src_w: usize, coeffs: &Coeffs, rows: std::ops::Range<usize>) -> RgbImage {
+    let out_w = coeffs.bounds.len();
+    let mut out = Vec::with_capacity(rows.len() * out_w * 3);
+    for in_y in rows.clone() {
+        for ((xmin, n), k) in coeffs.bounds.iter().zip(&coeffs.weights) {
+            out.extend(weighted_sum(src, (in_y * src_w + xmin) * 3, 3, &k[..*n]));
         }
     }
-    RgbImage { width: out_w, height: out_h, data: out }
+    RgbImage { width: out_w, height: rows.len(), data: out, transparent_color: None }
+}
+
+/// Vertical pass over columns `cols` of `src` (`src_w` wide, its first row being input row
+/// `row_offset`): one output row per coefficient.
+fn resample_vertical(
+    src: &[u8],
+    src_w: usize,
+    coeffs: &Coeffs,
+    row_offset: usize,
+    cols: std::ops::Range<usize>,
+) -> RgbImage {
+    let (out_w, out_h) = (cols.len(), coeffs.bounds.len());
+    let mut out = Vec::with_capacity(out_h * out_w * 3);
+    for ((ymin, n), k) in coeffs.bounds.iter().zip(&coeffs.weights) {
+        for in_x in cols.clone() {
+            out.extend(weighted_sum(src, ((ymin - row_offset) * src_w + in_x) * 3, src_w * 3, &k[..*n]));
+        }
+    }
+    RgbImage { width: out_w, height: out_h, data: out, transparent_color: None }
+}
+
+/// One output pixel of a pass: the weighted sum of the RGB pixels at `start`, `start + stride`, …
+/// (PIL's 8-bit accumulation: wrapping i32, rounding bias, clip).
+fn weighted_sum(src: &[u8], start: usize, stride: usize, weights: &[i32]) -> [u8; 3] {
+    let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+    for (i, &weight) in weights.iter().enumerate() {
+        let p = &src[start + i * stride..][..3];
+        for c in 0..3 {
+            ss[c] = ss[c].wrapping_add(i32::from(p[c]).wrapping_mul(weight));
+        }
+    }
+    ss.map(clip8)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn composite_matches_pil_endpoints() {
-        assert_eq!(composite_over_white(0, 255), 0);
-        assert_eq!(composite_over_white(200, 255), 200);
-        assert_eq!(composite_over_white(0, 0), 255);
-        // Half-transparent black over white is mid grey.
-        let g = composite_over_white(0, 128);
-        assert!((126..=128).contains(&g), "{g}");
-    }
 
     #[test]
     fn shortest_edge_truncates() {

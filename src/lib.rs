@@ -8,6 +8,8 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod chat_template;
+pub mod checkpoint;
 pub mod cmrm;
 pub mod config;
 pub mod eval;
@@ -17,6 +19,7 @@ pub mod gpu;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod image;
+pub mod jpeg;
 pub mod llava;
 pub mod pipeline;
 #[cfg(not(target_arch = "wasm32"))]
@@ -26,6 +29,7 @@ pub mod projector;
 pub mod quant;
 pub mod steering;
 pub mod streaming;
+pub mod synthetic;
 pub mod text;
 pub mod vision;
 #[cfg(target_arch = "wasm32")]

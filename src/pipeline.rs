@@ -61,13 +61,7 @@ impl Vlm {
         let device = Device::Cpu;
         let model =
             LlavaModel::new(&config, weights.into_var_builder(&device)).context("the weights do not fit the config")?;
-        let mut eos_ids = match generation_config {
-            Some(text) => crate::config::eos_ids_from_generation_config(text)?,
-            None => Vec::new(),
-        };
-        if eos_ids.is_empty() {
-            eos_ids = config.text.eos_token_ids.clone();
-        }
+        let eos_ids = crate::config::eos_ids(&config, generation_config)?;
         Ok(Self { model, processor, eos_ids })
     }
 

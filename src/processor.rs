@@ -5,6 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use crate::chat_template::{template_from_config, ChatTemplate};
 use crate::config::LlavaConfig;
 use crate::image::{ImagePreprocessor, RgbImage};
 
@@ -18,17 +19,20 @@ pub struct ProcessorFiles {
     pub chat_template_json: Option<String>,
     pub preprocessor_config_json: Option<String>,
     pub processor_config_json: Option<String>,
+    /// Legacy special tokens (`bos_token`, …), read as transformers reads it.
+    pub special_tokens_map_json: Option<String>,
 }
 
 impl ProcessorFiles {
     /// Every file name a processor reads (`tokenizer.json` is required, the rest optional).
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "tokenizer.json",
         "tokenizer_config.json",
         "chat_template.jinja",
         "chat_template.json",
         "preprocessor_config.json",
         "processor_config.json",
+        "special_tokens_map.json",
     ];
 
     /// Put a checkpoint file's bytes in its slot. Returns `false` (and keeps nothing) for a name
@@ -44,6 +48,7 @@ impl ProcessorFiles {
             "chat_template.json" => &mut self.chat_template_json,
             "preprocessor_config.json" => &mut self.preprocessor_config_json,
             "processor_config.json" => &mut self.processor_config_json,
+            "special_tokens_map.json" => &mut self.special_tokens_map_json,
             _ => return Ok(false),
         };
         *slot = Some(String::from_utf8(bytes).with_context(|| format!("{name} is not UTF-8 text"))?);
@@ -67,8 +72,12 @@ impl EncodedPrompt {
 
 pub struct Processor {
     pub tokenizer: Tokenizer,
-    chat_template: Option<String>,
-    template_vars: Vec<(String, String)>,
+    chat_template: Option<ChatTemplate>,
+    /// The file the chat template came from.
+    chat_template_file: Option<&'static str>,
+    /// The tokenizer's named special tokens (`bos_token`, `eos_token`, …), passed to the
+    /// template as transformers passes `special_tokens_map`.
+    special_tokens: Vec<(String, String)>,
     pub image: ImagePreprocessor,
     /// The placeholder string (`<image>`).
     pub image_token: String,
@@ -92,39 +101,24 @@ impl Processor {
         let preprocessor_config =
             files.preprocessor_config_json.as_deref().map(|t| parse_json("preprocessor_config.json", t)).transpose()?;
 
-        let template_from = |v: &Option<Value>| -> Option<String> {
-            match v.as_ref()?.get("chat_template")? {
-                Value::String(s) => Some(s.clone()),
-                // A list of named templates: take "default".
-                Value::Array(items) => items
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
-                _ => None,
-            }
-        };
         let chat_template_json =
             files.chat_template_json.as_deref().map(|t| parse_json("chat_template.json", t)).transpose()?;
-        let chat_template = files
-            .chat_template_jinja
-            .clone()
-            .or_else(|| template_from(&chat_template_json))
-            .or_else(|| template_from(&processor_config))
-            .or_else(|| template_from(&tokenizer_config));
-
-        let mut template_vars = Vec::new();
-        if let Some(tc) = &tokenizer_config {
-            for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
-                let value = match tc.get(key) {
-                    Some(Value::String(s)) => Some(s.clone()),
-                    Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_owned),
-                    _ => None,
-                };
-                if let Some(v) = value {
-                    template_vars.push((key.to_owned(), v));
-                }
-            }
-        }
+        let from = |v: &Option<Value>| v.as_ref().and_then(template_from_config);
+        let chat_template = [
+            ("chat_template.jinja", files.chat_template_jinja.clone()),
+            ("chat_template.json", from(&chat_template_json)),
+            ("processor_config.json", from(&processor_config)),
+            ("tokenizer_config.json", from(&tokenizer_config)),
+        ]
+        .into_iter()
+        .find_map(|(name, source)| source.map(|s| (name, s)));
+        let chat_template_file = chat_template.as_ref().map(|(name, _)| *name);
+        let chat_template = chat_template
+            .map(|(name, source)| ChatTemplate::new(&source).with_context(|| format!("the chat template in {name}")))
+            .transpose()?;
+        let special_tokens_map =
+            files.special_tokens_map_json.as_deref().map(|t| parse_json("special_tokens_map.json", t)).transpose()?;
+        let special_tokens = special_tokens(tokenizer_config.as_ref(), special_tokens_map.as_ref());
 
         let image_cfg = preprocessor_config
             .as_ref()
@@ -162,15 +156,22 @@ impl Processor {
                 config.text.vocab_size
             );
         }
-        Ok(Self {
+        let processor = Self {
             tokenizer,
             chat_template,
-            template_vars,
+            chat_template_file,
+            special_tokens,
             image,
             image_token,
             image_token_id,
             image_seq_len: config.image_tokens_per_image(),
-        })
+        };
+        // Render the template once now (before any weight moves), as the page and `cmrm
+        // generate` will: a template that fails for a plain question fails here.
+        if processor.chat_template.is_some() {
+            processor.chat_prompt("What is in the image?", true).context("checking the chat template")?;
+        }
+        Ok(processor)
     }
 
     /// Read the processor files from a checkpoint folder.
@@ -184,37 +185,48 @@ impl Processor {
         self.chat_template.is_some()
     }
 
-    /// The full prompt for one user turn, with the image placeholder where the template puts it.
+    /// The file the chat template came from (`chat_template.json`, …).
+    pub fn chat_template_file(&self) -> Option<&'static str> {
+        self.chat_template_file
+    }
+
+    /// The full prompt for one user turn, with the image placeholder where the template puts it:
+    /// `apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    /// "text": question}]}], add_generation_prompt=True)`.
     pub fn chat_prompt(&self, question: &str, with_image: bool) -> Result<String> {
         let template = self
             .chat_template
-            .as_deref()
+            .as_ref()
             .context("the model has no chat template (chat_template.jinja, chat_template.json, tokenizer_config.json); pass the full prompt with --raw-prompt")?;
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| anyhow!("the chat template does not parse: {e}"))?;
+        #[derive(serde::Serialize)]
+        struct Part<'a> {
+            r#type: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            text: Option<&'a str>,
+        }
+        #[derive(serde::Serialize)]
+        struct Message<'a> {
+            role: &'a str,
+            content: Vec<Part<'a>>,
+        }
         let mut content = Vec::new();
         if with_image {
-            content.push(serde_json::json!({"type": "image"}));
+            content.push(Part { r#type: "image", text: None });
         }
-        content.push(serde_json::json!({"type": "text", "text": question}));
-        let mut ctx = serde_json::Map::new();
-        ctx.insert("messages".into(), serde_json::json!([{"role": "user", "content": content}]));
-        ctx.insert("add_generation_prompt".into(), Value::Bool(true));
-        for (k, v) in &self.template_vars {
-            ctx.insert(k.clone(), Value::String(v.clone()));
-        }
-        let tmpl = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
-        let prompt = tmpl
-            .render(minijinja::Value::from_serialize(&ctx))
-            .map_err(|e| anyhow!("the chat template failed to render: {e}"))?;
+        content.push(Part { r#type: "text", text: Some(question) });
+        let messages = minijinja::Value::from_serialize([Message { role: "user", content }]);
+        let variables: Vec<(String, minijinja::Value)> =
+            self.special_tokens.iter().map(|(k, v)| (k.clone(), minijinja::Value::from(v.as_str()))).collect();
+        let prompt = template.render(&messages, true, &variables)?;
         if with_image && !prompt.contains(&self.image_token) {
             bail!("the chat template did not place the image token '{}' in the prompt", self.image_token);
         }
         Ok(prompt)
+    }
+
+    /// The tokenizer's BOS token string, if it has one.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.special_tokens.iter().find(|(k, _)| k == "bos_token").map(|(_, v)| v.as_str())
     }
 
     /// CMRM's text-only counterpart: the same full prompt with the image placeholder removed.
@@ -224,8 +236,15 @@ impl Processor {
 
     /// Tokenize a full prompt (special tokens added by the tokenizer's post-processor) and expand
     /// its `<image>` placeholder to `image_seq_len` tokens. `n_images` must match the placeholders.
+    ///
+    /// A prompt that already starts with the BOS token gets no second one (transformers'
+    /// `apply_chat_template(tokenize=True)` rule).
     pub fn encode(&self, prompt: &str, n_images: usize) -> Result<EncodedPrompt> {
-        let encoding = self.tokenizer.encode(prompt, true).map_err(|e| anyhow!("tokenizing the prompt failed: {e}"))?;
+        let add_special_tokens = !self.bos_token().is_some_and(|bos| !bos.is_empty() && prompt.starts_with(bos));
+        let encoding = self
+            .tokenizer
+            .encode(prompt, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizing the prompt failed: {e}"))?;
         let raw = encoding.get_ids();
         let placeholders = raw.iter().filter(|&&id| id == self.image_token_id).count();
         if placeholders != n_images {
@@ -259,6 +278,29 @@ impl Processor {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true).map_err(|e| anyhow!("detokenizing failed: {e}"))
     }
+}
+
+/// The named special tokens transformers passes to a chat template (`special_tokens_map`):
+/// from `tokenizer_config.json`, overridden by the legacy `special_tokens_map.json` when the
+/// tokenizer config has no `added_tokens_decoder` (transformers 5's loading rule).
+fn special_tokens(tokenizer_config: Option<&Value>, special_tokens_map: Option<&Value>) -> Vec<(String, String)> {
+    const NAMES: [&str; 7] =
+        ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+    let token = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    };
+    let legacy_map =
+        special_tokens_map.filter(|_| tokenizer_config.is_none_or(|tc| tc.get("added_tokens_decoder").is_none()));
+    NAMES
+        .iter()
+        .filter_map(|&name| {
+            let from_map = legacy_map.and_then(|m| m.get(name)).and_then(token);
+            let from_config = tokenizer_config.and_then(|tc| tc.get(name)).and_then(token);
+            from_map.or(from_config).map(|v| (name.to_owned(), v))
+        })
+        .collect()
 }
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -229,6 +229,13 @@ impl WeightChoice {
     }
 }
 
+/// A wasm32 instance can address at most 4 GiB.
+pub const WASM_MEMORY_LIMIT: u64 = 4 << 30;
+
+/// Memory a browser tab (wasm32) can give the model: 90% of 4 GiB, the rest is for activations,
+/// the KV cache and the allocator.
+pub const BROWSER_WEIGHT_BUDGET: u64 = WASM_MEMORY_LIMIT * 9 / 10;
+
 /// Formats from the most to the least precise.
 pub const FORMATS: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4];
 

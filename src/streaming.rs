@@ -22,6 +22,14 @@ pub enum StoredType {
 }
 
 impl StoredType {
+    /// `F32`, `F16`, `BF16`, or the GGML block type (`Q8_0`, `Q4K`, …).
+    pub fn name(&self) -> String {
+        match self {
+            Self::Values(d) => d.as_str().to_uppercase(),
+            Self::Blocks(b) => format!("{b:?}").to_uppercase(),
+        }
+    }
+
     /// Bytes of `values` values (whole blocks).
     fn bytes(self, values: u64) -> u64 {
         match self {
@@ -86,6 +94,12 @@ pub fn parse_header(name: &str, json: &[u8]) -> Result<Vec<HeaderTensor>> {
 /// `(canonical name, shape)` of the tensors cmrm uses (what memory estimates take).
 pub fn canonical_shapes(tensors: &[HeaderTensor]) -> Vec<(String, Vec<usize>)> {
     tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect()
+}
+
+/// The tensors of a GGUF file's header, from its first bytes; `Ok(None)` while `bytes` may not
+/// hold the whole header.
+pub fn gguf_header_tensors(name: &str, bytes: &[u8]) -> Result<Option<Vec<HeaderTensor>>> {
+    Ok(parse_gguf_header(name, bytes)?.map(|(tensors, _)| tensors))
 }
 
 /// The tensors of a GGUF file's header (candle's reader over the bytes so far), in data order:

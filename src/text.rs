@@ -1,4 +1,4 @@
-//! The language model: a Llama / Qwen2 decoder with a KV cache and the per-layer steering hook.
+//! The language model: a Llama / Qwen2 / Mistral decoder with a KV cache and the per-layer steering hook.
 //!
 //! Shapes: hidden states are `[1, t, H]` (batch 1, `t` new positions); attention heads are
 //! `[1, heads, t, head_dim]`. Positions are absolute: RoPE uses `start .. start + t` over the whole
@@ -58,10 +58,12 @@ struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// Positions a query sees (itself included), `None` = all earlier ones.
+    sliding_window: Option<usize>,
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
             q_proj: linear(h, cfg.num_attention_heads * d, cfg.qkv_bias, cfg, vb.pp("q_proj"))?,
@@ -72,6 +74,7 @@ impl Attention {
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
             scale: (d as f64).powf(-0.5),
+            sliding_window: cfg.sliding_windows.get(layer).copied().flatten(),
         })
     }
 
@@ -91,8 +94,8 @@ impl Attention {
         let rep = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, rep * t, d))?;
         let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
-        if t > 1 {
-            let mask = causal_mask(t, rep, start, total, xs.device())?;
+        if t > 1 || self.sliding_window.is_some_and(|w| total > w) {
+            let mask = attention_mask(t, rep, start, total, self.sliding_window, xs.device())?;
             scores = scores.broadcast_add(&mask)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -102,12 +105,22 @@ impl Attention {
     }
 }
 
-/// Additive causal mask `[rep·t, T]`: row `r·t + i` is query position `start + i`.
-fn causal_mask(t: usize, rep: usize, start: usize, total: usize, device: &Device) -> Result<Tensor> {
+/// Additive mask `[rep·t, T]`: row `r·t + i` is query position `p = start + i`, which sees keys
+/// `j ≤ p`, and with a sliding window `w` only `j > p − w` (transformers' sliding mask).
+fn attention_mask(
+    t: usize,
+    rep: usize,
+    start: usize,
+    total: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let mut mask = Vec::with_capacity(rep * t * total);
     for _ in 0..rep {
         for i in 0..t {
-            mask.extend((0..total).map(|j| if j <= start + i { 0f32 } else { f32::NEG_INFINITY }));
+            let p = start + i;
+            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            mask.extend((0..total).map(|j| if j <= p && j >= first { 0f32 } else { f32::NEG_INFINITY }));
         }
     }
     Tensor::from_vec(mask, (rep * t, total), device)
@@ -145,10 +158,10 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, layer, vb.pp("self_attn"))?,
             post_attention_layernorm: candle_nn::rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
@@ -289,7 +302,7 @@ impl TextModel {
             }
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, lm.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, i, lm.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
         let lm_head = match tied_head {

@@ -316,22 +316,12 @@ impl Weights {
 /// The weight files of a checkpoint folder: the shards named by the index, or the single file.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn weight_files_in_dir(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let shards =
-            shard_names_from_index(&text).with_context(|| format!("{}: invalid shard index", index.display()))?;
-        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let gguf = dir.join("model.gguf");
-    if gguf.exists() {
-        return Ok(vec![gguf]);
-    }
-    bail!("{}: no model.safetensors, model.safetensors.index.json or model.gguf in this folder", dir.display())
+    let index = dir.join(crate::checkpoint::WEIGHTS_INDEX);
+    let names = crate::checkpoint::weight_file_names(&|name| dir.join(name).exists(), &mut || {
+        std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))
+    })
+    .with_context(|| format!("{}: the weights", dir.display()))?;
+    Ok(names.into_iter().map(|s| dir.join(s)).collect())
 }
 
 /// Distinct shard file names from a `model.safetensors.index.json`, in first-seen order.

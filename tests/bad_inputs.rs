@@ -100,9 +100,9 @@ fn unknown_model_type_and_unsupported_config() {
         .unwrap();
     assert_mentions(&load_err(&m.dir), &["config.json", "unknown model_type 'idefics3'"]);
 
-    std::fs::write(m.path("config.json"), cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mistral\""))
+    std::fs::write(m.path("config.json"), cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"gemma\""))
         .unwrap();
-    assert_mentions(&load_err(&m.dir), &["unknown text model_type 'mistral'"]);
+    assert_mentions(&load_err(&m.dir), &["unknown text model_type 'gemma'"]);
 
     std::fs::write(m.path("config.json"), cfg.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\""))
         .unwrap();

@@ -240,35 +240,6 @@ fn memory_benchmark() {
     print_memory("native", &[format]);
 }
 
-/// `(canonical name, shape)` of every tensor a model asked for.
-#[cfg(not(target_arch = "wasm32"))]
-type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>;
-
-/// Records the canonical names and shapes a model asks for (returning zeros).
-#[cfg(not(target_arch = "wasm32"))]
-struct ShapeRecorder(Recorded);
-
-#[cfg(not(target_arch = "wasm32"))]
-impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0.lock().unwrap().push((name.to_owned(), s.dims().to_vec()));
-        candle_core::Tensor::zeros(s, dtype, dev)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<candle_core::Tensor> {
-        candle_core::bail!("no shape for {name}")
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        !name.starts_with("lm_head.") && !name.contains('#')
-    }
-}
-
 /// Where the streamed-load benchmark writes its real-size checkpoint folder.
 #[cfg(not(target_arch = "wasm32"))]
 fn bench_model_dir() -> std::path::PathBuf {
@@ -277,8 +248,8 @@ fn bench_model_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("cmrm-bench-llava-interleave-qwen-0.5b"))
 }
 
-/// Peak memory of a streamed load of a real-size checkpoint: the 0.5B preset written as a
-/// llava-hf-layout BF16 safetensors file (random values, ~1.7 GB, in the temp folder), read back
+/// Peak memory of a streamed load of a real-size checkpoint: the real llava-interleave-qwen-0.5b-hf
+/// files with `cmrm::synthetic` BF16 weights (~1.7 GB, in the temp folder), read back
 /// in 1 MiB chunks through `WeightStream` (what the page does with a download) in
 /// `CMRM_BENCH_WEIGHTS` (default q8_0), and the model built from it. Prints peak RSS (one format
 /// per process) next to the file size.
@@ -286,82 +257,20 @@ fn bench_model_dir() -> std::path::PathBuf {
 #[test]
 #[ignore]
 fn streamed_load_memory_benchmark() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let format: cmrm::quant::WeightFormat =
         std::env::var("CMRM_BENCH_WEIGHTS").unwrap_or_else(|_| "q8_0".into()).parse().unwrap();
-    let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
     let dir = bench_model_dir();
     let path = dir.join("model.safetensors");
-    if !path.exists() {
-        // A complete folder, so the page can load it too (tests/e2e/bench.mjs): the preset's
-        // config, the bundled model's tokenizer and templates, SigLIP-384 preprocessing.
-        std::fs::create_dir_all(&dir).unwrap();
-        // The bundled tokenizer's `<image>` is id 643 (the real checkpoint's is 151646).
-        let config = cmrm::bench::LLAVA_INTERLEAVE_QWEN_05B
-            .replace("\"image_token_index\": 151646", "\"image_token_index\": 643");
-        assert!(config.contains("643"));
-        std::fs::write(dir.join("config.json"), config).unwrap();
-        let bundled =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("www/assets/models/tiny-llava-siglip-qwen2");
-        for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
-            std::fs::copy(bundled.join(file), dir.join(file)).unwrap();
-        }
-        let preprocessor = std::fs::read_to_string(bundled.join("preprocessor_config.json")).unwrap();
-        std::fs::write(dir.join("preprocessor_config.json"), preprocessor.replace("48", "384")).unwrap();
-        let recorded = Recorded::default();
-        let vb = VarBuilder::from_backend(Box::new(ShapeRecorder(recorded.clone())), DType::F32, Device::Cpu);
-        drop(cmrm::llava::LlavaModel::new(&cfg.clone().with_weight_format(cmrm::quant::WeightFormat::Q4), vb).unwrap());
-        let hub_key = |canonical: &str| -> String {
-            for (from, to) in [
-                ("lm_head.", "language_model.lm_head."),
-                ("lm.", "language_model.model."),
-                ("vision.", "vision_tower.vision_model."),
-                ("projector.", "multi_modal_projector."),
-            ] {
-                if let Some(rest) = canonical.strip_prefix(from) {
-                    return format!("{to}{rest}");
-                }
-            }
-            canonical.to_owned()
-        };
-        let tensors: Vec<(String, Vec<usize>)> =
-            recorded.lock().unwrap().iter().map(|(n, s)| (hub_key(n), s.clone())).collect();
-        let mut header = serde_json::Map::new();
-        let mut offset = 0u64;
-        for (name, shape) in &tensors {
-            let bytes = shape.iter().product::<usize>() as u64 * 2;
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
-            );
-            offset += bytes;
-        }
-        let mut json = serde_json::to_vec(&header).unwrap();
-        json.resize(json.len().div_ceil(8) * 8, b' ');
-        let tmp = path.with_extension("partial");
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
-        file.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-        file.write_all(&json).unwrap();
-        let mut state = 0x2545f4914f6cdd1du64;
-        for (_, shape) in &tensors {
-            let n: usize = shape.iter().product();
-            let mut row = Vec::with_capacity(n.min(1 << 20) * 2);
-            for i in 0..n {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let value = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.07;
-                row.extend_from_slice(&half::bf16::from_f32(value).to_le_bytes());
-                if row.len() >= 1 << 21 || i + 1 == n {
-                    file.write_all(&row).unwrap();
-                    row.clear();
-                }
-            }
-        }
-        file.flush().unwrap();
-        drop(file);
-        std::fs::rename(&tmp, &path).unwrap();
-    }
+    let cfg = if path.exists() {
+        cmrm::LlavaConfig::from_file(&dir.join("config.json")).unwrap()
+    } else {
+        // The real llava-interleave-qwen-0.5b-hf files at full depth with synthetic BF16 weights:
+        // a complete folder, so the page can load it too (tests/e2e/bench.mjs).
+        let real =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/llava-interleave-qwen-0.5b-hf");
+        cmrm::synthetic::write_checkpoint(&real, &dir, None).unwrap()
+    };
     let file_bytes = std::fs::metadata(&path).unwrap().len();
     let before = memory_bytes();
     let t0 = now_seconds();

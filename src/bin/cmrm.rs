@@ -1,4 +1,4 @@
-//! `cmrm` — the native CLI: generate, probe, extract, vectors, eval, bench.
+//! `cmrm` — the native CLI: generate, probe, extract, vectors, eval, bench, quantize, inspect.
 //! With `--json`, every subcommand prints exactly one JSON object on stdout; progress and logs go
 //! to stderr (DESIGN.md §4).
 
@@ -39,6 +39,28 @@ enum Command {
     /// Write a smaller copy of a checkpoint: weights as one quantized GGUF (q8_0 or q4), the other
     /// files copied; `--model` and the page load the copy like the original.
     Quantize(QuantizeArgs),
+    /// What a model is, from its small files and weight headers only (nothing large is
+    /// downloaded): resolved config with defaults marked, rendered prompt, input_ids, image
+    /// tokens, EOS ids, weight files, parameters, memory per weight format.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Checkpoint folder or Hub repo id owner/name[@revision].
+    #[arg(long)]
+    model: String,
+    /// An image the prompt asks about (decoded and preprocessed; the prompt gets its placeholder).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The user's question for the chat template (default: "What is in the image?").
+    #[arg(long, conflicts_with = "raw_prompt")]
+    prompt: Option<String>,
+    /// A full prompt, used as is (may contain the image placeholder).
+    #[arg(long)]
+    raw_prompt: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -287,6 +309,7 @@ fn main() -> ExitCode {
         }
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Inspect(a) => cmd_inspect(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -295,6 +318,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let (files, weights) = cmrm::hub::inspect_sources(&a.model)?;
+    let image = match &a.image {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Some(decode_image(&bytes).with_context(|| format!("{}", path.display()))?)
+        }
+        None => None,
+    };
+    let prompt = match (a.prompt, a.raw_prompt) {
+        (_, Some(raw)) => PromptText::Raw(raw),
+        (Some(q), None) => PromptText::Chat(q),
+        (None, None) => PromptText::Chat("What is in the image?".to_owned()),
+    };
+    let inspection = cmrm::checkpoint::inspect(&files, &weights, &prompt, image.as_ref())
+        .with_context(|| format!("inspecting {}", a.model))?;
+    if a.json {
+        emit(&serde_json::to_value(&inspection)?);
+    } else {
+        print!("{}", inspection.report());
+    }
+    Ok(())
 }
 
 /// Print the one JSON object of `--json` (a closed pipe is not an error worth a panic).

@@ -594,22 +594,29 @@ impl GpuDecoder {
             &self.ctx,
             &[self.nh as u32, self.kvh as u32, self.d as u32, cap as u32, self.chunk_rows as u32, 0, 0, 0],
         );
-        let p_att = uniform(
-            &self.ctx,
-            &[self.nh as u32, self.kvh as u32, self.d as u32, cap as u32, scale.to_bits(), width as u32, 0, 0],
-        );
+        // One attention uniform per layer: layers differ in their sliding window (0 = none).
+        let p_att: Vec<_> = self
+            .config()
+            .sliding_windows
+            .iter()
+            .map(|window| {
+                let window = window.map_or(0, |w| w.min(u32::MAX as usize) as u32);
+                let p = [self.nh as u32, self.kvh as u32, self.d as u32, cap as u32, scale.to_bits(), width as u32];
+                uniform(&self.ctx, &[p[0], p[1], p[2], p[3], p[4], p[5], window, 0])
+            })
+            .collect();
         let kern = &self.ctx.kernels;
         let dev = &self.ctx.device;
         cache.rope_binds = (0..self.layers.len())
             .map(|l| kern.rope_kv.bind(dev, &[&self.step, &p_rope, &self.qkv, &self.rope, &k[l], &v[l]]))
             .collect();
         cache.attn_binds = (0..self.layers.len())
-            .map(|l| kern.attention.bind(dev, &[&self.step, &p_att, &self.qkv, &k[l], &v[l], &self.attn]))
+            .map(|l| kern.attention.bind(dev, &[&self.step, &p_att[l], &self.qkv, &k[l], &v[l], &self.attn]))
             .collect();
         cache.k = k;
         cache.v = v;
         cache.cap = cap;
-        cache._params = vec![p_rope, p_att];
+        cache._params = std::iter::once(p_rope).chain(p_att).collect();
         Ok(())
     }
 

@@ -11,23 +11,10 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{Cache, CacheStorage, ReadableStream, ReadableStreamDefaultReader, RequestInit, Response};
 
+use crate::checkpoint::{weight_file_names, OPTIONAL_FILES, REQUIRED_FILES, WEIGHTS_FILE, WEIGHTS_GGUF, WEIGHTS_INDEX};
+
 /// Name of the Cache API store that holds model and vector files.
 pub const CACHE_NAME: &str = "cmrm-models-v1";
-
-/// Files a checkpoint may have besides its weights, in load order; the first two are required.
-pub const REQUIRED_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
-pub const OPTIONAL_FILES: [&str; 6] = [
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-];
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
-/// A `cmrm quantize` copy: the weights as one quantized GGUF.
-pub const WEIGHTS_GGUF: &str = "model.gguf";
 
 #[wasm_bindgen]
 extern "C" {
@@ -386,20 +373,14 @@ pub async fn plan_hub(repo: &str, revision: &str) -> Result<Plan> {
         e.get("lfs").and_then(|l| l.get("size")).or_else(|| e.get("size")).and_then(|s| s.as_u64())
     };
     let base = hub_base_url(repo, revision);
-    let shards = if size_of(WEIGHTS_INDEX).is_some() {
-        let index = fetch_bytes(&join(&base, WEIGHTS_INDEX), &mut |_, _, _| {}).await?;
-        crate::weights::shard_names_from_index(&String::from_utf8_lossy(&index))
-            .with_context(|| format!("{repo}: invalid {WEIGHTS_INDEX}"))?
-    } else if size_of(WEIGHTS_FILE).is_some() {
-        vec![WEIGHTS_FILE.to_owned()]
-    } else if size_of(WEIGHTS_GGUF).is_some() {
-        vec![WEIGHTS_GGUF.to_owned()]
-    } else {
-        bail!(
-            "{repo} has no {WEIGHTS_FILE} or {WEIGHTS_GGUF} (cmrm reads safetensors checkpoints such as the llava-hf/* \
-             repos, and their `cmrm quantize` copies)"
-        );
+    let index = match size_of(WEIGHTS_INDEX) {
+        Some(_) => Some(fetch_bytes(&join(&base, WEIGHTS_INDEX), &mut |_, _, _| {}).await?),
+        None => None,
     };
+    let shards = weight_file_names(&|n| size_of(n).is_some(), &mut || {
+        Ok(String::from_utf8_lossy(index.as_deref().unwrap_or_default()).into_owned())
+    })
+    .with_context(|| repo.to_owned())?;
     let names = order_files(&|n| size_of(n).is_some(), shards).with_context(|| repo.to_owned())?;
     let cache = open_cache().await;
     let mut files = Vec::new();
@@ -425,16 +406,14 @@ pub async fn plan_url(label: &str, base: &str, names: Option<Vec<String>>) -> Re
                     found.insert(name.to_string(), size);
                 }
             }
-            let shards = if found.contains_key(WEIGHTS_INDEX) {
-                let index = fetch_bytes(&join(base, WEIGHTS_INDEX), &mut |_, _, _| {}).await?;
-                crate::weights::shard_names_from_index(&String::from_utf8_lossy(&index))?
-            } else if found.contains_key(WEIGHTS_FILE) {
-                vec![WEIGHTS_FILE.to_owned()]
-            } else if found.contains_key(WEIGHTS_GGUF) {
-                vec![WEIGHTS_GGUF.to_owned()]
-            } else {
-                bail!("{base}: no {WEIGHTS_FILE}, {WEIGHTS_INDEX} or {WEIGHTS_GGUF}");
+            let index = match found.contains_key(WEIGHTS_INDEX) {
+                true => Some(fetch_bytes(&join(base, WEIGHTS_INDEX), &mut |_, _, _| {}).await?),
+                false => None,
             };
+            let shards = weight_file_names(&|n| found.contains_key(n), &mut || {
+                Ok(String::from_utf8_lossy(index.as_deref().unwrap_or_default()).into_owned())
+            })
+            .with_context(|| base.to_owned())?;
             order_files(&|n| found.contains_key(n), shards)?
         }
     };

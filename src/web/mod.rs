@@ -77,17 +77,13 @@ struct ModelSpec {
     weights: Option<String>,
 }
 
-/// Memory a wasm32 page can give the model (90% of 4 GiB: the rest is for activations, the KV
-/// cache and the allocator).
-const WEIGHT_BUDGET: u64 = WASM_MEMORY_LIMIT * 9 / 10;
-
 fn fit_format(
     name: &str,
     choice: WeightChoice,
     model_bytes: impl Fn(WeightFormat) -> u64,
     held: u64,
 ) -> Result<WeightFormat> {
-    choose_format(name, choice, model_bytes, held, WEIGHT_BUDGET)
+    choose_format(name, choice, model_bytes, held, crate::quant::BROWSER_WEIGHT_BUDGET)
 }
 
 #[derive(Deserialize)]
@@ -347,7 +343,7 @@ impl Assembler {
                 self.generation_config =
                     Some(String::from_utf8(bytes).context("generation_config.json is not UTF-8 text")?)
             }
-            n if is_weight_file(n) => {
+            n if crate::checkpoint::is_weight_file(n) => {
                 self.weight_bytes += bytes.len() as u64;
                 self.weights.add_file(n, FileBytes::Owned(bytes))?;
                 self.weight_files += 1;
@@ -418,13 +414,6 @@ fn resolve_url(url: &str) -> String {
         None => url.to_owned(),
     }
 }
-
-fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors") || name.ends_with(".gguf")
-}
-
-/// A wasm32 instance can address at most 4 GiB.
-const WASM_MEMORY_LIMIT: u64 = 4 << 30;
 
 fn wasm_memory_bytes() -> u64 {
     let memory = wasm_bindgen::memory().unchecked_into::<js_sys::WebAssembly::Memory>();
@@ -583,21 +572,8 @@ impl Session {
     /// As `setImage`, from RGBA pixels (what a canvas gives, e.g. after downscaling in the page).
     #[wasm_bindgen(js_name = setImageRgba)]
     pub fn set_image_rgba(&self, width: usize, height: usize, rgba: &[u8]) -> Result<JsValue, JsError> {
-        (|| {
-            if rgba.len() != width * height * 4 || width == 0 || height == 0 {
-                bail!("RGBA buffer has {} bytes, expected {width}×{height}×4", rgba.len());
-            }
-            // Composite onto white, as decode_image does for transparent images.
-            let rgb = rgba
-                .chunks_exact(4)
-                .flat_map(|p| {
-                    let a = u32::from(p[3]);
-                    [0, 1, 2].map(|c| ((u32::from(p[c]) * a + 255 * (255 - a) + 127) / 255) as u8)
-                })
-                .collect();
-            self.set_rgb(RgbImage::new(width, height, rgb)?)
-        })()
-        .map_err(to_js)
+        // Alpha dropped, as decode_image does (PIL convert("RGB")).
+        RgbImage::from_rgba(width, height, rgba).and_then(|img| self.set_rgb(img)).map_err(to_js)
     }
 
     #[wasm_bindgen(js_name = clearImage)]
@@ -703,7 +679,7 @@ impl Session {
         // Weights stream in when the format is known, or decided from the header of the only
         // weight file (safetensors, or a `cmrm quantize` GGUF: its own format unless asked
         // otherwise); shards with unknown sizes are held until all are in.
-        let weight_files = plan.files.iter().filter(|f| is_weight_file(&f.name)).count();
+        let weight_files = plan.files.iter().filter(|f| crate::checkpoint::is_weight_file(&f.name)).count();
         let stream_weights = known_format.is_some() || weight_files == 1;
         let vectors_size = match &options.vectors {
             Some(url) => fetch::probe_size(url).await?.map_or(0, |(n, _)| n),
@@ -725,7 +701,7 @@ impl Session {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", &file.name, n, t.unwrap_or(file.size), done_before + n, cached)
             };
-            let is_weights = is_weight_file(&file.name);
+            let is_weights = crate::checkpoint::is_weight_file(&file.name);
             if is_weights && assembler.weight_files == 0 {
                 // Config and tokenizer disagree? Say so before gigabytes move.
                 if let Some(config) = &assembler.config {

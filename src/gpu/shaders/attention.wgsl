@@ -1,6 +1,7 @@
 // Causal GQA attention over the KV cache, one workgroup per (row i, query head h), keys in
 // blocks of 64 with an online softmax. Query row i is position step.start + i and sees keys
-// 0 ..= step.start + i. Head h reads KV head h / (nh / kvh) (HF repeat_kv).
+// 0 ..= step.start + i, or with a sliding window w > 0 only the last w of them. Head h reads KV
+// head h / (nh / kvh) (HF repeat_kv).
 struct P {
     nh: u32,
     kvh: u32,
@@ -8,7 +9,7 @@ struct P {
     cap: u32,
     scale: f32,
     q_stride: u32,
-    _a: u32,
+    window: u32,
     _b: u32,
 }
 
@@ -42,7 +43,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var m = NEG_BIG;
     var l = 0.0;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var b0 = 0u; b0 < n_keys; b0 += B) {
+    var first = 0u;
+    if (p.window > 0u && n_keys > p.window) {
+        first = n_keys - p.window;
+    }
+    for (var b0 = first; b0 < n_keys; b0 += B) {
         let j = b0 + li;
         var s = NEG_BIG;
         if (j < n_keys) {
