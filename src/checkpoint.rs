@@ -208,25 +208,30 @@ pub struct Inspection {
     pub formats: BTreeMap<String, FormatFit>,
 }
 
+/// What [`inspect`] renders and tokenizes.
+pub struct InspectRequest<'a> {
+    /// The question for the chat template, or a raw prompt.
+    pub prompt: PromptText,
+    /// The prompt carries an image (its placeholder and tokens).
+    pub with_image: bool,
+    /// The image itself, when there is one: its size and what the processor makes of it.
+    pub image: Option<&'a RgbImage>,
+}
+
 /// The facts of a checkpoint from its small files and weight headers: nothing else is read.
-/// `prompt`: the question (or the raw prompt) to render and tokenize; `image`: the image it asks
-/// about, if any.
-pub fn inspect(
-    files: &SmallFiles,
-    weights: &[WeightFileInfo],
-    prompt: &PromptText,
-    image: Option<&RgbImage>,
-) -> Result<Inspection> {
+pub fn inspect(files: &SmallFiles, weights: &[WeightFileInfo], request: &InspectRequest) -> Result<Inspection> {
+    let InspectRequest { prompt, with_image, image } = request;
+    let with_image = *with_image || image.is_some();
     let raw_config: Value = serde_json::from_str(files.config_json.as_deref().context("the model has no config.json")?)
         .context("config.json is not valid JSON")?;
     let resolved = resolve(&raw_config)?;
     let config = files.config()?;
     let processor = Processor::from_files(&files.processor, &config)?;
     let prompt_text = match prompt {
-        PromptText::Chat(q) => processor.chat_prompt(q, image.is_some())?,
+        PromptText::Chat(q) => processor.chat_prompt(q, with_image)?,
         PromptText::Raw(p) => p.clone(),
     };
-    let encoded = processor.encode(&prompt_text, usize::from(image.is_some()))?;
+    let encoded = processor.encode(&prompt_text, usize::from(with_image))?;
     let image = image.map(|img| {
         let (resized, _) = processor.preprocess_image(img);
         ImageFacts { width: img.width, height: img.height, model_input: [resized.width, resized.height] }
@@ -312,8 +317,11 @@ impl Inspection {
             ));
         }
         out.push_str(&format!("eos ids        {:?}\n", self.eos_token_ids));
+        if self.weight_files.is_empty() {
+            out.push_str("weights        none found (only the small files are here)\n");
+        }
         for w in &self.weight_files {
-            let size = w.bytes.map_or("size unknown".to_owned(), |b| format!("{:.2} GB", b as f64 / 1e9));
+            let size = w.bytes.map_or("size unknown".to_owned(), human_bytes);
             let detail = match (w.tensors, &w.params) {
                 (Some(t), Some(p)) => format!("{t} tensors, {p} parameters, {:?}", w.dtypes),
                 _ => "header not read".to_owned(),
@@ -323,9 +331,18 @@ impl Inspection {
         out.push_str(&format!("parameters     {} (from the {})\n", self.n_params, self.n_params_from));
         for (name, fit) in &self.formats {
             let verdict = if fit.fits_browser { "fits a browser tab" } else { "too big for a browser tab" };
-            out.push_str(&format!("memory {name:<7} {:.2} GB, {verdict}\n", fit.bytes as f64 / 1e9));
+            out.push_str(&format!("memory {name:<7} {}, {verdict}\n", human_bytes(fit.bytes)));
         }
         out
+    }
+}
+
+/// `1.73 GB`, `4.2 MB`, `850 kB`.
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} GB", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        n => format!("{:.0} kB", n as f64 / 1e3),
     }
 }
 

@@ -300,8 +300,12 @@ fn local_sources(
 ) -> Result<(SmallFiles, Vec<WeightFileInfo>)> {
     let files = SmallFiles::read_dir(dir)?;
     let index = dir.join(WEIGHTS_INDEX);
-    let names = weight_file_names(&|n| dir.join(n).exists(), &mut || Ok(std::fs::read_to_string(&index)?))
-        .with_context(|| dir.display().to_string())?;
+    // A folder of small files only (weights not downloaded yet) is inspected from its config.
+    let names = match weight_file_names(&|n| dir.join(n).exists(), &mut || Ok(std::fs::read_to_string(&index)?)) {
+        Ok(names) => names,
+        Err(_) if !index.exists() => Vec::new(),
+        Err(e) => return Err(e.context(dir.display().to_string())),
+    };
     let mut weights = Vec::new();
     for name in names {
         let path = dir.join(&name);

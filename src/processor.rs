@@ -305,19 +305,11 @@ fn special_tokens(tokenizer_config: Option<&Value>, special_tokens_map: Option<&
 
 #[cfg(not(target_arch = "wasm32"))]
 impl ProcessorFiles {
+    /// The processor's files in a checkpoint folder (`tokenizer.json` required).
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer_json = std::fs::read(&tok_path).with_context(|| format!("cannot read {}", tok_path.display()))?;
-        let mut files = Self { tokenizer_json, ..Self::default() };
-        for name in &Self::NAMES[1..] {
-            let path = dir.join(name);
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    files.insert(name, bytes).with_context(|| format!("cannot read {}", path.display()))?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => bail!("cannot read {}: {e}", path.display()),
-            }
+        let files = crate::checkpoint::SmallFiles::read_dir(dir)?.processor;
+        if files.tokenizer_json.is_empty() {
+            bail!("cannot read {}: no such file", dir.join("tokenizer.json").display());
         }
         Ok(files)
     }

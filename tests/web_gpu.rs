@@ -53,6 +53,7 @@ macro_rules! oracle {
                 "/chat_template.jinja"
             )))),
             chat_template_json: None,
+            special_tokens_map_json: None,
             preprocessor_config_json: Some(f(include_bytes!(concat!(
                 "fixtures/oracle/fixtures/",
                 $model,

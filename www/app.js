@@ -131,10 +131,12 @@ async function showPlan() {
     $("download-size").textContent = "bundled with the page (under 1 MB), works offline";
     return;
   }
+  $("model-facts").hidden = true;
   if (!choice.options.model) { $("download-size").textContent = ""; return; }
   $("download-size").textContent = "checking the download size…";
   try {
     const plan = await call("plan", { options: choice.options });
+    showModelFacts(plan);
     if (plan.memoryProblem) { $("download-size").textContent = `${mb(plan.totalBytes)}: ${plan.memoryProblem}`; return; }
     const left = plan.totalBytes - plan.cachedBytes;
     const inMemory = plan.weights ? `; loads with ${plan.weights} weights (${mb(plan.modelBytes[plan.weights])} in memory)` : "";
@@ -144,6 +146,39 @@ async function showPlan() {
   } catch (err) {
     $("download-size").textContent = `size unknown: ${err.message}`;
   }
+}
+
+/// What the plan learned from the small files (cmrm inspect's facts), or why the model cannot work.
+function showModelFacts(plan) {
+  const facts = plan.inspection;
+  $("model-facts").hidden = !facts && !plan.inspectionProblem;
+  $("model-facts").dataset.ok = facts ? "true" : "false";
+  if (!facts) {
+    $("model-facts-summary").textContent = plan.inspectionProblem ? `this model cannot be used: ${plan.inspectionProblem}` : "";
+    $("model-facts-detail").textContent = "";
+    return;
+  }
+  const params = facts.n_params >= 1e9 ? `${(facts.n_params / 1e9).toFixed(2)} B` : `${(facts.n_params / 1e6).toFixed(1)} M`;
+  $("model-facts-summary").textContent = `${facts.architecture}, ${params} parameters, ${facts.n_image_tokens} tokens per image` +
+    `, chat template from ${facts.chat_template ?? "(none)"}, ${facts.defaulted_keys.length} settings from transformers' defaults`;
+  const defaulted = new Set(facts.defaulted_keys);
+  const lines = [];
+  const walk = (v, key) => {
+    if (v && typeof v === "object" && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(x, key ? `${key}.${k}` : k);
+    else lines.push(`${defaulted.has(key) ? "*" : " "} ${key} = ${JSON.stringify(v)}`);
+  };
+  walk(facts.config, "");
+  const formats = Object.entries(facts.formats)
+    .map(([f, x]) => `${f} ${mb(x.bytes)}${x.fits_browser ? "" : " (too big for a tab)"}`).join(", ");
+  $("model-facts-detail").textContent = [
+    `prompt: ${JSON.stringify(facts.prompt)}`,
+    `input_ids: ${facts.input_ids.length} tokens, image tokens at [${facts.image_span}]`,
+    `end of answer: ids ${JSON.stringify(facts.eos_token_ids)}`,
+    `weights: ${facts.weight_files.map((w) => `${w.name}${w.bytes ? ` ${mb(w.bytes)}` : ""}`).join(", ") || "(headers not read)"}` +
+      ` — ${facts.n_params} parameters (from the ${facts.n_params_from})`,
+    `memory: ${formats}`,
+    "config:", ...lines,
+  ].join("\n");
 }
 
 async function loadModel() {

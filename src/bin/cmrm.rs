@@ -1,4 +1,5 @@
-//! `cmrm` — the native CLI: generate, probe, extract, vectors, eval, bench, quantize, inspect.
+//! `cmrm` — the native CLI: generate, probe, extract, vectors, eval, bench, quantize, inspect,
+//! synthesize.
 //! With `--json`, every subcommand prints exactly one JSON object on stdout; progress and logs go
 //! to stderr (DESIGN.md §4).
 
@@ -43,6 +44,25 @@ enum Command {
     /// downloaded): resolved config with defaults marked, rendered prompt, input_ids, image
     /// tokens, EOS ids, weight files, parameters, memory per weight format.
     Inspect(InspectArgs),
+    /// Write a random-weight checkpoint from a model's small files, for tests and benchmarks on
+    /// real shapes without a download: the files copied (a `.gz` decompressed) and deterministic
+    /// BF16 weights (cmrm::synthetic; tests/fixtures/synthetic_weights.py makes the same values).
+    Synthesize(SynthesizeArgs),
+}
+
+#[derive(Args)]
+struct SynthesizeArgs {
+    /// Folder with config.json, tokenizer.json and the processor files (no weights needed).
+    #[arg(long)]
+    files: PathBuf,
+    /// Output folder (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// A reduced-depth copy: TEXT,VISION layers (the config is otherwise unchanged).
+    #[arg(long)]
+    layers: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -310,6 +330,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Inspect(a) => cmd_inspect(a),
+        Command::Synthesize(a) => cmd_synthesize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -318,6 +339,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cmd_synthesize(a: SynthesizeArgs) -> Result<()> {
+    let layers = match &a.layers {
+        None => None,
+        Some(spec) => {
+            let (text, vision) = spec.split_once(',').context("--layers takes TEXT,VISION, e.g. 2,2")?;
+            Some((
+                text.trim().parse().context("--layers: text layers")?,
+                vision.trim().parse().context("--layers: vision layers")?,
+            ))
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let cfg = cmrm::synthetic::write_checkpoint(&a.files, &a.out, layers)?;
+    let bytes = std::fs::metadata(a.out.join("model.safetensors"))?.len();
+    let params: usize = cmrm::synthetic::tensor_specs(&cfg)?.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let seconds = t0.elapsed().as_secs_f64();
+    if a.json {
+        emit(&json!({"out": a.out, "weights_bytes": bytes, "n_params": params, "seconds": seconds}));
+    } else {
+        eprintln!("wrote {} ({params} parameters, {bytes} bytes) in {seconds:.1}s", a.out.display());
+    }
+    Ok(())
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
@@ -334,8 +379,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         (Some(q), None) => PromptText::Chat(q),
         (None, None) => PromptText::Chat("What is in the image?".to_owned()),
     };
-    let inspection = cmrm::checkpoint::inspect(&files, &weights, &prompt, image.as_ref())
-        .with_context(|| format!("inspecting {}", a.model))?;
+    let request = cmrm::checkpoint::InspectRequest { prompt, with_image: image.is_some(), image: image.as_ref() };
+    let inspection =
+        cmrm::checkpoint::inspect(&files, &weights, &request).with_context(|| format!("inspecting {}", a.model))?;
     if a.json {
         emit(&serde_json::to_value(&inspection)?);
     } else {

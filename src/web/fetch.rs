@@ -246,10 +246,10 @@ pub struct Plan {
     pub files: Vec<PlannedFile>,
     pub total_bytes: u64,
     pub cached_bytes: u64,
-    /// Canonical names and shapes of the weights (from the safetensors headers, read with HTTP
-    /// range requests); `None` where the server does not answer ranges.
+    /// The weight files as their headers describe them (read with HTTP range requests); `None`
+    /// where the server does not answer ranges.
     #[serde(skip)]
-    pub tensor_shapes: Option<Vec<(String, Vec<usize>)>>,
+    pub weight_files: Option<Vec<crate::checkpoint::WeightFileInfo>>,
 }
 
 impl Plan {
@@ -262,28 +262,33 @@ impl Plan {
             files,
             total_bytes,
             cached_bytes,
-            tensor_shapes: None,
+            weight_files: None,
         }
     }
 
-    /// Fill `tensor_shapes` from the weight files' headers (a few kB each, not cached).
-    pub async fn read_tensor_shapes(&mut self) {
+    /// Fill `weight_files` from the weight files' headers (a few kB each, not cached).
+    pub async fn read_weight_headers(&mut self) {
         if self.files.iter().any(|f| f.name.ends_with(".gguf")) {
             return; // a quantized copy: its size is its in-memory size, decided once it is in
         }
-        let mut shapes = Vec::new();
+        let mut infos = Vec::new();
         for file in self.files.iter().filter(|f| f.name.ends_with(".safetensors")) {
-            match safetensors_shapes(&file.url).await {
-                Some(s) => shapes.extend(s),
+            match safetensors_header(&file.url, &file.name, file.size).await {
+                Some(info) => infos.push(info),
                 None => return,
             }
         }
-        self.tensor_shapes = Some(shapes);
+        self.weight_files = Some(infos);
+    }
+
+    /// Canonical names and shapes of the weights, when the headers could be read.
+    pub fn tensor_shapes(&self) -> Option<Vec<(String, Vec<usize>)>> {
+        Some(self.weight_files.as_ref()?.iter().flat_map(|w| w.shapes.clone()).collect())
     }
 
     /// Bytes the model takes in memory in `format`, when the headers could be read.
     pub fn model_bytes(&self, format: crate::quant::WeightFormat) -> Option<u64> {
-        let shapes = self.tensor_shapes.as_ref()?;
+        let shapes = self.tensor_shapes()?;
         Some(crate::quant::estimate_model_bytes(format, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()))))
     }
 }
@@ -306,17 +311,13 @@ async fn fetch_range(url: &str, start: u64, end: u64) -> Option<Vec<u8>> {
     Some(Uint8Array::new(&buffer).to_vec())
 }
 
-/// Canonical names and shapes of the tensors cmrm keeps from a safetensors file, from its
-/// header alone.
-async fn safetensors_shapes(url: &str) -> Option<Vec<(String, Vec<usize>)>> {
+/// A safetensors file as its header describes it, from two range requests.
+async fn safetensors_header(url: &str, name: &str, size: u64) -> Option<crate::checkpoint::WeightFileInfo> {
     let len = fetch_range(url, 0, 7).await?;
-    let n = u64::from_le_bytes(len.get(..8)?.try_into().ok()?);
-    if n > crate::streaming::MAX_HEADER_BYTES {
-        return None;
-    }
-    let header = fetch_range(url, 8, 8 + n - 1).await?;
-    let tensors = crate::streaming::parse_header(url, &header).ok()?;
-    Some(crate::streaming::canonical_shapes(&tensors))
+    let need = crate::checkpoint::WeightFileInfo::header_len(&len).ok()??;
+    let header = fetch_range(url, 8, need - 1).await?;
+    let prefix = [len.as_slice(), header.as_slice()].concat();
+    crate::checkpoint::WeightFileInfo::from_prefix(name, Some(size).filter(|&s| s > 0), &prefix).ok()?
 }
 
 /// `owner/name` on the Hugging Face Hub (not a URL or a path).

@@ -425,8 +425,8 @@ fn wasm_memory_bytes() -> u64 {
 /// then the format is decided from the only weight file's header as it streams in, or once the
 /// files are in memory.
 fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat>> {
-    let Some(shapes) = &plan.tensor_shapes else { return Ok(None) };
-    fit_streamed(&plan.model, choice, shapes).map(Some)
+    let Some(shapes) = plan.tensor_shapes() else { return Ok(None) };
+    fit_streamed(&plan.model, choice, &shapes).map(Some)
 }
 
 /// The format streamed weights (safetensors, or a GGUF copy) load in: beside the model, only a
@@ -434,6 +434,22 @@ fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat
 fn fit_streamed(name: &str, choice: WeightChoice, shapes: &[(String, Vec<usize>)]) -> Result<WeightFormat> {
     let estimate = |f| crate::quant::estimate_model_bytes(f, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
     fit_format(name, choice, estimate, wasm_memory_bytes() + crate::streaming::STREAM_OVERHEAD_BYTES)
+}
+
+/// The facts of a planned model (`cmrm inspect`'s), from its small files and weight headers.
+async fn inspect_plan(plan: &Plan) -> Result<crate::checkpoint::Inspection> {
+    let mut small = crate::checkpoint::SmallFiles::default();
+    for file in plan.files.iter().filter(|f| !crate::checkpoint::is_weight_file(&f.name)) {
+        let bytes = fetch_bytes(&file.url, &mut |_, _, _| {}).await?;
+        small.insert(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
+    }
+    let weights = plan.weight_files.clone().unwrap_or_default();
+    let request = crate::checkpoint::InspectRequest {
+        prompt: PromptText::Chat("What is in the image?".to_owned()),
+        with_image: true,
+        image: None,
+    };
+    crate::checkpoint::inspect(&small, &weights, &request).with_context(|| plan.model.clone())
 }
 
 /// Resolves after the event loop has run once (a `stop` message gets its turn).
@@ -471,7 +487,7 @@ impl Session {
             let spec: ModelSpec = from_js_value("model options", options)?;
             let choice = WeightChoice::parse(spec.weights.as_deref())?;
             let mut plan = plan_for(&spec).await?;
-            plan.read_tensor_shapes().await;
+            plan.read_weight_headers().await;
             let fit = check_memory(&plan, choice);
             let mut value = serde_json::to_value(&plan)?;
             value["memoryProblem"] = fit.as_ref().err().map(|e| format!("{e:#}")).into();
@@ -481,6 +497,12 @@ impl Session {
                 "q8_0": plan.model_bytes(WeightFormat::Q8_0),
                 "q4": plan.model_bytes(WeightFormat::Q4),
             });
+            // What `cmrm inspect` says, from the small files (kept in the cache for the load)
+            // and the headers: a template or config that cannot work is known before any weight.
+            match inspect_plan(&plan).await {
+                Ok(facts) => value["inspection"] = serde_json::to_value(facts)?,
+                Err(e) => value["inspectionProblem"] = format!("{e:#}").into(),
+            }
             to_js_value(&value)
         }
         .await
@@ -673,7 +695,7 @@ impl Session {
         let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
         let mut plan = plan_for(&options.spec).await?;
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
-            plan.read_tensor_shapes().await;
+            plan.read_weight_headers().await;
         }
         let known_format = check_memory(&plan, choice)?;
         // Weights stream in when the format is known, or decided from the header of the only

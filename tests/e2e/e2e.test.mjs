@@ -85,6 +85,19 @@ function quantizedCopy() {
   return Object.fromEntries(readdirSync(out).map((f) => [`/quantized-copy/${f}`, readFileSync(resolve(out, f))]));
 }
 
+/// The real llava-interleave-qwen-0.5b-hf files (2 text + 2 vision layers, synthetic BF16 weights,
+/// 431 MB) written by `cmrm synthesize`: transformers computed its greedy ids on the same weights
+/// (tests/fixtures/real/refs.json).
+function realFilesCheckpoint() {
+  const cli = resolve(repo, "target/debug/cmrm");
+  if (!existsSync(cli)) execFileSync("cargo", ["build", "--bin", "cmrm"], { cwd: repo, stdio: "inherit" });
+  const out = resolve(mkdtempSync(resolve(tmpdir(), "cmrm-e2e-")), "real-interleave");
+  const files = resolve(repo, "tests/fixtures/real/llava-interleave-qwen-0.5b-hf");
+  execFileSync(cli, ["synthesize", "--files", files, "--out", out, "--layers", "2,2"], { stdio: "pipe" });
+  return Object.fromEntries(readdirSync(out).map((f) => [`/real-interleave/${f}`, readFileSync(resolve(out, f))]));
+}
+const realRefs = JSON.parse(readFileSync(resolve(repo, "tests/fixtures/real/refs.json"), "utf8"));
+
 /// A calibration set long enough to press Stop while it runs.
 function longCalibrationSet() {
   const lines = Array.from({ length: 4000 }, (_, i) => JSON.stringify({ prompt: `Question number ${i}: what is this?` }));
@@ -98,7 +111,9 @@ function safetensorsMetadata(bytes) {
 }
 
 before(async () => {
-  site = await serve(dist, 0, { ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet(), ...quantizedCopy() });
+  site = await serve(dist, 0, {
+    ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet(), ...quantizedCopy(), ...realFilesCheckpoint(),
+  });
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
@@ -304,6 +319,38 @@ test("catalog vectors with a wrong sha256 show a readable error and are not cach
   for (const pane of ["pane-unaltered", "pane-steered"]) {
     assert.equal(await byTestId(pane).getAttribute("data-done"), "true", pane);
   }
+});
+
+test("real llava-interleave files: the plan shows cmrm inspect's facts; chat mode answers with transformers' ids", async () => {
+  const processorCase = realRefs.processor.cases.find((c) => c.case === "photo_jpeg");
+  const want = realRefs.reduced.cases.find((c) => c.case === "photo_jpeg");
+  await page.goto(`${site.origin}/index.html`);
+  await page.locator("#model-select").selectOption("custom");
+  await page.locator("#custom-repo").fill(`${site.origin}/real-interleave/`);
+  await page.locator("#custom-repo").dispatchEvent("change");
+  // Before any weight moves: the template (with its {% generation %} tag) rendered, the config
+  // resolved with transformers' defaults, the parameters counted from the weights' header.
+  await page.waitForFunction(() => document.getElementById("model-facts").dataset.ok === "true", null, { timeout: T });
+  assert.match(await page.locator("#model-facts-summary").textContent(),
+    /^llava: siglip_vision_model \+ qwen2, 215\.6 M parameters, 729 tokens per image, chat template from chat_template\.json, \d+ settings from transformers' defaults$/);
+  const detail = await page.locator("#model-facts-detail").textContent();
+  assert.ok(detail.includes("* text_config.rms_norm_eps = 0.000001"), detail);
+  assert.ok(detail.includes(`prompt: ${JSON.stringify(processorCase.prompt)}`), detail);
+  const weightRequests = site.requests.filter((r) => r.includes("/real-interleave/model.safetensors"));
+  assert.ok(weightRequests.length > 0 && weightRequests.every((r) => r.startsWith("HEAD") || r.includes("[bytes=")), weightRequests.join("\n"));
+  await byTestId("load-model").click();
+  await waitStatus("ready", 300_000);
+  assert.equal(await byTestId("error").textContent(), "");
+  await byTestId("image-input").setInputFiles(resolve(repo, "tests/fixtures/images/files", processorCase.image));
+  await page.waitForFunction(() => /729 image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: 120_000 });
+  await byTestId("prompt").fill(processorCase.question);
+  await page.locator("#max-tokens").fill(String(want.generated_ids.length));
+  await byTestId("variant").selectOption("sample");
+  await byTestId("compare").click();
+  await waitStatus("ready", 300_000);
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.deepEqual(await paneIds("pane-unaltered"), want.generated_ids);
+  assert.ok((await paneIds("pane-steered")).length > 0);
 });
 
 test("a cmrm quantize copy (model.gguf) streams in, in its own q4 format, and answers", async () => {
