@@ -6,7 +6,10 @@
 //! Python prints them.
 //!
 //! Templates come from anyone who publishes a model, so rendering has a budget: a template that
-//! loops too long or builds too large a prompt is stopped with an error naming it.
+//! loops too long (5 M steps), asks for huge paddings or indents, or builds too large a prompt
+//! (4 MiB) is stopped with an error naming it. (minijinja caps a repeated string at 100 MB; what
+//! it does not bound is a string doubled by concatenation again and again: in the page such a
+//! template crashes the worker, which is restarted and says so.)
 
 use anyhow::{anyhow, Result};
 use minijinja::value::{Kwargs, Rest, Value, ValueKind};
@@ -377,6 +380,69 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, Erro
     Ok(Value::from_safe_string(out))
 }
 
+/// Widest padding or indent a template may ask `format` / `indent` / `str.format` for: they
+/// allocate what they are told, so `'%999999999s'|format(x)` would build a gigabyte.
+const MAX_WIDTH: usize = 1024;
+
+/// Refuse a printf- or `str.format`-style format whose field widths exceed [`MAX_WIDTH`].
+fn check_format_widths(format: &str) -> Result<(), Error> {
+    let chars: Vec<char> = format.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '%' || chars[i] == ':' {
+            let mut j = i + 1;
+            // flags, fill and alignment
+            while j < chars.len() && j <= i + 3 && !chars[j].is_ascii_digit() && "-+ #0<>^=_,*".contains(chars[j]) {
+                j += 1;
+            }
+            if j < chars.len() && !chars[j].is_ascii_digit() && j == i + 1 && i + 2 < chars.len() {
+                j += 1; // a fill character before an alignment (`{:x>9}`)
+                if j < chars.len() && "<>^=".contains(chars[j]) {
+                    j += 1;
+                }
+            }
+            let digits: String = chars[j..].iter().take_while(|c| c.is_ascii_digit()).collect();
+            if digits.len() > 6 || digits.parse::<usize>().is_ok_and(|w| w > MAX_WIDTH) {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("a field width of {digits} (over {MAX_WIDTH}) in a format string"),
+                ));
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// `format` with its widths checked (then minijinja's own).
+fn format_filter(state: &State, format: &Value, args: Rest<Value>) -> Result<Value, Error> {
+    check_format_widths(format.as_str().unwrap_or_default())?;
+    minijinja::filters::format(state, format, args)
+}
+
+/// `indent` with its width checked (then minijinja's own).
+fn indent_filter(
+    value: minijinja::value::StringInput,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    let width_kwarg: Option<usize> = kwargs.peek("width")?;
+    if width.or(width_kwarg).is_some_and(|w| w > MAX_WIDTH) {
+        return Err(Error::new(ErrorKind::InvalidOperation, format!("indent wider than {MAX_WIDTH}")));
+    }
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+/// Python's string methods (minijinja-contrib's pycompat), with `str.format` widths checked.
+fn python_methods(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+    if method == "format" {
+        check_format_widths(value.as_str().unwrap_or_default())?;
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
 /// Prints values as Jinja2 under Python does: `None`, `True`, `False`, floats as `repr`.
 fn python_formatter(out: &mut minijinja::Output, state: &State, value: &Value) -> Result<(), Error> {
     let text = match value.kind() {
@@ -406,9 +472,11 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_fuel(Some(FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python_methods);
         env.set_formatter(python_formatter);
         env.add_filter("tojson", tojson);
+        env.add_filter("format", format_filter);
+        env.add_filter("indent", indent_filter);
         env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, format!("the template raised: {msg}")))
         });

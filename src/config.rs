@@ -531,8 +531,9 @@ fn parse_text(v: &Value, tie: bool) -> Result<TextConfig> {
         }
     };
     // transformers 5 nests RoPE settings in `rope_parameters`; 4.x and the hub use `rope_theta`
-    // plus `rope_scaling`.
-    let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
+    // plus `rope_scaling`, which wins when both are there (`rope_scaling or rope_parameters`).
+    let rope_params =
+        v.get("rope_scaling").filter(|p| p.is_object()).or_else(|| v.get("rope_parameters").filter(|p| p.is_object()));
     let rope_theta = rope_params
         .and_then(|p| p.get("rope_theta"))
         .and_then(Value::as_f64)
@@ -540,9 +541,6 @@ fn parse_text(v: &Value, tie: bool) -> Result<TextConfig> {
         .unwrap_or(10_000.0);
     let rope_type = rope_params
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
-        .or_else(|| {
-            v.get("rope_scaling").filter(|s| !s.is_null()).and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-        })
         .and_then(Value::as_str)
         .unwrap_or("default");
     if rope_type != "default" {

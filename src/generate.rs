@@ -196,6 +196,36 @@ pub fn max_new_tokens(context: usize, prompt_len: usize, requested: usize) -> us
     requested.min(context.saturating_sub(prompt_len))
 }
 
+/// Bytes of KV cache one position takes: K and V, every layer, F32.
+pub fn kv_bytes_per_token(cfg: &crate::config::TextConfig) -> u64 {
+    2 * (cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim) as u64 * 4
+}
+
+/// [`max_new_tokens`] for `sequences` answers whose KV caches (`per_token` bytes a position)
+/// must fit `memory_left` bytes: the tokens, and a message when memory lowered them.
+pub fn max_new_tokens_within(
+    context: usize,
+    prompt_len: usize,
+    requested: usize,
+    per_token: u64,
+    sequences: u64,
+    memory_left: u64,
+) -> (usize, Option<String>) {
+    let by_context = max_new_tokens(context, prompt_len, requested);
+    let positions = memory_left / per_token.max(1) / sequences.max(1);
+    let by_memory = positions.saturating_sub(prompt_len as u64).min(usize::MAX as u64) as usize;
+    if by_memory >= by_context {
+        return (by_context, None);
+    }
+    let message = format!(
+        "max new tokens lowered from {by_context} to {by_memory}: the KV cache of {sequences} answer(s) takes {} kB a \
+         token and {:.0} MB of memory is left",
+        per_token / 1000,
+        memory_left as f64 / 1e6
+    );
+    (by_memory, Some(message))
+}
+
 /// Generate after a prompt whose embeddings are `embeds` `[1, T, H]` (ids `input_ids`).
 /// `on_token` is called for every token; returning `false` stops (the result is kept).
 #[allow(clippy::too_many_arguments)]

@@ -224,6 +224,13 @@ impl<'a> Reader<'a> {
     }
     /// A metadata value: strings and integers are returned as text, the rest skipped.
     fn value(&mut self, kind: u32) -> Result<Option<String>> {
+        self.value_at_depth(kind, 0)
+    }
+
+    /// Arrays nest at most [`MAX_ARRAY_DEPTH`] deep (a file of nested arrays would otherwise
+    /// overflow the stack); an array of fixed-size values is skipped in one step, its length
+    /// checked against the bytes left.
+    fn value_at_depth(&mut self, kind: u32, depth: usize) -> Result<Option<String>> {
         let fixed = |k| match k {
             T_U8 | T_I8 | T_BOOL => Some(1),
             T_U16 | T_I16 => Some(2),
@@ -237,10 +244,24 @@ impl<'a> Reader<'a> {
             T_I32 => Some((self.u32()? as i32).to_string()),
             T_U64 => Some(self.u64()?.to_string()),
             T_ARRAY => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    bail!("{}: GGUF arrays nested more than {MAX_ARRAY_DEPTH} deep (corrupt file?)", self.name);
+                }
                 let inner = self.u32()?;
-                let n = self.u64()? as usize;
-                for _ in 0..n {
-                    self.value(inner)?;
+                let n = self.u64()?;
+                if let Some(size) = fixed(inner) {
+                    let bytes = n.checked_mul(size as u64).filter(|&b| b <= usize::MAX as u64).with_context(|| {
+                        format!("{}: a GGUF array of {n} values at offset {} (corrupt file?)", self.name, self.pos)
+                    })?;
+                    self.take(bytes as usize)?;
+                } else {
+                    // Each element takes at least 8 bytes (a string's length, an array's header).
+                    if n > (self.bytes.len() - self.pos) as u64 / 8 + 1 {
+                        self.take(usize::MAX)?; // reads past the end: truncated, or more to come
+                    }
+                    for _ in 0..n {
+                        self.value_at_depth(inner, depth + 1)?;
+                    }
                 }
                 None
             }
@@ -258,63 +279,112 @@ impl<'a> Reader<'a> {
 /// Most dimensions a GGUF tensor has (GGML's limit is 4).
 const MAX_DIMS: u32 = 8;
 
+/// Deepest nesting of metadata arrays accepted (llama.cpp writes arrays of scalars or strings).
+const MAX_ARRAY_DEPTH: usize = 4;
+
 /// Check a GGUF header's structure before candle reads it (candle allocates whatever lengths the
 /// file claims and divides by its alignment, so a corrupt header would abort instead of
 /// failing): `Ok(false)` while `bytes` end inside the header (more to come, or truncated),
 /// `Ok(true)` when it is whole and plausible, an error naming what cannot be right.
 pub fn check_header(name: &str, bytes: &[u8]) -> Result<bool> {
-    let mut r = Reader::new(name, bytes);
-    let checked = (|| -> Result<()> {
-        if r.take(4)? != MAGIC.as_slice() {
-            bail!("{name}: not a GGUF file (no GGUF magic)");
+    HeaderScan::default().advance(name, bytes)
+}
+
+/// [`check_header`] that resumes where the previous call stopped: a header arriving in chunks
+/// is read once in all, not again from byte 0 after each chunk.
+#[derive(Debug, Default, Clone)]
+pub struct HeaderScan {
+    /// Where the next entry starts, and which part of the header that is.
+    pos: usize,
+    stage: ScanStage,
+    n_kv: u64,
+    n_tensors: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ScanStage {
+    #[default]
+    Preamble,
+    Metadata(u64),
+    Tensors(u64),
+    Done,
+}
+
+impl HeaderScan {
+    /// Read as much of the header as `bytes` (the file from its start) holds: `Ok(true)` once all
+    /// of it has been checked.
+    pub fn advance(&mut self, name: &str, bytes: &[u8]) -> Result<bool> {
+        let mut r = Reader::new(name, bytes);
+        r.pos = self.pos;
+        let result = self.scan(name, &mut r);
+        match result {
+            Ok(()) => Ok(true),
+            Err(_) if r.ran_out => Ok(false),
+            Err(e) => Err(e),
         }
-        let version = r.u32()?;
-        if !(2..=3).contains(&version) {
-            bail!("{name}: GGUF version {version} is not supported (2 or 3)");
-        }
-        let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
-        if n_tensors > 1 << 20 || n_kv > 1 << 20 {
-            bail!("{name}: implausible GGUF header ({n_tensors} tensors, {n_kv} metadata entries)");
-        }
-        for _ in 0..n_kv {
-            let key = r.string()?;
-            let kind = r.u32()?;
-            let value = r.value(kind)?;
-            if key == "general.alignment"
-                && !value.and_then(|v| v.parse::<u64>().ok()).is_some_and(|a| a.is_power_of_two())
-            {
-                bail!("{name}: general.alignment must be a power of two");
+    }
+
+    fn scan(&mut self, name: &str, r: &mut Reader) -> Result<()> {
+        loop {
+            // Each step reads one whole entry; a step cut short is read again from its start.
+            match self.stage {
+                ScanStage::Preamble => {
+                    (self.n_tensors, self.n_kv) = read_preamble(name, r)?;
+                    self.stage = ScanStage::Metadata(0);
+                }
+                ScanStage::Metadata(i) if i == self.n_kv => self.stage = ScanStage::Tensors(0),
+                ScanStage::Metadata(i) => {
+                    let key = r.string()?;
+                    let kind = r.u32()?;
+                    let value = r.value(kind)?;
+                    if key == "general.alignment"
+                        && !value.and_then(|v| v.parse::<u64>().ok()).is_some_and(|a| a.is_power_of_two())
+                    {
+                        bail!("{name}: general.alignment must be a power of two");
+                    }
+                    self.stage = ScanStage::Metadata(i + 1);
+                }
+                ScanStage::Tensors(i) if i == self.n_tensors => self.stage = ScanStage::Done,
+                ScanStage::Tensors(i) => {
+                    r.string()?;
+                    let dims = r.u32()?;
+                    if dims > MAX_DIMS {
+                        bail!("{name}: a tensor with {dims} dimensions (corrupt header?)");
+                    }
+                    r.take(8 * dims as usize + 4 + 8)?; // dims, type, offset
+                    self.stage = ScanStage::Tensors(i + 1);
+                }
+                ScanStage::Done => return Ok(()),
             }
+            self.pos = r.pos;
         }
-        for _ in 0..n_tensors {
-            r.string()?;
-            let dims = r.u32()?;
-            if dims > MAX_DIMS {
-                bail!("{name}: a tensor with {dims} dimensions (corrupt header?)");
-            }
-            r.take(8 * dims as usize + 4 + 8)?; // dims, type, offset
-        }
-        Ok(())
-    })();
-    match checked {
-        Ok(()) => Ok(true),
-        Err(_) if r.ran_out => Ok(false),
-        Err(e) => Err(e),
     }
 }
 
-/// Read a llama.cpp control vector as CMRM vectors (`v_l = −direction.l`).
-pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors> {
-    let mut r = Reader::new(name, bytes);
-    if r.take(4).ok() != Some(MAGIC.as_slice()) {
+/// Magic, version and counts: `(n_tensors, n_kv)`, each at most 2^20.
+fn read_preamble(name: &str, r: &mut Reader) -> Result<(u64, u64)> {
+    if r.take(4)? != MAGIC.as_slice() {
         bail!("{name}: not a GGUF file (no GGUF magic)");
     }
     let version = r.u32()?;
     if !(2..=3).contains(&version) {
         bail!("{name}: GGUF version {version} is not supported (2 or 3)");
     }
-    let n_tensors = r.u64()? as usize;
-    let n_kv = r.u64()? as usize;
+    let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
+    if n_tensors > 1 << 20 || n_kv > 1 << 20 {
+        bail!("{name}: implausible GGUF header ({n_tensors} tensors, {n_kv} metadata entries)");
+    }
+    Ok((n_tensors, n_kv))
+}
+
+/// Read a llama.cpp control vector as CMRM vectors (`v_l = −direction.l`).
+pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors> {
+    let mut r = Reader::new(name, bytes);
+    if !bytes.starts_with(MAGIC) {
+        bail!("{name}: not a GGUF file (no GGUF magic)");
+    }
+    let (n_tensors, n_kv) = read_preamble(name, &mut r)?;
+    let (n_tensors, n_kv) = (n_tensors as usize, n_kv as usize);
     let mut meta = HashMap::new();
     for _ in 0..n_kv {
         let key = r.string()?;
@@ -329,7 +399,11 @@ pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors
             meta.get("general.architecture")
         );
     }
-    let alignment = meta.get("general.alignment").and_then(|s| s.parse::<usize>().ok()).unwrap_or(ALIGNMENT);
+    let alignment = meta
+        .get("general.alignment")
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|a| a.is_power_of_two() && *a <= 1 << 16)
+        .unwrap_or(ALIGNMENT);
     let mut infos = Vec::with_capacity(n_tensors.min(4096));
     for _ in 0..n_tensors {
         let tname = r.string()?;
@@ -339,7 +413,7 @@ pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors
         }
         let dims: Vec<u64> = (0..n_dims).map(|_| r.u64()).collect::<Result<_>>()?;
         let kind = r.u32()?;
-        let offset = r.u64()? as usize;
+        let offset = usize::try_from(r.u64()?).with_context(|| format!("{name}: tensor '{tname}' offset"))?;
         infos.push((tname, dims, kind, offset));
     }
     let data_start = r.pos.div_ceil(alignment.max(1)) * alignment.max(1);
@@ -351,11 +425,17 @@ pub fn import_control_vector(name: &str, bytes: &[u8]) -> Result<SteeringVectors
         if kind != GGML_TYPE_F32 {
             bail!("{name}: tensor '{tname}' is ggml type {kind}; only F32 control vectors are supported");
         }
-        let n: usize = dims.iter().product::<u64>() as usize;
+        let n = dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= 1 << 24)
+            .with_context(|| format!("{name}: tensor '{tname}' has an implausible shape {dims:?}"))?;
         if *hidden.get_or_insert(n) != n {
             bail!("{name}: tensor '{tname}' has {n} values, other directions have {}", hidden.unwrap_or(0));
         }
-        let mut data = Reader { pos: data_start + offset, ..Reader::new(name, bytes) };
+        let pos = data_start.checked_add(offset).with_context(|| format!("{name}: tensor '{tname}' offset"))?;
+        let mut data = Reader { pos, ..Reader::new(name, bytes) };
         let raw = data.take(n * 4)?;
         layers.insert(l, raw.chunks_exact(4).map(|b| -f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
     }

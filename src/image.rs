@@ -40,6 +40,13 @@ impl RgbImage {
 /// browser's own decoder before sending bytes, the CLI asks the user to.
 pub const MAX_IMAGE_PIXELS: u64 = 40_000_000;
 
+/// Longest side accepted (no camera or screen comes near it; a 1×10,000,000 strip would make
+/// the resampler's coefficient tables, not the pixels, the cost).
+pub const MAX_IMAGE_SIDE: u64 = 65_536;
+
+/// Largest size an image processor may ask for (its `size`, `shortest_edge`, `crop_size`).
+pub const MAX_PROCESSOR_SIZE: u64 = 8_192;
+
 /// Decode PNG / JPEG / WebP / GIF bytes (any colour mode) into RGB, as transformers'
 /// `load_image(path)` makes it: opened with PIL, turned upright (`ImageOps.exif_transpose`),
 /// `convert("RGB")`.
@@ -69,6 +76,11 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::WebP | image::ImageFormat::Gif) {
         bail!("unsupported image format {format:?}: use PNG, JPEG, WebP or GIF");
     }
+    // The size the file declares, checked before any decoder sizes a buffer from it (on wasm32,
+    // a decoder's own limit would say "memory limit exceeded" instead).
+    if let Some((w, h)) = declared_size(bytes) {
+        check_pixel_count(w, h)?;
+    }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let (w, h) = reader
         .into_dimensions()
@@ -93,7 +105,26 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     Ok(apply_orientation(rgb, orientation))
 }
 
+/// Width and height as a PNG's IHDR or a GIF's logical screen declares them.
+fn declared_size(bytes: &[u8]) -> Option<(u64, u64)> {
+    let be = |at: usize| Some(u64::from(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?)));
+    let le16 = |at: usize| Some(u64::from(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?)));
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.get(12..16) == Some(b"IHDR") {
+        return Some((be(16)?, be(20)?));
+    }
+    if bytes.starts_with(b"GIF8") {
+        return Some((le16(6)?, le16(8)?));
+    }
+    None
+}
+
 fn check_pixel_count(w: u64, h: u64) -> Result<()> {
+    if w.max(h) > MAX_IMAGE_SIDE {
+        bail!(
+            "image is {w}×{h}: a side over {MAX_IMAGE_SIDE} pixels (an aspect ratio of {:.0}:1); crop or downscale it first",
+            w.max(h) as f64 / w.min(h).max(1) as f64
+        );
+    }
     let pixels = w * h;
     if pixels > MAX_IMAGE_PIXELS {
         bail!(
@@ -211,8 +242,9 @@ impl RgbImage {
     /// An RGBA buffer (`width × height × 4`, e.g. a canvas' pixels) without its alpha, as
     /// `convert("RGB")` does.
     pub fn from_rgba(width: usize, height: usize, rgba: &[u8]) -> Result<Self> {
+        check_pixel_count(width as u64, height as u64)?;
         let expected = width.checked_mul(height).and_then(|n| n.checked_mul(4));
-        if expected != Some(rgba.len()) || width == 0 || height == 0 {
+        if expected != Some(rgba.len()) {
             bail!("RGBA buffer has {} bytes, expected {width}×{height}×4", rgba.len());
         }
         let data = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
@@ -253,16 +285,22 @@ impl ImagePreprocessor {
         }
         let flag = |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
         let size = v.get("size");
+        let in_range = |what: &str, v: u64| -> Result<usize> {
+            if v == 0 || v > MAX_PROCESSOR_SIZE {
+                bail!("{what} = {v}: an image size must be 1 to {MAX_PROCESSOR_SIZE} pixels");
+            }
+            Ok(v as usize)
+        };
         let resize = if flag("do_resize", true) {
             let size = size.context("image processor has do_resize but no size")?;
             Some(if let Some(edge) = size.get("shortest_edge").and_then(Value::as_u64) {
-                ResizeRule::ShortestEdge(edge as usize)
+                ResizeRule::ShortestEdge(in_range("size.shortest_edge", edge)?)
             } else {
                 let width =
                     size.get("width").and_then(Value::as_u64).context("size needs shortest_edge or height+width")?;
                 let height =
                     size.get("height").and_then(Value::as_u64).context("size needs shortest_edge or height+width")?;
-                ResizeRule::Exact { width: width as usize, height: height as usize }
+                ResizeRule::Exact { width: in_range("size.width", width)?, height: in_range("size.height", height)? }
             })
         } else {
             None
@@ -276,10 +314,7 @@ impl ImagePreprocessor {
                     c.get("height").and_then(Value::as_u64).unwrap_or(0),
                 ),
             };
-            if w == 0 || h == 0 {
-                bail!("invalid crop_size {c}");
-            }
-            Some((w as usize, h as usize))
+            Some((in_range("crop_size.width", w)?, in_range("crop_size.height", h)?))
         } else {
             None
         };
@@ -332,20 +367,46 @@ impl ImagePreprocessor {
         }
     }
 
-    /// Resize and crop, in u8: the image the model sees before normalisation.
+    /// Resize and crop, in u8: the image the model sees before normalisation. Only the pixels
+    /// that survive the center crop are computed (each exactly as PIL computes it), so a thin
+    /// image whose shortest-edge resize would be gigapixels costs the crop's size.
     pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
-        let resized = match &self.resize {
-            None => img.clone(),
-            Some(ResizeRule::Exact { width, height }) => resize_bicubic(img, *width, *height),
-            Some(ResizeRule::ShortestEdge(edge)) => {
-                let (w, h) = shortest_edge_size(img.width, img.height, *edge);
-                resize_bicubic(img, w, h)
-            }
+        let (out_w, out_h) = match &self.resize {
+            None => (img.width, img.height),
+            Some(ResizeRule::Exact { width, height }) => (*width, *height),
+            Some(ResizeRule::ShortestEdge(edge)) => shortest_edge_size(img.width, img.height, *edge),
         };
-        match self.crop {
-            Some((cw, ch)) => center_crop(&resized, cw, ch),
-            None => resized,
+        let (cw, ch) = self.crop.unwrap_or((out_w, out_h));
+        // transformers' center_crop: offsets (w - cw) // 2, zero padding where the image is smaller.
+        let left = (out_w as i64 - cw as i64).div_euclid(2);
+        let top = (out_h as i64 - ch as i64).div_euclid(2);
+        let visible = |offset: i64, len: usize, size: usize| {
+            offset.clamp(0, size as i64) as usize..(offset + len as i64).clamp(0, size as i64) as usize
+        };
+        let (cols, rows) = (visible(left, cw, out_w), visible(top, ch, out_h));
+        let window = if self.resize.is_none() {
+            RgbImage {
+                width: cols.len(),
+                height: rows.len(),
+                data: rows
+                    .clone()
+                    .flat_map(|y| img.data[(y * img.width + cols.start) * 3..][..cols.len() * 3].to_vec())
+                    .collect(),
+                transparent_color: None,
+            }
+        } else {
+            resize_bicubic_window(img, (out_w, out_h), cols.clone(), rows.clone())
+        };
+        if (window.width, window.height) == (cw, ch) {
+            return window;
         }
+        let mut data = vec![0u8; cw * ch * 3];
+        let (dx, dy) = ((cols.start as i64 - left) as usize, (rows.start as i64 - top) as usize);
+        for y in 0..window.height {
+            let dst = ((y + dy) * cw + dx) * 3;
+            data[dst..dst + window.width * 3].copy_from_slice(&window.data[y * window.width * 3..][..window.width * 3]);
+        }
+        RgbImage { width: cw, height: ch, data, transparent_color: None }
     }
 
     /// Full preprocessing: `[3, S, S]` f32 CHW (the caller adds the batch dim).
@@ -401,31 +462,6 @@ pub fn shortest_edge_size(width: usize, height: usize, edge: usize) -> (usize, u
     }
 }
 
-/// transformers' `center_crop`: offsets `(w - cw) // 2`, zero padding where the image is smaller.
-pub fn center_crop(img: &RgbImage, cw: usize, ch: usize) -> RgbImage {
-    if img.width == cw && img.height == ch {
-        return img.clone();
-    }
-    let left = (img.width as i64 - cw as i64).div_euclid(2);
-    let top = (img.height as i64 - ch as i64).div_euclid(2);
-    let mut data = vec![0u8; cw * ch * 3];
-    for y in 0..ch {
-        let sy = y as i64 + top;
-        if sy < 0 || sy >= img.height as i64 {
-            continue;
-        }
-        for x in 0..cw {
-            let sx = x as i64 + left;
-            if sx < 0 || sx >= img.width as i64 {
-                continue;
-            }
-            let src = (sy as usize * img.width + sx as usize) * 3;
-            data[(y * cw + x) * 3..][..3].copy_from_slice(&img.data[src..src + 3]);
-        }
-    }
-    RgbImage { width: cw, height: ch, data, transparent_color: None }
-}
-
 /// PIL's bicubic kernel (a = −0.5), support 2.
 fn bicubic(x: f64) -> f64 {
     const A: f64 = -0.5;
@@ -449,13 +485,14 @@ struct Coeffs {
     weights: Vec<Vec<i32>>,
 }
 
-fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+/// `outputs`: the output indices wanted (each computed as if all were).
+fn precompute_coeffs(in_size: usize, out_size: usize, outputs: std::ops::Range<usize>) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = Vec::with_capacity(out_size);
-    for xx in 0..out_size {
+    let mut bounds = Vec::with_capacity(outputs.len());
+    let mut weights = Vec::with_capacity(outputs.len());
+    for xx in outputs {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero.
@@ -488,30 +525,41 @@ fn clip8(v: i32) -> u8 {
 /// horizontal one; the order changes the rounding of the intermediate image, so it is kept.
 /// The first pass computes only the rows (or columns) the second one reads.
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    if img.width == out_w && img.height == out_h {
+    resize_bicubic_window(img, (out_w, out_h), 0..out_w, 0..out_h)
+}
+
+/// The `cols × rows` window of [`resize_bicubic`]`(img, out_w, out_h)`, computed alone (the pass
+/// order is the full resize's).
+pub fn resize_bicubic_window(
+    img: &RgbImage,
+    (out_w, out_h): (usize, usize),
+    cols: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    if (w, h) == (out_w, out_h) && (cols.len(), rows.len()) == (w, h) {
         return img.clone();
     }
-    let horiz = precompute_coeffs(img.width, out_w);
-    let vert = precompute_coeffs(img.height, out_h);
-    let removed_rows = img.height as i64 - out_h as i64;
-    let removed_cols = img.width as i64 - out_w as i64;
+    let horiz = precompute_coeffs(w, out_w, cols.clone());
+    let vert = precompute_coeffs(h, out_h, rows.clone());
+    let removed_rows = h as i64 - out_h as i64;
+    let removed_cols = w as i64 - out_w as i64;
     let vertical_first = removed_rows > 0 && removed_rows > 2 * removed_cols;
-    let (w, h) = (img.width, img.height);
     if out_w == w {
-        return resample_vertical(&img.data, w, &vert, 0, 0..w);
+        return resample_vertical(&img.data, w, &vert, 0, cols);
     }
     if out_h == h {
-        return resample_horizontal(&img.data, w, &horiz, 0..h);
+        return resample_horizontal(&img.data, w, &horiz, rows);
     }
     if vertical_first {
-        let cols = horiz.span();
-        let tmp = resample_vertical(&img.data, w, &vert, 0, cols.clone());
-        let shifted = horiz.shifted(cols.start);
-        resample_horizontal(&tmp.data, tmp.width, &shifted, 0..out_h)
+        let in_cols = horiz.span();
+        let tmp = resample_vertical(&img.data, w, &vert, 0, in_cols.clone());
+        let shifted = horiz.shifted(in_cols.start);
+        resample_horizontal(&tmp.data, tmp.width, &shifted, 0..rows.len())
     } else {
-        let rows = vert.span();
-        let tmp = resample_horizontal(&img.data, w, &horiz, rows.clone());
-        resample_vertical(&tmp.data, out_w, &vert, rows.start, 0..out_w)
+        let in_rows = vert.span();
+        let tmp = resample_horizontal(&img.data, w, &horiz, in_rows.clone());
+        resample_vertical(&tmp.data, cols.len(), &vert, in_rows.start, 0..cols.len())
     }
 }
 

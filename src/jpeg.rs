@@ -87,17 +87,27 @@ struct BitReader<'a> {
     count: u32,
     /// A marker was reached: only zeros follow.
     at_marker: bool,
+    /// Zero bytes fed past the end of the file, still in `bits` or consumed.
+    past_end: u32,
 }
 
 impl<'a> BitReader<'a> {
     fn new(data: &'a [u8], pos: usize) -> Self {
-        Self { data, pos, bits: 0, count: 0, at_marker: false }
+        Self { data, pos, bits: 0, count: 0, at_marker: false, past_end: 0 }
+    }
+
+    /// Whether bits past the end of the file were used: the file is truncated (Pillow refuses
+    /// such a file: "image file is truncated").
+    fn read_past_end(&self) -> bool {
+        self.past_end * 8 > self.count
     }
 
     fn fill(&mut self) {
         while self.count <= 56 {
             let mut byte = 0u8;
-            if !self.at_marker && self.pos < self.data.len() {
+            if !self.at_marker && self.pos >= self.data.len() {
+                self.past_end += 1;
+            } else if !self.at_marker {
                 byte = self.data[self.pos];
                 if byte == 0xFF {
                     let next = self.data.get(self.pos + 1).copied().unwrap_or(0xD9);
@@ -241,6 +251,7 @@ struct Decoder<'a> {
     adobe_transform: Option<u8>,
     orientation: u8,
     eobrun: u32,
+    scans: usize,
 }
 
 /// Whether `bytes` start like a JPEG (SOI marker).
@@ -296,6 +307,7 @@ pub fn decode(bytes: &[u8]) -> Result<JpegImage> {
         adobe_transform: None,
         orientation: 1,
         eobrun: 0,
+        scans: 0,
     };
     decoder.run()?;
     decoder.output()
@@ -306,16 +318,19 @@ impl Decoder<'_> {
         let mut pos = 2;
         loop {
             if pos >= self.data.len() {
-                // A file cut after its last scan still decodes (libjpeg warns, Pillow accepts it
-                // for a complete image only when scans were read).
+                // No end marker: Pillow refuses the file as truncated, even when its scans are whole.
                 ensure!(self.frame.is_some(), "corrupt JPEG: no image data");
-                return Ok(());
+                bail!("the JPEG file is truncated (it ends before its end marker)");
             }
             let (marker, body, next) = segment(self.data, pos)?;
             pos = next;
             match marker {
                 0xD8 => bail!("corrupt JPEG: a second start-of-image marker"),
-                0xD9 => return Ok(()),
+                0xD9 => {
+                    // libjpeg: "JPEG datastream contains no image".
+                    ensure!(self.scans > 0, "corrupt JPEG: no image data (the file has no scan)");
+                    return Ok(());
+                }
                 0xC0..=0xC2 => self.read_frame(marker, body)?,
                 0xC3 => bail!("lossless JPEG is not supported; convert the image to PNG or a baseline JPEG"),
                 0xC5..=0xC7 | 0xCD..=0xCF => {
@@ -331,7 +346,10 @@ impl Decoder<'_> {
                     ensure!(body.len() >= 2, "corrupt JPEG: short restart interval");
                     self.restart_interval = usize::from(u16::from_be_bytes([body[0], body[1]]));
                 }
-                0xDA => pos = self.read_scan(body, pos)?,
+                0xDA => {
+                    pos = self.read_scan(body, pos)?;
+                    self.scans += 1;
+                }
                 0xE0 if body.starts_with(b"JFIF\0") => self.saw_jfif = true,
                 // Pillow reads the first EXIF block.
                 0xE1 if body.starts_with(b"Exif\0\0") && self.orientation == 1 => {
@@ -536,6 +554,9 @@ impl Decoder<'_> {
             frame.components[i].coefs = plane;
         }
         result?;
+        if reader.read_past_end() {
+            bail!("the JPEG file is truncated (its image data ends early)");
+        }
         Ok(reader.end_of_scan())
     }
 

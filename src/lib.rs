@@ -6,6 +6,8 @@
 //! `config`, `weights` and `processor` read a Hugging Face checkpoint; `pipeline::Vlm` ties it
 //! together for the CLI (`src/bin/cmrm.rs`) and the browser (`web`).
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod atomic_file;
 pub mod bench;
 pub mod catalog;
 pub mod chat_template;

@@ -19,12 +19,14 @@ pub fn write_eval_plots(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>>
     std::fs::create_dir_all(dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
     let gap_path = dir.join("gap_per_layer.svg");
     let refusal_path = dir.join("refusal_vs_alpha.svg");
-    gap_chart(report, &gap_path)?;
-    refusal_chart(report, &refusal_path)?;
+    // Each chart is drawn in memory and written whole (a reader never sees half an SVG).
+    crate::atomic_file::write(&gap_path, gap_chart(report)?.as_bytes())?;
+    crate::atomic_file::write(&refusal_path, refusal_chart(report)?.as_bytes())?;
     Ok(vec![gap_path, refusal_path])
 }
 
-fn gap_chart(report: &EvalReport, path: &Path) -> Result<()> {
+fn gap_chart(report: &EvalReport) -> Result<String> {
+    let mut svg = String::new();
     let layers = report.unaltered.gap_l2.len();
     let y_max = std::iter::once(&report.unaltered)
         .chain(&report.steered)
@@ -32,7 +34,7 @@ fn gap_chart(report: &EvalReport, path: &Path) -> Result<()> {
         .fold(0.0f64, f64::max)
         .max(1e-6)
         * 1.1;
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption("Representation gap ‖h(x, img) − h(x)‖ per layer", ("sans-serif", 20))
@@ -56,16 +58,19 @@ fn gap_chart(report: &EvalReport, path: &Path) -> Result<()> {
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
     root.present().map_err(err)?;
-    Ok(())
+    drop(chart);
+    drop(root);
+    Ok(svg)
 }
 
-fn refusal_chart(report: &EvalReport, path: &Path) -> Result<()> {
+fn refusal_chart(report: &EvalReport) -> Result<String> {
+    let mut svg = String::new();
     let mut points: Vec<(f64, f64)> = vec![(0.0, report.unaltered.refusal_rate)];
     points.extend(report.steered.iter().map(|m| (f64::from(m.alpha), m.refusal_rate)));
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
     let x_min = points.first().map_or(0.0, |p| p.0).min(0.0);
     let x_max = points.last().map_or(1.0, |p| p.0).max(x_min + 1e-3);
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption("Refusal rate vs α (keyword proxy)", ("sans-serif", 20))
@@ -78,5 +83,7 @@ fn refusal_chart(report: &EvalReport, path: &Path) -> Result<()> {
     chart.draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2))).map_err(err)?;
     chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(err)?;
     root.present().map_err(err)?;
-    Ok(())
+    drop(chart);
+    drop(root);
+    Ok(svg)
 }

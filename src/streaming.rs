@@ -68,21 +68,22 @@ pub fn parse_header(name: &str, json: &[u8]) -> Result<Vec<HeaderTensor>> {
             "BF16" => DType::BF16,
             other => bail!("{name}: tensor '{key}' has dtype {other}; cmrm reads F32, F16 and BF16"),
         };
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .with_context(bad)?
+        let dims = info.get("shape").and_then(|s| s.as_array()).with_context(bad)?;
+        let shape: Vec<usize> = dims
             .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
-            .collect::<Option<_>>()
-            .with_context(bad)?;
+            .map(|d| d.as_u64().with_context(bad).map(|d| usize::try_from(d).ok()))
+            .collect::<Result<Option<_>>>()?
+            .with_context(|| format!("{name}: tensor '{key}' has an impossible shape {dims:?}"))?;
         let offsets = info.get("data_offsets").and_then(|o| o.as_array()).with_context(bad)?;
         let (start, end) = match offsets.as_slice() {
             [a, b] => (a.as_u64().with_context(bad)?, b.as_u64().with_context(bad)?),
             _ => bail!(bad()),
         };
-        let elements: u64 = shape.iter().map(|&d| d as u64).product();
-        if end < start || end - start != elements * dtype.size_in_bytes() as u64 {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes() as u64, |n, &d| n.checked_mul(d as u64))
+            .with_context(|| format!("{name}: tensor '{key}' has an impossible shape {shape:?}"))?;
+        if end < start || end - start != bytes {
             bail!("{name}: tensor '{key}' has {} bytes for shape {shape:?}", end.saturating_sub(start));
         }
         tensors.push(HeaderTensor { key: key.clone(), stored: StoredType::Values(dtype), shape, range: start..end });
@@ -99,14 +100,19 @@ pub fn canonical_shapes(tensors: &[HeaderTensor]) -> Vec<(String, Vec<usize>)> {
 /// The tensors of a GGUF file's header, from its first bytes; `Ok(None)` while `bytes` may not
 /// hold the whole header.
 pub fn gguf_header_tensors(name: &str, bytes: &[u8]) -> Result<Option<Vec<HeaderTensor>>> {
-    Ok(parse_gguf_header(name, bytes)?.map(|(tensors, _)| tensors))
+    Ok(parse_gguf_header(name, bytes, &mut crate::gguf::HeaderScan::default())?.map(|(tensors, _)| tensors))
 }
 
 /// The tensors of a GGUF file's header (candle's reader over the bytes so far), in data order:
 /// F32 / F16 / BF16 as values, anything else as blocks. `Ok(None)` while the header may still be
-/// incomplete.
-fn parse_gguf_header(name: &str, bytes: &[u8]) -> Result<Option<(Vec<HeaderTensor>, u64)>> {
-    if !crate::gguf::check_header(name, bytes)? {
+/// incomplete. `scan` carries the structural check over from the previous call (a header that
+/// arrives in chunks is checked once, not from byte 0 after every chunk).
+fn parse_gguf_header(
+    name: &str,
+    bytes: &[u8],
+    scan: &mut crate::gguf::HeaderScan,
+) -> Result<Option<(Vec<HeaderTensor>, u64)>> {
+    if !scan.advance(name, bytes)? {
         if bytes.len() as u64 > MAX_HEADER_BYTES {
             bail!("{name}: not a valid GGUF file (no end to its header in {MAX_HEADER_BYTES} bytes)");
         }
@@ -159,6 +165,8 @@ pub struct WeightStream<'a> {
     out_dtype: Option<candle_core::quantized::GgmlDType>,
     out_shape: Vec<usize>,
     slice_bytes: u64,
+    /// How far a GGUF header has been checked.
+    gguf_scan: crate::gguf::HeaderScan,
 }
 
 /// Rows are converted once this many bytes of them are buffered (or the tensor is complete).
@@ -184,6 +192,7 @@ impl<'a> WeightStream<'a> {
             out_dtype: None,
             out_shape: Vec::new(),
             slice_bytes: SLICE_BYTES,
+            gguf_scan: Default::default(),
         }
     }
 
@@ -254,8 +263,12 @@ impl<'a> WeightStream<'a> {
                         // allocation, no doubling (a 165 MB table would pass through 256 MB).
                         let total_rows = t.shape.first().copied().unwrap_or(1) as u64;
                         let per_row = data.len() as u64 / (rows.max(1));
-                        let whole_tensor = if t.shape.len() == 2 { per_row * total_rows } else { data.len() as u64 };
-                        self.out.reserve_exact(whole_tensor as usize);
+                        let whole_tensor =
+                            if t.shape.len() == 2 { per_row.checked_mul(total_rows) } else { Some(data.len() as u64) };
+                        whole_tensor
+                            .and_then(|n| usize::try_from(n).ok())
+                            .and_then(|n| self.out.try_reserve_exact(n).ok())
+                            .with_context(|| format!("{}: not enough memory for tensor '{}'", self.name, t.key))?;
                     }
                     self.out.extend_from_slice(&data);
                     self.out_shape = shape;
@@ -290,7 +303,9 @@ impl<'a> WeightStream<'a> {
             return Ok(false);
         }
         if self.buf.starts_with(b"GGUF") {
-            let Some((tensors, data_start)) = parse_gguf_header(&self.name, &self.buf)? else { return Ok(false) };
+            let Some((tensors, data_start)) = parse_gguf_header(&self.name, &self.buf, &mut self.gguf_scan)? else {
+                return Ok(false);
+            };
             return self.start_data(tensors, data_start, true);
         }
         let n = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
@@ -325,7 +340,11 @@ impl<'a> WeightStream<'a> {
     /// After the last byte: every tensor must have arrived.
     pub fn finish(self) -> Result<WeightFormat> {
         let Some(format) = self.format else {
-            bail!("{}: the download stopped after {} bytes, inside the header", self.name, self.received)
+            bail!(
+                "{}: the download stopped after {} bytes, inside the header (truncated file?)",
+                self.name,
+                self.received
+            )
         };
         if self.next < self.tensors.len() {
             bail!(

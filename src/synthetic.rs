@@ -159,28 +159,26 @@ pub fn write_safetensors(cfg: &LlavaConfig, path: &std::path::Path) -> Result<u6
     }
     let mut json = serde_json::to_vec(&header)?;
     json.resize(json.len().div_ceil(8) * 8, b' ');
-    let partial = path.with_extension("safetensors.partial");
-    let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
-    out.write_all(&(json.len() as u64).to_le_bytes())?;
-    out.write_all(&json)?;
-    let mut values = vec![0f32; 1 << 20];
-    let mut bytes = Vec::with_capacity(2 << 20);
-    for (name, shape) in &specs {
-        let n = shape.iter().product::<usize>() as u64;
-        let dist = distribution(name, shape);
-        let mut done = 0u64;
-        while done < n {
-            let len = (n - done).min(values.len() as u64) as usize;
-            fill(name, dist, done, &mut values[..len]);
-            bytes.clear();
-            bytes.extend(values[..len].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()));
-            out.write_all(&bytes)?;
-            done += len as u64;
+    crate::atomic_file::write_with(path, |out| {
+        out.write_all(&(json.len() as u64).to_le_bytes())?;
+        out.write_all(&json)?;
+        let mut values = vec![0f32; 1 << 20];
+        let mut bytes = Vec::with_capacity(2 << 20);
+        for (name, shape) in &specs {
+            let n = shape.iter().product::<usize>() as u64;
+            let dist = distribution(name, shape);
+            let mut done = 0u64;
+            while done < n {
+                let len = (n - done).min(values.len() as u64) as usize;
+                fill(name, dist, done, &mut values[..len]);
+                bytes.clear();
+                bytes.extend(values[..len].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()));
+                out.write_all(&bytes)?;
+                done += len as u64;
+            }
         }
-    }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&partial, path)?;
+        Ok(())
+    })?;
     Ok(8 + json.len() as u64 + offset)
 }
 

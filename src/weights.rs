@@ -115,6 +115,19 @@ impl Weights {
         if data.starts_with(b"GGUF") {
             return self.add_gguf(name, bytes);
         }
+        // The header checked as a streamed load checks it (same messages), then the data's length.
+        (|| -> Result<()> {
+            let need = crate::checkpoint::WeightFileInfo::header_len(data)?
+                .with_context(|| format!("{name}: shorter than its header length"))?;
+            let header = data.get(8..need as usize).with_context(|| format!("{name}: truncated header"))?;
+            let tensors = crate::streaming::parse_header(name, header)?;
+            let data_len = tensors.iter().map(|t| t.range.end).max().unwrap_or(0);
+            if need + data_len > data.len() as u64 {
+                bail!("{name}: truncated: its tensors need {} bytes, the file has {}", need + data_len, data.len());
+            }
+            Ok(())
+        })()
+        .context("not a valid safetensors file")?;
         let st = safetensors::SafeTensors::deserialize(data).map_err(|e| {
             anyhow!("{name}: not a valid safetensors file ({e}); the download may be truncated or corrupt")
         })?;
@@ -331,7 +344,8 @@ pub fn shard_names_from_index(text: &str) -> Result<Vec<String>> {
     let mut shards: Vec<String> = Vec::new();
     for file in map.values() {
         let file = file.as_str().context("weight_map values must be file names")?;
-        if file.contains('/') || file.contains("..") {
+        // A plain file name: nothing that could leave the checkpoint folder on any platform.
+        if file.is_empty() || file.starts_with('.') || file.contains(['/', '\\', ':', '\0']) {
             bail!("shard name '{file}' is not a plain file name");
         }
         if !shards.iter().any(|s| s == file) {

@@ -72,6 +72,18 @@ fn every_template_renders_as_transformers_does() {
 fn a_broken_template_is_an_error_that_names_the_problem() {
     let err = ChatTemplate::new("{% for m in messages %}{{ m.role }").err().expect("parse error");
     assert!(format!("{err:#}").contains("does not parse"), "{err:#}");
+    // Templates that would allocate gigabytes are stopped, each with a message.
+    for (template, says) in [
+        ("{{ '%999999999s'|format('x') }}", "field width"),
+        ("{{ '{:>999999999}'.format('x') }}", "field width"),
+        ("{{ 'x'|indent(999999999, true) }}", "indent wider"),
+        ("{{ 'x' * 200000000 }}", "too large"),
+        ("{% for i in range(2000) %}{{ 'y' * 10000 }}{% endfor %}", "MiB limit"),
+    ] {
+        let t = ChatTemplate::new(template).unwrap();
+        let err = t.render(&Value::from(Vec::<Value>::new()), true, &[]).unwrap_err();
+        assert!(format!("{err:#}").contains(says), "{template}: {err:#}");
+    }
     let endless = ChatTemplate::new("{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}x{% endfor %}{% endfor %}{% endfor %}").unwrap();
     let err = endless.render(&Value::from(Vec::<Value>::new()), true, &[]).unwrap_err();
     assert!(format!("{err:#}").contains("budget"), "{err:#}");

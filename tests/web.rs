@@ -16,6 +16,9 @@ use wasm_bindgen_test::*;
 
 wasm_bindgen_test_configure!(run_in_browser);
 
+#[path = "corpus/mod.rs"]
+mod corpus;
+
 macro_rules! fixture {
     ($model:literal, $file:literal) => {
         (String::from($file), include_bytes!(concat!("fixtures/oracle/fixtures/", $model, "/", $file)).to_vec())
@@ -487,4 +490,64 @@ async fn quantized_gguf_copy_loads_as_q8_0() {
         assert!(!blocks_ids.is_empty(), "{pane}");
         assert_eq!(blocks_ids, ids(&on_dense[pane]["generatedIds"]), "{pane}");
     }
+}
+
+/// The bad-input corpus (tests/corpus) through the page's API in the browser: every input gives
+/// its error as an `Error` named CmrmError (a report, not a crash: the worker keeps its instance),
+/// and the session answers afterwards as before.
+#[wasm_bindgen_test]
+async fn corpus_inputs_give_their_errors_in_the_browser() {
+    use corpus::Target;
+    let oracle = siglip_qwen2();
+    let text_of = |name: &str| String::from_utf8(file_of(&oracle.files, name).to_vec()).unwrap();
+    let cases = corpus::cases(&text_of("config.json"), &text_of("preprocessor_config.json"));
+    let session = Session::from_named_bytes(oracle.name, oracle.files.clone()).unwrap();
+    let js_error = |e: JsValue| {
+        let name = e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.name())).unwrap_or_default();
+        assert_eq!(name, "CmrmError", "{}", message(e.clone()));
+        message(e)
+    };
+    let mut failures = Vec::new();
+    for case in &cases {
+        let file_with = |name: &str| -> Vec<(String, Vec<u8>)> {
+            let mut files: Vec<_> = oracle
+                .files
+                .iter()
+                .filter(|(n, _)| n != name && !(name.ends_with(".gguf") && n == "model.safetensors"))
+                .cloned()
+                .collect();
+            files.push((name.to_owned(), case.bytes.clone()));
+            files
+        };
+        let got = match &case.target {
+            Target::Image => session.set_image(&case.bytes).map(drop).map_err(js_error),
+            Target::Vectors => session.set_vectors(case.name, &case.bytes).map(drop).map_err(js_error),
+            Target::Catalog => cmrm::catalog::Catalog::from_json(case.name, &String::from_utf8_lossy(&case.bytes))
+                .map(drop)
+                .map_err(|e| format!("{e:#}")),
+            Target::Preprocessor => Session::from_named_bytes("bad", file_with("preprocessor_config.json"))
+                .map(drop)
+                .map_err(|e| format!("{e:#}")),
+            Target::Config => {
+                Session::from_named_bytes("bad", file_with("config.json")).map(drop).map_err(|e| format!("{e:#}"))
+            }
+            Target::Template => Session::from_named_bytes("bad", file_with("chat_template.jinja"))
+                .map(drop)
+                .map_err(|e| format!("{e:#}")),
+            Target::Weights(name) => {
+                Session::from_named_bytes("bad", file_with(name)).map(drop).map_err(|e| format!("{e:#}"))
+            }
+        };
+        match got {
+            Err(m) if m.contains(case.expect) => {}
+            other => failures.push(format!("{}: expected {:?}, got {other:?}", case.name, case.expect)),
+        }
+    }
+    assert!(failures.is_empty(), "{} of {}:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    // Still usable: the oracle's first case answers with its ids.
+    session.set_image(oracle.images[0].1).unwrap();
+    let case0 = &oracle.refs["cases"][0];
+    let out =
+        compare(&session, json!({"prompt": case0["question"], "maxNewTokens": 12, "variant": "sample"})).await.unwrap();
+    assert_eq!(ids(&out["unaltered"]["generatedIds"]), ids(&case0["multimodal"]["generated_ids"]));
 }

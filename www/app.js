@@ -131,7 +131,7 @@ async function showPlan() {
     $("download-size").textContent = "bundled with the page (under 1 MB), works offline";
     return;
   }
-  $("model-facts").hidden = true;
+  if ($("model-facts")) $("model-facts").hidden = true; // embed.html has no facts panel
   if (!choice.options.model) { $("download-size").textContent = ""; return; }
   $("download-size").textContent = "checking the download size…";
   try {
@@ -150,6 +150,7 @@ async function showPlan() {
 
 /// What the plan learned from the small files (cmrm inspect's facts), or why the model cannot work.
 function showModelFacts(plan) {
+  if (!$("model-facts")) return;
   const facts = plan.inspection;
   $("model-facts").hidden = !facts && !plan.inspectionProblem;
   $("model-facts").dataset.ok = facts ? "true" : "false";
@@ -438,7 +439,8 @@ async function compare() {
         if (ev.vectors.variant === "sample") { state.vectorsInfo = ev.vectors; drawChart(); }
       } else if (ev.kind === "gap") { state.lastGap = ev.gap; drawChart(); }
     });
-    $("compare-info").textContent = `α = ${result.alpha}, layers ${result.layers.join(",")}, ${result.vectors.variant}-level vectors`;
+    $("compare-info").textContent = `α = ${result.alpha}, layers ${result.layers.join(",")}, ${result.vectors.variant}-level vectors` +
+      (result.notice ? ` — ${result.notice}` : "");
   } catch (err) {
     return fail(err);
   }
@@ -487,9 +489,29 @@ function wire() {
   };
 }
 
-async function embedStart() {
-  // embed.html?model=…&vectors=…&image=…&prompt=…: load, set the image, fill the prompt.
-  if (params.get("prompt")) $("prompt").value = params.get("prompt");
+/// An embed downloads by itself only this much (the bundled model, a small one); a bigger model
+/// waits for the reader's click, with its size and origin shown.
+const EMBED_AUTOLOAD_BYTES = 50e6;
+
+/// "huggingface.co/owner/name", or the host of a URL (labelled when it is not this page's).
+function origin(spec, hubPath) {
+  if (!spec) return "";
+  if (/^[\w.-]+\/[\w.-]+$/.test(spec)) return `huggingface.co/${spec}${hubPath ?? ""}`;
+  try {
+    const url = new URL(spec, location.href);
+    return url.host === location.host ? `this site (${url.pathname})` : `${url.host} (another site)`;
+  } catch { return spec; }
+}
+
+/// Where the embed's model, vectors and catalog come from: answers are the model's, not cmrm's.
+function showEmbedSource(choice) {
+  const model = choice.options.model === BUNDLED.model ? "the bundled demo model (random weights)" : origin(choice.options.model);
+  const vectors = params.get("vectors") ? origin(params.get("vectors")) : "the catalog's entry, or computed for each prompt";
+  const catalog = new URL(CATALOG_URL).host === location.host ? "" : ` · catalog: ${new URL(CATALOG_URL).host} (another site)`;
+  $("embed-source").textContent = `Model: ${model} · vectors: ${vectors}${catalog} · computed in your browser by cmrm; nothing you type or upload leaves it.`;
+}
+
+async function embedLoad() {
   await loadModel();
   const imageUrl = params.get("image");
   if (state.loaded && imageUrl) {
@@ -502,8 +524,32 @@ async function embedStart() {
   }
 }
 
+async function embedStart() {
+  // embed.html?model=…&vectors=…&image=…&prompt=…: show the sources, load (a big model only
+  // after a click), set the image, fill the prompt.
+  if (params.get("prompt")) $("prompt").value = params.get("prompt");
+  const choice = modelChoice();
+  showEmbedSource(choice);
+  if ($("model-select").value !== "bundled") {
+    try {
+      const plan = await call("plan", { options: choice.options });
+      const left = plan.totalBytes - plan.cachedBytes;
+      if (left > EMBED_AUTOLOAD_BYTES) {
+        const button = $("load-model");
+        button.textContent = `Load the model: ${mb(left)} to download from ${origin(choice.options.model)}`;
+        button.hidden = false;
+        button.onclick = () => { button.hidden = true; embedLoad(); };
+        return;
+      }
+    } catch (err) { return fail(err); }
+  }
+  await embedLoad();
+}
+
 startWorker();
 wire();
+// Test hooks (tests/e2e): crash the worker as a runaway decoder would, to check the recovery.
+if (params.has("testHooks")) window.cmrmTest = { crashWorker: () => call("crashForTest").catch(fail) };
 setAlpha($("alpha").value);
 drawChart();
 setStatus("no model");

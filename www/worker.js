@@ -10,6 +10,14 @@ let session = null;
 const reply = (id, type, body) => postMessage({ id, type, ...body });
 const message = (e) => (e && e.message) || String(e);
 
+/// A failure cmrm reports (Rust's errors are `Error`s named CmrmError; so are the worker's own).
+/// Anything else — a wasm trap (RuntimeError), a stack overflow (RangeError), out of memory —
+/// means the instance may be broken: the page restarts the worker.
+class CmrmError extends Error {
+  constructor(msg) { super(msg); this.name = "CmrmError"; }
+}
+const isOurs = (e) => e instanceof Error && e.name === "CmrmError";
+
 /// Browser-side fallback for images Rust cannot take as bytes (too many pixels, AVIF/BMP…):
 /// decode with the browser, downscale so the long side is at most `maxSide`, hand over RGBA.
 async function setImageViaBrowser(bytes, maxSide = 1024) {
@@ -26,6 +34,12 @@ async function setImageViaBrowser(bytes, maxSide = 1024) {
 }
 
 const handlers = {
+  /// For the tests of crash recovery (the page exposes it with ?testHooks=1): a real stack
+  /// overflow in the worker, as a runaway recursion in a decoder would be.
+  async crashForTest() {
+    const recurse = (n) => recurse(n + 1) + 1;
+    return recurse(0);
+  },
   async plan({ options }) {
     return Session.plan(options);
   },
@@ -47,6 +61,8 @@ const handlers = {
     try {
       return session.setImage(bytes);
     } catch (rustError) {
+      // A crash must not be retried on the same instance.
+      if (!isOurs(rustError)) throw rustError;
       // Rust decodes PNG/JPEG/WebP/GIF up to 40 MP; anything else the browser can decode goes
       // through a canvas. If the browser cannot decode it either, Rust's message says why.
       try {
@@ -78,7 +94,7 @@ const handlers = {
 };
 
 function need() {
-  if (!session) throw new Error("no model is loaded: choose a model and press Load");
+  if (!session) throw new CmrmError("no model is loaded: choose a model and press Load");
 }
 
 onmessage = async (e) => {
@@ -87,11 +103,9 @@ onmessage = async (e) => {
   try {
     await ready;
     const handler = handlers[msg.type];
-    if (!handler) throw new Error(`unknown request ${msg.type}`);
+    if (!handler) throw new CmrmError(`unknown request ${msg.type}`);
     reply(msg.id, "result", { value: await handler(msg) });
   } catch (err) {
-    // A Rust panic surfaces as a RuntimeError ("unreachable"): the instance is unusable after it.
-    const crashed = err instanceof WebAssembly.RuntimeError;
-    reply(msg.id, "error", { message: message(err), crashed });
+    reply(msg.id, "error", { message: message(err), crashed: !isOurs(err), kind: err?.name || typeof err });
   }
 };

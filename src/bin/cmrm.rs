@@ -566,36 +566,6 @@ fn cmd_probe(a: ProbeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Write `bytes` to `path` atomically: a temp file beside it, then a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |out| Ok(out.write_all(bytes)?))
-}
-
-/// Write `path` through `write` into a hidden `.NAME.partial` next to it, renamed into place
-/// once complete (removed on error): a reader never sees half a file.
-fn write_atomic_with<T>(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T>,
-) -> Result<T> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-    let written = (|| -> Result<T> {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        let value = write(&mut out)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok(value)
-    })();
-    let value = match written {
-        Ok(value) => value,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.context(format!("cannot write {}", path.display())));
-        }
-    };
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(value)
-}
-
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     let format: cmrm::quant::WeightFormat = a.format.parse()?;
     let dir = cmrm::hub::resolve_model(&a.model.to_string_lossy())?;
@@ -612,13 +582,11 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
     // One tensor at a time: converted tensors go to a spill file, then header + tensors.
-    let spill_path = a.out.join(".model.gguf.tensors");
-    let written = write_atomic_with(&a.out.join("model.gguf"), |out| {
-        let mut spill =
-            std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&spill_path)?;
-        cmrm::quant::write_quantized_gguf(&weights, format, out, &mut spill)
+    let target = a.out.join("model.gguf");
+    let written = cmrm::atomic_file::write_with(&target, |out| {
+        let mut spill = cmrm::atomic_file::TempFile::beside(&target, "tensors")?;
+        cmrm::quant::write_quantized_gguf(&weights, format, out, &mut spill.file)
     });
-    let _ = std::fs::remove_file(&spill_path);
     let gguf_bytes = written?;
     // Everything but the weights, as is (config, tokenizer, templates, preprocessor, …).
     let mut copied = Vec::new();
@@ -628,7 +596,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         let is_weights =
             name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == "model.gguf";
         if path.is_file() && !is_weights {
-            write_atomic(&a.out.join(&name), &std::fs::read(&path)?)?;
+            cmrm::atomic_file::write(&a.out.join(&name), &std::fs::read(&path)?)?;
             copied.push(name);
         }
     }
@@ -754,11 +722,11 @@ fn write_vectors(path: &Path, vectors: &SteeringVectors, model_hint: Option<&str
                     export.dropped_layers
                 );
             }
-            write_atomic(path, &export.bytes)?;
+            cmrm::atomic_file::write(path, &export.bytes)?;
             Ok(export.dropped_layers)
         }
         _ => {
-            write_atomic(path, &vectors.to_safetensors_bytes()?)?;
+            cmrm::atomic_file::write(path, &vectors.to_safetensors_bytes()?)?;
             Ok(vec![])
         }
     }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
 use super::{
-    call_js, fetch, from_js_value, resolve_url, to_js, to_js_value, yield_to_event_loop, Session, VectorsInfo,
+    call_js, error_value, fetch, from_js_value, resolve_url, to_js, to_js_value, yield_to_event_loop, Session,
+    VectorsInfo,
 };
 use crate::catalog::sha256_hex;
 use crate::cmrm::{parse_calibration, record_calibration_set, Anchor, CalibrationImage, Extraction, Method};
@@ -79,7 +80,7 @@ impl Session {
     pub fn calibrate(&self, options: JsValue, on_event: Option<Function>) -> js_sys::Promise {
         let options: Result<CalibrateOptions> = from_js_value("calibration options", options);
         if self.busy.get() {
-            return js_sys::Promise::reject(&JsError::new("the model is busy: stop the running task first").into());
+            return js_sys::Promise::reject(&error_value("the model is busy: stop the running task first"));
         }
         self.busy.set(true);
         self.stop.set(false);
@@ -90,14 +91,14 @@ impl Session {
                 Err(e) => Err(e),
             };
             session.busy.set(false);
-            result.and_then(|r| to_js_value(&r)).map_err(|e| to_js(e).into())
+            result.and_then(|r| to_js_value(&r)).map_err(to_js)
         })
     }
 
     /// The dataset-level vectors in use as a file: `"safetensors"` (cmrm's format, loads in the
     /// page and the CLI) or `"gguf"` (a llama.cpp control vector: negated, without layer 0).
     #[wasm_bindgen(js_name = exportVectors)]
-    pub fn export_vectors(&self, format: &str) -> Result<Uint8Array, JsError> {
+    pub fn export_vectors(&self, format: &str) -> Result<Uint8Array, JsValue> {
         (|| {
             let state = self.state.borrow();
             let (vectors, _) =

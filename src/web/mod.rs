@@ -28,7 +28,7 @@ use wasm_bindgen_futures::JsFuture;
 
 use crate::cmrm::{anchor_features, shift_for_prompt, Anchor};
 use crate::config::LlavaConfig;
-use crate::generate::{max_new_tokens, now_seconds, GenerateOptions, Generation, Generator, Sampling};
+use crate::generate::{now_seconds, GenerateOptions, Generation, Generator, Sampling};
 use crate::gpu::context::{BackendChoice, BackendInfo};
 use crate::gpu::session::DecoderBackend;
 use crate::gpu::GpuWeights;
@@ -47,8 +47,17 @@ pub fn init_panic_hook() {
 }
 
 /// anyhow error (with its context chain) → JS `Error`.
-fn to_js(e: anyhow::Error) -> JsError {
-    JsError::new(&format!("{e:#}"))
+fn to_js(e: anyhow::Error) -> JsValue {
+    error_value(&format!("{e:#}"))
+}
+
+/// An `Error` named `CmrmError`: a failure cmrm reports (bad input, a download, a refusal), as
+/// opposed to a crash of the wasm instance (a trap, a stack overflow), after which the worker
+/// must be restarted.
+pub(crate) fn error_value(message: &str) -> JsValue {
+    let error = js_sys::Error::new(message);
+    error.set_name("CmrmError");
+    error.into()
 }
 
 fn to_js_value<T: Serialize>(value: &T) -> Result<JsValue> {
@@ -242,6 +251,9 @@ enum CompareEvent<'a> {
     Done { pane: &'a str, result: &'a PaneResult },
     #[serde(rename_all = "camelCase")]
     Gap { gap: &'a Gap },
+    /// Something the person should know about this comparison (e.g. fewer tokens than asked).
+    #[serde(rename_all = "camelCase")]
+    Notice { message: &'a str },
 }
 
 /// Per layer, `‖h_l(prompt, image) − h_l(prompt alone)‖` at the last prompt token, without and
@@ -263,6 +275,8 @@ struct CompareResult {
     layers: Vec<usize>,
     alpha: f32,
     gap: Option<Gap>,
+    /// Set when the comparison could not be run exactly as asked (fewer tokens).
+    notice: Option<String>,
 }
 
 /// State that changes between requests (a comparison copies what it needs when it starts).
@@ -440,7 +454,8 @@ fn fit_streamed(name: &str, choice: WeightChoice, shapes: &[(String, Vec<usize>)
 async fn inspect_plan(plan: &Plan) -> Result<crate::checkpoint::Inspection> {
     let mut small = crate::checkpoint::SmallFiles::default();
     for file in plan.files.iter().filter(|f| !crate::checkpoint::is_weight_file(&f.name)) {
-        let bytes = fetch_bytes(&file.url, &mut |_, _, _| {}).await?;
+        let check = |bytes: &[u8]| fetch::check_small_file(&file.name, bytes);
+        let bytes = fetch::fetch_bytes_checked(&file.url, &file.expect(), &mut |_, _, _| {}, &check).await?;
         small.insert(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
     }
     let weights = plan.weight_files.clone().unwrap_or_default();
@@ -481,7 +496,7 @@ fn norm_of_difference(a: &[f32], b: &[f32]) -> f32 {
 impl Session {
     /// Which files a model needs and their sizes, before downloading (`{files, totalBytes,
     /// cachedBytes}`). Options: `{model, revision?, files?}` as for `load`.
-    pub async fn plan(options: JsValue) -> Result<JsValue, JsError> {
+    pub async fn plan(options: JsValue) -> Result<JsValue, JsValue> {
         init_panic_hook();
         async {
             let spec: ModelSpec = from_js_value("model options", options)?;
@@ -513,7 +528,7 @@ impl Session {
     /// revision?, files?, weights?: "auto"|"f32"|"q8_0"|"q4", vectors?: URL,
     /// backend?: "auto"|"cpu"|"webgpu"}` (see `setBackend`).
     /// `on_progress({phase, file, fileLoaded, fileTotal, loaded, total, fromCache})`.
-    pub async fn load(options: JsValue, on_progress: Option<Function>) -> Result<Session, JsError> {
+    pub async fn load(options: JsValue, on_progress: Option<Function>) -> Result<Session, JsValue> {
         init_panic_hook();
         Self::load_inner(options, on_progress).await.map_err(to_js)
     }
@@ -521,14 +536,14 @@ impl Session {
     /// Build from bytes already in memory: `files` maps file names (`config.json`,
     /// `tokenizer.json`, `model.safetensors` or shards, …) to `Uint8Array`s.
     #[wasm_bindgen(js_name = fromFiles)]
-    pub fn from_files(name: &str, files: &Object) -> Result<Session, JsError> {
+    pub fn from_files(name: &str, files: &Object) -> Result<Session, JsValue> {
         init_panic_hook();
         let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
         for key in Object::keys(files).iter() {
             let key = key.as_string().unwrap_or_default();
             let value = Reflect::get(files, &JsValue::from(&key)).map_err(|e| to_js(fetch::js_error(&key, e)))?;
             let bytes =
-                value.dyn_into::<Uint8Array>().map_err(|_| JsError::new(&format!("{key}: expected a Uint8Array")))?;
+                value.dyn_into::<Uint8Array>().map_err(|_| error_value(&format!("{key}: expected a Uint8Array")))?;
             entries.push((key, bytes.to_vec()));
         }
         Self::from_named_bytes(name, entries).map_err(to_js)
@@ -536,14 +551,14 @@ impl Session {
 
     /// Delete every cached model file (the "clear cached models" button).
     #[wasm_bindgen(js_name = clearCache)]
-    pub async fn clear_cache() -> Result<bool, JsError> {
+    pub async fn clear_cache() -> Result<bool, JsValue> {
         fetch::clear_cache().await.map_err(to_js)
     }
 
     /// Use a vector file (safetensors `layer.{l}`) for dataset-level steering. Checked against the
     /// model; returns `{norms, defaultAlpha, defaultLayers, sign, …}`.
     #[wasm_bindgen(js_name = setVectors)]
-    pub fn set_vectors(&self, name: &str, bytes: &[u8]) -> Result<JsValue, JsError> {
+    pub fn set_vectors(&self, name: &str, bytes: &[u8]) -> Result<JsValue, JsValue> {
         self.set_vectors_inner(name, bytes).and_then(|info| to_js_value(&info)).map_err(to_js)
     }
 
@@ -552,7 +567,7 @@ impl Session {
     /// (`{vectors_url, sha256, size, …}`, www/vectors/catalog.json), whose size and sha256 the
     /// download must match — a mismatch is an error and the file is not kept in the cache.
     #[wasm_bindgen(js_name = loadVectors)]
-    pub async fn load_vectors(&self, source: JsValue) -> Result<JsValue, JsError> {
+    pub async fn load_vectors(&self, source: JsValue) -> Result<JsValue, JsValue> {
         async move {
             let (url, bytes) = match source.as_string() {
                 Some(url) => {
@@ -587,13 +602,13 @@ impl Session {
     /// Decode (PNG, JPEG, WebP, GIF) and encode an image once; every later `compare` uses it.
     /// Returns `{width, height, imageTokens, encodeSeconds}`.
     #[wasm_bindgen(js_name = setImage)]
-    pub fn set_image(&self, bytes: &[u8]) -> Result<JsValue, JsError> {
+    pub fn set_image(&self, bytes: &[u8]) -> Result<JsValue, JsValue> {
         decode_image(bytes).context("the image cannot be used").and_then(|img| self.set_rgb(img)).map_err(to_js)
     }
 
     /// As `setImage`, from RGBA pixels (what a canvas gives, e.g. after downscaling in the page).
     #[wasm_bindgen(js_name = setImageRgba)]
-    pub fn set_image_rgba(&self, width: usize, height: usize, rgba: &[u8]) -> Result<JsValue, JsError> {
+    pub fn set_image_rgba(&self, width: usize, height: usize, rgba: &[u8]) -> Result<JsValue, JsValue> {
         // Alpha dropped, as decode_image does (PIL convert("RGB")).
         RgbImage::from_rgba(width, height, rgba).and_then(|img| self.set_rgb(img)).map_err(to_js)
     }
@@ -610,9 +625,9 @@ impl Session {
     /// on a software one), `"f32"` or `"f16"` (every matrix so; computed in f32 whatever the
     /// storage). Resolves to `info()`.
     #[wasm_bindgen(js_name = setBackend)]
-    pub async fn set_backend(&self, choice: String, gpu_weights: Option<String>) -> Result<JsValue, JsError> {
+    pub async fn set_backend(&self, choice: String, gpu_weights: Option<String>) -> Result<JsValue, JsValue> {
         if self.busy.get() {
-            return Err(JsError::new("the model is busy: stop the running task first"));
+            return Err(error_value("the model is busy: stop the running task first"));
         }
         self.busy.set(true);
         let selected =
@@ -629,7 +644,7 @@ impl Session {
     }
 
     /// Backend, model sizes, wasm memory in use, the loaded vectors and image.
-    pub fn info(&self) -> Result<JsValue, JsError> {
+    pub fn info(&self) -> Result<JsValue, JsValue> {
         let cfg = self.vlm.config();
         let memory = wasm_memory_bytes();
         let state = self.state.borrow();
@@ -671,9 +686,9 @@ impl Session {
         let options: Result<CompareOptions> = from_js_value("compare options", options);
         let (vlm, state, stop, busy) = (self.vlm.clone(), self.state.clone(), self.stop.clone(), self.busy.clone());
         if busy.get() {
-            return js_sys::Promise::reject(
-                &JsError::new("the model is busy (a comparison or a calibration is running): stop it first").into(),
-            );
+            return js_sys::Promise::reject(&error_value(
+                "the model is busy (a comparison or a calibration is running): stop it first",
+            ));
         }
         // Claimed now, not when the future first runs: a `stop()` right after this call counts.
         busy.set(true);
@@ -681,7 +696,7 @@ impl Session {
         wasm_bindgen_futures::future_to_promise(async move {
             let result = compare(&vlm, &state, &stop, options, on_event.as_ref()).await;
             busy.set(false);
-            result.and_then(|r| to_js_value(&r)).map_err(|e| to_js(e).into())
+            result.and_then(|r| to_js_value(&r)).map_err(to_js)
         })
     }
 }
@@ -690,6 +705,7 @@ impl Session {
 impl Session {
     async fn load_inner(options: JsValue, on_progress: Option<Function>) -> Result<Session> {
         let options: LoadOptions = from_js_value("load options", options)?;
+        fetch::discard_stale_downloads().await;
         let backend: BackendChoice = options.backend.as_deref().unwrap_or("auto").parse()?;
         let gpu_weights: GpuWeights = options.gpu_weights.as_deref().unwrap_or("auto").parse()?;
         let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
@@ -739,12 +755,22 @@ impl Session {
                 };
                 let mut stream = crate::streaming::WeightStream::new(&file.name, decide);
                 let weights = &mut assembler.weights;
-                let n = fetch::fetch_chunks(&file.url, &mut on_bytes, &mut |_| Ok(()), &mut |chunk| {
-                    stream.push(chunk, weights)
-                })
-                .await
-                .with_context(|| format!("{}: {}", plan.model, file.name))?;
-                let format = stream.finish()?;
+                let fetched =
+                    fetch::fetch_chunks(&file.url, &file.expect(), &mut on_bytes, &mut |_| Ok(()), &mut |chunk| {
+                        stream.push(chunk, weights)
+                    })
+                    .await
+                    .with_context(|| format!("{}: {}", plan.model, file.name))?;
+                // Kept in the cache only once the whole file converted.
+                let format = match stream.finish() {
+                    Ok(format) => format,
+                    Err(e) => {
+                        fetched.discard().await;
+                        return Err(e);
+                    }
+                };
+                let n = fetched.bytes;
+                fetched.keep().await;
                 if assembler.streamed.is_some_and(|f| f != format) {
                     bail!("{}: the weight files were converted to different formats", plan.model);
                 }
@@ -754,7 +780,10 @@ impl Session {
                 done_before += n;
                 continue;
             }
-            let bytes = fetch_bytes(&file.url, &mut on_bytes).await?;
+            let check = |bytes: &[u8]| fetch::check_small_file(&file.name, bytes);
+            let bytes = fetch::fetch_bytes_checked(&file.url, &file.expect(), &mut on_bytes, &check)
+                .await
+                .with_context(|| plan.model.clone())?;
             done_before += bytes.len() as u64;
             report("parse", &file.name, bytes.len() as u64, bytes.len() as u64, done_before, file.cached);
             assembler.add(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
@@ -801,7 +830,8 @@ impl Session {
     }
 
     fn set_vectors_inner(&self, name: &str, bytes: &[u8]) -> Result<VectorsInfo> {
-        self.use_vectors(name, SteeringVectors::from_safetensors_bytes(name, bytes)?)
+        // cmrm safetensors or a llama.cpp GGUF control vector, as the CLI reads them.
+        self.use_vectors(name, SteeringVectors::from_bytes(name, bytes)?)
     }
 
     /// Check dataset-level vectors against the model and make them the ones in use.
@@ -897,7 +927,19 @@ async fn compare(
     };
     let ids = &prepared.encoded.input_ids;
     let prompt_len = ids.len();
-    let max_new = max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts.max_new_tokens);
+    // Both panes' KV caches must fit the wasm memory that is left (less a margin for activations).
+    let memory_left = crate::quant::WASM_MEMORY_LIMIT.saturating_sub(wasm_memory_bytes() + (256 << 20));
+    let (max_new, notice) = crate::generate::max_new_tokens_within(
+        vlm.config().text.max_position_embeddings,
+        prompt_len,
+        opts.max_new_tokens,
+        crate::generate::kv_bytes_per_token(&vlm.config().text),
+        2,
+        memory_left,
+    );
+    if let Some(message) = &notice {
+        emit(CompareEvent::Notice { message })?;
+    }
     let gen_opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids: vlm.eos_ids.clone() };
     let backend = state.borrow().backend.clone();
     let greedy = sampling == Sampling::Greedy;
@@ -964,5 +1006,6 @@ async fn compare(
         layers,
         alpha,
         gap,
+        notice,
     })
 }

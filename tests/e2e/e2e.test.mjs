@@ -6,6 +6,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, readdirSync, mkdirSync, mkdtempSync, existsSync } from "node:fs";
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { tmpdir } from "node:os";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -30,6 +31,17 @@ const status = () => byTestId("status").textContent();
 const waitStatus = (s, timeout = T) =>
   page.waitForFunction((s) => document.querySelector('[data-testid="status"]').textContent === s, s, { timeout });
 const paneIds = async (pane) => JSON.parse((await byTestId(pane).getAttribute("data-ids")) || "null");
+
+/// Load the selected model, upload the oracle's red square, ask case 0's question for 12 tokens.
+async function loadAndCompareCase0() {
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("12");
+  await runCompare();
+}
 
 async function runCompare() {
   await byTestId("compare").click();
@@ -98,6 +110,25 @@ function realFilesCheckpoint() {
 }
 const realRefs = JSON.parse(readFileSync(resolve(repo, "tests/fixtures/real/refs.json"), "utf8"));
 
+/// The bundled model's files under `folder`, with `replace` swapping some of them.
+function bundledAs(folder, replace = {}) {
+  const dir = resolve(dist, "assets/models/tiny-llava-siglip-qwen2");
+  const files = readdirSync(dir).filter((f) => !f.endsWith(".md") && !f.startsWith("cmrm-vectors"));
+  return Object.fromEntries(files.map((f) => [`/${folder}/${f}`, replace[f] ?? readFileSync(resolve(dir, f))]));
+}
+
+/// Folders that must not load: a captive portal's page for config.json; weights shorter than
+/// their HEAD said.
+function hostileFolders() {
+  const weights = readFileSync(resolve(dist, "assets/models/tiny-llava-siglip-qwen2/model.safetensors"));
+  return {
+    ...bundledAs("portal-model", { "config.json": Buffer.from("<!doctype html><html><body>Please log in to the Wi-Fi</body></html>") }),
+    ...bundledAs("short-weights", { "model.safetensors": { buffer: weights.subarray(0, weights.length - 4096), headSize: weights.length } }),
+  };
+}
+
+const cacheKeys = () => page.evaluate(async () => (await (await caches.open("cmrm-models-v2")).keys()).map((r) => r.url));
+
 /// A calibration set long enough to press Stop while it runs.
 function longCalibrationSet() {
   const lines = Array.from({ length: 4000 }, (_, i) => JSON.stringify({ prompt: `Question number ${i}: what is this?` }));
@@ -113,6 +144,7 @@ function safetensorsMetadata(bytes) {
 before(async () => {
   site = await serve(dist, 0, {
     ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet(), ...quantizedCopy(), ...realFilesCheckpoint(),
+    ...hostileFolders(),
   });
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -188,6 +220,26 @@ test("bundled model: upload, compare, stream both panes, chart, same-origin only
   console.log(`  load ${loadMs} ms, compare (2 × 12 tokens + gap) ${compareMs} ms, ${requests.length} requests, all same-origin`);
 });
 
+test("the page runs under its Content-Security-Policy (sent with every response, the worker's too)", async () => {
+  const response = await page.goto(`${site.origin}/index.html`);
+  assert.match(response.headers()["content-security-policy"], /script-src 'self' 'wasm-unsafe-eval'/);
+  const worker = await fetch(`${site.origin}/worker.js`);
+  assert.match(worker.headers.get("content-security-policy"), /default-src 'self'/);
+  assert.equal(consoleErrors.filter((e) => /Content.Security.Policy|CSP/i.test(e)).length, 0, consoleErrors.join("\n"));
+});
+
+test("a crash of the engine (a stack overflow in the worker) restarts it; the page stays usable", async () => {
+  await page.goto(`${site.origin}/index.html?testHooks=1`);
+  await byTestId("load-model").click();
+  await waitStatus("ready");
+  await page.evaluate(() => window.cmrmTest.crashWorker());
+  await page.waitForFunction(() => /the engine crashed and was restarted/.test(document.querySelector('[data-testid="error"]').textContent), null, { timeout: T });
+  assert.match(await byTestId("error").textContent(), /call stack|recursion/i);
+  assert.equal(await status(), "no model");
+  await loadAndCompareCase0();
+  assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+});
+
 test("a non-image upload shows a readable error and the page stays usable", async () => {
   await byTestId("image-input").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("not a picture\n") });
   const error = byTestId("error");
@@ -228,7 +280,7 @@ test("sample-level vectors and stop", async () => {
 });
 
 test("second visit loads from the Cache API; embed view works", async () => {
-  assert.equal(await page.evaluate(() => caches.has("cmrm-models-v1")), true);
+  assert.equal(await page.evaluate(() => caches.has("cmrm-models-v2")), true);
   const before = site.requests.filter((r) => r.endsWith("model.safetensors")).length;
   await page.goto(`${site.origin}/embed.html?model=bundled&image=assets/examples/red_square.png&prompt=${encodeURIComponent(case0.question)}`);
   await waitStatus("ready");
@@ -288,19 +340,13 @@ test("a model too large for wasm memory is refused before downloading; the page 
   assert.ok(site.requests.filter((r) => r === "GET /huge/model.safetensors").length === 0);
 
   await page.locator("#model-select").selectOption("bundled");
-  await byTestId("load-model").click();
-  await waitStatus("ready");
-  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
-  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
-  await byTestId("prompt").fill(case0.question);
-  await page.locator("#max-tokens").fill("12");
-  await runCompare();
+  await loadAndCompareCase0();
   assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
 });
 
 test("catalog vectors with a wrong sha256 show a readable error and are not cached", async () => {
   await page.goto(`${site.origin}/index.html?catalog=/bad-catalog.json`);
-  await page.evaluate(() => caches.delete("cmrm-models-v1"));
+  await page.evaluate(() => caches.delete("cmrm-models-v2"));
   await page.locator("#model-select").selectOption("bundled");
   await byTestId("load-model").click();
   await waitStatus("ready");
@@ -308,7 +354,7 @@ test("catalog vectors with a wrong sha256 show a readable error and are not cach
   await error.waitFor({ state: "visible", timeout: T });
   assert.match(await error.textContent(), /sha256 [0-9a-f]{64} does not match the catalog's 0{64}/);
   const vectorsUrl = `${site.origin}/assets/models/tiny-llava-siglip-qwen2/cmrm-vectors.safetensors`;
-  const cached = await page.evaluate(async (u) => !!(await (await caches.open("cmrm-models-v1")).match(u)), vectorsUrl);
+  const cached = await page.evaluate(async (u) => !!(await (await caches.open("cmrm-models-v2")).match(u)), vectorsUrl);
   assert.equal(cached, false, "a file that failed its sha256 check must not stay in the cache");
   // The page stays usable: sample-level vectors need no file.
   await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
@@ -351,6 +397,88 @@ test("real llava-interleave files: the plan shows cmrm inspect's facts; chat mod
   assert.equal(await byTestId("error").textContent(), "");
   assert.deepEqual(await paneIds("pane-unaltered"), want.generated_ids);
   assert.ok((await paneIds("pane-steered")).length > 0);
+});
+
+test("what is not the file it claims to be is refused and never cached: a captive portal page, short weights", async () => {
+  const loadFolder = async (folder) => {
+    await page.goto(`${site.origin}/index.html`);
+    await page.locator("#model-select").selectOption("custom");
+    await page.locator("#custom-repo").fill(`${site.origin}/${folder}/`);
+    await page.locator("#custom-repo").dispatchEvent("change");
+    await byTestId("load-model").click();
+    await page.waitForFunction(() => document.querySelector('[data-testid="error"]').textContent !== "", null, { timeout: T });
+    return byTestId("error").textContent();
+  };
+  assert.match(await loadFolder("portal-model"), /config\.json is not JSON \(it starts "<!doctype html>/);
+  assert.match(await loadFolder("short-weights"), /bytes arrived, the listing says/);
+  const keys = await cacheKeys();
+  assert.ok(!keys.some((k) => k.includes("/portal-model/config.json")), keys.join("\n"));
+  assert.ok(!keys.some((k) => k.includes("/short-weights/model.safetensors")), keys.join("\n"));
+  assert.ok(!keys.some((k) => k.includes("cmrm-pending")), keys.join("\n"));
+  // The good small files of those folders were kept: they were checked.
+  assert.ok(keys.some((k) => k.endsWith("/short-weights/config.json")), keys.join("\n"));
+});
+
+test("a Hub repo is pinned to its commit; weights whose sha256 differs from the listing's are refused", async () => {
+  const dir = resolve(dist, "assets/models/tiny-llava-siglip-qwen2");
+  const files = readdirSync(dir).filter((f) => !f.endsWith(".md") && !f.startsWith("cmrm-vectors"));
+  const commit = "0123456789abcdef0123456789abcdef01234567";
+  const served = [];
+  const sha256 = (b) => createHash("sha256").update(b).digest("hex");
+  await page.context().route("https://huggingface.co/**", async (route) => {
+    const url = new URL(route.request().url());
+    served.push(url.pathname);
+    const repo = url.pathname.includes("tiny-bad") ? "test/tiny-bad" : "test/tiny";
+    if (url.pathname === `/api/models/${repo}/revision/main`) return route.fulfill({ json: { id: repo, sha: commit } });
+    if (url.pathname === `/api/models/${repo}/tree/${commit}`) {
+      return route.fulfill({ json: files.map((f) => {
+        const bytes = readFileSync(resolve(dir, f));
+        const lfs = f.endsWith(".safetensors") ? { lfs: { oid: repo === "test/tiny-bad" ? "f".repeat(64) : sha256(bytes), size: bytes.length } } : {};
+        return { type: "file", path: f, size: bytes.length, ...lfs };
+      }) });
+    }
+    const file = url.pathname.match(new RegExp(`^/${repo}/resolve/${commit}/(.+)$`));
+    if (file) return route.fulfill({ body: readFileSync(resolve(dir, file[1])), contentType: "application/octet-stream" });
+    return route.fulfill({ status: 404, body: "not found" });
+  });
+  const loadHub = async (repo) => {
+    await page.goto(`${site.origin}/index.html`);
+    await page.locator("#model-select").selectOption("custom");
+    await page.locator("#custom-repo").fill(repo);
+    await page.locator("#custom-repo").dispatchEvent("change");
+    await byTestId("load-model").click();
+    await page.waitForFunction(() => ["ready", "no model"].includes(document.querySelector('[data-testid="status"]').textContent) &&
+      (document.querySelector('[data-testid="status"]').textContent === "ready" || document.querySelector('[data-testid="error"]').textContent !== ""), null, { timeout: T });
+    return byTestId("error").textContent();
+  };
+  assert.equal(await loadHub("test/tiny"), "");
+  assert.equal(await status(), "ready");
+  const fileRequests = served.filter((p) => p.includes("/resolve/"));
+  assert.ok(fileRequests.length >= 3 && fileRequests.every((p) => p.includes(`/resolve/${commit}/`)), fileRequests.join("\n"));
+  assert.match(await loadHub("test/tiny-bad"), /its sha256 is [0-9a-f]{64}, the listing says f{64}/);
+  const keys = await cacheKeys();
+  assert.ok(keys.some((k) => k.endsWith(`test/tiny/resolve/${commit}/model.safetensors`)), keys.join("\n"));
+  assert.ok(!keys.some((k) => k.endsWith(`test/tiny-bad/resolve/${commit}/model.safetensors`)), keys.join("\n"));
+  await page.context().unroute("https://huggingface.co/**");
+});
+
+test("an embed shows where its model and vectors come from, and waits for a click before a big download", async () => {
+  const before = site.requests.length;
+  const catalog = "https://example.org/catalog.json";
+  await page.goto(`${site.origin}/embed.html?model=${encodeURIComponent(`${site.origin}/real-interleave/`)}&catalog=${encodeURIComponent(catalog)}`);
+  const button = byTestId("load-model");
+  await button.waitFor({ state: "visible", timeout: T });
+  assert.match(await button.textContent(), /^Load the model: 431 MB to download from this site \(\/real-interleave\/\)$/);
+  const source = await byTestId("embed-source").textContent();
+  assert.match(source, /^Model: this site \(\/real-interleave\/\) · vectors: .* · catalog: example\.org \(another site\) · computed in your browser/);
+  assert.equal(await status(), "no model");
+  // Nothing large moved: the weights were only looked at (HEAD, header ranges).
+  const weights = site.requests.slice(before).filter((r) => r.includes("/real-interleave/model.safetensors"));
+  assert.ok(weights.every((r) => r.startsWith("HEAD") || r.includes("[bytes=")), weights.join("\n"));
+  // The bundled model is small: it loads by itself.
+  await page.goto(`${site.origin}/embed.html?model=bundled`);
+  await waitStatus("ready");
+  assert.match(await byTestId("embed-source").textContent(), /^Model: the bundled demo model/);
 });
 
 test("a cmrm quantize copy (model.gguf) streams in, in its own q4 format, and answers", async () => {

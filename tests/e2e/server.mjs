@@ -14,8 +14,27 @@ const TYPES = {
   ".safetensors": "application/octet-stream",
 };
 
+/// The page's Content-Security-Policy, sent with every response (a module worker takes the policy
+/// of its own script's response, so a <meta> in the HTML would not cover it). Scripts only from
+/// the page's origin (and wasm compilation); model and vector downloads from the origin or any
+/// https host (Hugging Face, or a folder the user names); images from blobs (the preview);
+/// no plugins, forms or base-URL changes. Embedding is allowed (the embed view exists for it).
+export const CSP = [
+  "default-src 'self'",
+  "script-src 'self' 'wasm-unsafe-eval'",
+  "worker-src 'self'",
+  "connect-src 'self' https:",
+  "img-src 'self' blob: data:",
+  "style-src 'self'",
+  "object-src 'none'",
+  "base-uri 'none'",
+  "form-action 'none'",
+  "frame-ancestors *",
+].join("; ");
+
 /// Starts serving `dir` on 127.0.0.1:`port`; resolves to {server, origin, requests}.
-/// `extra` maps URL paths to Buffers served as files (test fixtures that need not exist on disk).
+/// `extra` maps URL paths to Buffers served as files (test fixtures that need not exist on disk),
+/// or to `{buffer, headSize}` for a file whose HEAD announces another size.
 /// Single `Range: bytes=a-b` requests get a 206, as the Hugging Face CDN answers.
 export async function serve(dir, port = 0, extra = {}) {
   const root = resolve(dir);
@@ -28,13 +47,17 @@ export async function serve(dir, port = 0, extra = {}) {
       if (path.endsWith("/")) path += "index.html";
       const file = resolve(join(root, path));
       if (file !== root && !file.startsWith(root + sep)) { res.writeHead(403).end(); return; }
-      const buffer = extra[path];
+      // An extra entry is a Buffer, or {buffer, headSize}: a HEAD that announces another size.
+      const entry = extra[path];
+      const buffer = Buffer.isBuffer(entry) ? entry : entry?.buffer;
       const stat = buffer ? { size: buffer.length, isFile: () => true } : await fs.stat(file).catch(() => null);
       if (!stat || !stat.isFile()) { res.writeHead(404, { "content-type": "text/plain" }).end("not found\n"); return; }
       const headers = {
         "content-type": TYPES[extname(path).toLowerCase()] || "application/octet-stream",
         "cache-control": "no-cache",
         "accept-ranges": "bytes",
+        "content-security-policy": CSP,
+        "x-content-type-options": "nosniff",
       };
       let [start, end, status] = [0, stat.size - 1, 200];
       const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range || "");
@@ -43,6 +66,7 @@ export async function serve(dir, port = 0, extra = {}) {
         headers["content-range"] = `bytes ${start}-${end}/${stat.size}`;
       }
       headers["content-length"] = stat.size ? end - start + 1 : 0;
+      if (req.method === "HEAD" && entry?.headSize) headers["content-length"] = entry.headSize;
       res.writeHead(status, headers);
       if (req.method === "HEAD" || !stat.size) res.end();
       else if (buffer) res.end(buffer.subarray(start, end + 1));
