@@ -6,6 +6,7 @@ set -euo pipefail
 WASM_BINDGEN_VERSION=0.2.130   # must equal the wasm-bindgen crate version in Cargo.toml
 WASM_PACK_VERSION=0.15.1
 TRUNK_VERSION=0.21.14          # trunk 0.22 needs rustc >= 1.96
+CARGO_FUZZ_VERSION=0.13.2      # fuzz targets on stable (--sanitizer none)
 export PATH="$HOME/.cargo/bin:$PATH"
 
 need_apt=()
@@ -33,5 +34,9 @@ fi
 if [ "${CMRM_SKIP_TRUNK:-0}" != 1 ] && ! trunk --version 2>/dev/null | grep -q "$TRUNK_VERSION"; then
   echo "setup: cargo install trunk $TRUNK_VERSION" >&2
   cargo install -q trunk --version "$TRUNK_VERSION" --locked
+fi
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  echo "setup: cargo install cargo-fuzz $CARGO_FUZZ_VERSION" >&2
+  cargo install -q cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 echo "setup: tools ready" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of cmrm: native (library, CLI, parity with transformers, bad inputs, GPU on
-# lavapipe), the wasm32 build, and the browser tests in headless Chromium.
+# lavapipe), the wasm32 build, a short run of every fuzz target, and the browser tests in
+# headless Chromium.
 # Installs what it needs first (scripts/setup.sh). Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,9 @@ cargo test --lib --bins --tests
 
 step "wasm32 library build (simd128)"
 cargo build --target wasm32-unknown-unknown --lib --release
+
+step "fuzzing: every target for 15 s, regressions replayed (scripts/fuzz.sh)"
+bash scripts/fuzz.sh 15
 
 if [ -x scripts/test-browser.sh ]; then
   step "browser tests (headless Chromium)"

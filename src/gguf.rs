@@ -103,7 +103,7 @@ pub fn tensors(name: &str, content: &candle_core::quantized::gguf_file::Content)
             bail!("{name}: tensor '{key}' has rows of {dims:?}, not whole {:?} blocks", info.ggml_dtype);
         }
         let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
-        let bytes = elements.map(|n| crate::quant::block_bytes(info.ggml_dtype, n));
+        let bytes = elements.and_then(|n| crate::quant::block_bytes(info.ggml_dtype, n));
         let start = content.tensor_data_offset.checked_add(info.offset);
         let (Some(start), Some(end)) = (start, start.zip(bytes).and_then(|(s, b)| s.checked_add(b))) else {
             bail!("{name}: tensor '{key}' has an impossible size or offset (corrupt header?)");

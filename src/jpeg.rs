@@ -478,6 +478,7 @@ impl Decoder<'_> {
                 .iter()
                 .position(|comp| comp.id == c[0])
                 .with_context(|| format!("corrupt JPEG: scan names unknown component {}", c[0]))?;
+            ensure!(!scan.contains(&index), "corrupt JPEG: a scan names component {} twice", c[0]);
             frame.components[index].dc_table = usize::from(c[1] >> 4);
             frame.components[index].ac_table = usize::from(c[1] & 15);
             ensure!(

@@ -308,7 +308,7 @@ pub fn quantize_rows(weight: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
         let slice = weight.narrow(0, start, n)?.to_dtype(candle_core::DType::F32)?;
         bytes.extend_from_slice(&QTensor::quantize(&slice, dtype)?.data()?);
     }
-    candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], weight.device())
+    qtensor_from_bytes(dtype, &bytes, vec![rows, cols], weight.device())
 }
 
 /// The name under which a weight file offers `name`'s raw GGML blocks of type `dtype`
@@ -332,8 +332,7 @@ pub fn stored_blocks(
     }
     let bytes = rows * (cols / dtype.block_size()) * dtype.type_size();
     let raw = vb.get_with_hints_dtype(bytes, &key, candle_nn::Init::Const(0.), candle_core::DType::U8)?;
-    let from =
-        |data: &[u8]| candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, data, vec![rows, cols], vb.device());
+    let from = |data: &[u8]| qtensor_from_bytes(dtype, data, vec![rows, cols], vb.device());
     // Read the bytes in place (one copy, into the QTensor).
     let (storage, layout) = raw.storage_and_layout();
     let q = match (&*storage, raw.is_contiguous()) {
@@ -379,9 +378,34 @@ impl MatrixRef<'_> {
     }
 }
 
-/// Bytes of `values` values of GGML type `dtype` (whole blocks).
-pub fn block_bytes(dtype: GgmlDType, values: u64) -> u64 {
-    values / dtype.block_size() as u64 * dtype.type_size() as u64
+/// Bytes of `values` values of GGML type `dtype` (whole blocks); `None` past `u64` (a corrupt
+/// header's shape).
+pub fn block_bytes(dtype: GgmlDType, values: u64) -> Option<u64> {
+    (values / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64)
+}
+
+/// candle's `qtensor_from_ggml` made safe for any bytes: candle reads them in place as a slice of
+/// its block structs (which need up to 8-byte alignment) and trusts `dims` for their count, so the
+/// length is checked here and bytes at an unaligned address (a GGUF with an odd
+/// `general.alignment` or tensor offset) are copied to an aligned buffer first.
+pub fn qtensor_from_bytes(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    dims: Vec<usize>,
+    device: &candle_core::Device,
+) -> candle_core::Result<QTensor> {
+    let values = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let expected = values.filter(|v| v % dtype.block_size() as u64 == 0).and_then(|v| block_bytes(dtype, v));
+    if expected != Some(bytes.len() as u64) {
+        candle_core::bail!("{} bytes do not hold a {dims:?} tensor of {dtype:?} blocks", bytes.len());
+    }
+    if bytes.as_ptr().align_offset(16) == 0 {
+        return candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, dims, device);
+    }
+    let mut aligned = vec![0u128; bytes.len().div_ceil(16)];
+    let copy = &mut bytemuck::cast_slice_mut::<u128, u8>(&mut aligned)[..bytes.len()];
+    copy.copy_from_slice(bytes);
+    candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, copy, dims, device)
 }
 
 /// Values per slice in [`quantize_rows`] (16 Mi: 64 MB of F32).
@@ -535,6 +559,25 @@ impl Module for QLinear {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Blocks at an odd address read as the same values; a wrong byte count is an error, not a
+    /// read past the slice.
+    #[test]
+    fn qtensor_from_bytes_takes_any_address_and_checks_the_length() {
+        let cpu = &Device::Cpu;
+        let weight = seeded_normal(&[4, 64], 7);
+        let q = QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(&bytes);
+        let odd = &shifted[1..];
+        assert_ne!(odd.as_ptr().align_offset(2), 0);
+        let a = qtensor_from_bytes(GgmlDType::Q8_0, &bytes, vec![4, 64], cpu).unwrap().dequantize(cpu).unwrap();
+        let b = qtensor_from_bytes(GgmlDType::Q8_0, odd, vec![4, 64], cpu).unwrap().dequantize(cpu).unwrap();
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+        let err = qtensor_from_bytes(GgmlDType::Q8_0, &bytes[..bytes.len() - 34], vec![4, 64], cpu).unwrap_err();
+        assert!(err.to_string().contains("do not hold a [4, 64] tensor"), "{err}");
+    }
 
     /// N(0, 1) values from a seed (Box–Muller): the same tensor on every run.
     fn seeded_normal(shape: &[usize], seed: u64) -> Tensor {

@@ -30,11 +30,12 @@ impl StoredType {
         }
     }
 
-    /// Bytes of `values` values (whole blocks).
+    /// Bytes of `values` values (whole blocks); saturates, so that a size past `u64` matches no
+    /// byte range.
     fn bytes(self, values: u64) -> u64 {
         match self {
-            Self::Values(d) => values * d.size_in_bytes() as u64,
-            Self::Blocks(t) => crate::quant::block_bytes(t, values),
+            Self::Values(d) => values.saturating_mul(d.size_in_bytes() as u64),
+            Self::Blocks(t) => crate::quant::block_bytes(t, values).unwrap_or(u64::MAX),
         }
     }
 }

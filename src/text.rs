@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
@@ -242,7 +242,8 @@ impl TokenEmbedding {
                     let start = id as usize * row_bytes;
                     rows.extend_from_slice(&data[start..start + row_bytes]);
                 }
-                qtensor_from_ggml(dtype, &rows, vec![ids.len(), *hidden], &Device::Cpu)?.dequantize(&Device::Cpu)
+                crate::quant::qtensor_from_bytes(dtype, &rows, vec![ids.len(), *hidden], &Device::Cpu)?
+                    .dequantize(&Device::Cpu)
             }
         }
     }

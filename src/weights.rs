@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, gguf_file, GgmlDType};
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -213,8 +213,8 @@ impl Weights {
         if let Some(prev) = self.entries.get(&canonical) {
             bail!("tensor '{key}' is also in {} (as '{}')", self.source_name(prev), prev.key);
         }
-        let elements: usize = shape.iter().product();
-        if crate::quant::block_bytes(dtype, elements as u64) != bytes.len() as u64 {
+        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        if elements.and_then(|n| crate::quant::block_bytes(dtype, n)) != Some(bytes.len() as u64) {
             bail!("tensor '{key}': {} bytes for {shape:?} in {dtype:?}", bytes.len());
         }
         let entry = Entry {
@@ -301,7 +301,7 @@ impl Weights {
         self.with_bytes(e, |raw| match (plain, e.stored) {
             (Some(d), _) => Tensor::from_raw_buffer(raw, d, &e.shape, device),
             (None, Stored::Ggml(block)) => {
-                qtensor_from_ggml(block, raw, e.shape.clone(), device).and_then(|q| q.dequantize(device))
+                crate::quant::qtensor_from_bytes(block, raw, e.shape.clone(), device).and_then(|q| q.dequantize(device))
             }
             (None, Stored::Plain(_)) => unreachable!("plain tensors have a dtype"),
         })

@@ -255,12 +255,7 @@ impl Upload<'_> {
                                 bytes.extend_from_slice(rows);
                             } else {
                                 let cpu = &Device::Cpu;
-                                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                                    *dtype,
-                                    rows,
-                                    vec![b - a, *cols],
-                                    cpu,
-                                )?;
+                                let q = crate::quant::qtensor_from_bytes(*dtype, rows, vec![b - a, *cols], cpu)?;
                                 values.extend(f32s(&q.dequantize(cpu)?.narrow(1, 0, k)?)?);
                             }
                         }

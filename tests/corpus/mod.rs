@@ -224,6 +224,12 @@ pub fn cases(config: &str, preprocessor: &str) -> Vec<Case> {
             jpeg(&[(0xDA, vec![1, 1, 0, 0, 63, 0])]),
             "no frame header before the image data",
         ),
+        case(
+            "JPEG scan naming a component twice (fuzzer)",
+            Image,
+            jpeg(&[(0xDB, dqt()), (0xC0, sof(8, 8, 8, &[(1, y, 0), (2, cb, 0), (3, cb, 0)])), (0xDA, vec![2, 1, 0, 1, 0, 0, 63, 0])]),
+            "names component 1 twice",
+        ),
         case("JPEG without a frame", Image, jpeg(&[(0xDB, dqt())]), "no frame header"),
         case("JPEG frame without a scan", Image, jpeg(&[(0xDB, dqt()), (0xC0, sof(8, 8, 8, &[(1, y, 0)]))]), "no image data"),
         case("GIF garbage", Image, b"GIF89a\x10\x00\x10\x00garbage".to_vec(), "corrupt or truncated"),
@@ -335,6 +341,7 @@ pub fn cases(config: &str, preprocessor: &str) -> Vec<Case> {
             b"{% for i in range(2000) %}{{ 'y' * 10000 }}{% endfor %}".to_vec(),
             "MiB limit",
         ),
+        case("template tag of overlapping marks {%} (fuzzer)", Template, b"{%}{% endif %}".to_vec(), "does not parse"),
         case("template that raises", Template, b"{{ raise_exception('no images, please') }}".to_vec(), "no images, please"),
         case("template without the image", Template, b"{{ 'hello' }}".to_vec(), "did not place the image token"),
         // Weight files.
@@ -362,6 +369,21 @@ pub fn cases(config: &str, preprocessor: &str) -> Vec<Case> {
             Weights("model.gguf"),
             gguf(1, &[], &[gguf_string("t"), 9u32.to_le_bytes().to_vec()].concat()),
             "dimensions",
+        ),
+        case(
+            "GGUF tensor of 2^63 F32 values (fuzzer)",
+            Weights("model.gguf"),
+            gguf(1, &[], &{
+                let mut info = gguf_string("t");
+                info.extend(2u32.to_le_bytes());
+                info.extend((1u64 << 32).to_le_bytes());
+                info.extend((1u64 << 31).to_le_bytes());
+                info.extend(0u32.to_le_bytes()); // F32
+                info.extend(0u64.to_le_bytes());
+                info.resize(info.len() + 64, 0);
+                info
+            }),
+            "impossible size",
         ),
         case("GGUF version 7", Weights("model.gguf"), {
             let mut b = gguf(0, &[], &[]);
