@@ -53,7 +53,7 @@ for target in "${targets[@]}"; do
   pids+=($!)
   names+=("$target")
   if [ ${#pids[@]} -ge "$jobs" ]; then
-    wait "${pids[0]}" || { status=1; echo "fuzz: $target FAILED (fuzz/logs/$target.log)" >&2; }
+    wait "${pids[0]}" || { status=1; echo "fuzz: ${names[0]} FAILED (fuzz/logs/${names[0]}.log)" >&2; }
     pids=("${pids[@]:1}")
     names=("${names[@]:1}")
   fi

@@ -392,22 +392,27 @@ fn check_format_widths(format: &str) -> Result<(), Error> {
     while i < chars.len() {
         if chars[i] == '%' || chars[i] == ':' {
             let mut j = i + 1;
-            // flags, fill and alignment
-            while j < chars.len() && j <= i + 3 && !chars[j].is_ascii_digit() && "-+ #0<>^=_,*".contains(chars[j]) {
+            // flags, fill and alignment (printf repeats flags at will: `%----9s`)
+            while j < chars.len() && !chars[j].is_ascii_digit() && "-+ #0<>^=_,*".contains(chars[j]) {
                 j += 1;
             }
-            if j < chars.len() && !chars[j].is_ascii_digit() && j == i + 1 && i + 2 < chars.len() {
-                j += 1; // a fill character before an alignment (`{:x>9}`)
-                if j < chars.len() && "<>^=".contains(chars[j]) {
-                    j += 1;
-                }
+            if j == i + 1 && chars.get(j + 1).is_some_and(|c| "<>^=".contains(*c)) {
+                j += 2; // a fill character before an alignment (`{:x>9}`)
             }
-            let digits: String = chars[j..].iter().take_while(|c| c.is_ascii_digit()).collect();
-            if digits.len() > 6 || digits.parse::<usize>().is_ok_and(|w| w > MAX_WIDTH) {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("a field width of {digits} (over {MAX_WIDTH}) in a format string"),
-                ));
+            // the width, then a precision (`%.999f` pads with zeros as a width does)
+            for what in ["width", "precision"] {
+                let digits: String = chars[j..].iter().take_while(|c| c.is_ascii_digit()).collect();
+                if digits.len() > 6 || digits.parse::<usize>().is_ok_and(|w| w > MAX_WIDTH) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("a field {what} of {digits} (over {MAX_WIDTH}) in a format string"),
+                    ));
+                }
+                j += digits.chars().count();
+                if what == "width" && chars.get(j) != Some(&'.') {
+                    break;
+                }
+                j += 1;
             }
         }
         i += 1;
@@ -415,9 +420,25 @@ fn check_format_widths(format: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Refuse a format string (`str.format`'s `{…}` fields, the `format` filter's `%…` fields) that
+/// also holds a non-ASCII character: minijinja's format parser slices fields by bytes and panics
+/// inside a character (found by fuzzing, both styles). Chat templates format ASCII strings.
+fn check_format_fields(format: &str, marker: char, what: &str) -> Result<(), Error> {
+    if format.contains(marker) && !format.is_ascii() {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "{what}: a format string with '{marker}' fields must be ASCII (non-ASCII text is not supported there)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `format` with its widths checked (then minijinja's own).
 fn format_filter(state: &State, format: &Value, args: Rest<Value>) -> Result<Value, Error> {
     check_format_widths(format.as_str().unwrap_or_default())?;
+    check_format_fields(format.as_str().unwrap_or_default(), '%', "format")?;
     minijinja::filters::format(state, format, args)
 }
 
@@ -440,6 +461,7 @@ fn indent_filter(
 fn python_methods(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     if method == "format" {
         check_format_widths(value.as_str().unwrap_or_default())?;
+        check_format_fields(value.as_str().unwrap_or_default(), '{', "str.format")?;
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }

@@ -346,12 +346,24 @@ impl HeaderScan {
                 }
                 ScanStage::Tensors(i) if i == self.n_tensors => self.stage = ScanStage::Done,
                 ScanStage::Tensors(i) => {
-                    r.string()?;
+                    let key = r.string()?;
                     let dims = r.u32()?;
                     if dims > MAX_DIMS {
                         bail!("{name}: a tensor with {dims} dimensions (corrupt header?)");
                     }
-                    r.take(8 * dims as usize + 4 + 8)?; // dims, type, offset
+                    // candle turns each u64 dimension into a usize with `as`: on wasm32 a
+                    // dimension of 2^32 would silently become 0, so the element count is
+                    // checked here, where the dimensions are still whole.
+                    let mut elements = Some(1u64);
+                    for _ in 0..dims {
+                        let dim = r.u64()?;
+                        let fits = |n: u64| usize::try_from(n).is_ok();
+                        elements = elements.filter(|_| fits(dim)).and_then(|n| n.checked_mul(dim)).filter(|&n| fits(n));
+                    }
+                    if elements.is_none() {
+                        bail!("{name}: tensor '{key}' has an impossible size (corrupt header?)");
+                    }
+                    r.take(4 + 8)?; // type, offset
                     self.stage = ScanStage::Tensors(i + 1);
                 }
                 ScanStage::Done => return Ok(()),

@@ -333,6 +333,8 @@ pub fn cases(config: &str, preprocessor: &str) -> Vec<Case> {
             "budget",
         ),
         case("template with a huge padding", Template, b"{{ '%999999999s'|format('x') }}".to_vec(), "field width"),
+        case("template padding after repeated flags (fuzzer)", Template, b"{{ '%----------20000000000044424s'|format('x') }}".to_vec(), "field width"),
+        case("template with a huge precision", Template, b"{{ '%.99999999f'|format(1.5) }}".to_vec(), "field precision"),
         case("template with a huge indent", Template, b"{{ 'x'|indent(999999999, true) }}".to_vec(), "indent wider"),
         case("template repeating a string", Template, b"{{ 'x' * 200000000 }}".to_vec(), "too large"),
         case(
@@ -342,6 +344,8 @@ pub fn cases(config: &str, preprocessor: &str) -> Vec<Case> {
             "MiB limit",
         ),
         case("template tag of overlapping marks {%} (fuzzer)", Template, b"{%}{% endif %}".to_vec(), "does not parse"),
+        case("template str.format field of non-ASCII (fuzzer)", Template, "{{ '{é}'.format('x') }}".as_bytes().to_vec(), "non-ASCII"),
+        case("template |format with a '%*' field and non-ASCII text (fuzzer)", Template, "{{ '%%* é'|format('x') }}".as_bytes().to_vec(), "non-ASCII"),
         case("template that raises", Template, b"{{ raise_exception('no images, please') }}".to_vec(), "no images, please"),
         case("template without the image", Template, b"{{ 'hello' }}".to_vec(), "did not place the image token"),
         // Weight files.
