@@ -26,6 +26,13 @@ pub struct CatalogEntry {
     pub calibration: CalibrationInfo,
     pub default_alpha: f32,
     pub default_layers: String,
+    /// Absent in catalogs written before it existed: every position.
+    #[serde(default = "all_positions")]
+    pub default_positions: String,
+}
+
+fn all_positions() -> String {
+    "all".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +77,7 @@ pub fn entry_for(
         },
         default_alpha: meta("default_alpha").and_then(|a| a.parse().ok()).unwrap_or(1.0),
         default_layers: meta("default_layers").unwrap_or_else(|| "all".into()),
+        default_positions: meta("default_positions").unwrap_or_else(all_positions),
     })
 }
 

@@ -121,6 +121,7 @@ pub fn vector_metadata(vlm: &Vlm, method: &str, anchor: &str, n_calibration: usi
         ("sign".into(), "subtract".into()),
         ("default_alpha".into(), "1.0".into()),
         ("default_layers".into(), "all".into()),
+        ("default_positions".into(), "all".into()),
         ("model_hint".into(), cfg.text.kind.llama_cpp_arch().into()),
     ])
 }
@@ -191,25 +192,32 @@ fn first_component<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, mean: &[f64]) -
     v.iter().map(|x| sign * x / unit_norm * mean_norm).collect()
 }
 
-/// One calibration item: a question and the image to measure the shift with.
+/// One line of a calibration or evaluation set: a question and the image to measure the shift
+/// with (or to answer about). Evaluation sets may also name the item's `kind` (e.g. `harmful`,
+/// `safe`, `benign`: `cmrm eval` reports per kind) and the answer it `expect`s.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CalibrationItem {
     pub prompt: String,
-    /// `None`: the run's anchor; `Some(path)`: a real image file (measures the shift a real image causes).
     pub image: CalibrationImage,
+    pub kind: Option<String>,
+    pub expect: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CalibrationImage {
-    /// The run's `--anchor`.
+    /// The run's `--anchor` (the line names no image).
     Anchor,
     Blank,
     Noise,
+    /// A real image file (measures the shift a real image causes).
     Path(String),
+    /// `"none"`: the question alone, without an image (evaluation sets only).
+    None,
 }
 
-/// Parse calibration JSONL: one `{"prompt": "...", "image": "path" | "blank" | "noise"}` per line
-/// (`image` optional); blank lines and `#` comments skipped. Errors name the line.
+/// Parse calibration JSONL: one `{"prompt": "...", "image": "path" | "blank" | "noise" | "none",
+/// "kind": "...", "expect": "..."}` per line (all but `prompt` optional); blank lines and `#`
+/// comments skipped. Errors name the line.
 pub fn parse_calibration(name: &str, text: &str) -> Result<Vec<CalibrationItem>> {
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -229,10 +237,20 @@ pub fn parse_calibration(name: &str, text: &str) -> Result<Vec<CalibrationItem>>
             None | Some(serde_json::Value::Null) => CalibrationImage::Anchor,
             Some(serde_json::Value::String(s)) if s == "blank" => CalibrationImage::Blank,
             Some(serde_json::Value::String(s)) if s == "noise" => CalibrationImage::Noise,
+            Some(serde_json::Value::String(s)) if s == "none" => CalibrationImage::None,
             Some(serde_json::Value::String(s)) => CalibrationImage::Path(s.clone()),
-            Some(other) => bail!("{name}:{lineno}: \"image\" must be a path, \"blank\" or \"noise\", got {other}"),
+            Some(other) => {
+                bail!("{name}:{lineno}: \"image\" must be a path, \"blank\", \"noise\" or \"none\", got {other}")
+            }
         };
-        items.push(CalibrationItem { prompt, image });
+        let text_field = |key: &str| -> Result<Option<String>> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => bail!("{name}:{lineno}: \"{key}\" must be a string, got {other}"),
+            }
+        };
+        items.push(CalibrationItem { prompt, image, kind: text_field("kind")?, expect: text_field("expect")? });
     }
     if items.is_empty() {
         bail!("{name}: the calibration set is empty");
@@ -317,6 +335,9 @@ impl Extraction {
             CalibrationImage::Path(p) => {
                 let img = load_image(p).with_context(|| format!("calibration item {}: image {p}", i + 1))?;
                 vlm.encode_image(&img)?
+            }
+            CalibrationImage::None => {
+                bail!("calibration item {}: \"image\": \"none\" is for evaluation sets; a shift needs an image", i + 1)
             }
         };
         let shift = shift_for_prompt(vlm, &PromptText::Chat(item.prompt.clone()), &features)

@@ -49,7 +49,23 @@ pub fn is_refusal(answer: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct EvalCase {
     pub prompt: String,
-    pub image: RgbImage,
+    /// `None`: the question alone (text only; no gap is measured for it).
+    pub image: Option<RgbImage>,
+    /// A label to report the case under (`harmful`, `safe`, `benign`, …).
+    pub kind: Option<String>,
+    /// The expected answer: the case counts as correct when the answer, trimmed, equals it.
+    pub expect: Option<String>,
+}
+
+/// Figures of the cases that share a kind and whether they have an image.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupMetrics {
+    pub kind: String,
+    pub with_image: bool,
+    pub n: usize,
+    pub refusal_rate: f64,
+    /// Share of correct answers, over the cases that name an expected answer.
+    pub accuracy: Option<f64>,
 }
 
 /// Where the vectors come from.
@@ -68,6 +84,8 @@ pub struct Metrics {
     pub gap_l2: Vec<f64>,
     /// Mean over cases of 1 − cos(h_l(x, img), h_l(x)) per layer.
     pub gap_cosine: Vec<f64>,
+    /// Per kind and image / text only, in order of first appearance.
+    pub groups: Vec<GroupMetrics>,
     pub answers: Vec<String>,
 }
 
@@ -95,36 +113,71 @@ fn gap(a: &[f32], b: &[f32]) -> (f64, f64) {
     (diff, if denom > 0.0 { 1.0 - dot / denom } else { 0.0 })
 }
 
+/// Per-layer states at the last prompt token: `(with the image, text alone)`.
+type StatePair<'a> = (&'a [Vec<f32>], &'a [Vec<f32>]);
+
 struct Accumulator {
-    refusals: usize,
     tokens: usize,
     gap_l2: Vec<f64>,
     gap_cos: Vec<f64>,
+    gap_cases: usize,
     answers: Vec<String>,
 }
 
 impl Accumulator {
     fn new(layers: usize) -> Self {
-        Self { refusals: 0, tokens: 0, gap_l2: vec![0.0; layers], gap_cos: vec![0.0; layers], answers: Vec::new() }
+        Self { tokens: 0, gap_l2: vec![0.0; layers], gap_cos: vec![0.0; layers], gap_cases: 0, answers: Vec::new() }
     }
-    fn add(&mut self, answer: String, tokens: usize, mm: &[Vec<f32>], text: &[Vec<f32>]) {
-        self.refusals += usize::from(is_refusal(&answer));
+
+    /// One answer, and for an image case the states with and without the image.
+    fn add(&mut self, answer: String, tokens: usize, states: Option<StatePair>) {
         self.tokens += tokens;
-        for (l, (a, b)) in mm.iter().zip(text).enumerate() {
-            let (d, c) = gap(a, b);
-            self.gap_l2[l] += d;
-            self.gap_cos[l] += c;
+        if let Some((mm, text)) = states {
+            for (l, (a, b)) in mm.iter().zip(text).enumerate() {
+                let (d, c) = gap(a, b);
+                self.gap_l2[l] += d;
+                self.gap_cos[l] += c;
+            }
+            self.gap_cases += 1;
         }
         self.answers.push(answer);
     }
-    fn finish(self, alpha: f32, n: usize) -> Metrics {
-        let n = n as f64;
+
+    fn finish(self, alpha: f32, cases: &[EvalCase]) -> Metrics {
+        let n = cases.len() as f64;
+        let gap_n = self.gap_cases.max(1) as f64;
+        let refused: Vec<bool> = self.answers.iter().map(|a| is_refusal(a)).collect();
+        let mut groups: Vec<GroupMetrics> = Vec::new();
+        let mut counts: Vec<(usize, usize, usize)> = Vec::new(); // refusals, expected, correct
+        for ((case, answer), &refusal) in cases.iter().zip(&self.answers).zip(&refused) {
+            let kind = case.kind.clone().unwrap_or_else(|| "all".into());
+            let with_image = case.image.is_some();
+            let i = match groups.iter().position(|g| g.kind == kind && g.with_image == with_image) {
+                Some(i) => i,
+                None => {
+                    groups.push(GroupMetrics { kind, with_image, n: 0, refusal_rate: 0.0, accuracy: None });
+                    counts.push((0, 0, 0));
+                    groups.len() - 1
+                }
+            };
+            groups[i].n += 1;
+            counts[i].0 += usize::from(refusal);
+            if let Some(expect) = &case.expect {
+                counts[i].1 += 1;
+                counts[i].2 += usize::from(answer.trim() == expect.trim());
+            }
+        }
+        for (g, &(refusals, expected, correct)) in groups.iter_mut().zip(&counts) {
+            g.refusal_rate = refusals as f64 / g.n as f64;
+            g.accuracy = (expected > 0).then(|| correct as f64 / expected as f64);
+        }
         Metrics {
             alpha,
-            refusal_rate: self.refusals as f64 / n,
+            refusal_rate: refused.iter().filter(|&&r| r).count() as f64 / n,
             mean_answer_tokens: self.tokens as f64 / n,
-            gap_l2: self.gap_l2.iter().map(|x| x / n).collect(),
-            gap_cosine: self.gap_cos.iter().map(|x| x / n).collect(),
+            gap_l2: self.gap_l2.iter().map(|x| x / gap_n).collect(),
+            gap_cosine: self.gap_cos.iter().map(|x| x / gap_n).collect(),
+            groups,
             answers: self.answers,
         }
     }
@@ -153,10 +206,29 @@ pub fn evaluate(
     let mut unaltered = Accumulator::new(n_layers);
     let mut steered: Vec<Accumulator> = alphas.iter().map(|_| Accumulator::new(n_layers)).collect();
     let mut norm_sums = vec![0f64; n_layers];
+    let mut vector_cases = 0usize;
     for (i, case) in cases.iter().enumerate() {
         on_case(i, cases.len());
-        let features: Tensor = vlm.encode_image(&case.image).with_context(|| format!("case {}", i + 1))?;
         let text = PromptText::Chat(case.prompt.clone());
+        let Some(image) = &case.image else {
+            // Text only: the question alone, unaltered and steered; no gap.
+            let prompt = vlm.prepare(&text, None)?;
+            let plain = vlm.generate(&prompt, None, &opts, &mut |_| true)?;
+            for (acc, &alpha) in steered.iter_mut().zip(alphas) {
+                let g = match &source {
+                    VectorSource::Dataset(v) => {
+                        let intervention = Intervention::cmrm(v, alpha, Some(layers), positions, vlm.device())?;
+                        vlm.generate(&prompt, Some(&intervention), &opts, &mut |_| true)?
+                    }
+                    // No image, no shift: sample-level steering leaves a text-only prompt as it is.
+                    VectorSource::SampleLevel(_) => plain.clone(),
+                };
+                acc.add(g.text, g.generated_ids.len(), None);
+            }
+            unaltered.add(plain.text, plain.generated_ids.len(), None);
+            continue;
+        };
+        let features: Tensor = vlm.encode_image(image).with_context(|| format!("case {}", i + 1))?;
         let mm = vlm.prepare(&text, Some(&features))?;
         let text_only = vlm.prepare_text_only(&mm.prompt)?;
         let text_states = vlm.probe(&text_only, None)?.layer_outputs;
@@ -167,25 +239,25 @@ pub fn evaluate(
         for &l in layers {
             norm_sums[l] += vectors.layers.get(&l).map_or(0.0, |v| norm(v));
         }
+        vector_cases += 1;
         let plain = vlm.generate(&mm, None, &opts, &mut |_| true)?;
         let plain_states = vlm.probe(&mm, None)?.layer_outputs;
-        unaltered.add(plain.text, plain.generated_ids.len(), &plain_states, &text_states);
+        unaltered.add(plain.text, plain.generated_ids.len(), Some((&plain_states, &text_states)));
         for (acc, &alpha) in steered.iter_mut().zip(alphas) {
             let intervention = Intervention::cmrm(&vectors, alpha, Some(layers), positions, vlm.device())?;
             let g = vlm.generate(&mm, Some(&intervention), &opts, &mut |_| true)?;
             let states = vlm.probe(&mm, Some(&intervention))?.layer_outputs;
-            acc.add(g.text, g.generated_ids.len(), &states, &text_states);
+            acc.add(g.text, g.generated_ids.len(), Some((&states, &text_states)));
         }
     }
-    let n = cases.len();
     Ok(EvalReport {
-        n_cases: n,
+        n_cases: cases.len(),
         layers: layers.to_vec(),
         positions,
-        vector_norms: norm_sums.iter().map(|s| s / n as f64).collect(),
+        vector_norms: norm_sums.iter().map(|s| s / vector_cases.max(1) as f64).collect(),
         refusal_keywords: REFUSAL_KEYWORDS.iter().map(|s| s.to_string()).collect(),
-        unaltered: unaltered.finish(0.0, n),
-        steered: steered.into_iter().zip(alphas).map(|(a, &alpha)| a.finish(alpha, n)).collect(),
+        unaltered: unaltered.finish(0.0, cases),
+        steered: steered.into_iter().zip(alphas).map(|(a, &alpha)| a.finish(alpha, cases)).collect(),
     })
 }
 

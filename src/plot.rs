@@ -63,25 +63,70 @@ fn gap_chart(report: &EvalReport) -> Result<String> {
     Ok(svg)
 }
 
+/// One line per α sweep: `(label, points)`; α = 0 is the unaltered answer.
+fn series(report: &EvalReport) -> Vec<(String, Vec<(f64, f64)>)> {
+    let runs: Vec<(f64, &crate::eval::Metrics)> = std::iter::once((0.0, &report.unaltered))
+        .chain(report.steered.iter().map(|m| (f64::from(m.alpha), m)))
+        .collect();
+    let sorted = |mut points: Vec<(f64, f64)>| {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    };
+    let groups = &report.unaltered.groups;
+    if groups.iter().all(|g| g.kind == "all") {
+        return vec![("refusal rate".into(), sorted(runs.iter().map(|(a, m)| (*a, m.refusal_rate)).collect()))];
+    }
+    let mut out = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let what = if g.with_image { "with image" } else { "text only" };
+        out.push((
+            format!("{} {what}: refusal", g.kind),
+            sorted(runs.iter().filter_map(|(a, m)| Some((*a, m.groups.get(i)?.refusal_rate))).collect()),
+        ));
+        if g.accuracy.is_some() {
+            out.push((
+                format!("{} {what}: accuracy", g.kind),
+                sorted(runs.iter().filter_map(|(a, m)| Some((*a, m.groups.get(i)?.accuracy?))).collect()),
+            ));
+        }
+    }
+    out
+}
+
 fn refusal_chart(report: &EvalReport) -> Result<String> {
     let mut svg = String::new();
-    let mut points: Vec<(f64, f64)> = vec![(0.0, report.unaltered.refusal_rate)];
-    points.extend(report.steered.iter().map(|m| (f64::from(m.alpha), m.refusal_rate)));
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let x_min = points.first().map_or(0.0, |p| p.0).min(0.0);
-    let x_max = points.last().map_or(1.0, |p| p.0).max(x_min + 1e-3);
+    let lines = series(report);
+    let alphas = lines.iter().flat_map(|(_, p)| p.iter().map(|p| p.0));
+    let x_min = alphas.clone().fold(0f64, f64::min);
+    let x_max = alphas.fold(x_min + 1e-3, f64::max);
     let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Refusal rate vs α (keyword proxy)", ("sans-serif", 20))
+        .caption("Refusal rate (keyword proxy) and accuracy vs α (α = 0: unaltered)", ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
         .build_cartesian_2d(x_min..x_max, 0f64..1.05f64)
         .map_err(err)?;
-    chart.configure_mesh().x_desc("α").y_desc("refusal rate").draw().map_err(err)?;
-    chart.draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2))).map_err(err)?;
-    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(err)?;
+    chart.configure_mesh().x_desc("α").y_desc("rate").draw().map_err(err)?;
+    for (i, (label, points)) in lines.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+            .map_err(err)?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled()))).map_err(err)?;
+    }
+    if lines.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 11))
+            .draw()
+            .map_err(err)?;
+    }
     root.present().map_err(err)?;
     drop(chart);
     drop(root);

@@ -22,6 +22,10 @@ pub enum Positions {
     Last,
     /// Only generated tokens (absolute positions ≥ `prompt_len`).
     Generated,
+    /// The last prompt token and every generated token (positions ≥ `prompt_len − 1`): the state
+    /// that produces the first answer token, and every later one.
+    #[serde(rename = "last+generated")]
+    LastAndGenerated,
 }
 
 impl std::str::FromStr for Positions {
@@ -31,7 +35,8 @@ impl std::str::FromStr for Positions {
             "all" => Ok(Self::All),
             "last" => Ok(Self::Last),
             "generated" => Ok(Self::Generated),
-            other => bail!("positions must be all, last or generated (got '{other}')"),
+            "last+generated" => Ok(Self::LastAndGenerated),
+            other => bail!("positions must be all, last, generated or last+generated (got '{other}')"),
         }
     }
 }
@@ -206,6 +211,51 @@ pub fn parse_layers(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// What a user asks of a vector file (`cmrm generate` flags, the page's Compare options); what is
+/// left out comes from the file's recorded defaults (`default_alpha`, `default_layers`,
+/// `default_positions`), else α = 1, every layer the file holds and every position. The CLI and the
+/// page resolve steering only through [`SteeringRequest::resolve`].
+#[derive(Debug, Clone, Default)]
+pub struct SteeringRequest {
+    pub alpha: Option<f32>,
+    /// `all`, `0,2,5`, `3-7`.
+    pub layers: Option<String>,
+    pub positions: Option<Positions>,
+}
+
+/// A request with every choice made, and its intervention.
+#[derive(Debug, Clone)]
+pub struct ResolvedSteering {
+    pub alpha: f32,
+    pub layers: Vec<usize>,
+    pub positions: Positions,
+    pub intervention: Intervention,
+}
+
+impl SteeringRequest {
+    pub fn resolve(&self, vectors: &SteeringVectors, num_layers: usize, device: &Device) -> Result<ResolvedSteering> {
+        let meta = |key: &str| vectors.metadata.get(key).map(String::as_str);
+        let alpha = match self.alpha {
+            Some(a) => a,
+            None => meta("default_alpha").and_then(|a| a.parse().ok()).unwrap_or(1.0),
+        };
+        if !alpha.is_finite() {
+            bail!("alpha must be a finite number (got {alpha})");
+        }
+        // `all` is every layer the file holds (a llama.cpp control vector has no layer 0).
+        let layers = match self.layers.as_deref().or(meta("default_layers")) {
+            Some(spec) if spec.trim() != "all" => parse_layers(spec, num_layers)?,
+            _ => vectors.layers.keys().copied().filter(|&l| l < num_layers).collect(),
+        };
+        let positions = match self.positions {
+            Some(p) => p,
+            None => meta("default_positions").map(str::parse).transpose()?.unwrap_or(Positions::All),
+        };
+        let intervention = Intervention::from_file(vectors, alpha, Some(&layers), positions, device)?;
+        Ok(ResolvedSteering { alpha, layers, positions, intervention })
+    }
+}
+
 /// Deltas ready to add to block outputs: `delta_l = scale · v_l` as `[1, 1, H]` tensors.
 #[derive(Debug, Clone)]
 pub struct Intervention {
@@ -275,6 +325,7 @@ impl Intervention {
                 Positions::All => true,
                 Positions::Last => pos + 1 == prompt_len,
                 Positions::Generated => pos >= prompt_len,
+                Positions::LastAndGenerated => pos + 1 >= prompt_len,
             })
             .collect();
         if rows.iter().all(|&r| r) {

@@ -156,7 +156,7 @@ fn errors_are_one_clear_line() {
 
     let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--alpha", "1"]);
     assert!(!ok);
-    assert!(err.contains("--alpha/--layers need --vectors FILE or --sample-level"), "{err}");
+    assert!(err.contains("--alpha/--layers/--positions need --vectors FILE or --sample-level"), "{err}");
 
     let vectors = s(refs_dir(MODELS[0]).join("steer_random.safetensors"));
     let (ok, _, err) = cmrm(&["generate", "--model", &model, "--prompt", "hi", "--vectors", &vectors, "--layers", "9"]);
@@ -166,7 +166,7 @@ fn errors_are_one_clear_line() {
     let (ok, _, err) =
         cmrm(&["generate", "--model", &model, "--prompt", "hi", "--vectors", &vectors, "--positions", "first"]);
     assert!(!ok);
-    assert!(err.contains("positions must be all, last or generated"), "{err}");
+    assert!(err.contains("positions must be all, last, generated or last+generated"), "{err}");
 }
 
 /// `--model owner/name` resolves from a pre-populated Hugging Face cache with the network off.

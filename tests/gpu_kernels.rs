@@ -351,7 +351,7 @@ fn steering_add_matches_intervention_apply_exactly() {
     let h = 67;
     let v = rand_vec(h, 5);
     let vectors = SteeringVectors::new(h, [(1usize, v.clone())].into_iter().collect()).unwrap();
-    for positions in [Positions::All, Positions::Last, Positions::Generated] {
+    for positions in [Positions::All, Positions::Last, Positions::Generated, Positions::LastAndGenerated] {
         let iv = Intervention::add(&vectors, -1.75, Some(&[1]), positions, &Device::Cpu).unwrap();
         // (rows, start, prompt_len): prefill, prefill in chunks, decode steps.
         for (rows, start, prompt_len) in [(9, 0, 9), (5, 4, 9), (4, 0, 9), (1, 9, 9), (1, 8, 9), (1, 12, 9), (3, 7, 9)]
@@ -360,11 +360,7 @@ fn steering_add_matches_intervention_apply_exactly() {
             let want = flat(&iv.apply(1, &t(&x, &[1, rows, h]), start, prompt_len).unwrap());
             let zero = Tensor::zeros((1, 1, h), candle_core::DType::F32, &Device::Cpu).unwrap();
             let delta = flat(&iv.apply(1, &zero, 0, usize::from(positions == Positions::Last)).unwrap());
-            let mode = match positions {
-                Positions::All => 0,
-                Positions::Last => 1,
-                Positions::Generated => 2,
-            };
+            let mode = ops::steer_mode(positions);
             let got = pollster::block_on(ops::steer(&ctx, &x, rows, &delta, mode, start, prompt_len)).unwrap();
             assert_eq!(got, want, "{positions:?} rows {rows} start {start} prompt_len {prompt_len}");
         }

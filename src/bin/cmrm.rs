@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cmrm::cmrm::{Anchor, Method};
 use cmrm::generate::{Generation, Sampling};
-use cmrm::steering::{parse_layers, Intervention, Positions, SteeringVectors};
+use cmrm::steering::{parse_layers, Intervention, Positions, SteeringRequest, SteeringVectors};
 use cmrm::{decode_image, PromptText, Vlm};
 use serde_json::{json, Value};
 
@@ -130,9 +130,10 @@ struct SteeringArgs {
     /// Layers: all, 0,2,5 or 3-7. Default: the file's default_layers, else every layer in the file.
     #[arg(long)]
     layers: Option<String>,
-    /// Positions steered: all | last | generated.
-    #[arg(long, default_value = "all")]
-    positions: String,
+    /// Positions steered: all | last | generated | last+generated. Default: the file's
+    /// default_positions, else all.
+    #[arg(long)]
+    positions: Option<String>,
     /// Compute the vector for this prompt (two extra prefills) instead of reading a file.
     #[arg(long)]
     sample_level: bool,
@@ -224,6 +225,9 @@ struct ExtractArgs {
     /// Layers recorded in the file as its default: all, 0,2,5 or 3-7.
     #[arg(long, default_value = "all")]
     default_layers: String,
+    /// Positions recorded in the file as its default: all, last, generated or last+generated.
+    #[arg(long, default_value = "all")]
+    default_positions: String,
     #[arg(long)]
     json: bool,
 }
@@ -265,7 +269,9 @@ enum VectorsCommand {
 struct EvalArgs {
     #[arg(long)]
     model: PathBuf,
-    /// JSONL: {"prompt": "...", "image": "path" | "blank" | "noise"} per line.
+    /// JSONL, one case per line: {"prompt": "...", "image": "path" | "blank" | "noise" | "none",
+    /// "kind": "harmful", "expect": "the expected answer"} (all but prompt optional; no image:
+    /// the anchor; "none": text only). Figures are reported per kind, with and without image.
     #[arg(long)]
     cases: PathBuf,
     #[arg(long)]
@@ -275,13 +281,15 @@ struct EvalArgs {
     sample_level: bool,
     #[command(flatten)]
     anchor: AnchorArgs,
-    /// α values, comma-separated.
-    #[arg(long, default_value = "1.0")]
-    alpha: String,
-    #[arg(long, default_value = "all")]
-    layers: String,
-    #[arg(long, default_value = "all")]
-    positions: String,
+    /// α values, comma-separated. Default: the vector file's default_alpha, else 1.
+    #[arg(long)]
+    alpha: Option<String>,
+    /// Default: the vector file's default_layers, else all.
+    #[arg(long)]
+    layers: Option<String>,
+    /// Default: the vector file's default_positions, else all.
+    #[arg(long)]
+    positions: Option<String>,
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
     /// Folder for SVG charts (gap per layer, refusal rate vs α).
@@ -428,12 +436,16 @@ fn prepare(vlm: &Vlm, input: &InputArgs) -> Result<(cmrm::Prepared, PromptText)>
 
 /// The steering asked for on the command line, with a JSON description for `--json`.
 fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<(Intervention, Value)>> {
-    let positions: Positions = args.positions.parse()?;
+    let request = SteeringRequest {
+        alpha: args.alpha,
+        layers: args.layers.clone(),
+        positions: args.positions.as_deref().map(str::parse).transpose()?,
+    };
     let (vectors, source, extra_s) = match (&args.vectors, args.sample_level) {
         (Some(_), true) => bail!("use either --vectors or --sample-level, not both"),
         (None, false) => {
-            if args.alpha.is_some() || args.layers.is_some() {
-                bail!("--alpha/--layers need --vectors FILE or --sample-level");
+            if args.alpha.is_some() || args.layers.is_some() || args.positions.is_some() {
+                bail!("--alpha/--layers/--positions need --vectors FILE or --sample-level");
             }
             return Ok(None);
         }
@@ -450,24 +462,15 @@ fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<
             (v, json!({"sample_level": true, "anchor": anchor.name()}), s)
         }
     };
-    let alpha = match args.alpha {
-        Some(a) => a,
-        None => vectors.metadata.get("default_alpha").and_then(|s| s.parse().ok()).unwrap_or(1.0),
-    };
-    let n_layers = vlm.config().text.num_hidden_layers;
-    let layers = match args.layers.as_deref().or(vectors.metadata.get("default_layers").map(String::as_str)) {
-        Some(spec) => parse_layers(spec, n_layers)?,
-        None => vectors.layers.keys().copied().collect(),
-    };
-    let intervention = Intervention::from_file(&vectors, alpha, Some(&layers), positions, vlm.device())?;
+    let resolved = request.resolve(&vectors, vlm.config().text.num_hidden_layers, vlm.device())?;
     let mut desc = source;
-    desc["alpha"] = json!(alpha);
-    desc["layers"] = json!(layers);
-    desc["positions"] = json!(args.positions);
+    desc["alpha"] = json!(resolved.alpha);
+    desc["layers"] = json!(resolved.layers);
+    desc["positions"] = json!(resolved.positions);
     if args.sample_level {
         desc["sample_level_seconds"] = json!(extra_s);
     }
-    Ok(Some((intervention, desc)))
+    Ok(Some((resolved.intervention, desc)))
 }
 
 /// A vector file in either format, by extension.
@@ -646,6 +649,7 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     if !a.default_alpha.is_finite() {
         bail!("--default-alpha must be a finite number");
     }
+    a.default_positions.parse::<Positions>().context("--default-positions")?;
     let mut vectors = cmrm::cmrm::extract(&vlm, &items, anchor, method, &load_image, &mut |p| {
         let width = 30;
         let filled = p.done * width / p.total.max(1);
@@ -666,6 +670,7 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
     cmrm::cmrm::record_calibration_set(&mut vectors, &set_name, &text);
     vectors.metadata.insert("default_alpha".into(), a.default_alpha.to_string());
     vectors.metadata.insert("default_layers".into(), a.default_layers.clone());
+    vectors.metadata.insert("default_positions".into(), a.default_positions.clone());
     let dropped = write_vectors(&a.out, &vectors, None)?;
     let norms: Vec<f32> = vectors.layers.values().map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
     let catalog_entry = match &a.catalog_entry {
@@ -749,8 +754,6 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let name = a.cases.display().to_string();
     let text = std::fs::read_to_string(&a.cases).with_context(|| format!("cannot read {name}"))?;
     let items = cmrm::cmrm::parse_calibration(&name, &text)?;
-    let alphas = cmrm::eval::parse_alphas(&a.alpha)?;
-    let positions: Positions = a.positions.parse()?;
     let anchor = a.anchor.parse()?;
     let base = a.cases.parent().map(Path::to_path_buf).unwrap_or_default();
     let vlm = load_model(&a.model)?;
@@ -759,17 +762,23 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     for (i, item) in items.iter().enumerate() {
         use cmrm::cmrm::CalibrationImage as I;
         let image = match &item.image {
-            I::Anchor => anchor.image(size),
-            I::Blank => Anchor::Blank.image(size),
-            I::Noise => Anchor::Noise { seed: a.anchor.anchor_seed }.image(size),
+            I::Anchor => Some(anchor.image(size)),
+            I::Blank => Some(Anchor::Blank.image(size)),
+            I::Noise => Some(Anchor::Noise { seed: a.anchor.anchor_seed }.image(size)),
+            I::None => None,
             I::Path(p) => {
                 let path = base.join(p);
                 let bytes = std::fs::read(&path)
                     .with_context(|| format!("{name}: case {} image {}: cannot read", i + 1, path.display()))?;
-                decode_image(&bytes).with_context(|| format!("{name}: case {} image {}", i + 1, path.display()))?
+                Some(decode_image(&bytes).with_context(|| format!("{name}: case {} image {}", i + 1, path.display()))?)
             }
         };
-        cases.push(cmrm::eval::EvalCase { prompt: item.prompt.clone(), image });
+        cases.push(cmrm::eval::EvalCase {
+            prompt: item.prompt.clone(),
+            image,
+            kind: item.kind.clone(),
+            expect: item.expect.clone(),
+        });
     }
     let file_vectors = match (&a.vectors, a.sample_level) {
         (Some(_), true) => bail!("use either --vectors or --sample-level, not both"),
@@ -781,7 +790,27 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         }
         (None, true) => None,
     };
-    let layers = parse_layers(&a.layers, vlm.config().text.num_hidden_layers)?;
+    // Layers and positions as `generate` resolves them (the file's defaults where not given).
+    let n_layers = vlm.config().text.num_hidden_layers;
+    let request = SteeringRequest {
+        alpha: Some(0.0),
+        layers: a.layers.clone(),
+        positions: a.positions.as_deref().map(str::parse).transpose()?,
+    };
+    let (layers, positions) = match &file_vectors {
+        Some(v) => {
+            let resolved = request.resolve(v, n_layers, vlm.device())?;
+            (resolved.layers, resolved.positions)
+        }
+        None => {
+            (parse_layers(a.layers.as_deref().unwrap_or("all"), n_layers)?, request.positions.unwrap_or(Positions::All))
+        }
+    };
+    let alphas = match (&a.alpha, &file_vectors) {
+        (Some(spec), _) => cmrm::eval::parse_alphas(spec)?,
+        (None, Some(v)) => vec![v.metadata.get("default_alpha").and_then(|s| s.parse().ok()).unwrap_or(1.0)],
+        (None, None) => vec![1.0],
+    };
     let source = match &file_vectors {
         Some(v) => cmrm::eval::VectorSource::Dataset(v),
         None => cmrm::eval::VectorSource::SampleLevel(anchor),
@@ -800,16 +829,29 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         v["plots"] = json!(plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
         emit(&v);
     } else {
-        println!("{} cases, layers {:?}, positions {}", report.n_cases, report.layers, a.positions);
+        println!("{} cases, layers {:?}, positions {:?}", report.n_cases, report.layers, report.positions);
         for m in std::iter::once(&report.unaltered).chain(&report.steered) {
             let mean_gap = m.gap_l2.iter().sum::<f64>() / m.gap_l2.len().max(1) as f64;
+            let label =
+                if std::ptr::eq(m, &report.unaltered) { "unaltered".to_owned() } else { format!("α = {}", m.alpha) };
             println!(
-                "α = {:<5} refusal rate {:>5.1}%  mean answer {:>5.1} tokens  mean gap {:.3}",
-                m.alpha,
+                "{label:<10} refusal rate {:>5.1}%  mean answer {:>5.1} tokens  mean gap {:.3}",
                 100.0 * m.refusal_rate,
                 m.mean_answer_tokens,
                 mean_gap
             );
+            if m.groups.len() > 1 || m.groups.iter().any(|g| g.kind != "all") {
+                for g in &m.groups {
+                    let accuracy = g.accuracy.map(|a| format!("  accuracy {:>5.1}%", 100.0 * a)).unwrap_or_default();
+                    let image = if g.with_image { "with image" } else { "text only" };
+                    println!(
+                        "    {:<12} {image:<10} n {:>4}  refusal {:>5.1}%{accuracy}",
+                        g.kind,
+                        g.n,
+                        100.0 * g.refusal_rate
+                    );
+                }
+            }
         }
         for p in plots {
             println!("wrote {}", p.display());

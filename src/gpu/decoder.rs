@@ -617,11 +617,7 @@ impl GpuDecoder {
 
     /// Upload an intervention's deltas (once per generation, not per step).
     pub fn prepare_steering(&self, steering: &Intervention) -> Result<GpuSteering> {
-        let mode = match steering.positions {
-            Positions::All => 0,
-            Positions::Last => 1,
-            Positions::Generated => 2,
-        };
+        let mode = super::ops::steer_mode(steering.positions);
         // `apply` on a zero row that the positions rule selects gives exactly `delta_l`.
         let prompt_len = if steering.positions == Positions::Last { 1 } else { 0 };
         let zeros = Tensor::zeros((1, 1, self.h), DType::F32, &Device::Cpu)?;

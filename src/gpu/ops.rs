@@ -194,7 +194,18 @@ pub async fn act_mul(ctx: &GpuContext, gu: &[f32], t: usize, m: usize, act: u32)
     read(ctx, enc, &out, t * m).await
 }
 
-/// Steering add on `t` rows of `x [t, h]` at positions `start ..`; `mode` 0 all, 1 last, 2 generated.
+/// The steer kernel's `mode` for a positions rule (steer.wgsl).
+pub fn steer_mode(positions: crate::steering::Positions) -> u32 {
+    use crate::steering::Positions;
+    match positions {
+        Positions::All => 0,
+        Positions::Last => 1,
+        Positions::Generated => 2,
+        Positions::LastAndGenerated => 3,
+    }
+}
+
+/// Steering add on `t` rows of `x [t, h]` at positions `start ..`; `mode`: [`steer_mode`].
 pub async fn steer(
     ctx: &GpuContext,
     x: &[f32],

@@ -36,7 +36,7 @@ use crate::image::{decode_image, RgbImage};
 use crate::pipeline::{PromptText, Vlm};
 use crate::processor::ProcessorFiles;
 use crate::quant::{choose_format, WeightChoice, WeightFormat};
-use crate::steering::{parse_layers, Intervention, Positions, SteeringVectors};
+use crate::steering::{Positions, ResolvedSteering, SteeringRequest, SteeringVectors};
 use crate::weights::{FileBytes, Weights};
 use fetch::{fetch_bytes, Plan};
 
@@ -124,9 +124,12 @@ struct CompareOptions {
     /// CMRM's α. Missing: the vector file's `default_alpha`, else 1.
     #[serde(default)]
     alpha: Option<f32>,
-    /// `all`, `0,2,5`, `3-7`. Missing: the file's `default_layers`, else all.
+    /// `all` (every layer the file holds), `0,2,5`, `3-7`. Missing: the file's `default_layers`,
+    /// else all.
     #[serde(default)]
     layers: Option<String>,
+    /// `all`, `last`, `generated`, `last+generated`. Missing: the file's `default_positions`,
+    /// else all.
     #[serde(default)]
     positions: Option<Positions>,
     /// `dataset` (the loaded vector file) or `sample` (computed for this prompt).
@@ -162,6 +165,7 @@ struct VectorsInfo {
     sign: String,
     default_alpha: Option<f32>,
     default_layers: Option<String>,
+    default_positions: Option<String>,
     metadata: HashMap<String, String>,
 }
 
@@ -177,6 +181,7 @@ impl VectorsInfo {
             sign: v.sign().to_owned(),
             default_alpha: v.metadata.get("default_alpha").and_then(|a| a.parse().ok()),
             default_layers: v.metadata.get("default_layers").cloned(),
+            default_positions: v.metadata.get("default_positions").cloned(),
             metadata: v.metadata.clone(),
         }
     }
@@ -908,15 +913,9 @@ async fn compare(
         }
         other => bail!("variant must be dataset or sample (got '{other}')"),
     };
-    let alpha = opts.alpha.or(info.default_alpha).unwrap_or(1.0);
-    if !alpha.is_finite() {
-        bail!("alpha must be a finite number");
-    }
-    let layer_spec = opts.layers.clone().or(info.default_layers.clone()).unwrap_or_else(|| "all".into());
-    let layers = parse_layers(&layer_spec, num_layers)?;
-    let positions = opts.positions.unwrap_or(Positions::All);
-    let steering = Intervention::from_file(&vectors, alpha, Some(&layers), positions, vlm.device())
-        .with_context(|| format!("{}: layers {layer_spec}", info.name))?;
+    let request = SteeringRequest { alpha: opts.alpha, layers: opts.layers.clone(), positions: opts.positions };
+    let ResolvedSteering { alpha, layers, intervention: steering, .. } =
+        request.resolve(&vectors, num_layers, vlm.device()).with_context(|| info.name.clone())?;
     emit(CompareEvent::Vectors { vectors: &info, layers: &layers, alpha })?;
 
     let sampling = match opts.temperature {

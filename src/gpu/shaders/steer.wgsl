@@ -1,5 +1,5 @@
 // Steering: x[i] += delta on the rows chosen by `mode` (0 all, 1 last prompt token,
-// 2 generated tokens), exactly as Intervention::apply.
+// 2 generated tokens, 3 the last prompt token and generated tokens), exactly as Intervention::apply.
 struct P {
     h: u32,
     mode: u32,
@@ -25,6 +25,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         chosen = pos + 1u == step.prompt_len;
     } else if (p.mode == 2u) {
         chosen = pos >= step.prompt_len;
+    } else if (p.mode == 3u) {
+        chosen = pos + 1u >= step.prompt_len;
     }
     if (chosen) {
         x[g] = x[g] + delta[g % p.h];
