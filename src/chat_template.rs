@@ -392,8 +392,9 @@ fn check_format_widths(format: &str) -> Result<(), Error> {
     while i < chars.len() {
         if chars[i] == '%' || chars[i] == ':' {
             let mut j = i + 1;
-            // flags, fill and alignment (printf repeats flags at will: `%----9s`)
-            while j < chars.len() && !chars[j].is_ascii_digit() && "-+ #0<>^=_,*".contains(chars[j]) {
+            // flags, fill and alignment (printf repeats flags at will, zeros among them:
+            // `%-0-09s` is a width of 9)
+            while j < chars.len() && "-+ #0<>^=_,*".contains(chars[j]) {
                 j += 1;
             }
             if j == i + 1 && chars.get(j + 1).is_some_and(|c| "<>^=".contains(*c)) {

@@ -334,6 +334,7 @@ pub fn cases(config: &str, preprocessor: &str) -> Vec<Case> {
         ),
         case("template with a huge padding", Template, b"{{ '%999999999s'|format('x') }}".to_vec(), "field width"),
         case("template padding after repeated flags (fuzzer)", Template, b"{{ '%----------20000000000044424s'|format('x') }}".to_vec(), "field width"),
+        case("template padding after flags mixed with zeros (fuzzer)", Template, b"{{ '%--00--0010001000044428s'|format('x') }}".to_vec(), "field width"),
         case("template with a huge precision", Template, b"{{ '%.99999999f'|format(1.5) }}".to_vec(), "field precision"),
         case("template with a huge indent", Template, b"{{ 'x'|indent(999999999, true) }}".to_vec(), "indent wider"),
         case("template repeating a string", Template, b"{{ 'x' * 200000000 }}".to_vec(), "too large"),
