@@ -52,12 +52,17 @@ pub const LLAVA_INTERLEAVE_QWEN_05B: &str = r#"{
   }
 }"#;
 
+/// `llava-hf/llava-1.5-7b-hf`'s config.json as the Hub holds it (transformers' defaults fill
+/// the rest: CLIP ViT-L/14-336, Vicuna-7B).
+const LLAVA_15_7B: &str = include_str!("../tests/fixtures/configs/llava-1.5-7b-hf.json");
+
 /// Names accepted by `--preset`.
-pub const PRESETS: &[&str] = &["llava-interleave-qwen-0.5b"];
+pub const PRESETS: &[&str] = &["llava-interleave-qwen-0.5b", "llava-1.5-7b"];
 
 pub fn preset_config(name: &str) -> Result<LlavaConfig> {
     match name {
         "llava-interleave-qwen-0.5b" => LlavaConfig::from_json_str(LLAVA_INTERLEAVE_QWEN_05B),
+        "llava-1.5-7b" => LlavaConfig::from_json_str(LLAVA_15_7B),
         other => bail!("unknown preset '{other}' (known: {})", PRESETS.join(", ")),
     }
 }

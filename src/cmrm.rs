@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use crate::generate::run_ready;
+use crate::gpu::DecoderBackend;
 use crate::image::RgbImage;
 use crate::pipeline::{PromptText, Vlm};
 use crate::steering::{SteeringVectors, VECTORS_FORMAT};
@@ -52,32 +54,63 @@ impl Anchor {
 
 /// `image_features` of an anchor for this model (encoded once, reused for every prompt).
 pub fn anchor_features(vlm: &Vlm, anchor: Anchor) -> Result<Tensor> {
-    vlm.encode_image(&anchor.image(vlm.config().vision.image_size))
+    run_ready(anchor_features_on(&DecoderBackend::Cpu, vlm, anchor))
+}
+
+/// [`anchor_features`] encoded on `backend`.
+pub async fn anchor_features_on(backend: &DecoderBackend, vlm: &Vlm, anchor: Anchor) -> Result<Tensor> {
+    let image = anchor.image(vlm.config().vision.image_size);
+    Ok(backend.encode_image_async(vlm, &image).await?.features)
 }
 
 /// Last-prompt-token outputs of every decoder block, `[L][H]`, for a full prompt with or without
-/// image features.
-pub fn last_token_states(vlm: &Vlm, prompt: &str, image_features: Option<&Tensor>) -> Result<Vec<Vec<f32>>> {
+/// image features, on `backend`.
+pub async fn last_token_states_on(
+    backend: &DecoderBackend,
+    vlm: &Vlm,
+    prompt: &str,
+    image_features: Option<&Tensor>,
+) -> Result<Vec<Vec<f32>>> {
     let prepared = if image_features.is_some() {
         vlm.prepare_prompt(prompt, image_features)?
     } else {
         vlm.prepare_text_only(prompt)?
     };
-    Ok(vlm.probe(&prepared, None)?.layer_outputs)
+    backend.layer_outputs_async(vlm, &prepared, None).await
 }
 
 /// `d_l(x) = h_l(x, img) − h_l(x)` for one question (the chat template builds both prompts).
 pub fn shift_for_prompt(vlm: &Vlm, text: &PromptText, image_features: &Tensor) -> Result<Vec<Vec<f32>>> {
+    run_ready(shift_for_prompt_on(&DecoderBackend::Cpu, vlm, text, image_features))
+}
+
+/// [`shift_for_prompt`] with the two prefills on `backend`.
+pub async fn shift_for_prompt_on(
+    backend: &DecoderBackend,
+    vlm: &Vlm,
+    text: &PromptText,
+    image_features: &Tensor,
+) -> Result<Vec<Vec<f32>>> {
     let prompt = vlm.prompt_text(text, true)?;
-    let with_image = last_token_states(vlm, &prompt, Some(image_features))?;
-    let text_only = last_token_states(vlm, &prompt, None)?;
+    let with_image = last_token_states_on(backend, vlm, &prompt, Some(image_features)).await?;
+    let text_only = last_token_states_on(backend, vlm, &prompt, None).await?;
     Ok(with_image.iter().zip(&text_only).map(|(m, t)| m.iter().zip(t).map(|(a, b)| a - b).collect()).collect())
 }
 
 /// Sample-level vectors for the current prompt: two extra prefills (anchor image, text-only).
 pub fn sample_level_vectors(vlm: &Vlm, text: &PromptText, anchor: Anchor) -> Result<SteeringVectors> {
-    let features = anchor_features(vlm, anchor)?;
-    let shift = shift_for_prompt(vlm, text, &features)?;
+    run_ready(sample_level_vectors_on(&DecoderBackend::Cpu, vlm, text, anchor))
+}
+
+/// [`sample_level_vectors`] with the anchor encode and the prefills on `backend`.
+pub async fn sample_level_vectors_on(
+    backend: &DecoderBackend,
+    vlm: &Vlm,
+    text: &PromptText,
+    anchor: Anchor,
+) -> Result<SteeringVectors> {
+    let features = anchor_features_on(backend, vlm, anchor).await?;
+    let shift = shift_for_prompt_on(backend, vlm, text, &features).await?;
     let mut vectors = SteeringVectors::new(vlm.config().text.hidden_size, shift.into_iter().enumerate().collect())?;
     vectors.metadata = vector_metadata(vlm, "sample", anchor.name(), 1);
     Ok(vectors)
@@ -311,17 +344,27 @@ impl Extraction {
         }
     }
 
-    fn anchor_of(&mut self, vlm: &Vlm, anchor: Anchor) -> Result<Tensor> {
+    async fn anchor_of(&mut self, backend: &DecoderBackend, vlm: &Vlm, anchor: Anchor) -> Result<Tensor> {
         if let Some(t) = self.anchors.get(anchor.name()) {
             return Ok(t.clone());
         }
-        let t = anchor_features(vlm, anchor)?;
+        let t = anchor_features_on(backend, vlm, anchor).await?;
         self.anchors.insert(anchor.name(), t.clone());
         Ok(t)
     }
 
     /// Measure the next item's shift (no-op once done). `load_image` reads items that name a file.
     pub fn step(&mut self, vlm: &Vlm, load_image: &dyn Fn(&str) -> Result<RgbImage>) -> Result<Progress> {
+        run_ready(self.step_on(&DecoderBackend::Cpu, vlm, load_image))
+    }
+
+    /// [`Self::step`] with the image encodes and the prefills on `backend`.
+    pub async fn step_on(
+        &mut self,
+        backend: &DecoderBackend,
+        vlm: &Vlm,
+        load_image: &dyn Fn(&str) -> Result<RgbImage>,
+    ) -> Result<Progress> {
         let i = self.shifts.len();
         let Some(item) = self.items.get(i).cloned() else { return Ok(self.progress()) };
         let seed = match self.anchor {
@@ -329,18 +372,19 @@ impl Extraction {
             Anchor::Blank => 0,
         };
         let features = match &item.image {
-            CalibrationImage::Anchor => self.anchor_of(vlm, self.anchor)?,
-            CalibrationImage::Blank => self.anchor_of(vlm, Anchor::Blank)?,
-            CalibrationImage::Noise => self.anchor_of(vlm, Anchor::Noise { seed })?,
+            CalibrationImage::Anchor => self.anchor_of(backend, vlm, self.anchor).await?,
+            CalibrationImage::Blank => self.anchor_of(backend, vlm, Anchor::Blank).await?,
+            CalibrationImage::Noise => self.anchor_of(backend, vlm, Anchor::Noise { seed }).await?,
             CalibrationImage::Path(p) => {
                 let img = load_image(p).with_context(|| format!("calibration item {}: image {p}", i + 1))?;
-                vlm.encode_image(&img)?
+                backend.encode_image_async(vlm, &img).await?.features
             }
             CalibrationImage::None => {
                 bail!("calibration item {}: \"image\": \"none\" is for evaluation sets; a shift needs an image", i + 1)
             }
         };
-        let shift = shift_for_prompt(vlm, &PromptText::Chat(item.prompt.clone()), &features)
+        let shift = shift_for_prompt_on(backend, vlm, &PromptText::Chat(item.prompt.clone()), &features)
+            .await
             .with_context(|| format!("calibration item {}", i + 1))?;
         self.shifts.push(shift);
         Ok(self.progress())
@@ -368,9 +412,22 @@ pub fn extract(
     load_image: &dyn Fn(&str) -> Result<RgbImage>,
     on_progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<SteeringVectors> {
+    run_ready(extract_on(&DecoderBackend::Cpu, vlm, items, anchor, method, load_image, on_progress))
+}
+
+/// [`extract`] with the image encodes and the prefills on `backend`.
+pub async fn extract_on(
+    backend: &DecoderBackend,
+    vlm: &Vlm,
+    items: &[CalibrationItem],
+    anchor: Anchor,
+    method: Method,
+    load_image: &dyn Fn(&str) -> Result<RgbImage>,
+    on_progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<SteeringVectors> {
     let mut extraction = Extraction::new(items.to_vec(), anchor, method)?;
     while !extraction.is_done() {
-        let progress = extraction.step(vlm, load_image)?;
+        let progress = extraction.step_on(backend, vlm, load_image).await?;
         if !on_progress(progress) {
             bail!("extraction cancelled after {} of {} items", progress.done, progress.total);
         }

@@ -130,6 +130,16 @@ pub fn now_seconds() -> f64 {
     }
 }
 
+/// The result of a future that never waits — the CPU backend's (candle computes in place): polled
+/// once. The sync entry points run the backend-generic async code this way on the CPU.
+pub fn run_ready<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(result) => result,
+        std::task::Poll::Pending => anyhow::bail!("a computation waited for a device on the CPU path"),
+    }
+}
+
 /// What picks the next token: the logits, or a token a backend already chose (greedy on the GPU).
 pub enum Next {
     Logits(Tensor),

@@ -21,6 +21,31 @@ pub enum PromptText {
     Raw(String),
 }
 
+/// Where one stage of an answer ran (`"cpu"` or `"webgpu"`) and its seconds (`cmrm generate
+/// --json`'s `stages`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageTime {
+    pub on: &'static str,
+    pub seconds: f64,
+}
+
+impl StageTime {
+    pub fn cpu(seconds: f64) -> Self {
+        Self { on: "cpu", seconds }
+    }
+    pub fn webgpu(seconds: f64) -> Self {
+        Self { on: "webgpu", seconds }
+    }
+}
+
+/// An image's features (`[n_img, H]`) and the time each stage took to make them.
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    pub features: Tensor,
+    pub vision: StageTime,
+    pub projector: StageTime,
+}
+
 /// A prompt ready for the decoder.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -41,6 +66,30 @@ pub struct Probe {
     /// `[L][H]`: raw output of each block (after steering).
     pub layer_outputs: Vec<Vec<f32>>,
     pub logits: Vec<f32>,
+}
+
+impl Probe {
+    /// From a prefill's output with `capture_layers` and `logits` (CPU or GPU decoder).
+    pub fn from_output(prepared: &Prepared, out: crate::text::DecoderOutput) -> Result<Self> {
+        let t = prepared.encoded.input_ids.len();
+        let layer_outputs: Vec<Vec<f32>> = out
+            .layer_outputs
+            .context("no layer outputs")?
+            .iter()
+            .map(|x| x.to_vec1())
+            .collect::<candle_core::Result<_>>()?;
+        let mut hidden_states = Vec::with_capacity(layer_outputs.len() + 1);
+        hidden_states.push(prepared.embeds.get(0)?.get(t - 1)?.to_vec1()?);
+        hidden_states.extend(layer_outputs[..layer_outputs.len() - 1].iter().cloned());
+        hidden_states.push(out.final_norm.context("no final norm")?.to_vec1()?);
+        Ok(Probe {
+            input_ids: prepared.encoded.input_ids.clone(),
+            n_image_tokens: prepared.encoded.n_image_tokens(),
+            hidden_states,
+            layer_outputs,
+            logits: out.logits.context("no logits")?.to_vec1()?,
+        })
+    }
 }
 
 pub struct Vlm {
@@ -118,6 +167,18 @@ impl Vlm {
         Ok(self.model.encode_image(&pixel_values)?)
     }
 
+    /// [`Self::encode_image`] with the time of each stage: `vision` (preprocessing + tower +
+    /// feature selection) and `projector`, both on the CPU.
+    pub fn encode_image_timed(&self, img: &RgbImage) -> Result<EncodedImage> {
+        let t0 = crate::generate::now_seconds();
+        let (_, pixel_values) = self.pixel_values(img)?;
+        let selected = self.model.select_vision_features(&pixel_values)?;
+        let t1 = crate::generate::now_seconds();
+        let features = candle_core::Module::forward(&self.model.projector, &selected)?;
+        let t2 = crate::generate::now_seconds();
+        Ok(EncodedImage { features, vision: StageTime::cpu(t1 - t0), projector: StageTime::cpu(t2 - t1) })
+    }
+
     /// Full prompt text for a request.
     pub fn prompt_text(&self, text: &PromptText, with_image: bool) -> Result<String> {
         match text {
@@ -190,22 +251,6 @@ impl Vlm {
             &mut cache,
             ForwardOptions { steering, prompt_len: t, capture_layers: true, logits: true },
         )?;
-        let layer_outputs: Vec<Vec<f32>> = out
-            .layer_outputs
-            .context("no layer outputs")?
-            .iter()
-            .map(|x| x.to_vec1())
-            .collect::<candle_core::Result<_>>()?;
-        let mut hidden_states = Vec::with_capacity(layer_outputs.len() + 1);
-        hidden_states.push(prepared.embeds.get(0)?.get(t - 1)?.to_vec1()?);
-        hidden_states.extend(layer_outputs[..layer_outputs.len() - 1].iter().cloned());
-        hidden_states.push(out.final_norm.context("no final norm")?.to_vec1()?);
-        Ok(Probe {
-            input_ids: prepared.encoded.input_ids.clone(),
-            n_image_tokens: prepared.encoded.n_image_tokens(),
-            hidden_states,
-            layer_outputs,
-            logits: out.logits.context("no logits")?.to_vec1()?,
-        })
+        Probe::from_output(prepared, out)
     }
 }

@@ -9,6 +9,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::config::{Activation, VisionConfig, VisionKind};
 use crate::quant::QLinear;
+use crate::text::LinearRef;
 
 fn linear(in_dim: usize, out_dim: usize, cfg: &VisionConfig, vb: VarBuilder) -> Result<QLinear> {
     Ok(QLinear::load(in_dim, out_dim, true, cfg.weight_format, vb)?.batches_in_f32())
@@ -132,8 +133,9 @@ impl VisionTower {
         })
     }
 
-    /// Patch + position embeddings (+ CLS and pre-norm for CLIP): hidden state 0, `[B, N, H]`.
-    fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    /// `pixel_values` `[B, 3, S, S]` as patches `[B, g², 3·p·p]` in raster order, each flattened
+    /// like the conv kernel (the patch embedding is then a matmul with `[3·p·p, H]`).
+    pub fn patches(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (b, c, s, s2) = pixel_values.dims4()?;
         let p = self.cfg.patch_size;
         if s != self.cfg.image_size || s2 != s || c != self.cfg.num_channels {
@@ -148,9 +150,14 @@ impl VisionTower {
         // Valid padding: pixels past the last whole patch are not seen.
         let pixel_values =
             if g * p == s { pixel_values.clone() } else { pixel_values.narrow(2, 0, g * p)?.narrow(3, 0, g * p)? };
-        // [B, C, g, p, g, p] → [B, g, g, C, p, p]: patches in raster order, each flattened like the conv kernel.
-        let patches =
-            pixel_values.reshape((b, c, g, p, g, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, g * g, c * p * p))?;
+        // [B, C, g, p, g, p] → [B, g, g, C, p, p]
+        pixel_values.reshape((b, c, g, p, g, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, g * g, c * p * p))
+    }
+
+    /// Patch + position embeddings (+ CLS and pre-norm for CLIP): hidden state 0, `[B, N, H]`.
+    fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let b = pixel_values.dim(0)?;
+        let patches = self.patches(pixel_values)?;
         let mut xs = patches.broadcast_matmul(&self.patch_weight_t)?;
         if let Some(bias) = &self.patch_bias {
             xs = xs.broadcast_add(bias)?;
@@ -164,6 +171,39 @@ impl VisionTower {
             xs = norm.forward(&xs)?;
         }
         Ok(xs)
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// Read-only references to the tower's weights (for the GPU tower).
+    pub fn weights(&self) -> VisionWeights<'_> {
+        fn lin(l: &QLinear) -> LinearRef<'_> {
+            (l.matrix(), l.bias())
+        }
+        VisionWeights {
+            patch_weight_t: &self.patch_weight_t,
+            patch_bias: self.patch_bias.as_ref(),
+            class_embedding: self.class_embedding.as_ref(),
+            position_embedding: &self.position_embedding,
+            pre_layrnorm: self.pre_layrnorm.as_ref(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| VisionLayerWeights {
+                    layer_norm1: &l.layer_norm1,
+                    q_proj: lin(&l.self_attn.q_proj),
+                    k_proj: lin(&l.self_attn.k_proj),
+                    v_proj: lin(&l.self_attn.v_proj),
+                    out_proj: lin(&l.self_attn.out_proj),
+                    layer_norm2: &l.layer_norm2,
+                    fc1: lin(&l.mlp.fc1),
+                    fc2: lin(&l.mlp.fc2),
+                    act: l.mlp.act,
+                })
+                .collect(),
+        }
     }
 
     /// The hidden states at the given indices (0 = encoder input), each `[B, N, H]`. Layers past
@@ -193,4 +233,29 @@ impl VisionTower {
     pub fn concat_hidden(states: &[Tensor]) -> Result<Tensor> {
         Tensor::cat(states, D::Minus1)
     }
+}
+
+/// Read-only references to one encoder layer's weights ([`VisionTower::weights`]).
+pub struct VisionLayerWeights<'a> {
+    pub layer_norm1: &'a LayerNorm,
+    pub q_proj: LinearRef<'a>,
+    pub k_proj: LinearRef<'a>,
+    pub v_proj: LinearRef<'a>,
+    pub out_proj: LinearRef<'a>,
+    pub layer_norm2: &'a LayerNorm,
+    pub fc1: LinearRef<'a>,
+    pub fc2: LinearRef<'a>,
+    pub act: Activation,
+}
+
+/// Read-only references to the whole tower's weights ([`VisionTower::weights`]).
+pub struct VisionWeights<'a> {
+    /// `[3·p·p, H]` (the conv kernel flattened and transposed).
+    pub patch_weight_t: &'a Tensor,
+    pub patch_bias: Option<&'a Tensor>,
+    pub class_embedding: Option<&'a Tensor>,
+    /// `[N, H]`, N = patches (+ 1 for CLIP's CLS).
+    pub position_embedding: &'a Tensor,
+    pub pre_layrnorm: Option<&'a LayerNorm>,
+    pub layers: Vec<VisionLayerWeights<'a>>,
 }

@@ -210,8 +210,9 @@ fn hub_repo_id_from_the_offline_cache() {
     let _ = std::fs::remove_dir_all(&home);
 }
 
-/// `--backend webgpu` (wgpu on lavapipe here) and `--backend cpu` answer identically, and the
-/// chosen backend is reported; `auto` never picks a software rasterizer over the CPU path.
+/// `--backend webgpu` (wgpu on lavapipe here: vision tower, projector and decoder) and
+/// `--backend cpu` answer identically, and the chosen backend is reported, stage by stage;
+/// `auto` never picks a software rasterizer over the CPU path.
 #[test]
 fn backends_agree_and_are_reported() {
     let model = MODELS[0];
@@ -243,6 +244,40 @@ fn backends_agree_and_are_reported() {
     assert!(gpu["backend"]["adapter"].is_string());
     assert_eq!(ids(&gpu["generated_ids"]), ids(&case["multimodal"]["generated_ids"]));
     assert_eq!(cpu["generated_ids"], gpu["generated_ids"]);
+    // Every stage says where it ran: all on the CPU, or all on the GPU (the vision tower and the
+    // projector too), with its seconds.
+    assert_eq!(gpu["backend"]["vision"], "webgpu", "{}", gpu["backend"]);
+    for (v, on) in [(&cpu, "cpu"), (&gpu, "webgpu")] {
+        for stage in ["vision", "projector", "prefill", "decode"] {
+            assert_eq!(v["stages"][stage]["on"], on, "{stage}: {}", v["stages"]);
+            assert!(v["stages"][stage]["seconds"].as_f64().unwrap() >= 0.0, "{stage}: {}", v["stages"]);
+        }
+    }
+    // `probe` on either backend: the same states (within the decoder's GPU tolerance).
+    let probe = |backend: &str| {
+        let (ok, v, err) = cmrm(&[
+            "probe",
+            "--model",
+            &s(model_dir(model)),
+            "--image",
+            &image,
+            "--prompt",
+            case["question"].as_str().unwrap(),
+            "--backend",
+            backend,
+            "--json",
+        ]);
+        assert!(ok, "probe {backend}: {err}");
+        v
+    };
+    let (cpu_probe, gpu_probe) = (probe("cpu"), probe("webgpu"));
+    assert_eq!(gpu_probe["backend"]["backend"], "webgpu");
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let d = max_abs_diff(&floats(&gpu_probe["logits"]), &floats(&cpu_probe["logits"]));
+    assert!(d <= 1e-3, "probe logits webgpu vs cpu: {d}");
+    assert_eq!(gpu_probe["input_ids"], cpu_probe["input_ids"]);
     let auto = run("auto");
     if gpu["backend"]["adapter"].as_str().unwrap().contains("llvmpipe") {
         assert_eq!(auto["backend"]["backend"], "cpu");

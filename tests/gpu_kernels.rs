@@ -381,3 +381,58 @@ fn argmax_matches_cpu_tie_rule() {
         assert_eq!(got, cmrm::text::argmax(&v), "n = {n}");
     }
 }
+
+#[test]
+fn full_attention_matches_candle() {
+    let Some(ctx) = ctx() else { return };
+    // (nh, kvh, d, rows): the vision tower's shapes (kvh = nh), odd row counts, GQA too.
+    for (ci, &(nh, kvh, d, rows)) in [(2, 2, 16, 5), (4, 4, 72, 67), (3, 1, 8, 130), (1, 1, 64, 1)].iter().enumerate() {
+        let s = AttnShape { nh, kvh, d };
+        let width = (nh + 2 * kvh) * d;
+        let qkv: Vec<f32> = rand_vec(rows * width, 900 + ci as u64).iter().map(|v| v * 3.0).collect();
+        let got = pollster::block_on(ops::full_attention(&ctx, s, &qkv, rows)).unwrap();
+        let packed = t(&qkv, &[rows, nh + 2 * kvh, d]);
+        let head = |first: usize, h: usize| packed.narrow(1, first + h, 1).unwrap().squeeze(1).unwrap();
+        let outs: Vec<Tensor> = (0..nh)
+            .map(|h| {
+                let (q, k, v) = (head(0, h), head(nh, h / (nh / kvh)), head(nh + kvh, h / (nh / kvh)));
+                let scores = (q.matmul(&k.t().unwrap()).unwrap() * (d as f64).powf(-0.5)).unwrap();
+                candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&v).unwrap()
+            })
+            .collect();
+        let want = Tensor::stack(&outs, 1).unwrap(); // [rows, nh, d]
+        assert_close(
+            &format!("full attention case {ci} (nh {nh}, kvh {kvh}, d {d}, rows {rows})"),
+            &got,
+            &flat(&want),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_matches_candle() {
+    let Some(ctx) = ctx() else { return };
+    for (i, &(rows, h)) in [(1, 8), (5, 64), (70, 130), (3, 1152)].iter().enumerate() {
+        // An offset and a scale, as real activations have: the mean must really be removed.
+        let x: Vec<f32> = rand_vec(rows * h, 40 + i as u64).iter().map(|v| 3.0 + 5.0 * v).collect();
+        let (w, b) = (rand_vec(h, 50 + i as u64), rand_vec(h, 60 + i as u64));
+        let got = pollster::block_on(ops::layer_norm(&ctx, &x, rows, &w, &b, 1e-5)).unwrap();
+        let norm = candle_nn::LayerNorm::new(t(&w, &[h]), t(&b, &[h]), 1e-5);
+        let want = candle_core::Module::forward(&norm, &t(&x, &[rows, h])).unwrap();
+        assert_close(&format!("layer norm {rows}×{h}"), &got, &flat(&want), 1e-5);
+    }
+}
+
+#[test]
+fn activations_match_the_cpu_path() {
+    use cmrm::config::Activation;
+    let Some(ctx) = ctx() else { return };
+    let (rows, m) = (3, 347);
+    let x: Vec<f32> = rand_vec(rows * m, 77).iter().map(|v| v * 8.0).collect();
+    for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu, Activation::QuickGelu, Activation::Relu] {
+        let got = pollster::block_on(ops::activate(&ctx, &x, rows, m, ops::activation_code(act))).unwrap();
+        let want = act.apply(&t(&x, &[rows, m])).unwrap();
+        assert_close(&format!("{act:?}"), &got, &flat(&want), 1e-5);
+    }
+}

@@ -21,13 +21,7 @@ const TOL_GPU_CPU: f32 = 1e-3;
 const TOL_REFS: f32 = 1e-3;
 
 fn ctx() -> Option<Arc<GpuContext>> {
-    if let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) {
-        eprintln!("adapter: {} ({:?})", info.name, info.backend);
-        Some(Arc::new(cmrm::gpu::context::new_blocking().expect("an adapter exists, so the GPU context must work")))
-    } else {
-        eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
-        None
-    }
+    gpu_ctx()
 }
 
 fn logits_of(next: Next) -> Vec<f32> {
@@ -74,7 +68,7 @@ fn parity(model: &str, rows_per_invocation: Option<bool>) {
     let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
     let refs = Refs::load(model);
     let dec = GpuDecoder::new_blocking(ctx.clone(), &vlm.model.text).unwrap();
-    let backend = DecoderBackend::Gpu(Box::new(GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap()));
+    let backend = pollster::block_on(DecoderBackend::gpu_model(ctx, &vlm.model, GpuWeights::F32)).unwrap();
     let mut c = Checker::default();
     let opts = vlm.default_generate_options(12, Sampling::Greedy);
 
@@ -195,28 +189,28 @@ fn gpu_parity_siglip_qwen2() {
 fn backend_choice_reports_adapter() {
     use cmrm::gpu::BackendChoice;
     let vlm = Vlm::load_dir(&model_dir(MODELS[0])).unwrap();
-    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Cpu, &vlm.model.text, GpuWeights::F32).unwrap();
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Cpu, &vlm.model, GpuWeights::F32).unwrap();
     assert!(matches!(b, DecoderBackend::Cpu));
     assert_eq!(info.backend, "cpu");
     let Some(adapter) = pollster::block_on(cmrm::gpu::context::probe_adapter()) else {
         eprintln!("SKIPPED (auto/webgpu part): no adapter");
         return;
     };
-    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::F32).unwrap();
-    assert!(matches!(b, DecoderBackend::Gpu(_)));
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model, GpuWeights::F32).unwrap();
+    assert!(matches!(b, DecoderBackend::Gpu(..)));
     assert_eq!(info.backend, "webgpu");
     assert!(info.adapter.as_deref().is_some_and(|a| !a.is_empty()));
     // GPU weights `auto`: f16 on a hardware GPU, f32 on a software rasterizer.
-    let (_, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::Auto).unwrap();
+    let (_, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model, GpuWeights::Auto).unwrap();
     let software = adapter.device_type == wgpu::DeviceType::Cpu;
     assert_eq!(info.gpu_weights.as_deref(), Some(if software { "f32" } else { "f16" }));
-    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Auto, &vlm.model.text, GpuWeights::F32).unwrap();
+    let (b, info) = DecoderBackend::select_blocking(BackendChoice::Auto, &vlm.model, GpuWeights::F32).unwrap();
     eprintln!("auto -> {}", serde_json::to_string(&info).unwrap());
     if adapter.device_type == wgpu::DeviceType::Cpu {
         assert!(matches!(b, DecoderBackend::Cpu));
         assert!(info.fallback_reason.as_deref().is_some_and(|r| r.contains("software rasterizer")));
     } else {
-        assert!(matches!(b, DecoderBackend::Gpu(_)), "auto fell back: {:?}", info.fallback_reason);
+        assert!(matches!(b, DecoderBackend::Gpu(..)), "auto fell back: {:?}", info.fallback_reason);
     }
 }
 
@@ -229,12 +223,12 @@ fn f16_weights_stay_close_to_f32() {
     let Some(_) = ctx() else { return };
     for model in MODELS {
         let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
-        let (half, info) =
-            DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::F16).unwrap();
+        let (half, info) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model, GpuWeights::F16).unwrap();
         assert_eq!(info.gpu_weights.as_deref(), Some("f16"));
-        let (full, _) =
-            DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model.text, GpuWeights::F32).unwrap();
-        let (DecoderBackend::Gpu(half), DecoderBackend::Gpu(full)) = (&half, &full) else { panic!("not on the GPU") };
+        let (full, _) = DecoderBackend::select_blocking(BackendChoice::Webgpu, &vlm.model, GpuWeights::F32).unwrap();
+        let (DecoderBackend::Gpu(half, _), DecoderBackend::Gpu(full, _)) = (&half, &full) else {
+            panic!("not on the GPU")
+        };
         assert!(
             half.weight_bytes_per_token() * 10 < full.weight_bytes_per_token() * 6,
             "f16 must read ~half the bytes"
@@ -297,12 +291,12 @@ fn quantized_weights_decode_on_the_gpu() {
         let exact_vlm = Vlm::load_dir(&model_dir(model)).unwrap();
         for format in [WeightFormat::Q8_0, WeightFormat::Q4] {
             let vlm = Vlm::load_dir_as(&model_dir(model), format).unwrap();
-            let text = &vlm.model.text;
+            let model_ref = &vlm.model;
             let (blocks, info) =
-                DecoderBackend::select_blocking(BackendChoice::Webgpu, text, GpuWeights::Auto).unwrap();
+                DecoderBackend::select_blocking(BackendChoice::Webgpu, model_ref, GpuWeights::Auto).unwrap();
             let (dense, dense_info) =
-                DecoderBackend::select_blocking(BackendChoice::Webgpu, text, GpuWeights::F32).unwrap();
-            let (DecoderBackend::Gpu(blocks), DecoderBackend::Gpu(dense)) = (&blocks, &dense) else {
+                DecoderBackend::select_blocking(BackendChoice::Webgpu, model_ref, GpuWeights::F32).unwrap();
+            let (DecoderBackend::Gpu(blocks, _), DecoderBackend::Gpu(dense, _)) = (&blocks, &dense) else {
                 panic!("not on the GPU")
             };
             let stored = info.gpu_weights.unwrap();

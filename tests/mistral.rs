@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 
 use cmrm::generate::Sampling;
-use cmrm::gpu::{DecoderBackend, GpuDecoder};
+use cmrm::gpu::{DecoderBackend, GpuWeights};
 use cmrm::{decode_image, PromptText, Vlm};
 use common::{ids, max_abs_diff};
 use serde_json::Value;
@@ -66,14 +66,10 @@ fn mistral_sliding_window_equals_transformers_on_cpu() {
 
 #[test]
 fn mistral_sliding_window_on_the_gpu_decoder() {
-    if pollster::block_on(cmrm::gpu::context::probe_adapter()).is_none() {
-        eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
-        return;
-    }
-    let ctx = std::sync::Arc::new(cmrm::gpu::context::new_blocking().unwrap());
+    let Some(ctx) = common::gpu_ctx() else { return };
     let refs = refs();
     let vlm = Vlm::load_dir(&fixture().join("tiny-llava-clip-mistral")).unwrap();
-    let backend = DecoderBackend::Gpu(Box::new(GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap()));
+    let backend = pollster::block_on(DecoderBackend::gpu_model(ctx, &vlm.model, GpuWeights::F32)).unwrap();
     let opts = vlm.default_generate_options(16, Sampling::Greedy);
     for case in refs["cases"].as_array().unwrap() {
         let p = prepared(&vlm, case);

@@ -156,7 +156,7 @@ async fn parity(oracle: Oracle, cmrm_file: Vec<u8>, backend: &str) -> usize {
     for case in refs["cases"].as_array().unwrap() {
         let id = case["id"].as_str().unwrap();
         let image = oracle.images.iter().find(|(n, _)| *n == case["image"].as_str().unwrap()).unwrap().1;
-        session.set_image(image).map_err(JsValue::from).map_err(message).unwrap();
+        session.set_image(image.to_vec()).await.map_err(JsValue::from).map_err(message).unwrap();
         let want_unaltered = ids(&case["multimodal"]["generated_ids"]);
         for sc in refs["steer_cases"].as_array().unwrap() {
             let name = sc["name"].as_str().unwrap();
@@ -267,7 +267,7 @@ async fn backend_choice_is_reported() {
     // f16 weights on WebGPU: reported, and the answer's first token (decided by the prompt's
     // logits, which f16 rounding moves by ~1e-3 of their range) is the f32 one.
     let question = json!({"prompt": "What is in the image?", "maxNewTokens": 4, "variant": "sample"});
-    session.set_image(oracle_image()).map_err(JsValue::from).unwrap();
+    session.set_image(oracle_image().to_vec()).await.map_err(JsValue::from).unwrap();
     let f32_answer = compare(&session, question.clone()).await.unwrap();
     let e = message(session.set_backend("webgpu".into(), Some("f8".into())).await.map_err(JsValue::from).unwrap_err());
     assert!(e.contains("f32 or f16"), "{e}");
@@ -300,7 +300,7 @@ async fn sample_level_stop_and_errors() {
     let question = "What is in the image?";
 
     // Errors are readable and change nothing.
-    let e = message(session.set_image(b"GIF? no, plain text").map_err(JsValue::from).unwrap_err());
+    let e = message(session.set_image(b"GIF? no, plain text".to_vec()).await.map_err(JsValue::from).unwrap_err());
     assert!(e.contains("not a supported image"), "{e}");
     let e = message(session.set_vectors("llama.safetensors", clip_llama().shift).map_err(JsValue::from).unwrap_err());
     assert!(e.contains("layer.3") && e.contains("3 decoder layers"), "{e}");
@@ -309,7 +309,7 @@ async fn sample_level_stop_and_errors() {
     let e = compare(&session, json!({"prompt": question, "variant": "sample", "layers": "0-7"})).await.unwrap_err();
     assert!(e.contains("out of range"), "{e}");
 
-    session.set_image(oracle.images[0].1).map_err(JsValue::from).unwrap();
+    session.set_image(oracle.images[0].1.to_vec()).await.map_err(JsValue::from).unwrap();
     let options =
         json!({"prompt": question, "maxNewTokens": 12, "alpha": 1.0, "layers": "1", "variant": "sample", "gap": true});
     let sample = compare(&session, options).await.unwrap();
@@ -422,7 +422,7 @@ async fn in_browser_calibration_equals_native_extract() {
     let again = calibrate(&session, json!({"calibration": set_url, "name": "builtin-v1"})).await.unwrap();
     assert_eq!(again["fromCache"], true, "{again}");
     assert_eq!(session.export_vectors("safetensors").map_err(JsValue::from).unwrap().to_vec(), exported);
-    session.set_image(oracle.images[0].1).map_err(JsValue::from).unwrap();
+    session.set_image(oracle.images[0].1.to_vec()).await.map_err(JsValue::from).unwrap();
     let answer = compare(&session, json!({"prompt": "What is in the image?", "maxNewTokens": 6})).await.unwrap();
     assert!(!ids(&answer["steered"]["generatedIds"]).is_empty());
     // A set that is not calibration JSONL is refused with the line.
@@ -457,7 +457,7 @@ async fn quantized_gguf_copy_loads_as_q8_0() {
     let session = Session::from_named_bytes("gguf copy", files).unwrap();
     let info: Value = serde_wasm_bindgen::from_value(session.info().map_err(JsValue::from).unwrap()).unwrap();
     assert_eq!(info["weights"], "q8_0", "{info}");
-    session.set_image(oracle.images[0].1).map_err(JsValue::from).unwrap();
+    session.set_image(oracle.images[0].1.to_vec()).await.map_err(JsValue::from).unwrap();
     session.set_vectors("v", BUNDLED_CMRM_VECTORS).map_err(JsValue::from).unwrap();
     let question = "What is in the image?";
     let from_gguf = compare(&session, json!({"prompt": question, "maxNewTokens": 12})).await.unwrap();
@@ -520,7 +520,7 @@ async fn corpus_inputs_give_their_errors_in_the_browser() {
             files
         };
         let got = match &case.target {
-            Target::Image => session.set_image(&case.bytes).map(drop).map_err(js_error),
+            Target::Image => session.set_image(case.bytes.clone()).await.map(drop).map_err(js_error),
             Target::Vectors => session.set_vectors(case.name, &case.bytes).map(drop).map_err(js_error),
             Target::Catalog => cmrm::catalog::Catalog::from_json(case.name, &String::from_utf8_lossy(&case.bytes))
                 .map(drop)
@@ -545,7 +545,7 @@ async fn corpus_inputs_give_their_errors_in_the_browser() {
     }
     assert!(failures.is_empty(), "{} of {}:\n{}", failures.len(), cases.len(), failures.join("\n"));
     // Still usable: the oracle's first case answers with its ids.
-    session.set_image(oracle.images[0].1).unwrap();
+    session.set_image(oracle.images[0].1.to_vec()).await.unwrap();
     let case0 = &oracle.refs["cases"][0];
     let out =
         compare(&session, json!({"prompt": case0["question"], "maxNewTokens": 12, "variant": "sample"})).await.unwrap();

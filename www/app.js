@@ -233,7 +233,7 @@ async function loadModel() {
     state.loaded = true;
     state.info = info;
     $("progress").value = 1;
-    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
+    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}${info.backend === "webgpu" ? (info.visionOn === "webgpu" ? "; image encoded on WebGPU" : `; image encoded on the CPU (${info.visionReason})`) : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     $("model-info").dataset.backend = info.backend;
     $("model-info").dataset.streamed = String(info.streamedLoad);
     $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);
@@ -415,7 +415,7 @@ async function sendImage(bytes) {
   try {
     const copy = bytes.slice();
     const info = await call("setImage", { bytes: copy }, null, [copy.buffer]);
-    $("image-info").textContent = `${state.imageName}: ${info.width}×${info.height}${info.downscaled ? " (downscaled)" : ""} → ${info.imageTokens} image tokens, encoded in ${(info.encodeSeconds * 1000).toFixed(0)} ms`;
+    $("image-info").textContent = `${state.imageName}: ${info.width}×${info.height}${info.downscaled ? " (downscaled)" : ""} → ${info.imageTokens} image tokens, encoded in ${(info.encodeSeconds * 1000).toFixed(0)} ms (vision tower ${(info.vision.seconds * 1000).toFixed(0)} ms + projector ${(info.projector.seconds * 1000).toFixed(0)} ms on ${info.vision.on === "webgpu" ? "WebGPU" : "the CPU"})`;
     return true;
   } catch (err) {
     fail(err);

@@ -30,7 +30,7 @@ async function setImageViaBrowser(bytes, maxSide = 1024) {
   ctx.drawImage(bitmap, 0, 0, w, h);
   bitmap.close();
   const rgba = ctx.getImageData(0, 0, w, h).data;
-  return { ...session.setImageRgba(w, h, new Uint8Array(rgba.buffer)), downscaled: scale < 1 };
+  return { ...(await session.setImageRgba(w, h, new Uint8Array(rgba.buffer))), downscaled: scale < 1 };
 }
 
 const handlers = {
@@ -59,7 +59,7 @@ const handlers = {
   async setImage({ bytes }) {
     need();
     try {
-      return session.setImage(bytes);
+      return await session.setImage(bytes);
     } catch (rustError) {
       // A crash must not be retried on the same instance.
       if (!isOurs(rustError)) throw rustError;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cmrm::cmrm::{Anchor, Method};
 use cmrm::generate::{Generation, Sampling};
+use cmrm::pipeline::StageTime;
 use cmrm::steering::{parse_layers, Intervention, Positions, SteeringRequest, SteeringVectors};
 use cmrm::{decode_image, PromptText, Vlm};
 use serde_json::{json, Value};
@@ -178,17 +179,37 @@ struct GenerateArgs {
     /// Print the unaltered and the steered answer.
     #[arg(long)]
     compare: bool,
-    /// Decoder backend: auto (a hardware GPU adapter if one passes the self-test, else CPU) |
-    /// webgpu (wgpu: Vulkan/Metal/DX12 natively) | cpu.
+    #[command(flatten)]
+    device: BackendArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the model runs (`generate`, `probe`, `extract`).
+#[derive(Args)]
+struct BackendArgs {
+    /// Backend of the vision tower, projector and decoder: auto (a hardware GPU adapter if one
+    /// passes the self-test, else CPU) | webgpu (wgpu: Vulkan/Metal/DX12 natively) | cpu.
     #[arg(long, default_value = "auto")]
     backend: String,
-    /// How the GPU stores the decoder's matrices: auto (a quantized model's own Q8_0 / Q4 blocks,
+    /// How the GPU stores the model's matrices: auto (a quantized model's own Q8_0 / Q4 blocks,
     /// dequantized in the kernels; dense matrices f16 on a hardware GPU, f32 on a software
     /// rasterizer) | f32 | f16 (every matrix so, blocks dequantized at upload). Computed in f32.
     #[arg(long, default_value = "auto")]
     gpu_weights: String,
-    #[arg(long)]
-    json: bool,
+}
+
+impl BackendArgs {
+    /// The backend for `vlm` and what it is (printed on stderr unless `quiet`).
+    fn select(&self, vlm: &Vlm, quiet: bool) -> Result<(cmrm::gpu::DecoderBackend, cmrm::gpu::BackendInfo)> {
+        let choice: cmrm::gpu::BackendChoice = self.backend.parse()?;
+        let gpu_weights: cmrm::gpu::GpuWeights = self.gpu_weights.parse()?;
+        let (backend, info) = cmrm::gpu::DecoderBackend::select_blocking(choice, &vlm.model, gpu_weights)?;
+        if !quiet {
+            eprintln!("backend: {}", serde_json::to_string(&info)?);
+        }
+        Ok((backend, info))
+    }
 }
 
 #[derive(Args)]
@@ -197,6 +218,8 @@ struct ProbeArgs {
     input: InputArgs,
     #[command(flatten)]
     steering: SteeringArgs,
+    #[command(flatten)]
+    device: BackendArgs,
     #[arg(long)]
     json: bool,
 }
@@ -228,6 +251,8 @@ struct ExtractArgs {
     /// Positions recorded in the file as its default: all, last, generated or last+generated.
     #[arg(long, default_value = "all")]
     default_positions: String,
+    #[command(flatten)]
+    device: BackendArgs,
     #[arg(long)]
     json: bool,
 }
@@ -419,23 +444,33 @@ fn load_model_as(spec: &Path, weights: &str) -> Result<Vlm> {
     Ok(vlm)
 }
 
-/// Image features (if an image was given) and the prepared prompt.
-fn prepare(vlm: &Vlm, input: &InputArgs) -> Result<(cmrm::Prepared, PromptText)> {
-    let features = match &input.image {
+/// The prepared prompt, with the image's features (if an image was given) encoded on `backend`,
+/// and the time of the image's stages.
+fn prepare(
+    vlm: &Vlm,
+    input: &InputArgs,
+    backend: &cmrm::gpu::DecoderBackend,
+) -> Result<(cmrm::Prepared, PromptText, Option<cmrm::pipeline::EncodedImage>)> {
+    let encoded = match &input.image {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             let img = decode_image(&bytes).with_context(|| format!("{}", path.display()))?;
-            Some(vlm.encode_image(&img)?)
+            Some(backend.encode_image(vlm, &img)?)
         }
         None => None,
     };
     let text =
         if input.raw_prompt { PromptText::Raw(input.prompt.clone()) } else { PromptText::Chat(input.prompt.clone()) };
-    Ok((vlm.prepare(&text, features.as_ref())?, text))
+    Ok((vlm.prepare(&text, encoded.as_ref().map(|e| &e.features))?, text, encoded))
 }
 
 /// The steering asked for on the command line, with a JSON description for `--json`.
-fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<(Intervention, Value)>> {
+fn steering(
+    vlm: &Vlm,
+    args: &SteeringArgs,
+    text: &PromptText,
+    backend: &cmrm::gpu::DecoderBackend,
+) -> Result<Option<(Intervention, Value)>> {
     let request = SteeringRequest {
         alpha: args.alpha,
         layers: args.layers.clone(),
@@ -457,7 +492,7 @@ fn steering(vlm: &Vlm, args: &SteeringArgs, text: &PromptText) -> Result<Option<
         (None, true) => {
             let anchor = args.anchor.parse()?;
             let t0 = std::time::Instant::now();
-            let v = cmrm::cmrm::sample_level_vectors(vlm, text, anchor)?;
+            let v = pollster::block_on(cmrm::cmrm::sample_level_vectors_on(backend, vlm, text, anchor))?;
             let s = t0.elapsed().as_secs_f64();
             (v, json!({"sample_level": true, "anchor": anchor.name()}), s)
         }
@@ -491,8 +526,15 @@ fn generation_json(g: &Generation) -> Value {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let vlm = load_model_as(&a.input.model, &a.input.weights)?;
-    let (prepared, text) = prepare(&vlm, &a.input)?;
-    let steer = steering(&vlm, &a.steering, &text)?;
+    let (backend, backend_info) = a.device.select(&vlm, a.json)?;
+    let (prepared, text, image) = prepare(&vlm, &a.input, &backend)?;
+    if let (Some(image), false) = (&image, a.json) {
+        eprintln!(
+            "image: vision {:.3} s on {}, projector {:.3} s on {}",
+            image.vision.seconds, image.vision.on, image.projector.seconds, image.projector.on
+        );
+    }
+    let steer = steering(&vlm, &a.steering, &text, &backend)?;
     if a.compare && steer.is_none() {
         bail!("--compare needs steering: --vectors FILE or --sample-level");
     }
@@ -502,12 +544,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         _ => Sampling::Greedy,
     };
     let opts = vlm.default_generate_options(a.max_new_tokens, sampling);
-    let choice: cmrm::gpu::BackendChoice = a.backend.parse()?;
-    let gpu_weights: cmrm::gpu::GpuWeights = a.gpu_weights.parse()?;
-    let (backend, backend_info) = cmrm::gpu::DecoderBackend::select_blocking(choice, &vlm.model.text, gpu_weights)?;
-    if !a.json {
-        eprintln!("backend: {}", serde_json::to_string(&backend_info)?);
-    }
+    let decoder_on = if matches!(backend, cmrm::gpu::DecoderBackend::Cpu) { "cpu" } else { "webgpu" };
+    let stages = |g: &Generation| -> Value {
+        let mut stages = json!({
+            "prefill": StageTime { on: decoder_on, seconds: g.prefill_seconds },
+            "decode": StageTime { on: decoder_on, seconds: g.decode_seconds },
+        });
+        if let Some(image) = &image {
+            stages["vision"] = json!(image.vision);
+            stages["projector"] = json!(image.projector);
+        }
+        stages
+    };
+    let generation_json = |g: &Generation| -> Value {
+        let mut v = generation_json(g);
+        v["stages"] = stages(g);
+        v
+    };
     let run = |label: &str, intervention: Option<&Intervention>| -> Result<Generation> {
         if !a.json {
             if a.compare {
@@ -558,10 +611,12 @@ fn cmd_probe(a: ProbeArgs) -> Result<()> {
         bail!("probe prints JSON only: add --json");
     }
     let vlm = load_model_as(&a.input.model, &a.input.weights)?;
-    let (prepared, text) = prepare(&vlm, &a.input)?;
-    let steer = steering(&vlm, &a.steering, &text)?;
-    let probe = vlm.probe(&prepared, steer.as_ref().map(|(i, _)| i))?;
+    let (backend, backend_info) = a.device.select(&vlm, true)?;
+    let (prepared, text, _) = prepare(&vlm, &a.input, &backend)?;
+    let steer = steering(&vlm, &a.steering, &text, &backend)?;
+    let probe = pollster::block_on(backend.probe_async(&vlm, &prepared, steer.as_ref().map(|(i, _)| i)))?;
     let mut v = serde_json::to_value(&probe)?;
+    v["backend"] = serde_json::to_value(&backend_info)?;
     if let Some((_, desc)) = steer {
         v["steering"] = desc;
     }
@@ -644,26 +699,28 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         decode_image(&bytes).with_context(|| path.display().to_string())
     };
+    let (backend, backend_info) = a.device.select(&vlm, a.json)?;
     let t0 = std::time::Instant::now();
     parse_layers(&a.default_layers, vlm.config().text.num_hidden_layers).context("--default-layers")?;
     if !a.default_alpha.is_finite() {
         bail!("--default-alpha must be a finite number");
     }
     a.default_positions.parse::<Positions>().context("--default-positions")?;
-    let mut vectors = cmrm::cmrm::extract(&vlm, &items, anchor, method, &load_image, &mut |p| {
-        let width = 30;
-        let filled = p.done * width / p.total.max(1);
-        eprint!(
-            "\r[{}{}] {}/{} pairs  {:.2} pairs/s  ETA {:.0}s ",
-            "#".repeat(filled),
-            " ".repeat(width - filled),
-            p.done,
-            p.total,
-            p.done as f64 / p.elapsed_s.max(1e-9),
-            p.eta_s()
-        );
-        true
-    })?;
+    let mut vectors =
+        pollster::block_on(cmrm::cmrm::extract_on(&backend, &vlm, &items, anchor, method, &load_image, &mut |p| {
+            let width = 30;
+            let filled = p.done * width / p.total.max(1);
+            eprint!(
+                "\r[{}{}] {}/{} pairs  {:.2} pairs/s  ETA {:.0}s ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                p.done,
+                p.total,
+                p.done as f64 / p.elapsed_s.max(1e-9),
+                p.eta_s()
+            );
+            true
+        }))?;
     eprintln!();
     let seconds = t0.elapsed().as_secs_f64();
     let set_name = a.calibration.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -692,7 +749,7 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
         emit(&json!({"out": a.out.display().to_string(), "n_calibration": items.len(), "layers": vectors.layers.len(),
                    "norms": norms, "seconds": seconds, "pairs_per_s": items.len() as f64 / seconds,
                    "metadata": vectors.metadata, "dropped_layers": dropped,
-                   "catalog_entry": catalog_entry}));
+                   "catalog_entry": catalog_entry, "backend": backend_info}));
     } else {
         eprintln!(
             "wrote {} ({} layers, {} calibration items, {:.1}s)",

@@ -54,11 +54,24 @@ pub struct BackendInfo {
     /// `q8_0`, `q4_0+q4k`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_weights: Option<String>,
+    /// Where the vision tower and projector run (`"webgpu"` or `"cpu"`); with the decoder on the
+    /// GPU, `"cpu"` comes with `vision_reason`.
+    pub vision: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision_reason: Option<String>,
 }
 
 impl BackendInfo {
     pub fn cpu(reason: Option<String>) -> Self {
-        Self { backend: "cpu".into(), adapter: None, api: None, fallback_reason: reason, gpu_weights: None }
+        Self {
+            backend: "cpu".into(),
+            adapter: None,
+            api: None,
+            fallback_reason: reason,
+            gpu_weights: None,
+            vision: "cpu".into(),
+            vision_reason: None,
+        }
     }
 }
 
@@ -151,7 +164,29 @@ impl GpuContext {
             api: Some(format!("{:?}", self.adapter_info.backend).to_lowercase()),
             fallback_reason: None,
             gpu_weights: None,
+            vision: "cpu".into(),
+            vision_reason: None,
         }
+    }
+
+    /// Run `build` (buffers, bind groups, kernels compiled on first use) inside validation and
+    /// out-of-memory error scopes: what the device reports becomes an error about `what`, and a
+    /// lost device is caught before the result is used.
+    pub async fn scoped_build<T>(&self, what: &str, build: impl FnOnce() -> Result<T>) -> Result<T> {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let built = build();
+        let oom = oom.pop().await;
+        let invalid = validation.pop().await;
+        let built = built?;
+        if let Some(e) = oom {
+            bail!("the GPU ran out of memory while uploading {what}: {e}");
+        }
+        if let Some(e) = invalid {
+            bail!("the GPU rejected the kernels or buffers of {what}: {e}");
+        }
+        self.check_health().with_context(|| format!("uploading {what}"))?;
+        Ok(built)
     }
 
     /// Largest buffer one storage binding may cover (and one buffer may be).

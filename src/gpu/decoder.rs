@@ -15,9 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use super::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, EmbedOp, GpuMatrix, LinearOp};
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
-use super::ops::step_values;
+use super::ops::{activation_code, attention_params, step_values, AttnShape, KvLayout};
 use super::storage::WeightStorage;
-use crate::config::{Activation, TextConfig};
+use crate::config::TextConfig;
 use crate::quant::MatrixRef;
 use crate::steering::{Intervention, Positions};
 use crate::text::{DecoderOutput, ForwardOptions, LinearRef, TextModel};
@@ -25,7 +25,7 @@ use crate::text::{DecoderOutput, ForwardOptions, LinearRef, TextModel};
 /// Most rows one submission processes (prefill is split into chunks of this many rows).
 const MAX_CHUNK_ROWS: usize = 256;
 
-fn f32s(t: &Tensor) -> Result<Vec<f32>> {
+pub(super) fn f32s(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
@@ -188,16 +188,16 @@ impl GpuWeights {
 /// How [`GpuDecoder`] uploads one matrix: dense ones in `dense`, blocks as they are when
 /// `keep_blocks` (else dequantized into `dense`).
 #[derive(Clone, Copy)]
-struct Upload<'a> {
-    ctx: &'a GpuContext,
-    dense: WeightStorage,
-    keep_blocks: bool,
+pub(super) struct Upload<'a> {
+    pub ctx: &'a GpuContext,
+    pub dense: WeightStorage,
+    pub keep_blocks: bool,
 }
 
 impl Upload<'_> {
     /// The rows of `parts` stacked (fused QKV, gate/up) as one `[Σ rows, k]` matrix with the
     /// biases stacked (zeros for a part without one).
-    fn stacked(&self, label: &str, parts: &[LinearRef], k: usize) -> Result<GpuMatrix> {
+    pub(super) fn stacked(&self, label: &str, parts: &[LinearRef], k: usize) -> Result<GpuMatrix> {
         let mut rows = 0;
         let any_bias = parts.iter().any(|(_, b)| b.is_some());
         let mut bias = Vec::new();
@@ -273,7 +273,7 @@ impl Upload<'_> {
         GpuMatrix::from_pieces(self.ctx, label, (rows, k), bias, storage, usize::MAX, piece)
     }
 
-    fn one(&self, label: &str, (matrix, bias): LinearRef, k: usize) -> Result<GpuMatrix> {
+    pub(super) fn one(&self, label: &str, (matrix, bias): LinearRef, k: usize) -> Result<GpuMatrix> {
         self.stacked(label, &[(matrix, bias)], k)
     }
 }
@@ -346,20 +346,7 @@ impl GpuDecoder {
     /// [`Self::new`] with the matrices stored as `weights`.
     pub async fn new_with(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
         // Validation: the kernels of the weights' storages compile here, on first use.
-        let validation = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let built = Self::build(ctx.clone(), model, weights);
-        let oom = oom.pop().await;
-        let invalid = validation.pop().await;
-        let this = built?;
-        if let Some(e) = oom {
-            bail!("the GPU ran out of memory while uploading the decoder weights: {e}");
-        }
-        if let Some(e) = invalid {
-            bail!("the GPU rejected the decoder's kernels or buffers: {e}");
-        }
-        ctx.check_health().context("uploading the decoder weights")?;
-        Ok(this)
+        ctx.clone().scoped_build("the decoder weights", || Self::build(ctx, model, weights)).await
     }
 
     fn build(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
@@ -381,11 +368,7 @@ impl GpuDecoder {
         if nh % kvh != 0 {
             bail!("{nh} attention heads are not a multiple of {kvh} KV heads");
         }
-        let act_code = match cfg.hidden_act {
-            Activation::Silu => 0,
-            Activation::GeluTanh => 1,
-            other => bail!("the GPU decoder supports SiLU and GELU-tanh MLPs, not {other:?}"),
-        };
+        let act_code = activation_code(cfg.hidden_act);
         let width = (nh + 2 * kvh) * d;
         let widest = [h, width, nh * d, 2 * mi].into_iter().max().unwrap_or(h) as u64 * 4;
         let chunk_rows = ((ctx.max_binding() / widest) as usize).clamp(1, MAX_CHUNK_ROWS);
@@ -583,8 +566,7 @@ impl GpuDecoder {
                 }
             }
         }
-        let width = (self.nh + 2 * self.kvh) * self.d;
-        let scale = (self.d as f64).powf(-0.5) as f32;
+        let shape = AttnShape { nh: self.nh, kvh: self.kvh, d: self.d };
         let p_rope = uniform(
             &self.ctx,
             &[self.nh as u32, self.kvh as u32, self.d as u32, cap as u32, self.chunk_rows as u32, 0, 0, 0],
@@ -596,8 +578,7 @@ impl GpuDecoder {
             .iter()
             .map(|window| {
                 let window = window.map_or(0, |w| w.min(u32::MAX as usize) as u32);
-                let p = [self.nh as u32, self.kvh as u32, self.d as u32, cap as u32, scale.to_bits(), width as u32];
-                uniform(&self.ctx, &[p[0], p[1], p[2], p[3], p[4], p[5], window, 0])
+                uniform(&self.ctx, &attention_params(shape, window, None, KvLayout::cache(cap, self.d)))
             })
             .collect();
         let kern = &self.ctx.kernels;

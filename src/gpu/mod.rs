@@ -5,12 +5,15 @@
 //! - [`context`]: adapter / device selection, self-test, error capture, read-back, and the
 //!   `auto` / `webgpu` / `cpu` choice;
 //! - [`kernels`] + `shaders/*.wgsl`: tiled matmul, GEMV and token-embedding rows (one set per
-//!   weight storage, compiled on first use), RMSNorm, RoPE + KV-cache write, causal GQA
-//!   attention, gated MLP activation, steering add, argmax;
+//!   weight storage, compiled on first use), RMSNorm, LayerNorm, RoPE + KV-cache write, GQA
+//!   attention (causal over the cache, or full over packed rows), activations (gated or not),
+//!   steering add, argmax;
 //! - [`storage`] + `shaders/storage/*.wgsl`: weights as f32, f16, or GGML Q8_0 / Q4_0 / Q4_K
 //!   blocks (dequantized in the kernels), and the repacking from candle's blocks;
 //! - [`buffers`]: uploads within the adapter's binding limits (large matrices split by rows);
 //! - [`decoder`]: [`GpuDecoder`], the same outputs as `TextModel::forward`;
+//! - [`vision`]: [`GpuVision`], the vision tower and projector: the same image features as
+//!   `LlavaModel::encode_image`;
 //! - [`session`]: generation on the GPU and the [`DecoderBackend`] choice used by the CLI;
 //! - [`ops`]: single kernels on host data (self-test and per-kernel tests);
 //! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
@@ -28,7 +31,9 @@ pub mod kernels;
 pub mod ops;
 pub mod session;
 pub mod storage;
+pub mod vision;
 
 pub use context::{BackendChoice, BackendInfo, GpuContext};
 pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};
 pub use session::DecoderBackend;
+pub use vision::GpuVision;

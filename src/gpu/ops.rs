@@ -125,6 +125,65 @@ pub struct AttnShape {
     pub d: usize,
 }
 
+/// Where the attention kernel finds keys and values: key `j` of KV head `g` at
+/// `k_off + g·head_stride + j·row_stride` (values from `v_off`).
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout {
+    pub k_off: usize,
+    pub v_off: usize,
+    pub row_stride: usize,
+    pub head_stride: usize,
+}
+
+impl KvLayout {
+    /// A KV cache of `cap` positions: `[kvh, cap, d]` in its own K and V buffers.
+    pub fn cache(cap: usize, d: usize) -> Self {
+        Self { k_off: 0, v_off: 0, row_stride: d, head_stride: cap * d }
+    }
+
+    /// The K and V columns of a packed `[rows, (nh + 2·kvh)·d]` q|k|v buffer.
+    pub fn packed(s: AttnShape) -> Self {
+        let width = (s.nh + 2 * s.kvh) * s.d;
+        Self { k_off: s.nh * s.d, v_off: (s.nh + s.kvh) * s.d, row_stride: width, head_stride: s.d }
+    }
+}
+
+/// The attention kernel's uniform (attention.wgsl `P`). Queries are rows of a packed q|k|v
+/// buffer; `full_keys`: `None` causal (with `window`, 0 = none), `Some(n)` every row sees keys
+/// `0 .. n`.
+pub fn attention_params(s: AttnShape, window: u32, full_keys: Option<usize>, kv: KvLayout) -> [u32; 12] {
+    let scale = (s.d as f64).powf(-0.5) as f32;
+    let q_stride = (s.nh + 2 * s.kvh) * s.d;
+    [
+        s.nh as u32,
+        s.kvh as u32,
+        s.d as u32,
+        scale.to_bits(),
+        q_stride as u32,
+        window,
+        full_keys.map_or(0, |n| n as u32),
+        kv.k_off as u32,
+        kv.v_off as u32,
+        kv.row_stride as u32,
+        kv.head_stride as u32,
+        0,
+    ]
+}
+
+/// Full (non-causal) attention of `t` rows of a packed `qkv [t, (nh + 2·kvh)·d]` over the same
+/// rows' keys and values (the vision tower's): `[t, nh·d]`.
+pub async fn full_attention(ctx: &GpuContext, s: AttnShape, qkv: &[f32], t: usize) -> Result<Vec<f32>> {
+    let qkvb = upload(ctx, "qkv", qkv)?;
+    let out = scratch(ctx, "out", t * s.nh * s.d)?;
+    let step = uniform(ctx, &step_values(0, t, t));
+    let p = uniform(ctx, &attention_params(s, 0, Some(t), KvLayout::packed(s)));
+    let k = &ctx.kernels.attention;
+    let bind = k.bind(&ctx.device, &[&step, &p, &qkvb, &qkvb, &qkvb, &out]);
+    let mut enc = encoder(ctx);
+    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, grid((t * s.nh) as u32));
+    read(ctx, enc, &out, t * s.nh * s.d).await
+}
+
 /// RoPE + KV-cache write + causal GQA attention for `t` new rows at positions `start ..`.
 /// `qkv`: `[t, (nh + 2·kvh)·d]` (q heads, k heads, v heads); `prior_k` / `prior_v`: the cache
 /// for positions `0..start`, `[kvh, start, d]`; `cos` / `sin`: `[t, d/2]`.
@@ -162,8 +221,7 @@ pub async fn rope_attention(
     let half = s.d / 2;
     let p_rope = uniform(ctx, &[s.nh as u32, s.kvh as u32, s.d as u32, cap as u32, t as u32, 0, 0, 0]);
     let width = (s.nh + 2 * s.kvh) * s.d;
-    let scale = (s.d as f64).powf(-0.5) as f32;
-    let p_att = uniform(ctx, &[s.nh as u32, s.kvh as u32, s.d as u32, cap as u32, scale.to_bits(), width as u32, 0, 0]);
+    let p_att = uniform(ctx, &attention_params(s, 0, None, KvLayout::cache(cap, s.d)));
     let k = &ctx.kernels;
     let b_rope = k.rope_kv.bind(&ctx.device, &[&step, &p_rope, &qkvb, &rope, &kb, &vb]);
     let b_att = k.attention.bind(&ctx.device, &[&step, &p_att, &qkvb, &kb, &vb, &out]);
@@ -192,6 +250,44 @@ pub async fn act_mul(ctx: &GpuContext, gu: &[f32], t: usize, m: usize, act: u32)
         dispatch(&mut pass, k, &bind, grid((t * m).div_ceil(64) as u32));
     }
     read(ctx, enc, &out, t * m).await
+}
+
+/// The `activate` code (common.wgsl) of an activation.
+pub fn activation_code(act: crate::config::Activation) -> u32 {
+    use crate::config::Activation;
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+        Activation::Gelu => 2,
+        Activation::QuickGelu => 3,
+        Activation::Relu => 4,
+    }
+}
+
+/// `act(x)` in place on `rows` rows of `m` values.
+pub async fn activate(ctx: &GpuContext, x: &[f32], rows: usize, m: usize, act: u32) -> Result<Vec<f32>> {
+    let xb = upload(ctx, "x", x)?;
+    let step = uniform(ctx, &step_values(0, rows, rows));
+    let p = uniform(ctx, &[m as u32, act, 0, 0]);
+    let k = &ctx.kernels.act;
+    let bind = k.bind(&ctx.device, &[&step, &p, &xb]);
+    let mut enc = encoder(ctx);
+    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, grid((rows * m).div_ceil(64) as u32));
+    read(ctx, enc, &xb, rows * m).await
+}
+
+/// LayerNorm of `rows` rows of `x` with weight `w` and bias `b`.
+pub async fn layer_norm(ctx: &GpuContext, x: &[f32], rows: usize, w: &[f32], b: &[f32], eps: f32) -> Result<Vec<f32>> {
+    let h = w.len();
+    let (xb, wb, bb, out) =
+        (upload(ctx, "x", x)?, upload(ctx, "w", w)?, upload(ctx, "b", b)?, scratch(ctx, "out", rows * h)?);
+    let step = uniform(ctx, &step_values(0, rows, rows));
+    let p = uniform(ctx, &[h as u32, eps.to_bits(), 0, 0]);
+    let k = &ctx.kernels.layernorm;
+    let bind = k.bind(&ctx.device, &[&step, &p, &xb, &wb, &bb, &out]);
+    let mut enc = encoder(ctx);
+    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, grid(rows as u32));
+    read(ctx, enc, &out, rows * h).await
 }
 
 /// The steer kernel's `mode` for a positions rule (steer.wgsl).

@@ -7,12 +7,15 @@ use candle_core::{Device, Tensor};
 
 use super::context::{BackendChoice, BackendInfo, GpuContext};
 use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, GpuWeights, Readback};
+use super::vision::GpuVision;
 use crate::generate::{
     generate_on, CpuSession, DecodeSession, GenerateOptions, Generation, Next, Sampling, StepFuture, TokenEvent,
 };
-use crate::pipeline::{Prepared, Vlm};
+use crate::image::RgbImage;
+use crate::llava::LlavaModel;
+use crate::pipeline::{EncodedImage, Prepared, Probe, Vlm};
 use crate::steering::Intervention;
-use crate::text::TextModel;
+use crate::text::{ForwardOptions, TextModel};
 
 /// One sequence on the GPU: its KV cache and uploaded steering.
 pub struct GpuSession<'a> {
@@ -71,36 +74,55 @@ impl crate::generate::DecodeSession for GpuSession<'_> {
     }
 }
 
-/// The decoder a generation runs on.
+/// Where a generation runs: the CPU (candle), or the GPU — the decoder, and the vision tower
+/// with the projector when they could be uploaded (else they stay on the CPU, and
+/// `vision_reason` says why).
 pub enum DecoderBackend {
     Cpu,
-    Gpu(Box<GpuDecoder>),
+    Gpu(Box<GpuDecoder>, GpuVisionSlot),
+}
+
+/// The GPU vision tower of a [`DecoderBackend::Gpu`], or why the image is encoded on the CPU.
+pub enum GpuVisionSlot {
+    Gpu(Box<GpuVision>),
+    Cpu(String),
 }
 
 impl DecoderBackend {
-    /// Upload `model` to a GPU context (the decoder's weights, once, in f32).
+    /// Upload `model`'s decoder to a GPU context (in f32; the image stays on the CPU).
     pub async fn gpu(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
-        Ok(Self::Gpu(Box::new(GpuDecoder::new(ctx, model).await?)))
+        let decoder = GpuDecoder::new(ctx, model).await?;
+        Ok(Self::Gpu(Box::new(decoder), GpuVisionSlot::Cpu("only the decoder was uploaded".into())))
+    }
+
+    /// Upload `model` — decoder, vision tower and projector — to a GPU context, the matrices
+    /// stored as `weights`. A vision tower the GPU cannot take stays on the CPU (with the reason).
+    pub async fn gpu_model(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        let decoder = GpuDecoder::new_with(ctx.clone(), &model.text, weights).await?;
+        let vision = match GpuVision::new(ctx, model, weights).await {
+            Ok(v) => GpuVisionSlot::Gpu(Box::new(v)),
+            Err(e) => GpuVisionSlot::Cpu(format!("{e:#}")),
+        };
+        Ok(Self::Gpu(Box::new(decoder), vision))
     }
 
     /// `auto` / `webgpu` / `cpu`: pick the backend for `model` and say which. `auto` falls back
     /// to the CPU (with the reason in the info) when no adapter passes the self-test or the
     /// weights do not fit.
-    pub async fn select(choice: BackendChoice, model: &TextModel) -> Result<(Self, BackendInfo)> {
+    pub async fn select(choice: BackendChoice, model: &LlavaModel) -> Result<(Self, BackendInfo)> {
         Self::select_with(choice, model, GpuWeights::F32).await
     }
 
     /// [`Self::select`] with the GPU matrices stored as `weights`.
     pub async fn select_with(
         choice: BackendChoice,
-        model: &TextModel,
+        model: &LlavaModel,
         weights: GpuWeights,
     ) -> Result<(Self, BackendInfo)> {
         let (ctx, info) = super::context::select_backend(choice).await?;
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
-        match GpuDecoder::new_with(Arc::new(ctx), model, weights).await {
-            Ok(decoder) => {
-                let backend = Self::Gpu(Box::new(decoder));
+        match Self::gpu_model(Arc::new(ctx), model, weights).await {
+            Ok(backend) => {
                 let info = backend.info();
                 Ok((backend, info))
             }
@@ -113,7 +135,7 @@ impl DecoderBackend {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn select_blocking(
         choice: BackendChoice,
-        model: &TextModel,
+        model: &LlavaModel,
         weights: GpuWeights,
     ) -> Result<(Self, BackendInfo)> {
         pollster::block_on(Self::select_with(choice, model, weights))
@@ -122,8 +144,71 @@ impl DecoderBackend {
     pub fn info(&self) -> BackendInfo {
         match self {
             Self::Cpu => BackendInfo::cpu(None),
-            Self::Gpu(d) => BackendInfo { gpu_weights: Some(d.weights_name()), ..d.context().info() },
+            Self::Gpu(d, vision) => {
+                let (vision, vision_reason) = match vision {
+                    GpuVisionSlot::Gpu(_) => ("webgpu".to_owned(), None),
+                    GpuVisionSlot::Cpu(why) => ("cpu".to_owned(), Some(why.clone())),
+                };
+                BackendInfo { gpu_weights: Some(d.weights_name()), vision, vision_reason, ..d.context().info() }
+            }
         }
+    }
+
+    /// The GPU vision tower, when the image is encoded there.
+    pub fn gpu_vision(&self) -> Option<&GpuVision> {
+        match self {
+            Self::Gpu(_, GpuVisionSlot::Gpu(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Image → its features (as [`Vlm::encode_image`]) and the time of each stage, on the GPU
+    /// when the vision tower is there.
+    pub async fn encode_image_async(&self, vlm: &Vlm, img: &RgbImage) -> Result<EncodedImage> {
+        match self.gpu_vision() {
+            Some(vision) => {
+                let t0 = crate::generate::now_seconds();
+                let (_, pixel_values) = vlm.pixel_values(img)?;
+                let preprocess = crate::generate::now_seconds() - t0;
+                let mut encoded = vision
+                    .encode_timed(&vlm.model, &pixel_values)
+                    .await
+                    .context("encoding the image on the GPU failed")?;
+                encoded.vision.seconds += preprocess;
+                Ok(encoded)
+            }
+            None => vlm.encode_image_timed(img),
+        }
+    }
+
+    /// Blocking [`Self::encode_image_async`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode_image(&self, vlm: &Vlm, img: &RgbImage) -> Result<EncodedImage> {
+        pollster::block_on(self.encode_image_async(vlm, img))
+    }
+
+    /// [`Vlm::probe`] on this backend: hidden states, block outputs and logits at the last
+    /// prompt position of `prepared` with `steering` (one prefill).
+    pub async fn probe_async(&self, vlm: &Vlm, prepared: &Prepared, steering: Option<&Intervention>) -> Result<Probe> {
+        match self {
+            Self::Cpu => vlm.probe(prepared, steering),
+            Self::Gpu(decoder, _) => {
+                let n = prepared.encoded.input_ids.len();
+                let mut cache = decoder.new_cache(n)?;
+                let opts = ForwardOptions { steering, prompt_len: n, capture_layers: true, logits: true };
+                Probe::from_output(prepared, decoder.forward_like_cpu(&prepared.embeds, &mut cache, opts).await?)
+            }
+        }
+    }
+
+    /// Block outputs at the last prompt position, `[L][H]` ([`Self::probe_async`]'s).
+    pub async fn layer_outputs_async(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+    ) -> Result<Vec<Vec<f32>>> {
+        Ok(self.probe_async(vlm, prepared, steering).await?.layer_outputs)
     }
 
     /// A sequence to decode on this backend: a KV cache for `capacity` positions, with
@@ -138,7 +223,7 @@ impl DecoderBackend {
     ) -> Result<Box<dyn DecodeSession + 'a>> {
         Ok(match self {
             Self::Cpu => Box::new(CpuSession::new(&vlm.model, steering, prompt_len, capacity)),
-            Self::Gpu(decoder) => Box::new(GpuSession::new(decoder, prompt_len, capacity, steering, greedy)?),
+            Self::Gpu(decoder, _) => Box::new(GpuSession::new(decoder, prompt_len, capacity, steering, greedy)?),
         })
     }
 

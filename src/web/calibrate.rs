@@ -179,6 +179,7 @@ impl Session {
         let prompts = items.len();
         let t0 = super::now_seconds();
         let mut extraction = Extraction::new(items, anchor, method)?;
+        let backend = self.state.borrow().backend.clone();
         while !extraction.is_done() {
             yield_to_event_loop().await;
             if self.stop.get() {
@@ -189,7 +190,7 @@ impl Session {
                     p.total
                 );
             }
-            let p = extraction.step(&self.vlm, &load_image)?;
+            let p = extraction.step_on(&backend, &self.vlm, &load_image).await?;
             if let Some(cb) = on_event {
                 let eta_s = Some(p.eta_s()).filter(|e| e.is_finite());
                 let event = CalibrateEvent::Progress { done: p.done, total: p.total, elapsed_s: p.elapsed_s, eta_s };

@@ -5,7 +5,7 @@
 //! import init, { Session } from "./pkg/cmrm.js";
 //! await init();
 //! const s = await Session.load({ model: "llava-hf/llava-interleave-qwen-0.5b-hf" }, p => bar(p.loaded / p.total));
-//! s.setImage(new Uint8Array(await file.arrayBuffer()));
+//! await s.setImage(new Uint8Array(await file.arrayBuffer()));
 //! const r = await s.compare({ prompt: "What is shown?", alpha: 1, layers: "all", variant: "sample" },
 //!                           ev => ev.kind === "token" && append(ev.pane, ev.text));
 //! ```
@@ -26,7 +26,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
-use crate::cmrm::{anchor_features, shift_for_prompt, Anchor};
+use crate::cmrm::{anchor_features_on, shift_for_prompt_on, Anchor};
 use crate::config::LlavaConfig;
 use crate::generate::{now_seconds, GenerateOptions, Generation, Generator, Sampling};
 use crate::gpu::context::{BackendChoice, BackendInfo};
@@ -194,6 +194,9 @@ struct ImageInfo {
     height: usize,
     image_tokens: usize,
     encode_seconds: f64,
+    /// Where the vision tower and the projector ran, and their seconds.
+    vision: crate::pipeline::StageTime,
+    projector: crate::pipeline::StageTime,
 }
 
 /// A finished (or stopped) answer, as the page shows it.
@@ -606,16 +609,19 @@ impl Session {
 
     /// Decode (PNG, JPEG, WebP, GIF) and encode an image once; every later `compare` uses it.
     /// Returns `{width, height, imageTokens, encodeSeconds}`.
+    /// On the WebGPU backend the vision tower and projector run there (`vision.on`).
     #[wasm_bindgen(js_name = setImage)]
-    pub fn set_image(&self, bytes: &[u8]) -> Result<JsValue, JsValue> {
-        decode_image(bytes).context("the image cannot be used").and_then(|img| self.set_rgb(img)).map_err(to_js)
+    pub async fn set_image(&self, bytes: Vec<u8>) -> Result<JsValue, JsValue> {
+        let img = decode_image(&bytes).context("the image cannot be used").map_err(to_js)?;
+        self.set_rgb(img).await.map_err(to_js)
     }
 
     /// As `setImage`, from RGBA pixels (what a canvas gives, e.g. after downscaling in the page).
     #[wasm_bindgen(js_name = setImageRgba)]
-    pub fn set_image_rgba(&self, width: usize, height: usize, rgba: &[u8]) -> Result<JsValue, JsValue> {
+    pub async fn set_image_rgba(&self, width: usize, height: usize, rgba: Vec<u8>) -> Result<JsValue, JsValue> {
         // Alpha dropped, as decode_image does (PIL convert("RGB")).
-        RgbImage::from_rgba(width, height, rgba).and_then(|img| self.set_rgb(img)).map_err(to_js)
+        let img = RgbImage::from_rgba(width, height, &rgba).map_err(to_js)?;
+        self.set_rgb(img).await.map_err(to_js)
     }
 
     #[wasm_bindgen(js_name = clearImage)]
@@ -664,6 +670,8 @@ impl Session {
                 None => "candle on the CPU, wasm32 simd128, one thread".to_owned(),
             },
             "backendFallbackReason": state.backend_info.fallback_reason,
+            "visionOn": state.backend_info.vision,
+            "visionReason": state.backend_info.vision_reason,
             "weights": cfg.weight_format().name(),
             "weightBytes": self.weight_bytes,
             "streamedLoad": self.streamed,
@@ -825,7 +833,7 @@ impl Session {
 
     /// Upload the decoder to WebGPU (or not) per `choice`; the previous backend is kept on error.
     async fn select_backend(&self, choice: BackendChoice, weights: GpuWeights) -> Result<()> {
-        let (backend, info) = DecoderBackend::select_with(choice, &self.vlm.model.text, weights)
+        let (backend, info) = DecoderBackend::select_with(choice, &self.vlm.model, weights)
             .await
             .map_err(|e| e.context("WebGPU is not available for this model (choose the CPU backend)"))?;
         let mut state = self.state.borrow_mut();
@@ -847,17 +855,20 @@ impl Session {
         Ok(info)
     }
 
-    fn set_rgb(&self, img: RgbImage) -> Result<JsValue> {
+    async fn set_rgb(&self, img: RgbImage) -> Result<JsValue> {
         let t0 = now_seconds();
-        let features = self.vlm.encode_image(&img).context("encoding the image failed")?;
+        let backend = self.state.borrow().backend.clone();
+        let encoded = backend.encode_image_async(&self.vlm, &img).await.context("encoding the image failed")?;
         let info = ImageInfo {
             width: img.width,
             height: img.height,
-            image_tokens: features.dim(0)?,
+            image_tokens: encoded.features.dim(0)?,
             encode_seconds: now_seconds() - t0,
+            vision: encoded.vision,
+            projector: encoded.projector,
         };
         let value = to_js_value(&info)?;
-        self.state.borrow_mut().image = Some((features, info));
+        self.state.borrow_mut().image = Some((encoded.features, info));
         Ok(value)
     }
 }
@@ -884,6 +895,7 @@ async fn compare(
     let prepared = vlm.prepare(&text, image.as_ref())?;
 
     // Vectors: the loaded file, or this prompt's own shift (sample-level).
+    let backend = state.borrow().backend.clone();
     let variant = opts.variant.as_deref().unwrap_or("dataset");
     let (vectors, info) = match variant {
         "dataset" => state
@@ -899,12 +911,13 @@ async fn compare(
             let features = match cached {
                 Some(f) => f,
                 None => {
-                    let f = anchor_features(vlm, anchor)?;
+                    let f = anchor_features_on(&backend, vlm, anchor).await?;
                     state.borrow_mut().anchors.insert(key, f.clone());
                     f
                 }
             };
-            let shift = shift_for_prompt(vlm, &text, &features).context("computing sample-level vectors")?;
+            let shift =
+                shift_for_prompt_on(&backend, vlm, &text, &features).await.context("computing sample-level vectors")?;
             let mut v = SteeringVectors::new(vlm.config().text.hidden_size, shift.into_iter().enumerate().collect())?;
             v.metadata.insert("sign".into(), "subtract".into());
             v.metadata.insert("anchor".into(), anchor.name().into());
@@ -940,7 +953,6 @@ async fn compare(
         emit(CompareEvent::Notice { message })?;
     }
     let gen_opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids: vlm.eos_ids.clone() };
-    let backend = state.borrow().backend.clone();
     let greedy = sampling == Sampling::Greedy;
     let decoder_for = |steering| backend.session(vlm, steering, prompt_len, prompt_len + max_new, greedy);
     let mut panes = [
@@ -985,9 +997,9 @@ async fn compare(
 
     let gap = if opts.gap && image.is_some() && !stopped {
         yield_to_event_loop().await;
-        let text_only = vlm.probe(&vlm.prepare_text_only(&prepared.prompt)?, None)?.layer_outputs;
-        let before = vlm.probe(&prepared, None)?.layer_outputs;
-        let after = vlm.probe(&prepared, Some(&steering))?.layer_outputs;
+        let text_only = backend.layer_outputs_async(vlm, &vlm.prepare_text_only(&prepared.prompt)?, None).await?;
+        let before = backend.layer_outputs_async(vlm, &prepared, None).await?;
+        let after = backend.layer_outputs_async(vlm, &prepared, Some(&steering)).await?;
         let gap = Gap {
             before: before.iter().zip(&text_only).map(|(m, t)| norm_of_difference(m, t)).collect(),
             after: after.iter().zip(&text_only).map(|(m, t)| norm_of_difference(m, t)).collect(),

@@ -94,3 +94,16 @@ impl Checker {
         assert!(self.failures.is_empty(), "{label}: {} mismatches:\n{}", self.failures.len(), self.failures.join("\n"));
     }
 }
+
+/// A GPU context on whatever adapter wgpu finds (Mesa lavapipe on machines without a GPU), or
+/// `None`, with a message, when no adapter exists at all (the GPU tests then skip).
+pub fn gpu_ctx() -> Option<std::sync::Arc<cmrm::gpu::GpuContext>> {
+    if let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) {
+        eprintln!("adapter: {} ({:?})", info.name, info.backend);
+        let ctx = cmrm::gpu::context::new_blocking().expect("an adapter exists, so the GPU context must work");
+        Some(std::sync::Arc::new(ctx))
+    } else {
+        eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
+        None
+    }
+}

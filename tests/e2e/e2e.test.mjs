@@ -607,9 +607,11 @@ test("backend: auto skips a software WebGPU adapter; webgpu answers with the ref
   await waitStatus("ready");
   assert.equal(await byTestId("error").textContent(), "");
   assert.equal(await info.getAttribute("data-backend"), "webgpu");
-  assert.match(await info.textContent(), /backend WebGPU: /);
+  assert.match(await info.textContent(), /backend WebGPU: .*image encoded on WebGPU/);
   await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
   await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  // The vision tower and the projector ran on the GPU too, and their answer is transformers'.
+  assert.match(await page.locator("#image-info").textContent(), /vision tower \d+ ms \+ projector \d+ ms on WebGPU/);
   await byTestId("prompt").fill(case0.question);
   await page.locator("#max-tokens").fill("12");
   assert.equal(await byTestId("alpha").inputValue(), "0.5"); // the vector file's default

@@ -1,5 +1,5 @@
 // out[i, c] = act(gu[i, c]) * gu[i, m + c]   (gate and up fused in one [t, 2m] matmul).
-// act: 0 = SiLU, 1 = GELU (tanh approximation).
+// act: an `activate` code (common.wgsl).
 struct P {
     m: u32,
     act: u32,
@@ -23,12 +23,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let c = g % p.m;
     let gate = gu[i * 2u * p.m + c];
     let up = gu[i * 2u * p.m + p.m + c];
-    var a: f32;
-    if (p.act == 0u) {
-        a = gate / (exp(-gate) + 1.0);
-    } else {
-        let inner = clamp(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate), -20.0, 20.0);
-        a = 0.5 * gate * (1.0 + tanh(inner));
-    }
-    out[g] = a * up;
+    out[g] = activate(gate, p.act) * up;
 }

@@ -1,16 +1,23 @@
-// Causal GQA attention over the KV cache, one workgroup per (row i, query head h), keys in
-// blocks of 64 with an online softmax. Query row i is position step.start + i and sees keys
-// 0 ..= step.start + i, or with a sliding window w > 0 only the last w of them. Head h reads KV
-// head h / (nh / kvh) (HF repeat_kv).
+// GQA attention, one workgroup per (row i, query head h), keys in blocks of 64 with an online
+// softmax. Causal (n_keys = 0: the decoder over its KV cache): query row i is position
+// step.start + i and sees keys 0 ..= step.start + i, or with a sliding window w > 0 only the
+// last w of them. Full (n_keys > 0: the vision tower): every row sees keys 0 .. n_keys. Head h
+// reads KV head h / (nh / kvh) (HF repeat_kv). Key j of KV head g is at
+// k_off + g·head_stride + j·row_stride in kc (values likewise in vc): the cache's
+// [kvh, cap, d] layout, or the K and V columns of a packed [rows, q|k|v] buffer.
 struct P {
     nh: u32,
     kvh: u32,
     d: u32,
-    cap: u32,
     scale: f32,
     q_stride: u32,
     window: u32,
-    _b: u32,
+    n_keys: u32,
+    k_off: u32,
+    v_off: u32,
+    row_stride: u32,
+    head_stride: u32,
+    _a: u32,
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -38,8 +45,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         qs[e] = qkv[i * p.q_stride + h * p.d + e];
     }
     workgroupBarrier();
-    let n_keys = step.start + i + 1u;
-    let kbase = kv * p.cap * p.d;
+    var n_keys = p.n_keys;
+    if (n_keys == 0u) {
+        n_keys = step.start + i + 1u;
+    }
+    let kbase = p.k_off + kv * p.head_stride;
+    let vbase = p.v_off + kv * p.head_stride;
     var m = NEG_BIG;
     var l = 0.0;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
@@ -52,7 +63,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var s = NEG_BIG;
         if (j < n_keys) {
             var dot = 0.0;
-            let kb = kbase + j * p.d;
+            let kb = kbase + j * p.row_stride;
             for (var e = 0u; e < p.d; e++) {
                 dot += qs[e] * kc[kb + e];
             }
@@ -74,7 +85,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         for (var r = 0u; r < cnt; r++) {
             let pr = exp(sc[r] - m_new);
             l += pr;
-            let vb = kbase + (b0 + r) * p.d;
+            let vb = vbase + (b0 + r) * p.row_stride;
             for (var c = 0u; c < 4u; c++) {
                 let e = li + c * 64u;
                 if (e < p.d) {

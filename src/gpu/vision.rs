@@ -1,0 +1,314 @@
+//! [`GpuVision`]: the CLIP / SigLIP vision tower and the projector of [`LlavaModel`] on the
+//! wgpu kernels — `pixel_values` in, `image_features` `[n_img, H]` out, the same values as
+//! `LlavaModel::encode_image`.
+//!
+//! One image is one command buffer: position embeddings (+ CLS) copied into the residual
+//! stream, the patch embedding (the patches, cut on the CPU, times the conv kernel as a matrix)
+//! added to them, CLIP's pre-norm; per encoder layer LayerNorm → fused QKV → full attention →
+//! out_proj (+ residual) → LayerNorm → fc1 → activation → fc2 (+ residual), for the layers up to
+//! the selected hidden state only; then the projector (linear → activation → linear) on the
+//! selected rows (CLS dropped for the `default` strategy). Only the image features come back.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::LayerNorm;
+
+use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearOp};
+use super::context::GpuContext;
+use super::decoder::{f32s, GpuWeights, Upload};
+use super::kernels::{dispatch, grid};
+use super::ops::{activation_code, attention_params, step_values, AttnShape, KvLayout};
+use crate::config::{FeatureSelect, VisionKind};
+use crate::generate::now_seconds;
+use crate::llava::LlavaModel;
+use crate::pipeline::{EncodedImage, StageTime};
+use crate::text::LinearRef;
+
+struct Norm {
+    _w: wgpu::Buffer,
+    _b: wgpu::Buffer,
+    bind: wgpu::BindGroup,
+}
+
+struct Layer {
+    _matrices: [GpuMatrix; 4],
+    norm1: Norm,
+    qkv_ops: Vec<LinearOp>,
+    attn_bind: wgpu::BindGroup,
+    out_ops: Vec<LinearOp>,
+    norm2: Norm,
+    fc1_ops: Vec<LinearOp>,
+    act_bind: wgpu::BindGroup,
+    fc2_ops: Vec<LinearOp>,
+}
+
+pub struct GpuVision {
+    ctx: Arc<GpuContext>,
+    /// Positions (patches, + 1 for CLIP's CLS), patches, the vision width and the image
+    /// features' rows and width.
+    positions: usize,
+    n_patches: usize,
+    patch_len: usize,
+    hv: usize,
+    n_img: usize,
+    h: usize,
+    _step: wgpu::Buffer,
+    patches: wgpu::Buffer,
+    position_init: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    features: wgpu::Buffer,
+    _scratch: Vec<wgpu::Buffer>,
+    _matrices: Vec<GpuMatrix>,
+    patch_ops: Vec<LinearOp>,
+    pre_norm: Option<Norm>,
+    layers: Vec<Layer>,
+    projector_1_ops: Vec<LinearOp>,
+    projector_act_bind: wgpu::BindGroup,
+    projector_2_ops: Vec<LinearOp>,
+    _params: Vec<wgpu::Buffer>,
+    in_flight: std::sync::atomic::AtomicBool,
+}
+
+/// Clears `in_flight` however an encode ends.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl GpuVision {
+    /// Upload the vision tower (the layers the selected hidden state needs) and the projector.
+    /// Errors (never panics) for what the GPU tower does not do yet (features from several
+    /// layers) or when the adapter cannot hold them; the caller keeps the CPU tower then.
+    pub async fn new(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        ctx.clone().scoped_build("the vision tower", || Self::build(ctx, model, weights)).await
+    }
+
+    fn build(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        let cfg = &model.config;
+        let vc = &cfg.vision;
+        let &[feature_layer] = cfg.vision_feature_layers.as_slice() else {
+            bail!("image features from several vision layers ({:?}) are not on the GPU yet", cfg.vision_feature_layers);
+        };
+        let (hv, nh, inter) = (vc.hidden_size, vc.num_attention_heads, vc.intermediate_size);
+        let d = vc.head_dim();
+        if d > 256 {
+            bail!("vision head_dim {d} is not supported by the GPU attention kernel (≤ 256)");
+        }
+        let w = model.vision.weights();
+        let (positions, _) = w.position_embedding.dims2()?;
+        let has_cls = w.class_embedding.is_some();
+        let n_patches = positions - usize::from(has_cls);
+        let (patch_len, _) = w.patch_weight_t.dims2()?;
+        let drop_cls = has_cls && cfg.feature_select == FeatureSelect::Default && vc.kind == VisionKind::Clip;
+        let n_img = positions - usize::from(drop_cls);
+        let h = cfg.text.hidden_size;
+
+        let up =
+            Upload { ctx: &ctx, dense: weights.dense_storage(&ctx.adapter_info), keep_blocks: weights.keeps_blocks() };
+        let dev = &ctx.device;
+        let k = &ctx.kernels;
+        let step = uniform(&ctx, &step_values(0, positions, positions));
+        let dummy = scratch(&ctx, "dummy", 1)?;
+        let patches = scratch(&ctx, "patches", n_patches * patch_len)?;
+        let x = scratch(&ctx, "vision_x", positions * hv)?;
+        let xn = scratch(&ctx, "vision_xn", positions * hv)?;
+        let shape = AttnShape { nh, kvh: nh, d };
+        let qkv = scratch(&ctx, "vision_qkv", positions * 3 * hv)?;
+        let attn = scratch(&ctx, "vision_attn", positions * hv)?;
+        let mlp = scratch(&ctx, "vision_mlp", positions * inter)?;
+        // The projector's rows (every position's row is sized: the activation runs over step.t rows).
+        let projected = scratch(&ctx, "projector_hidden", positions * h)?;
+        let features = scratch(&ctx, "image_features", n_img * h)?;
+
+        // The residual stream starts as the position embeddings, with the CLS embedding added to row 0.
+        let mut init = f32s(w.position_embedding)?;
+        if let Some(cls) = w.class_embedding {
+            for (v, c) in init.iter_mut().zip(f32s(cls)?) {
+                *v += c;
+            }
+        }
+        let position_init = upload(&ctx, "position_init", &init)?;
+        let patch_weight = w.patch_weight_t.t()?.contiguous()?; // [H, 3·p·p]
+        let patch_m =
+            up.one("patch_embedding", (crate::quant::MatrixRef::Dense(&patch_weight), w.patch_bias), patch_len)?;
+        let patch_ops = bind_linear(
+            &ctx,
+            &step,
+            &patch_m,
+            &patches,
+            0,
+            n_patches,
+            &x,
+            hv,
+            if has_cls { hv } else { 0 },
+            true,
+            &dummy,
+        );
+
+        let eps = (vc.layer_norm_eps as f32).to_bits();
+        let p_norm = uniform(&ctx, &[hv as u32, eps, 0, 0]);
+        let norm = |name: &str, ln: &LayerNorm, src: &wgpu::Buffer, dst: &wgpu::Buffer| -> Result<Norm> {
+            let wb = upload(&ctx, name, &f32s(ln.weight())?)?;
+            let bb = match ln.bias() {
+                Some(b) => upload(&ctx, name, &f32s(b)?)?,
+                None => upload(&ctx, name, &vec![0f32; hv])?,
+            };
+            let bind = k.layernorm.bind(dev, &[&step, &p_norm, src, &wb, &bb, dst]);
+            Ok(Norm { _w: wb, _b: bb, bind })
+        };
+        let pre_norm = w.pre_layrnorm.map(|ln| norm("pre_layrnorm", ln, &x, &xn)).transpose()?;
+        let p_attn = uniform(&ctx, &attention_params(shape, 0, Some(positions), KvLayout::packed(shape)));
+        let mut params = vec![p_attn];
+        let mut layers = Vec::with_capacity(feature_layer);
+        for lw in w.layers.iter().take(feature_layer) {
+            let qkv_m = up.stacked("vision_qkv", &[lw.q_proj, lw.k_proj, lw.v_proj], hv)?;
+            let out_m = up.one("vision_out_proj", lw.out_proj, hv)?;
+            let fc1_m = up.one("vision_fc1", lw.fc1, hv)?;
+            let fc2_m = up.one("vision_fc2", lw.fc2, inter)?;
+            let p_act = uniform(&ctx, &[inter as u32, activation_code(lw.act), 0, 0]);
+            let layer = Layer {
+                norm1: norm("layer_norm1", lw.layer_norm1, &x, &xn)?,
+                qkv_ops: bind_linear(&ctx, &step, &qkv_m, &xn, 0, positions, &qkv, 3 * hv, 0, false, &dummy),
+                attn_bind: k.attention.bind(dev, &[&step, &params[0], &qkv, &qkv, &qkv, &attn]),
+                out_ops: bind_linear(&ctx, &step, &out_m, &attn, 0, positions, &x, hv, 0, true, &dummy),
+                norm2: norm("layer_norm2", lw.layer_norm2, &x, &xn)?,
+                fc1_ops: bind_linear(&ctx, &step, &fc1_m, &xn, 0, positions, &mlp, inter, 0, false, &dummy),
+                act_bind: k.act.bind(dev, &[&step, &p_act, &mlp]),
+                fc2_ops: bind_linear(&ctx, &step, &fc2_m, &mlp, 0, positions, &x, hv, 0, true, &dummy),
+                _matrices: [qkv_m, out_m, fc1_m, fc2_m],
+            };
+            params.push(p_act);
+            layers.push(layer);
+        }
+
+        let (linear_1, projector_act, linear_2): (LinearRef, _, LinearRef) = model.projector.weights();
+        let p1 = up.one("projector_linear_1", linear_1, hv)?;
+        let p2 = up.one("projector_linear_2", linear_2, h)?;
+        let cls_off = if drop_cls { hv } else { 0 };
+        let projector_1_ops = bind_linear(&ctx, &step, &p1, &x, cls_off, n_img, &projected, h, 0, false, &dummy);
+        let p_projector_act = uniform(&ctx, &[h as u32, activation_code(projector_act), 0, 0]);
+        let projector_act_bind = k.act.bind(dev, &[&step, &p_projector_act, &projected]);
+        let projector_2_ops = bind_linear(&ctx, &step, &p2, &projected, 0, n_img, &features, h, 0, false, &dummy);
+        params.extend([p_norm, p_projector_act]);
+
+        Ok(Self {
+            positions,
+            n_patches,
+            patch_len,
+            hv,
+            n_img,
+            h,
+            _step: step,
+            patches,
+            position_init,
+            x,
+            xn,
+            features,
+            _scratch: vec![dummy, qkv, attn, mlp, projected],
+            _matrices: vec![patch_m, p1, p2],
+            patch_ops,
+            pre_norm,
+            layers,
+            projector_1_ops,
+            projector_act_bind,
+            projector_2_ops,
+            _params: params,
+            in_flight: std::sync::atomic::AtomicBool::new(false),
+            ctx,
+        })
+    }
+
+    /// `pixel_values` `[1, 3, S, S]` → `image_features` `[n_img, H]` (on the CPU).
+    pub async fn encode(&self, model: &LlavaModel, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(self.encode_timed(model, pixel_values).await?.features)
+    }
+
+    /// [`Self::encode`] with the seconds of the tower (patches cut on the CPU, then the encoder
+    /// layers) and of the projector: two submissions, the first awaited (a 4-byte read-back).
+    pub async fn encode_timed(&self, model: &LlavaModel, pixel_values: &Tensor) -> Result<EncodedImage> {
+        let t0 = now_seconds();
+        self.ctx.check_health()?;
+        if self.in_flight.swap(true, std::sync::atomic::Ordering::Acquire) {
+            bail!("another image is being encoded on this GPU vision tower: await it first");
+        }
+        let _in_flight = InFlight(&self.in_flight);
+        let patches = f32s(&model.vision.patches(pixel_values)?)?;
+        if patches.len() != self.n_patches * self.patch_len {
+            bail!(
+                "pixel_values give {} patch values, the GPU tower expects {}",
+                patches.len(),
+                self.n_patches * self.patch_len
+            );
+        }
+        let ctx = &self.ctx;
+        ctx.queue.write_buffer(&self.patches, 0, bytemuck::cast_slice(&patches));
+        let row_bytes = (self.hv * 4) as u64;
+        let mut enc =
+            ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("vision embeddings") });
+        enc.copy_buffer_to_buffer(&self.position_init, 0, &self.x, 0, self.positions as u64 * row_bytes);
+        let t = self.positions;
+        let rows_grid = grid(t as u32);
+        let k = &ctx.kernels;
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for op in &self.patch_ops {
+                op.record(ctx, &mut pass, t);
+            }
+            if let Some(norm) = &self.pre_norm {
+                dispatch(&mut pass, &k.layernorm, &norm.bind, rows_grid);
+            }
+        }
+        if self.pre_norm.is_some() {
+            enc.copy_buffer_to_buffer(&self.xn, 0, &self.x, 0, t as u64 * row_bytes);
+        }
+        // One submission per encoder layer: a GPU watchdog (Windows' TDR, a browser's) limits
+        // how long one command buffer may run, and a whole tower can exceed it on a slow GPU.
+        let heads = model.config.vision.num_attention_heads;
+        let inter = model.config.vision.intermediate_size;
+        for layer in &self.layers {
+            ctx.submit(enc);
+            enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("vision layer") });
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            dispatch(&mut pass, &k.layernorm, &layer.norm1.bind, rows_grid);
+            layer.qkv_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+            dispatch(&mut pass, &k.attention, &layer.attn_bind, grid((t * heads) as u32));
+            layer.out_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+            dispatch(&mut pass, &k.layernorm, &layer.norm2.bind, rows_grid);
+            layer.fc1_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+            dispatch(&mut pass, &k.act, &layer.act_bind, grid((t * inter).div_ceil(64) as u32));
+            layer.fc2_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+        }
+        ctx.submit_and_read(enc, &self.x, 4).await?;
+        let t1 = now_seconds();
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("projector") });
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            self.projector_1_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+            dispatch(&mut pass, &k.act, &self.projector_act_bind, grid((t * self.h).div_ceil(64) as u32));
+            self.projector_2_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+        }
+        let bytes = ctx.submit_and_read(enc, &self.features, (self.n_img * self.h * 4) as u64).await?;
+        let values: Vec<f32> = bytemuck::cast_slice(&bytes).to_vec();
+        let features = Tensor::from_vec(values, (self.n_img, self.h), &Device::Cpu)?;
+        let t2 = now_seconds();
+        Ok(EncodedImage { features, vision: StageTime::webgpu(t1 - t0), projector: StageTime::webgpu(t2 - t1) })
+    }
+
+    /// Blocking [`Self::new`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new_blocking(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        pollster::block_on(Self::new(ctx, model, weights))
+    }
+
+    /// Blocking [`Self::encode`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode_blocking(&self, model: &LlavaModel, pixel_values: &Tensor) -> Result<Tensor> {
+        pollster::block_on(self.encode(model, pixel_values))
+    }
+}
