@@ -244,13 +244,20 @@ impl Vlm {
 
     /// One forward pass over the prompt; hidden states, block outputs and logits at its last token.
     pub fn probe(&self, prepared: &Prepared, steering: Option<&Intervention>) -> Result<Probe> {
+        Probe::from_output(prepared, self.capture_prefill(prepared, steering, true)?)
+    }
+
+    /// One prefill of `prepared` (with `steering`) with every block's output captured at the
+    /// last position, and the logits when `logits`.
+    pub fn capture_prefill(
+        &self,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        logits: bool,
+    ) -> Result<crate::text::DecoderOutput> {
         let t = prepared.encoded.input_ids.len();
         let mut cache = self.model.text.new_cache(t);
-        let out = self.model.forward(
-            &prepared.embeds,
-            &mut cache,
-            ForwardOptions { steering, prompt_len: t, capture_layers: true, logits: true },
-        )?;
-        Probe::from_output(prepared, out)
+        let opts = ForwardOptions { steering, prompt_len: t, capture_layers: true, logits };
+        Ok(self.model.forward(&prepared.embeds, &mut cache, opts)?)
     }
 }

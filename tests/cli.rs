@@ -219,24 +219,17 @@ fn backends_agree_and_are_reported() {
     let refs = Refs::load(model);
     let case = &refs.json["cases"][2];
     let image = s(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap())));
-    let run = |backend: &str| {
-        let (ok, v, err) = cmrm(&[
-            "generate",
-            "--model",
-            &s(model_dir(model)),
-            "--image",
-            &image,
-            "--prompt",
-            case["question"].as_str().unwrap(),
-            "--max-new-tokens",
-            "12",
-            "--backend",
-            backend,
-            "--json",
-        ]);
-        assert!(ok, "{backend}: {err}");
+    // `command` (generate or probe) on the case's image and question, on `backend`.
+    let on = |command: &str, backend: &str, extra: &[&str]| {
+        let model_dir = s(model_dir(model));
+        let mut args = vec![command, "--model", &model_dir, "--image", &image];
+        args.extend(["--prompt", case["question"].as_str().unwrap(), "--backend", backend, "--json"]);
+        args.extend(extra);
+        let (ok, v, err) = cmrm(&args);
+        assert!(ok, "{command} {backend}: {err}");
         v
     };
+    let run = |backend: &str| on("generate", backend, &["--max-new-tokens", "12"]);
     let cpu = run("cpu");
     let gpu = run("webgpu");
     assert_eq!(cpu["backend"]["backend"], "cpu");
@@ -254,22 +247,7 @@ fn backends_agree_and_are_reported() {
         }
     }
     // `probe` on either backend: the same states (within the decoder's GPU tolerance).
-    let probe = |backend: &str| {
-        let (ok, v, err) = cmrm(&[
-            "probe",
-            "--model",
-            &s(model_dir(model)),
-            "--image",
-            &image,
-            "--prompt",
-            case["question"].as_str().unwrap(),
-            "--backend",
-            backend,
-            "--json",
-        ]);
-        assert!(ok, "probe {backend}: {err}");
-        v
-    };
+    let probe = |backend: &str| on("probe", backend, &[]);
     let (cpu_probe, gpu_probe) = (probe("cpu"), probe("webgpu"));
     assert_eq!(gpu_probe["backend"]["backend"], "webgpu");
     let floats = |v: &serde_json::Value| -> Vec<f32> {

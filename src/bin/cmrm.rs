@@ -847,27 +847,26 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         }
         (None, true) => None,
     };
-    // Layers and positions as `generate` resolves them (the file's defaults where not given).
+    // α, layers and positions as `generate` resolves them (the file's defaults where not given).
     let n_layers = vlm.config().text.num_hidden_layers;
+    let given_alphas = a.alpha.as_deref().map(cmrm::eval::parse_alphas).transpose()?;
     let request = SteeringRequest {
-        alpha: Some(0.0),
+        alpha: given_alphas.as_ref().and_then(|list| list.first().copied()),
         layers: a.layers.clone(),
         positions: a.positions.as_deref().map(str::parse).transpose()?,
     };
-    let (layers, positions) = match &file_vectors {
+    let (resolved_alpha, layers, positions) = match &file_vectors {
         Some(v) => {
             let resolved = request.resolve(v, n_layers, vlm.device())?;
-            (resolved.layers, resolved.positions)
+            (resolved.alpha, resolved.layers, resolved.positions)
         }
-        None => {
-            (parse_layers(a.layers.as_deref().unwrap_or("all"), n_layers)?, request.positions.unwrap_or(Positions::All))
-        }
+        None => (
+            1.0,
+            parse_layers(a.layers.as_deref().unwrap_or("all"), n_layers)?,
+            request.positions.unwrap_or(Positions::All),
+        ),
     };
-    let alphas = match (&a.alpha, &file_vectors) {
-        (Some(spec), _) => cmrm::eval::parse_alphas(spec)?,
-        (None, Some(v)) => vec![v.metadata.get("default_alpha").and_then(|s| s.parse().ok()).unwrap_or(1.0)],
-        (None, None) => vec![1.0],
-    };
+    let alphas = given_alphas.unwrap_or_else(|| vec![resolved_alpha]);
     let source = match &file_vectors {
         Some(v) => cmrm::eval::VectorSource::Dataset(v),
         None => cmrm::eval::VectorSource::SampleLevel(anchor),

@@ -321,8 +321,19 @@ pub struct GpuDecoder {
     ids: wgpu::Buffer,
 }
 
-/// Clears `in_flight` however a forward ends (error, early return, dropped future).
-struct InFlight<'a>(&'a std::sync::atomic::AtomicBool);
+/// Marks a forward (or an image encode) as running on shared scratch buffers; clears the flag
+/// however it ends (error, early return, dropped future).
+pub(super) struct InFlight<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> InFlight<'a> {
+    /// Take `flag`, or fail with `busy` when another call holds it.
+    pub(super) fn enter(flag: &'a std::sync::atomic::AtomicBool, busy: &str) -> Result<Self> {
+        if flag.swap(true, std::sync::atomic::Ordering::Acquire) {
+            bail!("{busy}: await it first");
+        }
+        Ok(Self(flag))
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -639,10 +650,7 @@ impl GpuDecoder {
         opts: &GpuForwardOptions<'_>,
     ) -> Result<GpuOutput> {
         self.ctx.check_health()?;
-        if self.in_flight.swap(true, std::sync::atomic::Ordering::Acquire) {
-            bail!("another forward is running on this GPU decoder: await it first");
-        }
-        let _in_flight = InFlight(&self.in_flight);
+        let _in_flight = InFlight::enter(&self.in_flight, "another forward is running on this GPU decoder")?;
         if cache.owner != self.id {
             bail!("this KV cache belongs to another GPU decoder");
         }

@@ -15,7 +15,7 @@ use crate::image::RgbImage;
 use crate::llava::LlavaModel;
 use crate::pipeline::{EncodedImage, Prepared, Probe, Vlm};
 use crate::steering::Intervention;
-use crate::text::{ForwardOptions, TextModel};
+use crate::text::{DecoderOutput, ForwardOptions, TextModel};
 
 /// One sequence on the GPU: its KV cache and uploaded steering.
 pub struct GpuSession<'a> {
@@ -187,28 +187,42 @@ impl DecoderBackend {
         pollster::block_on(self.encode_image_async(vlm, img))
     }
 
-    /// [`Vlm::probe`] on this backend: hidden states, block outputs and logits at the last
-    /// prompt position of `prepared` with `steering` (one prefill).
-    pub async fn probe_async(&self, vlm: &Vlm, prepared: &Prepared, steering: Option<&Intervention>) -> Result<Probe> {
+    /// [`Vlm::capture_prefill`] on this backend.
+    async fn capture_prefill(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        logits: bool,
+    ) -> Result<DecoderOutput> {
         match self {
-            Self::Cpu => vlm.probe(prepared, steering),
+            Self::Cpu => vlm.capture_prefill(prepared, steering, logits),
             Self::Gpu(decoder, _) => {
                 let n = prepared.encoded.input_ids.len();
                 let mut cache = decoder.new_cache(n)?;
-                let opts = ForwardOptions { steering, prompt_len: n, capture_layers: true, logits: true };
-                Probe::from_output(prepared, decoder.forward_like_cpu(&prepared.embeds, &mut cache, opts).await?)
+                let opts = ForwardOptions { steering, prompt_len: n, capture_layers: true, logits };
+                decoder.forward_like_cpu(&prepared.embeds, &mut cache, opts).await
             }
         }
     }
 
-    /// Block outputs at the last prompt position, `[L][H]` ([`Self::probe_async`]'s).
+    /// [`Vlm::probe`] on this backend: hidden states, block outputs and logits at the last
+    /// prompt position of `prepared` with `steering` (one prefill).
+    pub async fn probe_async(&self, vlm: &Vlm, prepared: &Prepared, steering: Option<&Intervention>) -> Result<Probe> {
+        Probe::from_output(prepared, self.capture_prefill(vlm, prepared, steering, true).await?)
+    }
+
+    /// Block outputs at the last prompt position, `[L][H]` (as [`Self::probe_async`]'s, without
+    /// the logits: CMRM's shifts need only these).
     pub async fn layer_outputs_async(
         &self,
         vlm: &Vlm,
         prepared: &Prepared,
         steering: Option<&Intervention>,
     ) -> Result<Vec<Vec<f32>>> {
-        Ok(self.probe_async(vlm, prepared, steering).await?.layer_outputs)
+        let out = self.capture_prefill(vlm, prepared, steering, false).await?;
+        let layers = out.layer_outputs.context("the prefill returned no layer outputs")?;
+        Ok(layers.iter().map(|t| t.to_vec1()).collect::<candle_core::Result<_>>()?)
     }
 
     /// A sequence to decode on this backend: a KV cache for `capacity` positions, with

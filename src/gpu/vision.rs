@@ -2,12 +2,13 @@
 //! wgpu kernels — `pixel_values` in, `image_features` `[n_img, H]` out, the same values as
 //! `LlavaModel::encode_image`.
 //!
-//! One image is one command buffer: position embeddings (+ CLS) copied into the residual
-//! stream, the patch embedding (the patches, cut on the CPU, times the conv kernel as a matrix)
-//! added to them, CLIP's pre-norm; per encoder layer LayerNorm → fused QKV → full attention →
-//! out_proj (+ residual) → LayerNorm → fc1 → activation → fc2 (+ residual), for the layers up to
-//! the selected hidden state only; then the projector (linear → activation → linear) on the
-//! selected rows (CLS dropped for the `default` strategy). Only the image features come back.
+//! Per image: position embeddings (+ CLS) copied into the residual stream, the patch embedding
+//! (the patches, cut on the CPU, times the conv kernel as a matrix) added to them, CLIP's
+//! pre-norm; then one submission per encoder layer — LayerNorm → fused QKV → full attention →
+//! out_proj (+ residual) → LayerNorm → fc1 → activation → fc2 (+ residual) — for the layers up to
+//! the selected hidden state only; then, in a submission of its own (timed apart), the projector
+//! (linear → activation → linear) on the selected rows (CLS dropped for the `default`
+//! strategy). Only the image features come back.
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use candle_nn::LayerNorm;
 
 use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearOp};
 use super::context::GpuContext;
-use super::decoder::{f32s, GpuWeights, Upload};
+use super::decoder::{f32s, GpuWeights, InFlight, Upload};
 use super::kernels::{dispatch, grid};
 use super::ops::{activation_code, attention_params, step_values, AttnShape, KvLayout};
 use crate::config::{FeatureSelect, VisionKind};
@@ -70,15 +71,6 @@ pub struct GpuVision {
     projector_2_ops: Vec<LinearOp>,
     _params: Vec<wgpu::Buffer>,
     in_flight: std::sync::atomic::AtomicBool,
-}
-
-/// Clears `in_flight` however an encode ends.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::Release);
-    }
 }
 
 impl GpuVision {
@@ -234,10 +226,7 @@ impl GpuVision {
     pub async fn encode_timed(&self, model: &LlavaModel, pixel_values: &Tensor) -> Result<EncodedImage> {
         let t0 = now_seconds();
         self.ctx.check_health()?;
-        if self.in_flight.swap(true, std::sync::atomic::Ordering::Acquire) {
-            bail!("another image is being encoded on this GPU vision tower: await it first");
-        }
-        let _in_flight = InFlight(&self.in_flight);
+        let _in_flight = InFlight::enter(&self.in_flight, "another image is being encoded on this GPU vision tower")?;
         let patches = f32s(&model.vision.patches(pixel_values)?)?;
         if patches.len() != self.n_patches * self.patch_len {
             bail!(
