@@ -38,6 +38,10 @@ if [ "${1:-}" = "--bench" ]; then
   value() { grep "^cmrm-bench $1 " <<<"$2" | sed -E 's/.*=([0-9.]+)$/\1/'; }
   awk -v w="$(value decode "$wasm")" -v n="$(value decode "$native")" -v n1="$(value decode "$native1")" 'BEGIN {
     printf "decode tokens/s, wasm / native = %.2f (native all threads), %.2f (native 1 thread)\n", w / n, w / n1 }'
+  for t in "$wasm" "$native" "$native1"; do
+    awk -v line="$(grep '^cmrm-bench decode ' <<<"$t" | cut -d' ' -f3-4)" -v one="$(value decode "$t")" -v pair="$(value pair-decode "$t")" \
+      'BEGIN { printf "pair decode (Compare, both answers as one batch) ÷ one answer, %s: %.2f\n", line, pair / one }'
+  done
   for b in calibrate-tiny calibrate-0.5b; do
     awk -v b="$b" -v w="$(value "$b" "$wasm")" -v n="$(value "$b" "$native")" -v n1="$(value "$b" "$native1")" 'BEGIN {
       printf "%s seconds per prompt, wasm / native = %.2f (native all threads), %.2f (native 1 thread)\n", b, w / n, w / n1 }'

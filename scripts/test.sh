@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH" XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+# One clean build per run: incremental caches would only take disk.
+export CARGO_INCREMENTAL=0
 
 bash scripts/setup.sh
 

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use serde::Serialize;
 
 use crate::config::LlavaConfig;
-use crate::generate::now_seconds;
+use crate::generate::{now_seconds, run_ready, BatchSession, CpuSession, Next};
 use crate::llava::LlavaModel;
 use crate::quant::WeightFormat;
 use crate::steering::{Intervention, Positions, SteeringVectors};
@@ -87,8 +87,18 @@ pub struct BenchReport {
     /// Steered decode time ÷ unsteered decode time (1.0 = free).
     pub steered_decode_ratio: f64,
     pub steered_layers: usize,
+    /// Compare's decode: the unaltered and the steered answer as one batch of two, tokens per
+    /// second over both answers.
+    pub pair_decode_tokens_per_s: f64,
+    /// `pair_decode_tokens_per_s` ÷ `decode_tokens_per_s` (2.0 = the second answer is free;
+    /// 1.0 = no better than one after the other).
+    pub pair_throughput_ratio: f64,
     /// Bytes of decoder weights read per decode step, for the bandwidth bound.
     pub weight_bytes_per_token: usize,
+    /// Host memory read bandwidth measured in this run (GB/s; all threads summing 256 MiB).
+    pub read_bandwidth_gb_s: f64,
+    /// Decode's weight reads per second ÷ that bandwidth (1.0 = at the memory bound).
+    pub decode_bandwidth_fraction: f64,
     /// CMRM dataset-level extraction: calibration pairs per second (one multimodal and one
     /// text-only prefill per pair; the anchor image is encoded once per run).
     pub extract_pairs_per_s: f64,
@@ -97,6 +107,35 @@ pub struct BenchReport {
     /// (plain generation + sample-level extra) ÷ plain generation, for `new_tokens` tokens.
     pub sample_level_ratio: f64,
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// Host memory read bandwidth (GB/s): summing a 256 MiB buffer (natively on every thread, in
+/// pieces), best of 3 — the bound that decode, which reads every weight once a step, can reach.
+pub fn measure_read_bandwidth() -> f64 {
+    let data: Vec<f32> = (0..64 << 20).map(|i| (i % 7) as f32).collect();
+    let sum = |piece: &[f32]| -> f32 {
+        let mut acc = [0f32; 16];
+        for block in piece.chunks_exact(16) {
+            for (a, x) in acc.iter_mut().zip(block) {
+                *a += x;
+            }
+        }
+        acc.iter().sum()
+    };
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = now_seconds();
+        #[cfg(not(target_arch = "wasm32"))]
+        let total: f32 = {
+            use rayon::prelude::*;
+            data.par_chunks(1 << 20).map(sum).sum()
+        };
+        #[cfg(target_arch = "wasm32")]
+        let total = sum(&data);
+        std::hint::black_box(total);
+        best = best.max((data.len() * 4) as f64 / (now_seconds() - t0) / 1e9);
+    }
+    best
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).
@@ -164,13 +203,16 @@ pub fn run(
     // by whatever else the machine does during one of them.
     const REPEATS: usize = 3;
     let (mut prefill_s, mut decode_s, mut steered_decode_s) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let mut pair_decode_s = f64::INFINITY;
     for rep in 0..REPEATS {
-        log(&format!("prefill + decode, unsteered and steered at every layer ({}/{REPEATS})…", rep + 1));
-        let (p, d) = timed_generation(&model, &embeds, ids.len(), new_tokens, None)?;
-        let (_, sd) = timed_generation(&model, &embeds, ids.len(), new_tokens, Some(&steering))?;
+        log(&format!("prefill + decode: unsteered, steered at every layer, both as a pair ({}/{REPEATS})…", rep + 1));
+        let (p, d) = timed_generation(&model, &embeds, ids.len(), new_tokens, &[None])?;
+        let (_, sd) = timed_generation(&model, &embeds, ids.len(), new_tokens, &[Some(&steering)])?;
+        let (_, pd) = timed_generation(&model, &embeds, ids.len(), new_tokens, &[None, Some(&steering)])?;
         prefill_s = prefill_s.min(p);
         decode_s = decode_s.min(d);
         steered_decode_s = steered_decode_s.min(sd);
+        pair_decode_s = pair_decode_s.min(pd);
     }
     // CMRM extraction / sample-level: last-token block outputs of the multimodal and the
     // text-only prompt (no logits), the path `cmrm::shift_for_prompt` takes.
@@ -193,6 +235,9 @@ pub fn run(
     let plain_s = image_encode_s + prefill_s + decode_s;
 
     let steps = new_tokens.saturating_sub(1).max(1) as f64;
+    log("measuring the memory read bandwidth…");
+    let read_bandwidth_gb_s = measure_read_bandwidth();
+    let weight_bytes_per_token = model.text.bytes_read_per_token();
     Ok(BenchReport {
         preset: preset.to_owned(),
         weights: format!("random {}", format.name()),
@@ -210,7 +255,11 @@ pub fn run(
         steered_decode_tokens_per_s: steps / steered_decode_s,
         steered_decode_ratio: steered_decode_s / decode_s,
         steered_layers: cfg.text.num_hidden_layers,
-        weight_bytes_per_token: model.text.bytes_read_per_token(),
+        pair_decode_tokens_per_s: 2.0 * steps / pair_decode_s,
+        pair_throughput_ratio: 2.0 * decode_s / pair_decode_s,
+        weight_bytes_per_token,
+        read_bandwidth_gb_s,
+        decode_bandwidth_fraction: weight_bytes_per_token as f64 * steps / decode_s / (read_bandwidth_gb_s * 1e9),
         extract_pairs_per_s: 1.0 / pair_s,
         sample_level_extra_s,
         sample_level_ratio: (plain_s + sample_level_extra_s) / plain_s,
@@ -218,24 +267,32 @@ pub fn run(
     })
 }
 
-/// `(prefill seconds, seconds for new_tokens − 1 decode steps)`.
+/// `(prefill seconds, seconds for new_tokens − 1 decode steps)` of one answer per entry of
+/// `steering`, decoded as one batch (greedy, never stopping early).
 fn timed_generation(
     model: &LlavaModel,
     embeds: &Tensor,
     prompt_len: usize,
     new_tokens: usize,
-    steering: Option<&Intervention>,
+    steering: &[Option<&Intervention>],
 ) -> Result<(f64, f64)> {
-    let mut cache = model.text.new_cache(prompt_len + new_tokens);
-    let opts = ForwardOptions { steering, prompt_len, capture_layers: false, logits: true };
+    let mut session = CpuSession::batch(model, steering.to_vec(), prompt_len, prompt_len + new_tokens);
+    let next_ids = |nexts: Vec<Option<Next>>| -> Result<Vec<Option<u32>>> {
+        nexts
+            .into_iter()
+            .map(|n| match n {
+                Some(Next::Logits(l)) => Ok(Some(argmax(&l.to_vec1::<f32>()?))),
+                Some(Next::Token(id)) => Ok(Some(id)),
+                None => bail!("a sequence ended"),
+            })
+            .collect()
+    };
     let t0 = now_seconds();
-    let mut logits = model.forward(embeds, &mut cache, opts)?.logits.context("no logits")?;
+    let mut ids = next_ids(run_ready(session.prefill_all(embeds))?)?;
     let prefill_s = now_seconds() - t0;
     let t1 = now_seconds();
     for _ in 1..new_tokens.max(2) {
-        let id = argmax(&logits.to_vec1::<f32>()?);
-        let embed = model.text.embed(&[id])?;
-        logits = model.forward(&embed, &mut cache, opts)?.logits.context("no logits")?;
+        ids = next_ids(run_ready(session.step_all(&ids))?)?;
     }
     Ok((prefill_s, now_seconds() - t1))
 }

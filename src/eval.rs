@@ -213,16 +213,18 @@ pub fn evaluate(
         let Some(image) = &case.image else {
             // Text only: the question alone, unaltered and steered; no gap.
             let prompt = vlm.prepare(&text, None)?;
-            let plain = vlm.generate(&prompt, None, &opts, &mut |_| true)?;
-            for (acc, &alpha) in steered.iter_mut().zip(alphas) {
-                let g = match &source {
-                    VectorSource::Dataset(v) => {
-                        let intervention = Intervention::cmrm(v, alpha, Some(layers), positions, vlm.device())?;
-                        vlm.generate(&prompt, Some(&intervention), &opts, &mut |_| true)?
-                    }
-                    // No image, no shift: sample-level steering leaves a text-only prompt as it is.
-                    VectorSource::SampleLevel(_) => plain.clone(),
-                };
+            let interventions = match &source {
+                VectorSource::Dataset(v) => alphas
+                    .iter()
+                    .map(|&alpha| Intervention::cmrm(v, alpha, Some(layers), positions, vlm.device()))
+                    .collect::<Result<Vec<_>>>()?,
+                // No image, no shift: sample-level steering leaves a text-only prompt as it is.
+                VectorSource::SampleLevel(_) => Vec::new(),
+            };
+            let mut answers = answer_side_by_side(vlm, &prompt, &interventions, &opts)?.into_iter();
+            let plain = answers.next().context("no unaltered answer")?;
+            for acc in steered.iter_mut() {
+                let g = answers.next().unwrap_or_else(|| plain.clone());
                 acc.add(g.text, g.generated_ids.len(), None);
             }
             unaltered.add(plain.text, plain.generated_ids.len(), None);
@@ -240,13 +242,16 @@ pub fn evaluate(
             norm_sums[l] += vectors.layers.get(&l).map_or(0.0, |v| norm(v));
         }
         vector_cases += 1;
-        let plain = vlm.generate(&mm, None, &opts, &mut |_| true)?;
+        let interventions = alphas
+            .iter()
+            .map(|&alpha| Intervention::cmrm(&vectors, alpha, Some(layers), positions, vlm.device()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut answers = answer_side_by_side(vlm, &mm, &interventions, &opts)?.into_iter();
+        let plain = answers.next().context("no unaltered answer")?;
         let plain_states = vlm.probe(&mm, None)?.layer_outputs;
         unaltered.add(plain.text, plain.generated_ids.len(), Some((&plain_states, &text_states)));
-        for (acc, &alpha) in steered.iter_mut().zip(alphas) {
-            let intervention = Intervention::cmrm(&vectors, alpha, Some(layers), positions, vlm.device())?;
-            let g = vlm.generate(&mm, Some(&intervention), &opts, &mut |_| true)?;
-            let states = vlm.probe(&mm, Some(&intervention))?.layer_outputs;
+        for ((acc, intervention), g) in steered.iter_mut().zip(&interventions).zip(answers) {
+            let states = vlm.probe(&mm, Some(intervention))?.layer_outputs;
             acc.add(g.text, g.generated_ids.len(), Some((&states, &text_states)));
         }
     }
@@ -259,6 +264,17 @@ pub fn evaluate(
         unaltered: unaltered.finish(0.0, cases),
         steered: steered.into_iter().zip(alphas).map(|(a, &alpha)| a.finish(alpha, cases)).collect(),
     })
+}
+
+/// The unaltered answer, then one per intervention, decoded as one batch.
+fn answer_side_by_side(
+    vlm: &Vlm,
+    prompt: &crate::pipeline::Prepared,
+    interventions: &[Intervention],
+    opts: &crate::generate::GenerateOptions,
+) -> Result<Vec<crate::generate::Generation>> {
+    let steering: Vec<Option<&Intervention>> = std::iter::once(None).chain(interventions.iter().map(Some)).collect();
+    vlm.generate_batch(prompt, &steering, opts, &mut |_, _| true)
 }
 
 /// Parse `--alpha 0.5,1.0` lists.

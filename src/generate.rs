@@ -158,46 +158,169 @@ pub trait DecodeSession {
     fn step(&mut self, id: u32) -> StepFuture<'_>;
 }
 
-/// The CPU decoder over a KV cache.
+/// A boxed future of one pass over several sequences: a [`Next`] for each one still going.
+pub type BatchFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Option<Next>>>> + 'a>>;
+
+/// Sequences that share a prompt and differ in their steering, decoded side by side: Compare's
+/// unaltered and steered answers. The CPU runs them as one batch ([`CpuSession::batch`]: every
+/// weight is read once a step for all of them); a backend that decodes one sequence at a time
+/// runs them in turn ([`OneByOne`]).
+pub trait BatchSession {
+    /// Run the prompt `embeds` `[1, T, H]` for every sequence.
+    fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a>;
+    /// Append `ids[r]` to sequence `r`; `None` marks a sequence that has ended (for good: the
+    /// session may drop it). A `Next` comes back for each `Some`.
+    fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a>;
+}
+
+/// Single-sequence sessions as a [`BatchSession`], each run in turn (the GPU decoder's way).
+pub struct OneByOne<S>(pub Vec<S>);
+
+impl<S: DecodeSession> BatchSession for OneByOne<S> {
+    fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(self.0.len());
+            for session in &mut self.0 {
+                out.push(Some(session.prefill(embeds).await?));
+            }
+            Ok(out)
+        })
+    }
+
+    fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(self.0.len());
+            for (session, id) in self.0.iter_mut().zip(ids) {
+                out.push(match id {
+                    Some(id) => Some(session.step(*id).await?),
+                    None => None,
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl<T: BatchSession + ?Sized> BatchSession for Box<T> {
+    fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a> {
+        (**self).prefill_all(embeds)
+    }
+    fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a> {
+        (**self).step_all(ids)
+    }
+}
+
+impl<T: BatchSession + ?Sized> BatchSession for &mut T {
+    fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a> {
+        (**self).prefill_all(embeds)
+    }
+    fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a> {
+        (**self).step_all(ids)
+    }
+}
+
+/// The CPU decoder over a KV cache: one sequence, or a batch of sequences that differ only in
+/// their steering ([`TextModel::forward_batch`](crate::text::TextModel::forward_batch)).
 pub struct CpuSession<'a> {
     pub model: &'a LlavaModel,
     pub cache: crate::text::Cache,
-    pub opts: ForwardOptions<'a>,
+    /// Each sequence's steering.
+    steering: Vec<Option<&'a Intervention>>,
+    /// The sequence each row of the cache holds (rows of ended sequences are dropped).
+    live: Vec<usize>,
+    prompt_len: usize,
 }
 
 impl<'a> CpuSession<'a> {
     /// A sequence of up to `capacity` positions after a `prompt_len`-token prompt, steered by
     /// `steering`; every pass returns the last position's logits.
     pub fn new(model: &'a LlavaModel, steering: Option<&'a Intervention>, prompt_len: usize, capacity: usize) -> Self {
-        let opts = ForwardOptions { steering, prompt_len, capture_layers: false, logits: true };
-        Self { model, cache: model.text.new_cache(capacity), opts }
+        Self::batch(model, vec![steering], prompt_len, capacity)
+    }
+
+    /// One sequence per entry of `steering`, decoded as one batch.
+    pub fn batch(
+        model: &'a LlavaModel,
+        steering: Vec<Option<&'a Intervention>>,
+        prompt_len: usize,
+        capacity: usize,
+    ) -> Self {
+        let live = (0..steering.len()).collect();
+        Self { model, cache: model.text.new_cache(capacity), steering, live, prompt_len }
+    }
+
+    /// The prompt for every sequence: the positions before the first steered one are run once
+    /// and their KV cache copied to each sequence (they are the same in all of them); the rest
+    /// runs as a batch. Logits `[V]` per sequence.
+    fn prefill_rows(&mut self, embeds: &Tensor) -> Result<Vec<Tensor>> {
+        let (n, t) = (self.steering.len(), embeds.dim(1)?);
+        let first_steered = |s: &Option<&Intervention>| s.and_then(|s| s.first_position(self.prompt_len)).unwrap_or(t);
+        let shared =
+            if n > 1 { self.steering.iter().map(first_steered).min().unwrap_or(t).min(t.saturating_sub(1)) } else { 0 };
+        if shared > 0 {
+            let opts =
+                ForwardOptions { steering: None, prompt_len: self.prompt_len, capture_layers: false, logits: false };
+            self.model.text.forward(&embeds.narrow(1, 0, shared)?, &mut self.cache, opts)?;
+            self.cache.repeat_sequence(n)?;
+        }
+        let rest = embeds.narrow(1, shared, t - shared)?;
+        let rest = if n > 1 { Tensor::cat(&vec![&rest; n], 0)? } else { rest };
+        let logits = self.model.text.forward_batch(&rest, &mut self.cache, &self.steering, self.prompt_len)?;
+        (0..n).map(|r| Ok(logits.get(r)?)).collect()
+    }
+
+    /// One token for each sequence still going (`None`: ended; its row is dropped).
+    fn step_rows(&mut self, ids: &[Option<u32>]) -> Result<Vec<Option<Tensor>>> {
+        anyhow::ensure!(ids.len() == self.steering.len(), "{} tokens for {} sequences", ids.len(), self.steering.len());
+        if let Some(resumed) = (0..ids.len()).find(|r| ids[*r].is_some() && !self.live.contains(r)) {
+            anyhow::bail!("sequence {resumed} ended and cannot go on");
+        }
+        let keep: Vec<usize> = (0..self.live.len()).filter(|&row| ids[self.live[row]].is_some()).collect();
+        let mut out = vec![None; ids.len()];
+        if keep.is_empty() {
+            return Ok(out);
+        }
+        if keep.len() < self.live.len() {
+            self.cache.keep_sequences(&keep)?;
+            self.live = keep.iter().map(|&row| self.live[row]).collect();
+        }
+        let step_ids: Vec<u32> = self.live.iter().filter_map(|&r| ids[r]).collect();
+        // `[1, n, H]` → `[n, 1, H]`: one new position for each sequence.
+        let embeds = self.model.text.embed(&step_ids)?.transpose(0, 1)?.contiguous()?;
+        let steering: Vec<_> = self.live.iter().map(|&r| self.steering[r]).collect();
+        let logits = self.model.text.forward_batch(&embeds, &mut self.cache, &steering, self.prompt_len)?;
+        for (row, &r) in self.live.iter().enumerate() {
+            out[r] = Some(logits.get(row)?);
+        }
+        Ok(out)
     }
 }
 
 impl DecodeSession for CpuSession<'_> {
     fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
-        let out = self.model.forward(embeds, &mut self.cache, self.opts).context("prefill failed");
-        Box::pin(std::future::ready(out.and_then(|o| Ok(Next::Logits(o.logits.context("no logits")?)))))
+        let out = self.prefill_rows(embeds).context("prefill failed").and_then(|mut rows| {
+            anyhow::ensure!(rows.len() == 1, "a batch of {} sequences used as one", rows.len());
+            Ok(Next::Logits(rows.remove(0)))
+        });
+        Box::pin(std::future::ready(out))
     }
 
     fn step(&mut self, id: u32) -> StepFuture<'_> {
-        let out = self
-            .model
-            .text
-            .embed(&[id])
-            .and_then(|embed| self.model.forward(&embed, &mut self.cache, self.opts))
-            .map_err(anyhow::Error::from)
-            .and_then(|o| Ok(Next::Logits(o.logits.context("no logits")?)));
+        let out =
+            self.step_rows(&[Some(id)]).and_then(|mut rows| Ok(Next::Logits(rows.remove(0).context("no logits")?)));
         Box::pin(std::future::ready(out))
     }
 }
 
-/// Drive a future that never waits (the CPU path) to completion without an executor.
-pub fn complete_now<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    let mut future = std::pin::pin!(future);
-    match future.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
-        std::task::Poll::Ready(out) => out,
-        std::task::Poll::Pending => anyhow::bail!("a CPU decode step was not ready (internal error)"),
+impl BatchSession for CpuSession<'_> {
+    fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a> {
+        let out = self.prefill_rows(embeds).context("prefill failed");
+        Box::pin(std::future::ready(out.map(|rows| rows.into_iter().map(|l| Some(Next::Logits(l))).collect())))
+    }
+
+    fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a> {
+        let out = self.step_rows(ids);
+        Box::pin(std::future::ready(out.map(|rows| rows.into_iter().map(|l| l.map(Next::Logits)).collect())))
     }
 }
 
@@ -236,22 +359,24 @@ pub fn max_new_tokens_within(
     (by_memory, Some(message))
 }
 
-/// Generate after a prompt whose embeddings are `embeds` `[1, T, H]` (ids `input_ids`).
-/// `on_token` is called for every token; returning `false` stops (the result is kept).
+/// Answers after a prompt whose embeddings are `embeds` `[1, T, H]` (ids `input_ids`), one per
+/// entry of `steering`, decoded as one batch on the CPU. `on_token(answer, event)` is called for
+/// every token; returning `false` stops them all (the results are kept).
 #[allow(clippy::too_many_arguments)]
-pub fn generate(
+pub fn generate_batch(
     model: &LlavaModel,
     tokenizer: &tokenizers::Tokenizer,
     input_ids: &[u32],
     embeds: &Tensor,
-    steering: Option<&Intervention>,
+    steering: &[Option<&Intervention>],
     opts: &GenerateOptions,
-    on_token: &mut dyn FnMut(&TokenEvent) -> bool,
-) -> Result<Generation> {
+    on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+) -> Result<Vec<Generation>> {
     let prompt_len = input_ids.len();
     let max_new = max_new_tokens(model.config.text.max_position_embeddings, prompt_len, opts.max_new_tokens);
-    let mut session = CpuSession::new(model, steering, prompt_len, prompt_len + max_new);
-    complete_now(generate_on(&mut session, tokenizer, input_ids, embeds, max_new, opts, on_token))
+    let mut session = CpuSession::batch(model, steering.to_vec(), prompt_len, prompt_len + max_new);
+    let answers = steering.len();
+    run_ready(generate_batch_on(&mut session, answers, tokenizer, input_ids, embeds, max_new, opts, on_token))
 }
 
 impl<T: DecodeSession + ?Sized> DecodeSession for Box<T> {
@@ -263,25 +388,10 @@ impl<T: DecodeSession + ?Sized> DecodeSession for Box<T> {
     }
 }
 
-impl<T: DecodeSession + ?Sized> DecodeSession for &mut T {
-    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
-        (**self).prefill(embeds)
-    }
-    fn step(&mut self, id: u32) -> StepFuture<'_> {
-        (**self).step(id)
-    }
-}
-
-/// One answer, a token at a time, over any [`DecodeSession`]: prefill, then pick a token (greedy
-/// or sampled; or the one a GPU already picked), stop on EOS or length, else run it through the
-/// decoder. The CLI drives it to the end ([`generate_on`]); the browser interleaves two of them
-/// and returns to the event loop between tokens (to stream, and to see Stop).
-pub struct Generator<S> {
-    session: S,
+/// One answer's token choice and stopping: pick a token (greedy or sampled, or the one a GPU
+/// already picked), stop on EOS or length, stream its text, time it.
+struct Answer {
     sampler: Option<LogitsProcessor>,
-    eos_ids: Vec<u32>,
-    input_ids: Vec<u32>,
-    max_new: usize,
     /// What picks the next token; `None` before the prefill and once finished.
     next: Option<Next>,
     /// The last token, not yet run through the decoder (that happens at the next step, so
@@ -295,15 +405,10 @@ pub struct Generator<S> {
     decode_seconds: f64,
 }
 
-impl<S: DecodeSession> Generator<S> {
-    /// `max_new`: already clipped to the context ([`max_new_tokens`]).
-    pub fn new(session: S, input_ids: &[u32], max_new: usize, opts: &GenerateOptions) -> Self {
+impl Answer {
+    fn new(max_new: usize, opts: &GenerateOptions) -> Self {
         Self {
-            session,
             sampler: opts.sampling.sampler(),
-            eos_ids: opts.eos_ids.clone(),
-            input_ids: input_ids.to_vec(),
-            max_new,
             next: None,
             pending: None,
             stream: TextStream::new(),
@@ -315,26 +420,15 @@ impl<S: DecodeSession> Generator<S> {
         }
     }
 
-    /// Run the prompt `embeds` `[1, T, H]` (the expensive part before the first token).
-    pub async fn prefill(&mut self, embeds: &Tensor) -> Result<()> {
-        let t0 = now_seconds();
-        self.next = Some(self.session.prefill(embeds).await?);
-        self.prefill_seconds = now_seconds() - t0;
-        Ok(())
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
-    /// The next token, run through the decoder unless it ends the answer; `None` once finished.
-    pub async fn step(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<Option<TokenEvent>> {
+    /// The next token from `next`; `None` once finished.
+    fn choose(
+        &mut self,
+        tokenizer: &tokenizers::Tokenizer,
+        eos_ids: &[u32],
+        max_new: usize,
+    ) -> Result<Option<TokenEvent>> {
         if self.finished {
             return Ok(None);
-        }
-        let t0 = now_seconds();
-        if let Some(previous) = self.pending.take() {
-            self.next = Some(self.session.step(previous).await?);
         }
         let id = match (self.next.take().context("a decode step before the prefill")?, self.sampler.as_mut()) {
             (Next::Token(id), _) => id,
@@ -343,20 +437,18 @@ impl<S: DecodeSession> Generator<S> {
         };
         let index = self.stream.ids().len();
         let text = self.stream.push(tokenizer, id)?;
-        if self.eos_ids.contains(&id) {
+        if eos_ids.contains(&id) {
             self.stopped_on_eos = true;
             self.finished = true;
-        } else if index + 1 == self.max_new {
+        } else if index + 1 == max_new {
             self.finished = true;
         } else {
             self.pending = Some(id);
         }
-        self.decode_seconds += now_seconds() - t0;
         Ok(Some(TokenEvent { index, id, text }))
     }
 
-    /// Stop early; the tokens so far are kept.
-    pub fn cancel(&mut self) {
+    fn cancel(&mut self) {
         if !self.finished {
             self.finished = true;
             self.cancelled = true;
@@ -364,44 +456,140 @@ impl<S: DecodeSession> Generator<S> {
             self.pending = None;
         }
     }
+}
 
-    /// The answer so far, with timings.
-    pub fn result(&self, tokenizer: &tokenizers::Tokenizer) -> Result<Generation> {
+/// Answers to one prompt, a token at a time, over a [`BatchSession`]: one answer (the CLI's
+/// `generate`), or Compare's unaltered and steered answers decoded side by side. The CLI drives
+/// it to the end ([`generate_batch_on`]); the browser returns to the event loop between steps (to
+/// stream, and to see Stop).
+pub struct Generator<S> {
+    session: S,
+    answers: Vec<Answer>,
+    eos_ids: Vec<u32>,
+    input_ids: Vec<u32>,
+    max_new: usize,
+}
+
+impl<S: BatchSession> Generator<S> {
+    /// `answers`: the session's sequences; `max_new`: already clipped to the context
+    /// ([`max_new_tokens`]).
+    pub fn new(session: S, answers: usize, input_ids: &[u32], max_new: usize, opts: &GenerateOptions) -> Self {
+        Self {
+            session,
+            answers: (0..answers).map(|_| Answer::new(max_new, opts)).collect(),
+            eos_ids: opts.eos_ids.clone(),
+            input_ids: input_ids.to_vec(),
+            max_new,
+        }
+    }
+
+    /// Run the prompt `embeds` `[1, T, H]` (the expensive part before the first token). Each
+    /// answer's prefill time is the wall time to its first token: the whole pass.
+    pub async fn prefill(&mut self, embeds: &Tensor) -> Result<()> {
+        let t0 = now_seconds();
+        let nexts = self.session.prefill_all(embeds).await?;
+        anyhow::ensure!(nexts.len() == self.answers.len(), "the prefill returned {} answers", nexts.len());
+        let seconds = now_seconds() - t0;
+        for (answer, next) in self.answers.iter_mut().zip(nexts) {
+            answer.next = next;
+            answer.prefill_seconds = seconds;
+        }
+        Ok(())
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.answers.iter().all(|a| a.finished)
+    }
+
+    /// Whether answer `index` has ended (EOS, length or cancel).
+    pub fn answer_finished(&self, index: usize) -> bool {
+        self.answers.get(index).is_none_or(|a| a.finished)
+    }
+
+    /// The next token of every answer still going (`None` for the others), run through the
+    /// decoder together unless it ends its answer. Each answer's decode time is the wall time of
+    /// the steps it took part in.
+    pub async fn step(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<Option<TokenEvent>>> {
+        let t0 = now_seconds();
+        let going: Vec<bool> = self.answers.iter().map(|a| !a.finished).collect();
+        let pending: Vec<Option<u32>> = self.answers.iter_mut().map(|a| a.pending.take()).collect();
+        if pending.iter().any(Option::is_some) {
+            let nexts = self.session.step_all(&pending).await?;
+            for (answer, next) in self.answers.iter_mut().zip(nexts) {
+                if next.is_some() {
+                    answer.next = next;
+                }
+            }
+        }
+        let events = self
+            .answers
+            .iter_mut()
+            .map(|a| a.choose(tokenizer, &self.eos_ids, self.max_new))
+            .collect::<Result<Vec<_>>>()?;
+        let seconds = now_seconds() - t0;
+        for (answer, _) in self.answers.iter_mut().zip(going).filter(|(_, going)| *going) {
+            answer.decode_seconds += seconds;
+        }
+        Ok(events)
+    }
+
+    /// Stop every answer early; the tokens so far are kept.
+    pub fn cancel(&mut self) {
+        self.answers.iter_mut().for_each(Answer::cancel);
+    }
+
+    /// Answer `index` so far, with timings.
+    pub fn result(&self, index: usize, tokenizer: &tokenizers::Tokenizer) -> Result<Generation> {
+        let answer = self.answers.get(index).context("no such answer")?;
         // The first token comes from the prefill; decode steps are the ones after it.
-        let decode_steps = self.stream.ids().len().saturating_sub(1);
+        let decode_steps = answer.stream.ids().len().saturating_sub(1);
         Ok(Generation {
             input_ids: self.input_ids.clone(),
-            generated_ids: self.stream.ids().to_vec(),
-            text: self.stream.text(tokenizer)?,
-            stopped_on_eos: self.stopped_on_eos,
-            cancelled: self.cancelled,
-            prefill_seconds: self.prefill_seconds,
-            decode_seconds: self.decode_seconds,
-            prefill_tokens_per_s: rate(self.input_ids.len(), self.prefill_seconds),
-            decode_tokens_per_s: rate(decode_steps, self.decode_seconds),
+            generated_ids: answer.stream.ids().to_vec(),
+            text: answer.stream.text(tokenizer)?,
+            stopped_on_eos: answer.stopped_on_eos,
+            cancelled: answer.cancelled,
+            prefill_seconds: answer.prefill_seconds,
+            decode_seconds: answer.decode_seconds,
+            prefill_tokens_per_s: rate(self.input_ids.len(), answer.prefill_seconds),
+            decode_tokens_per_s: rate(decode_steps, answer.decode_seconds),
         })
+    }
+
+    /// Every answer so far.
+    pub fn results(&self, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<Generation>> {
+        (0..self.answers.len()).map(|i| self.result(i, tokenizer)).collect()
     }
 }
 
-/// A [`Generator`] run to the end. `on_token` is called for every token; returning `false`
-/// stops (the result is kept).
-pub async fn generate_on(
-    session: &mut dyn DecodeSession,
+/// A [`Generator`] of the session's answers run to the end. `on_token(answer, event)` is called
+/// for every token; returning `false` stops them all (the results are kept).
+#[allow(clippy::too_many_arguments)]
+pub async fn generate_batch_on(
+    session: &mut dyn BatchSession,
+    answers: usize,
     tokenizer: &tokenizers::Tokenizer,
     input_ids: &[u32],
     embeds: &Tensor,
     max_new: usize,
     opts: &GenerateOptions,
-    on_token: &mut dyn FnMut(&TokenEvent) -> bool,
-) -> Result<Generation> {
-    let mut generator = Generator::new(session, input_ids, max_new, opts);
+    on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+) -> Result<Vec<Generation>> {
+    let mut generator = Generator::new(session, answers, input_ids, max_new, opts);
     generator.prefill(embeds).await?;
-    while let Some(event) = generator.step(tokenizer).await? {
-        if !on_token(&event) {
+    while !generator.is_finished() {
+        let events = generator.step(tokenizer).await?;
+        let mut go_on = true;
+        for (i, event) in events.iter().enumerate() {
+            if let Some(event) = event {
+                go_on &= on_token(i, event);
+            }
+        }
+        if !go_on {
             generator.cancel();
         }
     }
-    generator.result(tokenizer)
+    generator.results(tokenizer)
 }
 
 fn rate(n: usize, seconds: f64) -> f64 {

@@ -14,6 +14,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod cmrm;
 pub mod config;
+pub mod decode_kernels;
 pub mod eval;
 pub mod generate;
 pub mod gguf;

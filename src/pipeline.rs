@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::LlavaConfig;
-use crate::generate::{generate, GenerateOptions, Generation, Sampling, TokenEvent};
+use crate::generate::{generate_batch, GenerateOptions, Generation, Sampling, TokenEvent};
 use crate::image::RgbImage;
 use crate::llava::LlavaModel;
 use crate::processor::{EncodedPrompt, Processor, ProcessorFiles};
@@ -231,15 +231,21 @@ impl Vlm {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
-        generate(
-            &self.model,
-            &self.processor.tokenizer,
-            &prepared.encoded.input_ids,
-            &prepared.embeds,
-            steering,
-            opts,
-            on_token,
-        )
+        let mut answers = self.generate_batch(prepared, &[steering], opts, &mut |_, event| on_token(event))?;
+        Ok(answers.remove(0))
+    }
+
+    /// One answer per entry of `steering` to the same prompt, decoded as one batch (each weight
+    /// read once a step for all of them): Compare's two panes, or an α sweep.
+    pub fn generate_batch(
+        &self,
+        prepared: &Prepared,
+        steering: &[Option<&Intervention>],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+    ) -> Result<Vec<Generation>> {
+        let (tokenizer, ids) = (&self.processor.tokenizer, &prepared.encoded.input_ids);
+        generate_batch(&self.model, tokenizer, ids, &prepared.embeds, steering, opts, on_token)
     }
 
     /// One forward pass over the prompt; hidden states, block outputs and logits at its last token.

@@ -527,7 +527,13 @@ const MAX_DEQUANTIZED_BYTES: usize = 64 << 20;
 impl Module for QLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::F32(l) => l.forward(xs),
+            Self::F32(l) => match crate::decode_kernels::matmul_rows(xs, l.weight())? {
+                Some(ys) => match l.bias() {
+                    Some(b) => ys.broadcast_add(b),
+                    None => Ok(ys),
+                },
+                None => l.forward(xs),
+            },
             Self::Quantized { matmul, bias, in_dim, padded_in, dtype, out_dim, batches_in_f32 } => {
                 let xs = if padded_in > in_dim {
                     xs.pad_with_zeros(candle_core::D::Minus1, 0, padded_in - in_dim)?

@@ -315,19 +315,41 @@ impl Intervention {
         self.deltas.keys().copied()
     }
 
-    /// Apply to the output `xs` `[1, t, H]` of block `layer`, whose rows are absolute positions
-    /// `start .. start + t`; `prompt_len` counts every prompt token (BOS and image tokens included).
+    /// Whether block `layer`'s output is changed at all.
+    pub fn steers_layer(&self, layer: usize) -> bool {
+        self.deltas.contains_key(&layer)
+    }
+
+    /// The first absolute position this steers (`None`: none, as with no layers). Every earlier
+    /// position has the unaltered states, so sequences that differ only in their steering can
+    /// share the prompt up to here.
+    pub fn first_position(&self, prompt_len: usize) -> Option<usize> {
+        if self.deltas.is_empty() {
+            return None;
+        }
+        Some(match self.positions {
+            Positions::All => 0,
+            Positions::Last | Positions::LastAndGenerated => prompt_len.saturating_sub(1),
+            Positions::Generated => prompt_len,
+        })
+    }
+
+    fn steers_position(&self, pos: usize, prompt_len: usize) -> bool {
+        match self.positions {
+            Positions::All => true,
+            Positions::Last => pos + 1 == prompt_len,
+            Positions::Generated => pos >= prompt_len,
+            Positions::LastAndGenerated => pos + 1 >= prompt_len,
+        }
+    }
+
+    /// Apply to the output `xs` `[B, t, H]` of block `layer` (every sequence of the batch alike),
+    /// whose rows are absolute positions `start .. start + t`; `prompt_len` counts every prompt
+    /// token (BOS and image tokens included).
     pub fn apply(&self, layer: usize, xs: &Tensor, start: usize, prompt_len: usize) -> candle_core::Result<Tensor> {
         let Some(delta) = self.deltas.get(&layer) else { return Ok(xs.clone()) };
         let t = xs.dim(1)?;
-        let rows: Vec<bool> = (start..start + t)
-            .map(|pos| match self.positions {
-                Positions::All => true,
-                Positions::Last => pos + 1 == prompt_len,
-                Positions::Generated => pos >= prompt_len,
-                Positions::LastAndGenerated => pos + 1 >= prompt_len,
-            })
-            .collect();
+        let rows: Vec<bool> = (start..start + t).map(|pos| self.steers_position(pos, prompt_len)).collect();
         if rows.iter().all(|&r| r) {
             return xs.broadcast_add(delta);
         }

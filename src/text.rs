@@ -1,17 +1,18 @@
 //! The language model: a Llama / Qwen2 / Mistral decoder with a KV cache and the per-layer steering hook.
 //!
-//! Shapes: hidden states are `[1, t, H]` (batch 1, `t` new positions); attention heads are
-//! `[1, heads, t, head_dim]`. Positions are absolute: RoPE uses `start .. start + t` over the whole
+//! Shapes: hidden states are `[B, t, H]` (`B` sequences, usually 1; `t` new positions);
+//! attention heads are `[B, heads, t, head_dim]`. Positions are absolute: RoPE uses `start .. start + t` over the whole
 //! sequence, image tokens included (HF `position_ids = 0..T-1`).
 
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::{Activation, TextConfig};
+use crate::decode_kernels::{attend_one_position, CacheView};
 use crate::quant::{MatrixRef, QLinear, WeightFormat};
 use crate::steering::Intervention;
 
@@ -89,6 +90,9 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(&k, &v)?;
         let total = k.dim(2)?;
+        if let Some(out) = self.attend_in_cache(&q, cache, total)? {
+            return self.o_proj.forward(&out);
+        }
         // GQA without copying K/V: the query heads sharing a KV head are stacked along the row
         // axis, `[1, kv, rep·t, d]` against `[1, kv, T, d]`.
         let rep = self.num_heads / self.num_kv_heads;
@@ -102,6 +106,45 @@ impl Attention {
         let out = probs.matmul(&v.contiguous()?)?; // [1, kv, rep·t, d]
         let out = out.reshape((b, self.num_heads, t, d))?.transpose(1, 2)?.reshape((b, t, self.num_heads * d))?;
         self.o_proj.forward(&out)
+    }
+}
+
+impl Attention {
+    /// Decode's attention (one new position per sequence, F32 on the CPU) read straight from the
+    /// cache's storage, `[B, 1, heads·d]`; `None` for anything else (candle's path).
+    fn attend_in_cache(&self, q: &Tensor, cache: &KvCache, total: usize) -> Result<Option<Tensor>> {
+        let (b, _, t, d) = q.dims4()?;
+        let (Some(keys), Some(values)) = (cache.k_cache().all_data(), cache.v_cache().all_data()) else {
+            return Ok(None);
+        };
+        if t != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 || keys.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let capacity = keys.dim(2)?;
+        let (key_storage, key_layout) = keys.storage_and_layout();
+        let (value_storage, value_layout) = values.storage_and_layout();
+        let (Storage::Cpu(key_data), Storage::Cpu(value_data)) = (&*key_storage, &*value_storage) else {
+            return Ok(None);
+        };
+        if !key_layout.is_contiguous() || !value_layout.is_contiguous() || values.dim(2)? != capacity {
+            return Ok(None);
+        }
+        fn view<'a>(data: &'a candle_core::CpuStorage, offset: usize, like: CacheView) -> Result<CacheView<'a>> {
+            Ok(CacheView { data: &data.as_slice::<f32>()?[offset..], ..like })
+        }
+        let like = CacheView { data: &[], kv_heads: self.num_kv_heads, capacity, head_dim: d };
+        let first = self.sliding_window.map_or(0, |w| total.saturating_sub(w));
+        let out = attend_one_position(
+            &q.flatten_all()?.to_vec1::<f32>()?,
+            b,
+            self.num_heads,
+            view(key_data, key_layout.start_offset(), like)?,
+            view(value_data, value_layout.start_offset(), like)?,
+            first,
+            total,
+            self.scale as f32,
+        );
+        Tensor::from_vec(out, (b, 1, self.num_heads * d), q.device()).map(Some)
     }
 }
 
@@ -197,6 +240,29 @@ impl Cache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Copy the one sequence held into `n` sequences: a prompt prefix that `n` answers share.
+    pub fn repeat_sequence(&mut self, n: usize) -> Result<()> {
+        self.map_sequences(|t| Tensor::cat(&vec![t; n], 0))
+    }
+
+    /// Keep the sequences `rows`, in that order, and drop the others (answers that ended).
+    pub fn keep_sequences(&mut self, rows: &[usize]) -> Result<()> {
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        self.map_sequences(|t| t.contiguous()?.index_select(&Tensor::new(index.as_slice(), t.device())?, 0))
+    }
+
+    /// Rebuild every layer's K and V (`[B, kv_heads, T, d]`) through `f`, which maps the batch axis.
+    fn map_sequences(&mut self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+        for kv in &mut self.layers {
+            let mut rebuilt = KvCache::new(2, kv.k_cache().max_seq_len());
+            if let (Some(k), Some(v)) = (kv.k()?, kv.v()?) {
+                rebuilt.append(&f(&k)?, &f(&v)?)?;
+            }
+            *kv = rebuilt;
+        }
+        Ok(())
     }
 }
 
@@ -332,25 +398,75 @@ impl TextModel {
     /// Run the decoder over `embeds` `[1, t, H]` at positions `cache.len() ..`, appending to the
     /// cache. Steering is added to each chosen block's output before the next block sees it.
     pub fn forward(&self, embeds: &Tensor, cache: &mut Cache, opts: ForwardOptions) -> Result<DecoderOutput> {
-        let start = cache.len();
-        let t = embeds.dim(1)?;
-        let (cos, sin) = self.rope.tables(start, t, embeds.device())?;
-        let mut xs = embeds.clone();
-        let mut layer_outputs = opts.capture_layers.then(|| Vec::with_capacity(self.layers.len()));
-        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            xs = layer.forward(&xs, &cos, &sin, start, kv)?;
-            if let Some(steering) = opts.steering {
-                xs = steering.apply(l, &xs, start, opts.prompt_len)?;
-            }
-            if let Some(outs) = layer_outputs.as_mut() {
-                outs.push(xs.get(0)?.get(t - 1)?);
-            }
-        }
-        let last = xs.narrow(1, t - 1, 1)?;
+        let steer = |layer: usize, xs: &Tensor, start: usize| match opts.steering {
+            Some(steering) => steering.apply(layer, xs, start, opts.prompt_len),
+            None => Ok(xs.clone()),
+        };
+        let (last, layer_outputs) = self.run_blocks(embeds, cache, opts.capture_layers, &steer)?;
         let normed = self.norm.forward(&last)?;
         let logits = if opts.logits { Some(self.lm_head.forward(&normed)?.flatten_all()?) } else { None };
         let final_norm = layer_outputs.as_ref().map(|_| normed.flatten_all()).transpose()?;
         Ok(DecoderOutput { logits, layer_outputs, final_norm })
+    }
+
+    /// Run a batch of sequences, `embeds` `[B, t, H]`, that differ only in their steering: row `b`
+    /// is steered by `steering[b]` (`prompt_len` as in [`ForwardOptions`]). Every weight is read
+    /// once for the whole batch, which is what makes decoding two answers together cheaper than
+    /// one after the other. Returns the last position's logits, `[B, V]`.
+    pub fn forward_batch(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        steering: &[Option<&Intervention>],
+        prompt_len: usize,
+    ) -> Result<Tensor> {
+        if steering.len() != embeds.dim(0)? {
+            candle_core::bail!("{} steering rows for a batch of {}", steering.len(), embeds.dim(0)?);
+        }
+        let steer = |layer: usize, xs: &Tensor, start: usize| {
+            if !steering.iter().flatten().any(|s| s.steers_layer(layer)) {
+                return Ok(xs.clone());
+            }
+            let rows = steering
+                .iter()
+                .enumerate()
+                .map(|(b, s)| {
+                    let row = xs.narrow(0, b, 1)?;
+                    match s {
+                        Some(s) => s.apply(layer, &row, start, prompt_len),
+                        None => Ok(row),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)
+        };
+        let (last, _) = self.run_blocks(embeds, cache, false, &steer)?;
+        self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)
+    }
+
+    /// The blocks over `embeds` `[B, t, H]` at positions `cache.len() ..`, `steer(layer, xs,
+    /// start)` after each: the last position's states `[B, 1, H]`, and with `capture` every
+    /// block's (steered) output there, `[H]` each (batch 1).
+    #[allow(clippy::type_complexity)]
+    fn run_blocks(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        capture: bool,
+        steer: &dyn Fn(usize, &Tensor, usize) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+        let start = cache.len();
+        let t = embeds.dim(1)?;
+        let (cos, sin) = self.rope.tables(start, t, embeds.device())?;
+        let mut xs = embeds.clone();
+        let mut layer_outputs = capture.then(|| Vec::with_capacity(self.layers.len()));
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            xs = steer(l, &layer.forward(&xs, &cos, &sin, start, kv)?, start)?;
+            if let Some(outs) = layer_outputs.as_mut() {
+                outs.push(xs.get(0)?.get(t - 1)?);
+            }
+        }
+        Ok((xs.narrow(1, t - 1, 1)?, layer_outputs))
     }
 
     /// Full-sequence hidden states `[L+1, T, H]` and logits `[T, V]` without a cache (debugging

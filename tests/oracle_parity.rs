@@ -157,6 +157,7 @@ fn parity(model: &str) {
         c.equal(id, "text stopped_on_eos", eos, txt["stopped_on_eos"].as_bool().unwrap());
 
         // Steering: the library API adds alpha·v (the oracle's convention).
+        let mut steered = Vec::new();
         for sc in &steer_cases {
             let name = sc["name"].as_str().unwrap();
             let vectors = vectors_for(model, sc["vectors_file"].as_str().unwrap());
@@ -172,9 +173,30 @@ fn parity(model: &str) {
             let (gen, eos) = greedy_ids(&vlm, &prepared, Some(&steering));
             c.equal(&what, "generated_ids", gen, ids(&want["generated_ids"]));
             c.equal(&what, "stopped_on_eos", eos, want["stopped_on_eos"].as_bool().unwrap());
+            // Compare's pair: unaltered and steered as one batch, the prompt shared up to the
+            // first steered position.
+            let pair = side_by_side(&vlm, &prepared, &[None, Some(&steering)]);
+            c.equal(&what, "pair: unaltered generated_ids", pair[0].clone(), ids(&mm["generated_ids"]));
+            c.equal(&what, "pair: steered generated_ids", pair[1].clone(), ids(&want["generated_ids"]));
+            steered.push((steering, ids(&want["generated_ids"])));
         }
+        // Every steer case and the unaltered answer in one batch (as `cmrm eval` sweeps α),
+        // each row steered its own way.
+        let rows: Vec<Option<&Intervention>> =
+            std::iter::once(None).chain(steered.iter().map(|(s, _)| Some(s))).collect();
+        let batch = side_by_side(&vlm, &prepared, &rows);
+        let want: Vec<Vec<u32>> =
+            std::iter::once(ids(&mm["generated_ids"])).chain(steered.iter().map(|(_, w)| w.clone())).collect();
+        c.equal(id, "batch of every steer case: generated_ids", batch, want);
     }
     c.finish(model);
+}
+
+/// Greedy ids of one answer per steering row, decoded as one batch.
+fn side_by_side(vlm: &Vlm, prepared: &cmrm::Prepared, rows: &[Option<&Intervention>]) -> Vec<Vec<u32>> {
+    let opts = vlm.default_generate_options(12, Sampling::Greedy);
+    let answers = vlm.generate_batch(prepared, rows, &opts, &mut |_, _| true).unwrap();
+    answers.into_iter().map(|g| g.generated_ids).collect()
 }
 
 #[test]

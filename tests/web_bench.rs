@@ -2,7 +2,8 @@
 //! headless Chromium (wasm32 simd128, one thread); `scripts/test-browser.sh --bench` runs both and
 //! prints the ratios. Each figure is one line `cmrm-bench NAME target=… threads=… VALUE`:
 //! - `decode`: greedy decode tokens/s of the llava-interleave-qwen-0.5b decoder (random f32
-//!   weights, `cmrm::bench` preset);
+//!   weights, `cmrm::bench` preset); `pair-decode`: the same for Compare's two answers decoded as
+//!   one batch, tokens/s over both;
 //! - `calibrate-tiny`: seconds per calibration prompt of dataset-level CMRM extraction
 //!   (`cmrm::cmrm::Extraction`, what `cmrm extract` and the page's "compute vectors here" run) on
 //!   the bundled model over the built-in set;
@@ -34,12 +35,36 @@ fn now_seconds() -> f64 {
     cmrm::generate::now_seconds()
 }
 
-/// `(tokens/s, threads)` over `TIMED_STEPS` cached decode steps after a short prompt.
-fn decode_tokens_per_s() -> (f64, usize) {
+/// `(tokens/s of one answer, tokens/s of a Compare pair over both answers, threads)` over
+/// `TIMED_STEPS` cached decode steps after a short prompt.
+fn decode_tokens_per_s() -> (f64, f64, usize) {
     let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
     let text = TextModel::new(&cfg.text, vb).unwrap();
-    (decode_on(&text), candle_core::utils::get_num_threads())
+    (decode_on(&text), pair_decode_on(&text), candle_core::utils::get_num_threads())
+}
+
+/// Decode tokens/s of two answers decoded as one batch (Compare's unaltered and steered panes,
+/// `TextModel::forward_batch`), counting both answers' tokens.
+fn pair_decode_on(text: &TextModel) -> f64 {
+    let prompt: Vec<u32> = (0..PROMPT_TOKENS as u32).map(|i| 1000 + i).collect();
+    let mut cache = text.new_cache(PROMPT_TOKENS + WARMUP_STEPS + TIMED_STEPS + 1);
+    let embeds = text.embed(&prompt).unwrap();
+    let pair = candle_core::Tensor::cat(&[&embeds, &embeds], 0).unwrap();
+    let mut logits = text.forward_batch(&pair, &mut cache, &[None, None], PROMPT_TOKENS).unwrap();
+    let mut step = |logits: &candle_core::Tensor| {
+        let ids: Vec<u32> = (0..2).map(|r| argmax(&logits.get(r).unwrap().to_vec1::<f32>().unwrap())).collect();
+        let embeds = text.embed(&ids).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+        text.forward_batch(&embeds, &mut cache, &[None, None], PROMPT_TOKENS).unwrap()
+    };
+    for _ in 0..WARMUP_STEPS {
+        logits = step(&logits);
+    }
+    let t0 = now_seconds();
+    for _ in 0..TIMED_STEPS {
+        logits = step(&logits);
+    }
+    2.0 * TIMED_STEPS as f64 / (now_seconds() - t0)
 }
 
 /// Decode tokens/s of `text` over `TIMED_STEPS` cached steps after a short prompt.
@@ -196,8 +221,9 @@ mod wasm {
     #[wasm_bindgen_test]
     #[ignore]
     fn decode_benchmark() {
-        let (tps, threads) = super::decode_tokens_per_s();
+        let (tps, pair, threads) = super::decode_tokens_per_s();
         console_log!("cmrm-bench decode target=wasm32 threads={threads} tokens_per_s={tps:.3}");
+        console_log!("cmrm-bench pair-decode target=wasm32 threads={threads} tokens_per_s={pair:.3}");
     }
 
     #[wasm_bindgen_test]
@@ -220,8 +246,9 @@ mod wasm {
 #[test]
 #[ignore]
 fn decode_benchmark() {
-    let (tps, threads) = decode_tokens_per_s();
+    let (tps, pair, threads) = decode_tokens_per_s();
     println!("cmrm-bench decode target=native threads={threads} tokens_per_s={tps:.3}");
+    println!("cmrm-bench pair-decode target=native threads={threads} tokens_per_s={pair:.3}");
 }
 
 #[cfg(not(target_arch = "wasm32"))]

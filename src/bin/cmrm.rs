@@ -563,9 +563,6 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let run = |label: &str, intervention: Option<&Intervention>| -> Result<Generation> {
         if !a.json {
-            if a.compare {
-                println!("── {label} ──");
-            }
             let mut out = std::io::stdout();
             let g = backend.generate(&vlm, &prepared, intervention, &opts, &mut |ev| {
                 let _ = write!(out, "{}", ev.text);
@@ -573,13 +570,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 true
             })?;
             println!();
-            eprintln!(
-                "{label}: {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s{}",
-                g.generated_ids.len(),
-                g.prefill_tokens_per_s,
-                g.decode_tokens_per_s,
-                if g.stopped_on_eos { ", stopped on EOS" } else { "" }
-            );
+            eprintln!("{label}: {}", generation_summary(&g));
             Ok(g)
         } else {
             backend.generate(&vlm, &prepared, intervention, &opts, &mut |_| true)
@@ -587,8 +578,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let value = match (&steer, a.compare) {
         (Some((intervention, desc)), true) => {
-            let unaltered = run("unaltered", None)?;
-            let steered = run("CMRM", Some(intervention))?;
+            let [unaltered, steered] = compare(&backend, &vlm, &prepared, intervention, &opts, !a.json)?;
             json!({"unaltered": generation_json(&unaltered), "steered": generation_json(&steered), "steering": desc})
         }
         (Some((intervention, desc)), false) => {
@@ -604,6 +594,56 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         emit(&value);
     }
     Ok(())
+}
+
+/// `--compare`: the unaltered and the steered answer decoded side by side (one batch on the
+/// CPU: each weight read once a step for both). When `print`, the unaltered answer streams and
+/// the steered one (decoded alongside) follows it.
+fn compare(
+    backend: &cmrm::gpu::DecoderBackend,
+    vlm: &Vlm,
+    prepared: &cmrm::pipeline::Prepared,
+    intervention: &Intervention,
+    opts: &cmrm::generate::GenerateOptions,
+    print: bool,
+) -> Result<[Generation; 2]> {
+    let mut out = std::io::stdout();
+    if print {
+        println!("── unaltered ──");
+    }
+    let answers = pollster::block_on(backend.generate_batch_async(
+        vlm,
+        prepared,
+        &[None, Some(intervention)],
+        opts,
+        &mut |answer, ev| {
+            if print && answer == 0 {
+                let _ = write!(out, "{}", ev.text);
+                let _ = out.flush();
+            }
+            true
+        },
+    ))?;
+    let [unaltered, steered]: [Generation; 2] =
+        answers.try_into().map_err(|_| anyhow::anyhow!("compare returned other than two answers"))?;
+    if print {
+        println!("\n── CMRM ──\n{}", steered.text);
+        for (label, g) in [("unaltered", &unaltered), ("CMRM", &steered)] {
+            eprintln!("{label}: {}", generation_summary(g));
+        }
+    }
+    Ok([unaltered, steered])
+}
+
+/// `N tokens, prefill … tok/s, decode … tok/s[, stopped on EOS]`.
+fn generation_summary(g: &Generation) -> String {
+    format!(
+        "{} tokens, prefill {:.1} tok/s, decode {:.1} tok/s{}",
+        g.generated_ids.len(),
+        g.prefill_tokens_per_s,
+        g.decode_tokens_per_s,
+        if g.stopped_on_eos { ", stopped on EOS" } else { "" }
+    )
 }
 
 fn cmd_probe(a: ProbeArgs) -> Result<()> {

@@ -81,39 +81,6 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-/// Host memory read bandwidth (GB/s): all threads summing a 256 MiB buffer, best of 3.
-#[cfg(not(target_arch = "wasm32"))]
-pub fn measure_read_bandwidth() -> f64 {
-    let n: usize = 64 << 20; // f32s = 256 MiB
-    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t0 = std::time::Instant::now();
-        let total: f32 = std::thread::scope(|s| {
-            let handles: Vec<_> = data
-                .chunks(n.div_ceil(threads))
-                .map(|c| {
-                    s.spawn(move || {
-                        let mut acc = [0f32; 16];
-                        for block in c.chunks_exact(16) {
-                            for (a, x) in acc.iter_mut().zip(block) {
-                                *a += x;
-                            }
-                        }
-                        acc.iter().sum::<f32>()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-        });
-        let secs = t0.elapsed().as_secs_f64();
-        std::hint::black_box(total);
-        best = best.max((n * 4) as f64 / secs / 1e9);
-    }
-    best
-}
-
 /// Greedy decode of `decode_tokens` after a `prompt_tokens`-token prompt on both backends.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn run(
@@ -166,7 +133,7 @@ pub fn run(
     let gpu_decode = now_seconds() - t1;
 
     let bytes = dec.weight_bytes_per_token();
-    let bw = measure_read_bandwidth();
+    let bw = crate::bench::measure_read_bandwidth();
     Ok(BenchReport {
         adapter: ctx.info().adapter.unwrap_or_default(),
         gpu_weights: dec.weights_name(),

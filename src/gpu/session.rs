@@ -9,7 +9,8 @@ use super::context::{BackendChoice, BackendInfo, GpuContext};
 use super::decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuSteering, GpuWeights, Readback};
 use super::vision::GpuVision;
 use crate::generate::{
-    generate_on, CpuSession, DecodeSession, GenerateOptions, Generation, Next, Sampling, StepFuture, TokenEvent,
+    generate_batch_on, BatchSession, CpuSession, GenerateOptions, Generation, Next, OneByOne, Sampling, StepFuture,
+    TokenEvent,
 };
 use crate::image::RgbImage;
 use crate::llava::LlavaModel;
@@ -225,19 +226,25 @@ impl DecoderBackend {
         Ok(layers.iter().map(|t| t.to_vec1()).collect::<candle_core::Result<_>>()?)
     }
 
-    /// A sequence to decode on this backend: a KV cache for `capacity` positions, with
-    /// `steering` applied (uploaded once for the GPU). `greedy`: the GPU returns only the argmax.
-    pub fn session<'a>(
+    /// Sequences that differ only in their steering (`steering[r]` for sequence `r`), with KV
+    /// caches for `capacity` positions, decoded side by side: one batch on the CPU; one after
+    /// the other on the GPU (steering uploaded once; `greedy`: only the argmax comes back).
+    pub fn batch_session<'a>(
         &'a self,
         vlm: &'a Vlm,
-        steering: Option<&'a Intervention>,
+        steering: &[Option<&'a Intervention>],
         prompt_len: usize,
         capacity: usize,
         greedy: bool,
-    ) -> Result<Box<dyn DecodeSession + 'a>> {
+    ) -> Result<Box<dyn BatchSession + 'a>> {
         Ok(match self {
-            Self::Cpu => Box::new(CpuSession::new(&vlm.model, steering, prompt_len, capacity)),
-            Self::Gpu(decoder, _) => Box::new(GpuSession::new(decoder, prompt_len, capacity, steering, greedy)?),
+            Self::Cpu => Box::new(CpuSession::batch(&vlm.model, steering.to_vec(), prompt_len, capacity)),
+            Self::Gpu(decoder, _) => Box::new(OneByOne(
+                steering
+                    .iter()
+                    .map(|s| GpuSession::new(decoder, prompt_len, capacity, *s, greedy))
+                    .collect::<Result<Vec<_>>>()?,
+            )),
         })
     }
 
@@ -263,12 +270,27 @@ impl DecoderBackend {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
+        let mut answers = self.generate_batch_async(vlm, prepared, &[steering], opts, &mut |_, e| on_token(e)).await?;
+        Ok(answers.remove(0))
+    }
+
+    /// One answer per entry of `steering` to the same prompt, decoded side by side
+    /// ([`Self::batch_session`]); `on_token(answer, event)` for every token, `false` stops all.
+    pub async fn generate_batch_async(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: &[Option<&Intervention>],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+    ) -> Result<Vec<Generation>> {
         let ids = &prepared.encoded.input_ids;
         let prompt_len = ids.len();
         let max_new =
             crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts.max_new_tokens);
         let greedy = opts.sampling == Sampling::Greedy;
-        let mut session = self.session(vlm, steering, prompt_len, prompt_len + max_new, greedy)?;
-        generate_on(&mut session, &vlm.processor.tokenizer, ids, &prepared.embeds, max_new, opts, on_token).await
+        let mut session = self.batch_session(vlm, steering, prompt_len, prompt_len + max_new, greedy)?;
+        let tokenizer = &vlm.processor.tokenizer;
+        generate_batch_on(&mut session, steering.len(), tokenizer, ids, &prepared.embeds, max_new, opts, on_token).await
     }
 }

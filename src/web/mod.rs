@@ -954,46 +954,43 @@ async fn compare(
     }
     let gen_opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids: vlm.eos_ids.clone() };
     let greedy = sampling == Sampling::Greedy;
-    let decoder_for = |steering| backend.session(vlm, steering, prompt_len, prompt_len + max_new, greedy);
-    let mut panes = [
-        ("unaltered", Generator::new(decoder_for(None)?, ids, max_new, &gen_opts)),
-        ("steered", Generator::new(decoder_for(Some(&steering))?, ids, max_new, &gen_opts)),
-    ];
+    // Both answers side by side: one batch on the CPU (each weight read once a step for the
+    // two), one after the other on the GPU.
+    let session = backend.batch_session(vlm, &[None, Some(&steering)], prompt_len, prompt_len + max_new, greedy)?;
+    let mut generator = Generator::new(session, 2, ids, max_new, &gen_opts);
+    const PANES: [&str; 2] = ["unaltered", "steered"];
     let tokenizer = &vlm.processor.tokenizer;
-    let mut stopped = false;
-    for (pane, generator) in panes.iter_mut() {
-        yield_to_event_loop().await;
-        if stop.get() {
-            stopped = true;
-            break;
-        }
+    yield_to_event_loop().await;
+    let mut stopped = stop.get();
+    if !stopped {
         generator.prefill(&prepared.embeds).await?;
-        let seconds = generator.result(tokenizer)?.prefill_seconds;
-        emit(CompareEvent::Prefill { pane, prompt_tokens: prompt_len, seconds })?;
+        for (index, pane) in PANES.iter().enumerate() {
+            let seconds = generator.result(index, tokenizer)?.prefill_seconds;
+            emit(CompareEvent::Prefill { pane, prompt_tokens: prompt_len, seconds })?;
+        }
     }
-    // One token per pane per turn, yielding between turns so `stop` can arrive.
-    while !stopped && panes.iter().any(|(_, g)| !g.is_finished()) {
-        for (pane, generator) in panes.iter_mut() {
-            if let Some(step) = generator.step(tokenizer).await? {
-                if !emit(CompareEvent::Token { pane, index: step.index, id: step.id, text: &step.text })? {
-                    stopped = true;
-                }
-                if generator.is_finished() {
-                    emit(CompareEvent::Done { pane, result: &generator.result(tokenizer)?.into() })?;
-                }
+    // A token for each pane per step, yielding between steps so `stop` can arrive.
+    while !stopped && !generator.is_finished() {
+        let events = generator.step(tokenizer).await?;
+        for (index, event) in events.iter().enumerate() {
+            let Some(step) = event else { continue };
+            let pane = PANES[index];
+            if !emit(CompareEvent::Token { pane, index: step.index, id: step.id, text: &step.text })? {
+                stopped = true;
+            }
+            if generator.answer_finished(index) {
+                emit(CompareEvent::Done { pane, result: &generator.result(index, tokenizer)?.into() })?;
             }
         }
         yield_to_event_loop().await;
         stopped |= stop.get();
     }
-    for (pane, generator) in panes.iter_mut() {
-        if !generator.is_finished() {
-            generator.cancel();
-            emit(CompareEvent::Done { pane, result: &generator.result(tokenizer)?.into() })?;
-        }
+    let going: Vec<bool> = (0..PANES.len()).map(|index| !generator.answer_finished(index)).collect();
+    generator.cancel();
+    for (index, pane) in PANES.iter().enumerate().filter(|(index, _)| going[*index]) {
+        emit(CompareEvent::Done { pane, result: &generator.result(index, tokenizer)?.into() })?;
     }
-    let [(_, unaltered), (_, steered)] = panes;
-    let (unaltered, steered) = (unaltered.result(tokenizer)?, steered.result(tokenizer)?);
+    let (unaltered, steered) = (generator.result(0, tokenizer)?, generator.result(1, tokenizer)?);
 
     let gap = if opts.gap && image.is_some() && !stopped {
         yield_to_event_loop().await;
