@@ -11,7 +11,8 @@ export CARGO_INCREMENTAL=0
 
 bash scripts/setup.sh
 
-step() { printf '\n=== %s ===\n' "$*" >&2; }
+START=$(date +%s)
+step() { printf '\n=== %s (at %d s) ===\n' "$*" "$(($(date +%s) - START))" >&2; }
 
 step "format and lints"
 cargo fmt --check
@@ -31,3 +32,4 @@ if [ -x scripts/test-browser.sh ]; then
   step "browser tests (headless Chromium)"
   bash scripts/test-browser.sh
 fi
+step "all tests passed"

@@ -140,7 +140,7 @@ impl Method {
     }
 }
 
-/// Metadata of a cmrm vector file (DESIGN §5).
+/// Metadata of a cmrm vector file (docs/contracts.md).
 pub fn vector_metadata(vlm: &Vlm, method: &str, anchor: &str, n_calibration: usize) -> HashMap<String, String> {
     let cfg = vlm.config();
     HashMap::from([

@@ -378,9 +378,13 @@ async fn in_browser_calibration_equals_native_extract() {
     // Cancelled at once: an error that says so, and no vectors in use.
     let promise = session.calibrate(js(&options), None);
     session.stop();
-    let e = message(JsFuture::from(promise).await.unwrap_err());
-    assert!(e.contains("cancelled after 0 of 40"), "{e}");
-    let e = message(session.export_vectors("safetensors").map_err(JsValue::from).unwrap_err());
+    let error = JsFuture::from(promise).await.unwrap_err();
+    assert_eq!(js_sys::Reflect::get(&error, &"kind".into()).unwrap().as_string().as_deref(), Some("cancelled"));
+    let e = message(error);
+    assert!(e.starts_with("calibration cancelled after 0 of 40"), "{e}");
+    let error = session.export_vectors("safetensors").map_err(JsValue::from).unwrap_err();
+    assert_eq!(js_sys::Reflect::get(&error, &"kind".into()).unwrap().as_string().as_deref(), Some("error"));
+    let e = message(error);
     assert!(e.contains("no dataset-level vectors"), "{e}");
 
     let computed = calibrate(&session, options.clone()).await.unwrap();

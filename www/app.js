@@ -80,6 +80,7 @@ function startWorker() {
     else {
       const err = new Error(e.data.message);
       err.crashed = e.data.crashed;
+      err.kind = e.data.kind;
       p.reject(err);
     }
   };
@@ -112,16 +113,19 @@ function setStatus(s) {
   $("load-model").disabled = state.busy;
 }
 
-function showError(msg) {
+/// `kind`: cancelled | out-of-memory | error | crashed (the worker's error kinds), kept on the
+/// element as data-kind for scripts and tests.
+function showError(msg, kind = "") {
   const el = $("error");
   el.textContent = msg;
+  el.dataset.kind = msg ? kind : "";
   el.hidden = !msg;
 }
 
 const mb = (n) => (n / 1e6).toFixed(n < 1e7 ? 2 : 0) + " MB";
 
 function fail(err) {
-  showError(err.message || String(err));
+  showError(err.message || String(err), err.kind || "error");
   if (err.crashed) {
     // The wasm instance is dead after a panic: start a fresh worker; the model must be reloaded.
     worker.terminate();
@@ -129,7 +133,7 @@ function fail(err) {
     pending.clear();
     startWorker();
     state.loaded = false;
-    showError(`${err.message} — the engine crashed and was restarted; load the model again.`);
+    showError(`${err.message} — the engine crashed and was restarted; load the model again.`, "crashed");
   }
   state.busy = false;
   setStatus(state.loaded ? "ready" : "no model");
@@ -368,7 +372,7 @@ async function calibrate() {
     bar.hidden = true;
     $("calibrate-text").textContent = "";
     // Stop is not a failure: say where it stopped.
-    if (!err.crashed && /calibration cancelled/.test(err.message)) $("calibrate-text").textContent = err.message;
+    if (err.kind === "cancelled") $("calibrate-text").textContent = err.message;
     else return fail(err);
   }
   state.busy = false;

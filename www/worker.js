@@ -106,6 +106,8 @@ onmessage = async (e) => {
     if (!handler) throw new CmrmError(`unknown request ${msg.type}`);
     reply(msg.id, "result", { value: await handler(msg) });
   } catch (err) {
-    reply(msg.id, "error", { message: message(err), crashed: !isOurs(err), kind: err?.name || typeof err });
+    // kind: what cmrm says it is (cancelled, out-of-memory, error), or "crashed".
+    const crashed = !isOurs(err);
+    reply(msg.id, "error", { message: message(err), crashed, kind: crashed ? "crashed" : err.kind || "error" });
   }
 };

@@ -1,7 +1,7 @@
 //! `cmrm` — the native CLI: generate, probe, extract, vectors, eval, bench, quantize, inspect,
 //! synthesize.
 //! With `--json`, every subcommand prints exactly one JSON object on stdout; progress and logs go
-//! to stderr (DESIGN.md §4).
+//! to stderr (docs/contracts.md).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -24,7 +24,7 @@ use crate::steering::SteeringVectors;
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CalibrateOptions {
-    /// URL of a calibration JSONL (DESIGN §5; relative URLs against the page), e.g.
+    /// URL of a calibration JSONL (docs/contracts.md; relative URLs against the page), e.g.
     /// `assets/calibration/builtin-v1.jsonl`. Images the items name are fetched relative to it.
     calibration: String,
     /// Name of the set (cache key, metadata); default: the file name without extension.
@@ -184,11 +184,12 @@ impl Session {
             yield_to_event_loop().await;
             if self.stop.get() {
                 let p = extraction.progress();
-                bail!(
+                return Err(anyhow::anyhow!(
                     "calibration cancelled after {} of {} prompts; the vectors in use did not change",
                     p.done,
                     p.total
-                );
+                )
+                .context(super::ErrorKind::Cancelled));
             }
             let p = extraction.step_on(&backend, &self.vlm, &load_image).await?;
             if let Some(cb) = on_event {

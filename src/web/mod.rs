@@ -1,4 +1,4 @@
-//! The browser API (wasm-bindgen), DESIGN §6. Everything model-related happens here in Rust; the
+//! The browser API (wasm-bindgen; docs/contracts.md). Everything model-related happens here in Rust; the
 //! page's JavaScript only moves bytes and draws.
 //!
 //! ```js
@@ -46,17 +46,55 @@ pub fn init_panic_hook() {
     console_error_panic_hook::set_once();
 }
 
-/// anyhow error (with its context chain) → JS `Error`.
+/// What kind of failure an error is, for the page. Errors reach JS with a `kind`:
+/// `"cancelled"` (Stop), `"out-of-memory"` (refused for the memory a tab has), `"error"` (any
+/// other failure cmrm reports: bad input, a download); the worker adds `"crashed"` for a trap of
+/// the wasm instance. The page acts on the kind, never on the message text. Attached to an error
+/// as an anyhow context that prints nothing ([`message_of`] leaves it out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Cancelled,
+    OutOfMemory,
+}
+
+impl ErrorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::OutOfMemory => "out-of-memory",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+/// The error's chain of messages, outermost first, joined by ": " (the `{:#}` form, without the
+/// [`ErrorKind`] markers).
+pub fn message_of(e: &anyhow::Error) -> String {
+    e.chain().map(ToString::to_string).filter(|m| !m.is_empty()).collect::<Vec<_>>().join(": ")
+}
+
+/// anyhow error (with its context chain) → JS `Error` with its kind.
 fn to_js(e: anyhow::Error) -> JsValue {
-    error_value(&format!("{e:#}"))
+    js_error_of_kind(&message_of(&e), e.downcast_ref::<ErrorKind>().map_or("error", |k| k.name()))
 }
 
 /// An `Error` named `CmrmError`: a failure cmrm reports (bad input, a download, a refusal), as
 /// opposed to a crash of the wasm instance (a trap, a stack overflow), after which the worker
 /// must be restarted.
 pub(crate) fn error_value(message: &str) -> JsValue {
+    js_error_of_kind(message, "error")
+}
+
+/// A `CmrmError` with its `kind` ([`ErrorKind`]).
+fn js_error_of_kind(message: &str, kind: &str) -> JsValue {
     let error = js_sys::Error::new(message);
     error.set_name("CmrmError");
+    let _ = js_sys::Reflect::set(&error, &"kind".into(), &kind.into());
     error.into()
 }
 
@@ -86,13 +124,15 @@ struct ModelSpec {
     weights: Option<String>,
 }
 
+/// The weight format a model loads in within a tab's memory; a refusal is of kind
+/// [`ErrorKind::OutOfMemory`].
 fn fit_format(
     name: &str,
     choice: WeightChoice,
     model_bytes: impl Fn(WeightFormat) -> u64,
     held: u64,
 ) -> Result<WeightFormat> {
-    choose_format(name, choice, model_bytes, held, crate::quant::BROWSER_WEIGHT_BUDGET)
+    choose_format(name, choice, model_bytes, held, crate::quant::BROWSER_WEIGHT_BUDGET).context(ErrorKind::OutOfMemory)
 }
 
 #[derive(Deserialize)]
@@ -513,7 +553,7 @@ impl Session {
             plan.read_weight_headers().await;
             let fit = check_memory(&plan, choice);
             let mut value = serde_json::to_value(&plan)?;
-            value["memoryProblem"] = fit.as_ref().err().map(|e| format!("{e:#}")).into();
+            value["memoryProblem"] = fit.as_ref().err().map(message_of).into();
             value["weights"] = fit.ok().flatten().map(|f| f.name()).into();
             value["modelBytes"] = serde_json::json!({
                 "f32": plan.model_bytes(WeightFormat::F32),
@@ -524,7 +564,7 @@ impl Session {
             // and the headers: a template or config that cannot work is known before any weight.
             match inspect_plan(&plan).await {
                 Ok(facts) => value["inspection"] = serde_json::to_value(facts)?,
-                Err(e) => value["inspectionProblem"] = format!("{e:#}").into(),
+                Err(e) => value["inspectionProblem"] = message_of(&e).into(),
             }
             to_js_value(&value)
         }
@@ -806,7 +846,8 @@ impl Session {
         report("backend", "", 0, 0, done_before, false);
         if let Err(e) = session.select_backend(backend, gpu_weights).await {
             // The model is loaded: keep it on the CPU and say why (setBackend can try again).
-            session.state.borrow_mut().backend_info = BackendInfo::cpu(Some(format!("WebGPU was asked for: {e:#}")));
+            session.state.borrow_mut().backend_info =
+                BackendInfo::cpu(Some(format!("WebGPU was asked for: {}", message_of(&e))));
         }
         if let Some(url) = &options.vectors {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {

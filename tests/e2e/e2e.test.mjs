@@ -256,6 +256,7 @@ test("a crash of the engine (a stack overflow in the worker) restarts it; the pa
   await page.evaluate(() => window.cmrmTest.crashWorker());
   await page.waitForFunction(() => /the engine crashed and was restarted/.test(document.querySelector('[data-testid="error"]').textContent), null, { timeout: T });
   assert.match(await byTestId("error").textContent(), /call stack|recursion/i);
+  assert.equal(await byTestId("error").getAttribute("data-kind"), "crashed");
   assert.equal(await status(), "no model");
   await loadAndCompareCase0();
   assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
@@ -355,6 +356,7 @@ test("a model too large for wasm memory is refused before downloading; the page 
   const error = byTestId("error");
   await error.waitFor({ state: "visible", timeout: T });
   assert.match(await error.textContent(), /needs about [\d.]+ GB of WebAssembly memory/);
+  assert.equal(await error.getAttribute("data-kind"), "out-of-memory");
   await page.screenshot({ path: resolve(artifacts, "e2e-too-large.png") });
   assert.equal(await status(), "no model");
   assert.ok(!site.requests.includes("GET /huge/model.safetensors"), "only ranges of the weights were read");
