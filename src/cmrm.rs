@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use crate::backend::DecoderBackend;
 use crate::generate::run_ready;
-use crate::gpu::DecoderBackend;
 use crate::image::RgbImage;
 use crate::pipeline::{PromptText, Vlm};
 use crate::steering::{SteeringVectors, VECTORS_FORMAT};

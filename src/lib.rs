@@ -8,6 +8,7 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod atomic_file;
+pub mod backend;
 pub mod bench;
 pub mod catalog;
 pub mod chat_template;

@@ -9,9 +9,10 @@ mod common;
 
 use std::sync::Arc;
 
+use cmrm::backend::DecoderBackend;
 use cmrm::generate::{CpuSession, DecodeSession, Next, Sampling};
 use cmrm::gpu::session::GpuSession;
-use cmrm::gpu::{DecoderBackend, GpuContext, GpuDecoder, GpuWeights};
+use cmrm::gpu::{GpuContext, GpuDecoder, GpuWeights};
 use cmrm::steering::{Intervention, Positions, SteeringVectors};
 use cmrm::text::ForwardOptions;
 use cmrm::{decode_image, PromptText, Vlm};

@@ -76,8 +76,8 @@ fn gpu_vision_matches_cpu_and_transformers() {
 /// sample-level vector as a one-prompt extraction, as on the CPU.
 #[test]
 fn cmrm_on_the_gpu_backend_matches_the_cpu() {
+    use cmrm::backend::DecoderBackend;
     use cmrm::cmrm::{extract_on, parse_calibration, sample_level_vectors_on, Anchor, Method};
-    use cmrm::gpu::DecoderBackend;
     use cmrm::PromptText;
     let Some(ctx) = ctx() else { return };
     let mut c = Checker::default();

@@ -9,8 +9,9 @@ mod common;
 
 use std::path::PathBuf;
 
+use cmrm::backend::DecoderBackend;
 use cmrm::generate::Sampling;
-use cmrm::gpu::{DecoderBackend, GpuWeights};
+use cmrm::gpu::GpuWeights;
 use cmrm::{decode_image, PromptText, Vlm};
 use common::{ids, max_abs_diff};
 use serde_json::Value;

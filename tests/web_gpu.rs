@@ -11,8 +11,9 @@
 use std::sync::Arc;
 
 use candle_core::Device;
+use cmrm::backend::DecoderBackend;
 use cmrm::generate::Sampling;
-use cmrm::gpu::{DecoderBackend, GpuContext, GpuDecoder};
+use cmrm::gpu::{GpuContext, GpuDecoder};
 use cmrm::processor::ProcessorFiles;
 use cmrm::steering::{Intervention, Positions, SteeringVectors};
 use cmrm::text::ForwardOptions;

@@ -201,10 +201,10 @@ struct BackendArgs {
 
 impl BackendArgs {
     /// The backend for `vlm` and what it is (printed on stderr unless `quiet`).
-    fn select(&self, vlm: &Vlm, quiet: bool) -> Result<(cmrm::gpu::DecoderBackend, cmrm::gpu::BackendInfo)> {
+    fn select(&self, vlm: &Vlm, quiet: bool) -> Result<(cmrm::backend::DecoderBackend, cmrm::gpu::BackendInfo)> {
         let choice: cmrm::gpu::BackendChoice = self.backend.parse()?;
         let gpu_weights: cmrm::gpu::GpuWeights = self.gpu_weights.parse()?;
-        let (backend, info) = cmrm::gpu::DecoderBackend::select_blocking(choice, &vlm.model, gpu_weights)?;
+        let (backend, info) = cmrm::backend::DecoderBackend::select_blocking(choice, &vlm.model, gpu_weights)?;
         if !quiet {
             eprintln!("backend: {}", serde_json::to_string(&info)?);
         }
@@ -449,7 +449,7 @@ fn load_model_as(spec: &Path, weights: &str) -> Result<Vlm> {
 fn prepare(
     vlm: &Vlm,
     input: &InputArgs,
-    backend: &cmrm::gpu::DecoderBackend,
+    backend: &cmrm::backend::DecoderBackend,
 ) -> Result<(cmrm::Prepared, PromptText, Option<cmrm::pipeline::EncodedImage>)> {
     let encoded = match &input.image {
         Some(path) => {
@@ -469,7 +469,7 @@ fn steering(
     vlm: &Vlm,
     args: &SteeringArgs,
     text: &PromptText,
-    backend: &cmrm::gpu::DecoderBackend,
+    backend: &cmrm::backend::DecoderBackend,
 ) -> Result<Option<(Intervention, Value)>> {
     let request = SteeringRequest {
         alpha: args.alpha,
@@ -544,7 +544,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         _ => Sampling::Greedy,
     };
     let opts = vlm.default_generate_options(a.max_new_tokens, sampling);
-    let decoder_on = if matches!(backend, cmrm::gpu::DecoderBackend::Cpu) { "cpu" } else { "webgpu" };
+    let decoder_on = if matches!(backend, cmrm::backend::DecoderBackend::Cpu) { "cpu" } else { "webgpu" };
     let stages = |g: &Generation| -> Value {
         let mut stages = json!({
             "prefill": StageTime { on: decoder_on, seconds: g.prefill_seconds },
@@ -600,7 +600,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 /// CPU: each weight read once a step for both). When `print`, the unaltered answer streams and
 /// the steered one (decoded alongside) follows it.
 fn compare(
-    backend: &cmrm::gpu::DecoderBackend,
+    backend: &cmrm::backend::DecoderBackend,
     vlm: &Vlm,
     prepared: &cmrm::pipeline::Prepared,
     intervention: &Intervention,

@@ -14,7 +14,8 @@
 //! - [`decoder`]: [`GpuDecoder`], the same outputs as `TextModel::forward`;
 //! - [`vision`]: [`GpuVision`], the vision tower and projector: the same image features as
 //!   `LlavaModel::encode_image`;
-//! - [`session`]: generation on the GPU and the [`DecoderBackend`] choice used by the CLI;
+//! - [`session`]: one sequence decoded on the GPU ([`GpuSession`]; the choice of backend a
+//!   request runs on is `crate::backend`);
 //! - [`ops`]: single kernels on host data (self-test and per-kernel tests);
 //! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
 
@@ -35,5 +36,5 @@ pub mod vision;
 
 pub use context::{BackendChoice, BackendInfo, GpuContext};
 pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};
-pub use session::DecoderBackend;
+pub use session::GpuSession;
 pub use vision::GpuVision;

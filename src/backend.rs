@@ -1,0 +1,243 @@
+//! [`DecoderBackend`]: where a request runs — the CPU (candle), or the wgpu engine (the decoder,
+//! and the vision tower with the projector when they could be uploaded). The CLI, the page and
+//! CMRM's own prefills choose here; `gpu/` is the engine and knows nothing of requests.
+
+// wgpu's handles are Send + Sync natively but not on wasm32 (one thread there).
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::generate::{
+    generate_batch_on, BatchSession, CpuSession, GenerateOptions, Generation, OneByOne, Sampling, TokenEvent,
+};
+use crate::gpu::context::{BackendChoice, BackendInfo, GpuContext};
+use crate::gpu::decoder::{GpuDecoder, GpuWeights};
+use crate::gpu::session::GpuSession;
+use crate::gpu::vision::GpuVision;
+use crate::image::RgbImage;
+use crate::llava::LlavaModel;
+use crate::pipeline::{EncodedImage, Prepared, Probe, Vlm};
+use crate::steering::Intervention;
+use crate::text::{DecoderOutput, ForwardOptions, TextModel};
+
+/// Where a generation runs: the CPU (candle), or the GPU — the decoder, and the vision tower
+/// with the projector when they could be uploaded (else they stay on the CPU, and
+/// `vision_reason` says why).
+pub enum DecoderBackend {
+    Cpu,
+    Gpu(Box<GpuDecoder>, GpuVisionSlot),
+}
+
+/// The GPU vision tower of a [`DecoderBackend::Gpu`], or why the image is encoded on the CPU.
+pub enum GpuVisionSlot {
+    Gpu(Box<GpuVision>),
+    Cpu(String),
+}
+
+impl DecoderBackend {
+    /// Upload `model`'s decoder to a GPU context (in f32; the image stays on the CPU).
+    pub async fn gpu(ctx: Arc<GpuContext>, model: &TextModel) -> Result<Self> {
+        let decoder = GpuDecoder::new(ctx, model).await?;
+        Ok(Self::Gpu(Box::new(decoder), GpuVisionSlot::Cpu("only the decoder was uploaded".into())))
+    }
+
+    /// Upload `model` — decoder, vision tower and projector — to a GPU context, the matrices
+    /// stored as `weights`. A vision tower the GPU cannot take stays on the CPU (with the reason).
+    pub async fn gpu_model(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        let decoder = GpuDecoder::new_with(ctx.clone(), &model.text, weights).await?;
+        let vision = match GpuVision::new(ctx, model, weights).await {
+            Ok(v) => GpuVisionSlot::Gpu(Box::new(v)),
+            Err(e) => GpuVisionSlot::Cpu(format!("{e:#}")),
+        };
+        Ok(Self::Gpu(Box::new(decoder), vision))
+    }
+
+    /// `auto` / `webgpu` / `cpu`: pick the backend for `model` and say which. `auto` falls back
+    /// to the CPU (with the reason in the info) when no adapter passes the self-test or the
+    /// weights do not fit.
+    pub async fn select(choice: BackendChoice, model: &LlavaModel) -> Result<(Self, BackendInfo)> {
+        Self::select_with(choice, model, GpuWeights::F32).await
+    }
+
+    /// [`Self::select`] with the GPU matrices stored as `weights`.
+    pub async fn select_with(
+        choice: BackendChoice,
+        model: &LlavaModel,
+        weights: GpuWeights,
+    ) -> Result<(Self, BackendInfo)> {
+        let (ctx, info) = crate::gpu::context::select_backend(choice).await?;
+        let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
+        match Self::gpu_model(Arc::new(ctx), model, weights).await {
+            Ok(backend) => {
+                let info = backend.info();
+                Ok((backend, info))
+            }
+            Err(e) if choice == BackendChoice::Auto => Ok((Self::Cpu, BackendInfo::cpu(Some(format!("{e:#}"))))),
+            Err(e) => Err(e.context("--backend webgpu")),
+        }
+    }
+
+    /// Blocking [`Self::select_with`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn select_blocking(
+        choice: BackendChoice,
+        model: &LlavaModel,
+        weights: GpuWeights,
+    ) -> Result<(Self, BackendInfo)> {
+        pollster::block_on(Self::select_with(choice, model, weights))
+    }
+
+    pub fn info(&self) -> BackendInfo {
+        match self {
+            Self::Cpu => BackendInfo::cpu(None),
+            Self::Gpu(d, vision) => {
+                let (vision, vision_reason) = match vision {
+                    GpuVisionSlot::Gpu(_) => ("webgpu".to_owned(), None),
+                    GpuVisionSlot::Cpu(why) => ("cpu".to_owned(), Some(why.clone())),
+                };
+                BackendInfo { gpu_weights: Some(d.weights_name()), vision, vision_reason, ..d.context().info() }
+            }
+        }
+    }
+
+    /// The GPU vision tower, when the image is encoded there.
+    pub fn gpu_vision(&self) -> Option<&GpuVision> {
+        match self {
+            Self::Gpu(_, GpuVisionSlot::Gpu(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Image → its features (as [`Vlm::encode_image`]) and the time of each stage, on the GPU
+    /// when the vision tower is there.
+    pub async fn encode_image_async(&self, vlm: &Vlm, img: &RgbImage) -> Result<EncodedImage> {
+        match self.gpu_vision() {
+            Some(vision) => {
+                let t0 = crate::generate::now_seconds();
+                let (_, pixel_values) = vlm.pixel_values(img)?;
+                let preprocess = crate::generate::now_seconds() - t0;
+                let mut encoded = vision
+                    .encode_timed(&vlm.model, &pixel_values)
+                    .await
+                    .context("encoding the image on the GPU failed")?;
+                encoded.vision.seconds += preprocess;
+                Ok(encoded)
+            }
+            None => vlm.encode_image_timed(img),
+        }
+    }
+
+    /// Blocking [`Self::encode_image_async`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode_image(&self, vlm: &Vlm, img: &RgbImage) -> Result<EncodedImage> {
+        pollster::block_on(self.encode_image_async(vlm, img))
+    }
+
+    /// [`Vlm::capture_prefill`] on this backend.
+    async fn capture_prefill(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        logits: bool,
+    ) -> Result<DecoderOutput> {
+        match self {
+            Self::Cpu => vlm.capture_prefill(prepared, steering, logits),
+            Self::Gpu(decoder, _) => {
+                let n = prepared.encoded.input_ids.len();
+                let mut cache = decoder.new_cache(n)?;
+                let opts = ForwardOptions { steering, prompt_len: n, capture_layers: true, logits };
+                decoder.forward_like_cpu(&prepared.embeds, &mut cache, opts).await
+            }
+        }
+    }
+
+    /// [`Vlm::probe`] on this backend: hidden states, block outputs and logits at the last
+    /// prompt position of `prepared` with `steering` (one prefill).
+    pub async fn probe_async(&self, vlm: &Vlm, prepared: &Prepared, steering: Option<&Intervention>) -> Result<Probe> {
+        Probe::from_output(prepared, self.capture_prefill(vlm, prepared, steering, true).await?)
+    }
+
+    /// Block outputs at the last prompt position, `[L][H]` (as [`Self::probe_async`]'s, without
+    /// the logits: CMRM's shifts need only these).
+    pub async fn layer_outputs_async(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let out = self.capture_prefill(vlm, prepared, steering, false).await?;
+        let layers = out.layer_outputs.context("the prefill returned no layer outputs")?;
+        Ok(layers.iter().map(|t| t.to_vec1()).collect::<candle_core::Result<_>>()?)
+    }
+
+    /// Sequences that differ only in their steering (`steering[r]` for sequence `r`), with KV
+    /// caches for `capacity` positions, decoded side by side: one batch on the CPU; one after
+    /// the other on the GPU (steering uploaded once; `greedy`: only the argmax comes back).
+    pub fn batch_session<'a>(
+        &'a self,
+        vlm: &'a Vlm,
+        steering: &[Option<&'a Intervention>],
+        prompt_len: usize,
+        capacity: usize,
+        greedy: bool,
+    ) -> Result<Box<dyn BatchSession + 'a>> {
+        Ok(match self {
+            Self::Cpu => Box::new(CpuSession::batch(&vlm.model, steering.to_vec(), prompt_len, capacity)),
+            Self::Gpu(decoder, _) => Box::new(OneByOne(
+                steering
+                    .iter()
+                    .map(|s| GpuSession::new(decoder, prompt_len, capacity, *s, greedy))
+                    .collect::<Result<Vec<_>>>()?,
+            )),
+        })
+    }
+
+    /// [`Vlm::generate`] on this backend, blocking (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn generate(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        pollster::block_on(self.generate_async(vlm, prepared, steering, opts, on_token))
+    }
+
+    /// [`Vlm::generate`] on this backend, awaiting the GPU (the browser's path; also native).
+    pub async fn generate_async(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: Option<&Intervention>,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        let mut answers = self.generate_batch_async(vlm, prepared, &[steering], opts, &mut |_, e| on_token(e)).await?;
+        Ok(answers.remove(0))
+    }
+
+    /// One answer per entry of `steering` to the same prompt, decoded side by side
+    /// ([`Self::batch_session`]); `on_token(answer, event)` for every token, `false` stops all.
+    pub async fn generate_batch_async(
+        &self,
+        vlm: &Vlm,
+        prepared: &Prepared,
+        steering: &[Option<&Intervention>],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+    ) -> Result<Vec<Generation>> {
+        let ids = &prepared.encoded.input_ids;
+        let prompt_len = ids.len();
+        let max_new =
+            crate::generate::max_new_tokens(vlm.config().text.max_position_embeddings, prompt_len, opts.max_new_tokens);
+        let greedy = opts.sampling == Sampling::Greedy;
+        let mut session = self.batch_session(vlm, steering, prompt_len, prompt_len + max_new, greedy)?;
+        let tokenizer = &vlm.processor.tokenizer;
+        generate_batch_on(&mut session, steering.len(), tokenizer, ids, &prepared.embeds, max_new, opts, on_token).await
+    }
+}
