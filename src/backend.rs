@@ -7,12 +7,12 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::generate::{
     generate_batch_on, BatchSession, CpuSession, GenerateOptions, Generation, OneByOne, Sampling, TokenEvent,
 };
-use crate::gpu::context::{BackendChoice, BackendInfo, GpuContext};
+use crate::gpu::context::GpuContext;
 use crate::gpu::decoder::{GpuDecoder, GpuWeights};
 use crate::gpu::session::GpuSession;
 use crate::gpu::vision::GpuVision;
@@ -21,6 +21,119 @@ use crate::llava::LlavaModel;
 use crate::pipeline::{EncodedImage, Prepared, Probe, Vlm};
 use crate::steering::Intervention;
 use crate::text::{DecoderOutput, ForwardOptions, TextModel};
+
+/// Which compute backend runs the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// WebGPU / Vulkan when a hardware adapter exists and passes the self-test, else the CPU.
+    #[default]
+    Auto,
+    /// The wgpu engine or an error.
+    Webgpu,
+    /// candle on the CPU.
+    Cpu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "webgpu" | "gpu" | "wgpu" => Ok(Self::Webgpu),
+            "cpu" => Ok(Self::Cpu),
+            other => bail!("backend must be auto, webgpu or cpu (got '{other}')"),
+        }
+    }
+}
+
+/// What was chosen, for `info()` and the CLI's `--json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BackendInfo {
+    /// `"webgpu"` or `"cpu"`.
+    pub backend: String,
+    /// Adapter name (e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`), when a GPU adapter is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// wgpu backend under WebGPU's API (`vulkan`, `browser_webgpu`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// Why `auto` fell back to the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    /// How the decoder's matrices are stored on the GPU (`GpuDecoder::weights_name`: `f32`, `f16`,
+    /// `q8_0`, `q4_0+q4k`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_weights: Option<String>,
+    /// Where the vision tower and projector run (`"webgpu"` or `"cpu"`); with the decoder on the
+    /// GPU, `"cpu"` comes with `vision_reason`.
+    pub vision: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision_reason: Option<String>,
+}
+
+impl BackendInfo {
+    /// The CPU, with why when `auto` fell back to it.
+    pub fn cpu(reason: Option<String>) -> Self {
+        Self {
+            backend: "cpu".into(),
+            adapter: None,
+            api: None,
+            fallback_reason: reason,
+            gpu_weights: None,
+            vision: "cpu".into(),
+            vision_reason: None,
+        }
+    }
+
+    /// A GPU context's adapter (the decoder's storage and the vision tower's place still to fill).
+    pub fn gpu(ctx: &GpuContext) -> Self {
+        Self {
+            backend: "webgpu".into(),
+            adapter: Some(crate::gpu::context::adapter_label(&ctx.adapter_info)),
+            api: Some(format!("{:?}", ctx.adapter_info.backend).to_lowercase()),
+            fallback_reason: None,
+            gpu_weights: None,
+            vision: "cpu".into(),
+            vision_reason: None,
+        }
+    }
+}
+
+/// `auto` / `webgpu` / `cpu` → a GPU context or `None` (CPU), with what was chosen and why.
+async fn choose_context(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
+    match choice {
+        BackendChoice::Cpu => Ok((None, BackendInfo::cpu(None))),
+        BackendChoice::Webgpu => {
+            let ctx = GpuContext::new().await.context("--backend webgpu: no usable WebGPU/Vulkan adapter")?;
+            let info = BackendInfo::gpu(&ctx);
+            Ok((Some(ctx), info))
+        }
+        BackendChoice::Auto => {
+            let adapter = match crate::gpu::context::request_adapter().await {
+                Ok(adapter) => adapter,
+                Err(e) => return Ok((None, BackendInfo::cpu(Some(format!("no WebGPU/Vulkan adapter: {e}"))))),
+            };
+            let adapter_info = adapter.get_info();
+            // lavapipe / SwiftShader run the shaders on the CPU, slower than candle's CPU path:
+            // decided from the adapter alone, before opening a device and compiling kernels.
+            if adapter_info.device_type == wgpu::DeviceType::Cpu {
+                let reason = format!(
+                    "the adapter '{}' is a software rasterizer; the CPU path is faster (choose the webgpu backend to force it)",
+                    crate::gpu::context::adapter_label(&adapter_info)
+                );
+                return Ok((None, BackendInfo::cpu(Some(reason))));
+            }
+            match GpuContext::from_adapter(adapter).await {
+                Ok(ctx) => {
+                    let info = BackendInfo::gpu(&ctx);
+                    Ok((Some(ctx), info))
+                }
+                Err(e) => Ok((None, BackendInfo::cpu(Some(format!("{e:#}"))))),
+            }
+        }
+    }
+}
 
 /// Where a generation runs: the CPU (candle), or the GPU — the decoder, and the vision tower
 /// with the projector when they could be uploaded (else they stay on the CPU, and
@@ -67,7 +180,7 @@ impl DecoderBackend {
         model: &LlavaModel,
         weights: GpuWeights,
     ) -> Result<(Self, BackendInfo)> {
-        let (ctx, info) = crate::gpu::context::select_backend(choice).await?;
+        let (ctx, info) = choose_context(choice).await?;
         let Some(ctx) = ctx else { return Ok((Self::Cpu, info)) };
         match Self::gpu_model(Arc::new(ctx), model, weights).await {
             Ok(backend) => {
@@ -97,7 +210,12 @@ impl DecoderBackend {
                     GpuVisionSlot::Gpu(_) => ("webgpu".to_owned(), None),
                     GpuVisionSlot::Cpu(why) => ("cpu".to_owned(), Some(why.clone())),
                 };
-                BackendInfo { gpu_weights: Some(d.weights_name()), vision, vision_reason, ..d.context().info() }
+                BackendInfo {
+                    gpu_weights: Some(d.weights_name()),
+                    vision,
+                    vision_reason,
+                    ..BackendInfo::gpu(d.context())
+                }
             }
         }
     }

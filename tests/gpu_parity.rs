@@ -188,7 +188,7 @@ fn gpu_parity_siglip_qwen2() {
 /// such as lavapipe, whose shaders run slower than candle's CPU path.
 #[test]
 fn backend_choice_reports_adapter() {
-    use cmrm::gpu::BackendChoice;
+    use cmrm::backend::BackendChoice;
     let vlm = Vlm::load_dir(&model_dir(MODELS[0])).unwrap();
     let (b, info) = DecoderBackend::select_blocking(BackendChoice::Cpu, &vlm.model, GpuWeights::F32).unwrap();
     assert!(matches!(b, DecoderBackend::Cpu));
@@ -220,7 +220,7 @@ fn backend_choice_reports_adapter() {
 /// every oracle case's prompt, unaltered and steered; `info()` says f16.
 #[test]
 fn f16_weights_stay_close_to_f32() {
-    use cmrm::gpu::BackendChoice;
+    use cmrm::backend::BackendChoice;
     let Some(_) = ctx() else { return };
     for model in MODELS {
         let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
@@ -285,7 +285,7 @@ fn closeness(a: &[f32], b: &[f32]) -> (f32, f32) {
 /// activations (Q8_0 / Q8_K) — on every oracle prompt, unaltered and steered.
 #[test]
 fn quantized_weights_decode_on_the_gpu() {
-    use cmrm::gpu::BackendChoice;
+    use cmrm::backend::BackendChoice;
     use cmrm::quant::WeightFormat;
     let Some(_) = ctx() else { return };
     for model in MODELS {

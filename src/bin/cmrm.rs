@@ -201,8 +201,8 @@ struct BackendArgs {
 
 impl BackendArgs {
     /// The backend for `vlm` and what it is (printed on stderr unless `quiet`).
-    fn select(&self, vlm: &Vlm, quiet: bool) -> Result<(cmrm::backend::DecoderBackend, cmrm::gpu::BackendInfo)> {
-        let choice: cmrm::gpu::BackendChoice = self.backend.parse()?;
+    fn select(&self, vlm: &Vlm, quiet: bool) -> Result<(cmrm::backend::DecoderBackend, cmrm::backend::BackendInfo)> {
+        let choice: cmrm::backend::BackendChoice = self.backend.parse()?;
         let gpu_weights: cmrm::gpu::GpuWeights = self.gpu_weights.parse()?;
         let (backend, info) = cmrm::backend::DecoderBackend::select_blocking(choice, &vlm.model, gpu_weights)?;
         if !quiet {

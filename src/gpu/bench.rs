@@ -135,7 +135,7 @@ pub fn run(
     let bytes = dec.weight_bytes_per_token();
     let bw = crate::bench::measure_read_bandwidth();
     Ok(BenchReport {
-        adapter: ctx.info().adapter.unwrap_or_default(),
+        adapter: super::context::adapter_label(&ctx.adapter_info),
         gpu_weights: dec.weights_name(),
         prompt_tokens,
         decode_tokens,

@@ -1,5 +1,5 @@
-//! Adapter and device selection, error capture, read-back, and the backend choice
-//! (`auto` / `webgpu` / `cpu`).
+//! Adapter and device selection, error capture, read-back. (Which backend a request runs on is
+//! `crate::backend`'s choice.)
 //!
 //! Natively wgpu uses Vulkan (Mesa lavapipe on machines without a GPU); on wasm32 it uses the
 //! browser's WebGPU. Every wait is bounded: a lost device or a failed allocation becomes an
@@ -10,70 +10,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::kernels::Kernels;
-
-/// Which compute backend runs the decoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    /// WebGPU / Vulkan when a hardware adapter exists and passes the self-test, else the CPU.
-    #[default]
-    Auto,
-    /// The wgpu engine or an error.
-    Webgpu,
-    /// candle on the CPU.
-    Cpu,
-}
-
-impl std::str::FromStr for BackendChoice {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "webgpu" | "gpu" | "wgpu" => Ok(Self::Webgpu),
-            "cpu" => Ok(Self::Cpu),
-            other => bail!("backend must be auto, webgpu or cpu (got '{other}')"),
-        }
-    }
-}
-
-/// What was chosen, for `info()` and the CLI's `--json`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct BackendInfo {
-    /// `"webgpu"` or `"cpu"`.
-    pub backend: String,
-    /// Adapter name (e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`), when a GPU adapter is used.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter: Option<String>,
-    /// wgpu backend under WebGPU's API (`vulkan`, `browser_webgpu`, …).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api: Option<String>,
-    /// Why `auto` fell back to the CPU.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fallback_reason: Option<String>,
-    /// How the decoder's matrices are stored on the GPU (`GpuDecoder::weights_name`: `f32`, `f16`,
-    /// `q8_0`, `q4_0+q4k`, …).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_weights: Option<String>,
-    /// Where the vision tower and projector run (`"webgpu"` or `"cpu"`); with the decoder on the
-    /// GPU, `"cpu"` comes with `vision_reason`.
-    pub vision: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vision_reason: Option<String>,
-}
-
-impl BackendInfo {
-    pub fn cpu(reason: Option<String>) -> Self {
-        Self {
-            backend: "cpu".into(),
-            adapter: None,
-            api: None,
-            fallback_reason: reason,
-            gpu_weights: None,
-            vision: "cpu".into(),
-            vision_reason: None,
-        }
-    }
-}
 
 /// Errors the device reported outside an error scope, and whether it was lost.
 #[derive(Default)]
@@ -154,19 +90,6 @@ impl GpuContext {
 
     pub fn rows_per_invocation(&self) -> bool {
         self.kernels.rows_per_invocation
-    }
-
-    /// Adapter name and API, for reports.
-    pub fn info(&self) -> BackendInfo {
-        BackendInfo {
-            backend: "webgpu".into(),
-            adapter: Some(adapter_label(&self.adapter_info)),
-            api: Some(format!("{:?}", self.adapter_info.backend).to_lowercase()),
-            fallback_reason: None,
-            gpu_weights: None,
-            vision: "cpu".into(),
-            vision_reason: None,
-        }
     }
 
     /// Run `build` (buffers, bind groups, kernels compiled on first use) inside validation and
@@ -321,7 +244,7 @@ impl GpuContext {
 }
 
 /// The high-performance adapter of a new instance (fallback adapters allowed).
-async fn request_adapter() -> std::result::Result<wgpu::Adapter, wgpu::RequestAdapterError> {
+pub(crate) async fn request_adapter() -> std::result::Result<wgpu::Adapter, wgpu::RequestAdapterError> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     instance
         .request_adapter(&wgpu::RequestAdapterOptions {
@@ -349,49 +272,8 @@ pub async fn probe_adapter() -> Option<wgpu::AdapterInfo> {
     Some(adapter.get_info())
 }
 
-/// `auto` / `webgpu` / `cpu` → a GPU context or `None` (CPU), with what was chosen and why.
-pub async fn select_backend(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
-    match choice {
-        BackendChoice::Cpu => Ok((None, BackendInfo::cpu(None))),
-        BackendChoice::Webgpu => {
-            let ctx = GpuContext::new().await.context("--backend webgpu: no usable WebGPU/Vulkan adapter")?;
-            let info = ctx.info();
-            Ok((Some(ctx), info))
-        }
-        BackendChoice::Auto => {
-            let adapter = match request_adapter().await {
-                Ok(adapter) => adapter,
-                Err(e) => return Ok((None, BackendInfo::cpu(Some(format!("no WebGPU/Vulkan adapter: {e}"))))),
-            };
-            let adapter_info = adapter.get_info();
-            // lavapipe / SwiftShader run the shaders on the CPU, slower than candle's CPU path:
-            // decided from the adapter alone, before opening a device and compiling kernels.
-            if adapter_info.device_type == wgpu::DeviceType::Cpu {
-                let reason = format!(
-                    "the adapter '{}' is a software rasterizer; the CPU path is faster (choose the webgpu backend to force it)",
-                    adapter_label(&adapter_info)
-                );
-                return Ok((None, BackendInfo::cpu(Some(reason))));
-            }
-            match GpuContext::from_adapter(adapter).await {
-                Ok(ctx) => {
-                    let info = ctx.info();
-                    Ok((Some(ctx), info))
-                }
-                Err(e) => Ok((None, BackendInfo::cpu(Some(format!("{e:#}"))))),
-            }
-        }
-    }
-}
-
 /// Blocking [`GpuContext::new`] (native).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn new_blocking() -> Result<GpuContext> {
     pollster::block_on(GpuContext::new())
-}
-
-/// Blocking [`select_backend`] (native).
-#[cfg(not(target_arch = "wasm32"))]
-pub fn select_backend_blocking(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
-    pollster::block_on(select_backend(choice))
 }

@@ -2,8 +2,7 @@
 //! natively), selected at load time behind the same model API; candle on the CPU stays the
 //! fallback.
 //!
-//! - [`context`]: adapter / device selection, self-test, error capture, read-back, and the
-//!   `auto` / `webgpu` / `cpu` choice;
+//! - [`context`]: adapter / device selection, self-test, error capture, read-back;
 //! - [`kernels`] + `shaders/*.wgsl`: tiled matmul, GEMV and token-embedding rows (one set per
 //!   weight storage, compiled on first use), RMSNorm, LayerNorm, RoPE + KV-cache write, GQA
 //!   attention (causal over the cache, or full over packed rows), activations (gated or not),
@@ -34,7 +33,7 @@ pub mod session;
 pub mod storage;
 pub mod vision;
 
-pub use context::{BackendChoice, BackendInfo, GpuContext};
+pub use context::GpuContext;
 pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};
 pub use session::GpuSession;
 pub use vision::GpuVision;

@@ -26,11 +26,10 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
-use crate::backend::DecoderBackend;
+use crate::backend::{BackendChoice, BackendInfo, DecoderBackend};
 use crate::cmrm::{anchor_features_on, shift_for_prompt_on, Anchor};
 use crate::config::LlavaConfig;
 use crate::generate::{now_seconds, GenerateOptions, Generation, Generator, Sampling};
-use crate::gpu::context::{BackendChoice, BackendInfo};
 use crate::gpu::GpuWeights;
 use crate::image::{decode_image, RgbImage};
 use crate::pipeline::{PromptText, Vlm};
