@@ -379,15 +379,6 @@ pub fn generate_batch(
     run_ready(generate_batch_on(&mut session, answers, tokenizer, input_ids, embeds, max_new, opts, on_token))
 }
 
-impl<T: DecodeSession + ?Sized> DecodeSession for Box<T> {
-    fn prefill<'a>(&'a mut self, embeds: &'a Tensor) -> StepFuture<'a> {
-        (**self).prefill(embeds)
-    }
-    fn step(&mut self, id: u32) -> StepFuture<'_> {
-        (**self).step(id)
-    }
-}
-
 /// One answer's token choice and stopping: pick a token (greedy or sampled, or the one a GPU
 /// already picked), stop on EOS or length, stream its text, time it.
 struct Answer {
