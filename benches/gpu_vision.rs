@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         cfg.vision_feature_layers = vec![n.max(1) - 1];
     }
     let vb = VarBuilder::from_backend(Box::new(cmrm::weights::RandomWeights { seed: 0 }), DType::F32, Device::Cpu);
-    let model = cmrm::llava::LlavaModel::new(&cfg, vb)?;
+    let model = cmrm::models::llava::LlavaModel::new(&cfg, vb)?;
     let s = cfg.vision.image_size;
     let pixel_values = Tensor::rand(-1f32, 1f32, (1, 3, s, s), &Device::Cpu)?;
     let ctx = Arc::new(cmrm::gpu::context::new_blocking()?);
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     };
     gpu.encode_blocking(&model, &pixel_values)?; // warm-up: pipelines, first-use costs
     let (gpu_s, gpu_features) = best(&mut || gpu.encode_blocking(&model, &pixel_values))?;
-    let (cpu_s, cpu_features) = best(&mut || Ok(model.encode_image(&pixel_values)?))?;
+    let (cpu_s, cpu_features) = best(&mut || Ok(model.encode_image(&pixel_values, None)?))?;
     let diff = (&gpu_features - &cpu_features)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let threads = candle_core::utils::get_num_threads();
     println!(

@@ -17,8 +17,8 @@ use crate::gpu::decoder::{GpuDecoder, GpuWeights};
 use crate::gpu::session::GpuSession;
 use crate::gpu::vision::GpuVision;
 use crate::image::RgbImage;
-use crate::llava::LlavaModel;
-use crate::pipeline::{EncodedImage, Prepared, Probe, Vlm};
+use crate::models::llava::LlavaModel;
+use crate::pipeline::{EncodedImage, Prepared, Probe, StageTime, Vlm};
 use crate::steering::Intervention;
 use crate::text::{DecoderOutput, ForwardOptions, TextModel};
 
@@ -231,19 +231,48 @@ impl DecoderBackend {
     /// Image → its features (as [`Vlm::encode_image`]) and the time of each stage, on the GPU
     /// when the vision tower is there.
     pub async fn encode_image_async(&self, vlm: &Vlm, img: &RgbImage) -> Result<EncodedImage> {
+        self.encode_image_among_async(vlm, img, 1).await
+    }
+
+    /// Several images for one prompt (as [`Vlm::encode_images`]), on this backend.
+    pub async fn encode_images_async(&self, vlm: &Vlm, images: &[RgbImage]) -> Result<Vec<EncodedImage>> {
+        let mut encoded = Vec::with_capacity(images.len());
+        for img in images {
+            encoded.push(self.encode_image_among_async(vlm, img, images.len()).await?);
+        }
+        Ok(encoded)
+    }
+
+    /// One image of `among` in a prompt (OneVision tiles only an image alone).
+    async fn encode_image_among_async(&self, vlm: &Vlm, img: &RgbImage, among: usize) -> Result<EncodedImage> {
         match self.gpu_vision() {
             Some(vision) => {
                 let t0 = crate::generate::now_seconds();
-                let (_, pixel_values) = vlm.pixel_values(img)?;
+                let (tiles, pixel_values) = vlm.pixel_values(img, among)?;
                 let preprocess = crate::generate::now_seconds() - t0;
-                let mut encoded = vision
-                    .encode_timed(&vlm.model, &pixel_values)
-                    .await
-                    .context("encoding the image on the GPU failed")?;
-                encoded.vision.seconds += preprocess;
-                Ok(encoded)
+                // The GPU tower takes one tile at a time; an anyres image's tiles are then packed.
+                let mut per_tile = Vec::with_capacity(tiles.tiles.len());
+                let (mut vision_s, mut projector_s) = (preprocess, 0.0);
+                for i in 0..tiles.tiles.len() {
+                    let encoded = vision
+                        .encode_timed(&vlm.model, &pixel_values.narrow(0, i, 1)?)
+                        .await
+                        .context("encoding the image on the GPU failed")?;
+                    vision_s += encoded.vision.seconds;
+                    projector_s += encoded.projector.seconds;
+                    per_tile.push(encoded.features);
+                }
+                let t1 = crate::generate::now_seconds();
+                let features =
+                    vlm.model.pack_image_features(&candle_core::Tensor::stack(&per_tile, 0)?, tiles.grid.as_ref())?;
+                projector_s += crate::generate::now_seconds() - t1;
+                Ok(EncodedImage {
+                    features,
+                    vision: StageTime::webgpu(vision_s),
+                    projector: StageTime::webgpu(projector_s),
+                })
             }
-            None => vlm.encode_image_timed(img),
+            None => vlm.encode_image_timed(img, among),
         }
     }
 
@@ -251,6 +280,12 @@ impl DecoderBackend {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn encode_image(&self, vlm: &Vlm, img: &RgbImage) -> Result<EncodedImage> {
         pollster::block_on(self.encode_image_async(vlm, img))
+    }
+
+    /// Blocking [`Self::encode_images_async`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode_images(&self, vlm: &Vlm, images: &[RgbImage]) -> Result<Vec<EncodedImage>> {
+        pollster::block_on(self.encode_images_async(vlm, images))
     }
 
     /// [`Vlm::capture_prefill`] on this backend.

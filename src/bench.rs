@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::LlavaConfig;
 use crate::generate::{now_seconds, run_ready, BatchSession, CpuSession, Next};
-use crate::llava::LlavaModel;
+use crate::models::llava::LlavaModel;
 use crate::quant::WeightFormat;
 use crate::steering::{Intervention, Positions, SteeringVectors};
 use crate::text::{argmax, ForwardOptions};
@@ -179,7 +179,7 @@ pub fn run(
     let pixel_values = Tensor::rand(-1f32, 1f32, (1, 3, s, s), &device)?;
     log("encoding the image…");
     let t1 = now_seconds();
-    let image_features = model.encode_image(&pixel_values)?;
+    let image_features = model.encode_image(&pixel_values, None)?;
     let image_encode_s = now_seconds() - t1;
     let image_tokens = image_features.dim(0)?;
 
@@ -189,7 +189,7 @@ pub fn run(
     let span = (ids.len(), ids.len() + image_tokens);
     ids.extend(std::iter::repeat_n(cfg.image_token_id, image_tokens));
     ids.extend((head..prompt_text_tokens).map(|i| 2000 + i as u32));
-    let embeds = model.embed(&ids, Some((&image_features, span)))?;
+    let embeds = model.embed(&ids, &[(&image_features, span)])?;
 
     let mut vectors = std::collections::BTreeMap::new();
     for l in 0..cfg.text.num_hidden_layers {
@@ -218,7 +218,7 @@ pub fn run(
     // text-only prompt (no logits), the path `cmrm::shift_for_prompt` takes.
     log("CMRM: multimodal and text-only prefills…");
     let text_ids: Vec<u32> = ids.iter().copied().filter(|&id| id != cfg.image_token_id).collect();
-    let text_embeds = model.embed(&text_ids, None)?;
+    let text_embeds = model.embed(&text_ids, &[])?;
     let capture = |embeds: &Tensor, len: usize| -> Result<f64> {
         let mut cache = model.text.new_cache(len);
         let t = now_seconds();

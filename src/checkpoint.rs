@@ -179,6 +179,11 @@ pub struct ImageFacts {
     pub height: usize,
     /// `[width, height]` the vision tower sees.
     pub model_input: [usize; 2],
+    /// Tiles the tower encodes: 1 for LLaVA, the base tile + the grid for an anyres model.
+    pub tiles: usize,
+    /// `[rows, cols]` of an anyres image's grid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grid: Option<[usize; 2]>,
 }
 
 /// The facts of a checkpoint from its small files (the `cmrm inspect --json` object).
@@ -228,13 +233,22 @@ pub fn inspect(files: &SmallFiles, weights: &[WeightFileInfo], request: &Inspect
     let config = files.config()?;
     let processor = Processor::from_files(&files.processor, &config)?;
     let prompt_text = match prompt {
-        PromptText::Chat(q) => processor.chat_prompt(q, with_image)?,
+        PromptText::Chat(q) => processor.chat_prompt(q, usize::from(with_image))?,
         PromptText::Raw(p) => p.clone(),
     };
-    let encoded = processor.encode(&prompt_text, usize::from(with_image))?;
+    let side = config.vision.image_size;
+    let image_hw = image.map_or((side, side), |img| (img.height, img.width));
+    let image_tokens = if with_image { vec![config.image_tokens(image_hw)] } else { vec![] };
+    let encoded = processor.encode(&prompt_text, &image_tokens)?;
     let image = image.map(|img| {
-        let (resized, _) = processor.preprocess_image(img);
-        ImageFacts { width: img.width, height: img.height, model_input: [resized.width, resized.height] }
+        let tiles = processor.preprocess_image(img, 1);
+        ImageFacts {
+            width: img.width,
+            height: img.height,
+            model_input: [tiles.tiles[0].width, tiles.tiles[0].height],
+            tiles: tiles.tiles.len(),
+            grid: tiles.grid.map(|g| [g.rows, g.cols]),
+        }
     });
     let all_read = !weights.is_empty() && weights.iter().all(|w| w.params.is_some());
     let (n_params, shapes, n_params_from) = if all_read {
@@ -255,14 +269,11 @@ pub fn inspect(files: &SmallFiles, weights: &[WeightFileInfo], request: &Inspect
         })
         .collect();
     let text = &config.text;
+    let vision_type = resolved.config["vision_config"]["model_type"].as_str().unwrap_or("?").to_owned();
     Ok(Inspection {
         config: resolved.config,
         defaulted_keys: resolved.defaulted,
-        architecture: format!(
-            "llava: {} + {}",
-            raw_model_type(&raw_config, "vision_config", "clip_vision_model"),
-            text.kind.llama_cpp_arch()
-        ),
+        architecture: format!("{}: {} + {}", config.family.model_type(), vision_type, text.kind.llama_cpp_arch()),
         chat_template: processor.chat_template_file().map(str::to_owned),
         question: match prompt {
             PromptText::Chat(q) => Some(q.clone()),
@@ -270,7 +281,7 @@ pub fn inspect(files: &SmallFiles, weights: &[WeightFileInfo], request: &Inspect
         },
         prompt: prompt_text,
         n_image_tokens: encoded.n_image_tokens(),
-        image_span: encoded.image_span.map(|(s, e)| [s, e]),
+        image_span: encoded.image_span().map(|(s, e)| [s, e]),
         input_ids: encoded.input_ids,
         image,
         eos_token_ids: crate::config::eos_ids(&config, files.generation_config_json.as_deref())?,
@@ -279,10 +290,6 @@ pub fn inspect(files: &SmallFiles, weights: &[WeightFileInfo], request: &Inspect
         n_params_from: n_params_from.to_owned(),
         formats,
     })
-}
-
-fn raw_model_type(config: &Value, sub: &str, default: &str) -> String {
-    config.get(sub).and_then(|v| v.get("model_type")).and_then(Value::as_str).unwrap_or(default).to_owned()
 }
 
 /// Whether a model of `bytes` loads in a browser tab: streamed, it takes its own size plus the
@@ -311,8 +318,9 @@ impl Inspection {
             out.push_str(&format!("image tokens   {} at [{s}, {e})\n", self.n_image_tokens));
         }
         if let Some(img) = &self.image {
+            let grid = img.grid.map_or(String::new(), |[r, c]| format!(" + a {r}×{c} grid of tiles"));
             out.push_str(&format!(
-                "image          {}×{} → {}×{}\n",
+                "image          {}×{} → {}×{}{grid}\n",
                 img.width, img.height, img.model_input[0], img.model_input[1]
             ));
         }

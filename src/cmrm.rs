@@ -72,7 +72,7 @@ pub async fn last_token_states_on(
     image_features: Option<&Tensor>,
 ) -> Result<Vec<Vec<f32>>> {
     let prepared = if image_features.is_some() {
-        vlm.prepare_prompt(prompt, image_features)?
+        vlm.prepare_prompt(prompt, image_features.as_slice())?
     } else {
         vlm.prepare_text_only(prompt)?
     };
@@ -91,7 +91,7 @@ pub async fn shift_for_prompt_on(
     text: &PromptText,
     image_features: &Tensor,
 ) -> Result<Vec<Vec<f32>>> {
-    let prompt = vlm.prompt_text(text, true)?;
+    let prompt = vlm.prompt_text(text, 1)?;
     let with_image = last_token_states_on(backend, vlm, &prompt, Some(image_features)).await?;
     let text_only = last_token_states_on(backend, vlm, &prompt, None).await?;
     Ok(with_image.iter().zip(&text_only).map(|(m, t)| m.iter().zip(t).map(|(a, b)| a - b).collect()).collect())

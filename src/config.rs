@@ -6,7 +6,45 @@
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::models::anyres::Anyres;
 use crate::quant::WeightFormat;
+
+/// The checkpoint's model family (`config.json`'s `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// `llava` (`LlavaForConditionalGeneration`, LLaVA-1.5 / llava-interleave): one tile per image.
+    Llava,
+    /// `llava_next` (LLaVA-1.6): anyres tiles, unpadded, a newline per row.
+    LlavaNext,
+    /// `llava_onevision`: LLaVA-NeXT's tiles with SigLIP + Qwen2 and a bilinear shrink of large
+    /// feature maps (`anyres_max_N`).
+    LlavaOnevision,
+}
+
+impl ModelFamily {
+    pub const ALL: [Self; 3] = [Self::Llava, Self::LlavaNext, Self::LlavaOnevision];
+
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.model_type() == model_type)
+    }
+
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            Self::Llava => "llava",
+            Self::LlavaNext => "llava_next",
+            Self::LlavaOnevision => "llava_onevision",
+        }
+    }
+
+    /// The transformers class that loads it.
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Self::Llava => "LlavaForConditionalGeneration",
+            Self::LlavaNext => "LlavaNextForConditionalGeneration",
+            Self::LlavaOnevision => "LlavaOnevisionForConditionalGeneration",
+        }
+    }
+}
 
 /// Which vision tower architecture the checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +186,9 @@ pub enum FeatureSelect {
 
 #[derive(Debug, Clone)]
 pub struct LlavaConfig {
+    pub family: ModelFamily,
+    /// LLaVA-NeXT / OneVision's tiling of an image; `None` for LLaVA (one tile).
+    pub anyres: Option<Anyres>,
     pub vision: VisionConfig,
     pub text: TextConfig,
     /// Hidden-state indices of the vision encoder, already made non-negative (0 = encoder input,
@@ -160,11 +201,31 @@ pub struct LlavaConfig {
 }
 
 impl LlavaConfig {
-    /// Number of `<image>` tokens one image expands to.
-    pub fn image_tokens_per_image(&self) -> usize {
+    /// Features the vision tower gives one tile (CLS dropped for `default` with CLIP): LLaVA's
+    /// image tokens per image, the base tile's share of an anyres image.
+    pub fn tokens_per_tile(&self) -> usize {
         match self.feature_select {
             FeatureSelect::Default if self.vision.kind == VisionKind::Clip => self.vision.num_patches(),
             _ => self.vision.num_positions(),
+        }
+    }
+
+    /// Number of `<image>` tokens an image of `(height, width)` pixels expands to, alone in its
+    /// prompt.
+    pub fn image_tokens(&self, image: (usize, usize)) -> usize {
+        self.image_tokens_among(image, 1)
+    }
+
+    /// [`Self::image_tokens`] for an image among `among` in one prompt (OneVision tiles only an
+    /// image that is alone: the others are one tile and a newline).
+    pub fn image_tokens_among(&self, image: (usize, usize), among: usize) -> usize {
+        match &self.anyres {
+            None => self.tokens_per_tile(),
+            Some(anyres) if anyres.single_images_only && among > 1 => self.tokens_per_tile() + 1,
+            Some(anyres) => {
+                let side = self.vision.image_size / self.vision.patch_size;
+                anyres.image_tokens(image, self.vision.image_size, side, self.tokens_per_tile())
+            }
         }
     }
 
@@ -187,11 +248,17 @@ impl LlavaConfig {
     /// A short identifier of the architecture, written into vector files and checked on load.
     pub fn fingerprint(&self) -> String {
         let t = &self.text;
-        format!(
-            "{:?}-L{}-H{}-V{}+{:?}-{}px",
-            t.kind, t.num_hidden_layers, t.hidden_size, t.vocab_size, self.vision.kind, self.vision.image_size
-        )
-        .to_lowercase()
+        // LLaVA's fingerprint has no family prefix (vector files written before the others).
+        let family = match self.family {
+            ModelFamily::Llava => String::new(),
+            other => format!("{}-", other.model_type()),
+        };
+        family
+            + &format!(
+                "{:?}-L{}-H{}-V{}+{:?}-{}px",
+                t.kind, t.num_hidden_layers, t.hidden_size, t.vocab_size, self.vision.kind, self.vision.image_size
+            )
+            .to_lowercase()
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
@@ -211,12 +278,11 @@ impl LlavaConfig {
     /// Build from a config whose defaults [`resolve`] has filled.
     fn from_resolved(root: &Value) -> Result<Self> {
         let model_type = root.get("model_type").and_then(Value::as_str).unwrap_or("");
-        if model_type != "llava" {
-            bail!(
-                "unknown model_type '{model_type}': cmrm loads LLaVA checkpoints (model_type \"llava\", \
-                 LlavaForConditionalGeneration)"
-            );
-        }
+        let Some(family) = ModelFamily::from_model_type(model_type) else {
+            let known: Vec<String> =
+                ModelFamily::ALL.iter().map(|f| format!("\"{}\" ({})", f.model_type(), f.class_name())).collect();
+            bail!("unknown model_type '{model_type}': cmrm loads {}", known.join(", "));
+        };
         let vision = parse_vision(&root["vision_config"]).context("in vision_config")?;
         let text = parse_text(&root["text_config"], root["tie_word_embeddings"].as_bool() == Some(true))
             .context("in text_config")?;
@@ -249,9 +315,28 @@ impl LlavaConfig {
             u32::try_from(get_u64(root, "image_token_index")?).context("image_token_index does not fit 32 bits")?;
         let projector_act = Activation::from_hf(root["projector_hidden_act"].as_str().unwrap_or(""))?;
         let projector_bias = root["multimodal_projector_bias"].as_bool().unwrap_or(true);
+        let anyres = match family {
+            ModelFamily::Llava => None,
+            ModelFamily::LlavaNext | ModelFamily::LlavaOnevision => {
+                let aspect = root["vision_aspect_ratio"].as_str();
+                let anyres = Anyres::from_config(&root["image_grid_pinpoints"], aspect, vision.image_size)
+                    .context("in the anyres settings")?;
+                Some(Anyres { single_images_only: family == ModelFamily::LlavaOnevision, ..anyres })
+            }
+        };
         // An image token outside the vocabulary fails when a prompt with an image is embedded,
         // as in transformers (which loads such a config and runs text-only prompts).
-        Ok(Self { vision, text, vision_feature_layers, feature_select, image_token_id, projector_act, projector_bias })
+        Ok(Self {
+            family,
+            anyres,
+            vision,
+            text,
+            vision_feature_layers,
+            feature_select,
+            image_token_id,
+            projector_act,
+            projector_bias,
+        })
     }
 }
 
@@ -369,30 +454,39 @@ fn fill_defaults(v: &mut Value, prefix: &str, defaulted: &mut Vec<String>) {
     }
 }
 
-/// `config.json` with transformers' defaults filled in, as `LlavaConfig` resolves it: a missing
-/// `text_config` is a default `LlamaConfig`, a missing `vision_config` the llava-1.5 CLIP
-/// (ViT-L/14-336); a sub-config without `model_type` is llama / clip_vision_model; then every
-/// key the class defaults. `tie_word_embeddings` at the top is forwarded from the text config
-/// when that one ties (transformers' `LlavaConfig.__post_init__`).
+/// `config.json` with transformers' defaults filled in, as the family's config class resolves
+/// it: a missing `text_config` / `vision_config` is the class's default sub-config (LLaVA and
+/// LLaVA-NeXT: Llama and the llava-1.5 CLIP ViT-L/14-336; OneVision: Qwen2 and SigLIP-so400m/14
+/// at 384 px without its head); a sub-config without `model_type` is the class's; then every
+/// key the classes default. `tie_word_embeddings` at the top is forwarded from the text config
+/// when that one ties (the classes' `__post_init__`).
 pub fn resolve(root: &Value) -> Result<ResolvedConfig> {
     use serde_json::json;
     let mut config = root.clone();
     let obj = config.as_object_mut().context("config.json is not a JSON object")?;
     let mut defaulted = Vec::new();
-    if obj.get("model_type").and_then(Value::as_str) == Some("llava") {
+    let family = obj.get("model_type").and_then(Value::as_str).and_then(ModelFamily::from_model_type);
+    if let Some(family) = family {
+        let (vision_type, text_type) = match family {
+            ModelFamily::LlavaOnevision => ("siglip_vision_model", "qwen2"),
+            _ => ("clip_vision_model", "llama"),
+        };
         if obj.get("vision_config").is_none_or(Value::is_null) {
-            obj.insert(
-                "vision_config".into(),
-                json!({"model_type": "clip_vision_model", "intermediate_size": 4096, "hidden_size": 1024,
-                       "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16}),
-            );
+            let vision = match family {
+                ModelFamily::LlavaOnevision => json!({"model_type": vision_type, "hidden_size": 1152,
+                    "intermediate_size": 4304, "patch_size": 14, "image_size": 384, "num_hidden_layers": 26,
+                    "num_attention_heads": 16, "vision_use_head": false}),
+                _ => json!({"model_type": vision_type, "intermediate_size": 4096, "hidden_size": 1024,
+                    "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16}),
+            };
+            obj.insert("vision_config".into(), vision);
             defaulted.push("vision_config".to_owned());
         }
         if obj.get("text_config").is_none_or(Value::is_null) {
-            obj.insert("text_config".into(), json!({"model_type": "llama"}));
+            obj.insert("text_config".into(), json!({"model_type": text_type}));
             defaulted.push("text_config".to_owned());
         }
-        for (key, model_type) in [("vision_config", "clip_vision_model"), ("text_config", "llama")] {
+        for (key, model_type) in [("vision_config", vision_type), ("text_config", text_type)] {
             let sub = obj.get_mut(key).expect("inserted above");
             let sub = sub.as_object_mut().with_context(|| format!("{key} is not a JSON object"))?;
             if !sub.contains_key("model_type") {
@@ -407,14 +501,29 @@ pub fn resolve(root: &Value) -> Result<ResolvedConfig> {
                 obj.insert("image_token_index".into(), id);
             }
         }
-        for (key, default) in [
+        let mut defaults = vec![
             ("image_token_index", json!(32000)),
             ("projector_hidden_act", json!("gelu")),
             ("vision_feature_select_strategy", json!("default")),
             ("vision_feature_layer", json!(-2)),
             ("multimodal_projector_bias", json!(true)),
             ("tie_word_embeddings", json!(false)),
-        ] {
+        ];
+        match family {
+            ModelFamily::Llava => {}
+            ModelFamily::LlavaNext => defaults
+                .push(("image_grid_pinpoints", json!([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]))),
+            ModelFamily::LlavaOnevision => {
+                let sides = [384, 768, 1152, 1536, 1920, 2304];
+                let pinpoints: Vec<[u64; 2]> = sides.iter().flat_map(|&h| sides.map(|w| [h, w])).collect();
+                defaults[0].1 = json!(151646);
+                defaults[2].1 = json!("full");
+                defaults[3].1 = json!(-1);
+                defaults.push(("image_grid_pinpoints", json!(pinpoints)));
+                defaults.push(("vision_aspect_ratio", json!("anyres_max_9")));
+            }
+        }
+        for (key, default) in defaults {
             if obj.get(key).is_none_or(Value::is_null) {
                 obj.insert(key.into(), default);
                 defaulted.push(key.to_owned());

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 use serde::Serialize;
 
-use crate::llava::LlavaModel;
+use crate::models::llava::LlavaModel;
 use crate::steering::Intervention;
 use crate::text::{argmax, ForwardOptions};
 

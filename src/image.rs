@@ -411,9 +411,15 @@ impl ImagePreprocessor {
 
     /// Full preprocessing: `[3, S, S]` f32 CHW (the caller adds the batch dim).
     pub fn preprocess(&self, img: &RgbImage) -> (RgbImage, Vec<f32>) {
-        let whitened;
-        let img = match img.transparent_color.filter(|_| self.convert_rgb) {
-            // convert_to_rgb: RGB + transparency → RGBA (alpha 0 on that colour) → over white.
+        let resized = self.resize_and_crop(&self.convert_rgb(img));
+        let pixels = self.normalize(&resized);
+        (resized, pixels)
+    }
+
+    /// `convert_to_rgb` on an image that is already RGB: a PNG's transparent colour (RGB +
+    /// transparency → RGBA with alpha 0 there) composited over white.
+    pub fn convert_rgb<'a>(&self, img: &'a RgbImage) -> std::borrow::Cow<'a, RgbImage> {
+        match img.transparent_color.filter(|_| self.convert_rgb) {
             Some(color) => {
                 let mut copy = img.clone();
                 for px in copy.data.chunks_exact_mut(3) {
@@ -421,14 +427,27 @@ impl ImagePreprocessor {
                         px.copy_from_slice(&[255; 3]);
                     }
                 }
-                whitened = copy;
-                &whitened
+                copy.transparent_color = None;
+                std::borrow::Cow::Owned(copy)
             }
-            None => img,
-        };
-        let resized = self.resize_and_crop(img);
-        let pixels = self.normalize(&resized);
-        (resized, pixels)
+            None => std::borrow::Cow::Borrowed(img),
+        }
+    }
+
+    /// The normalisation mean as bytes, `int(mean · 255)` per channel (OneVision's padding
+    /// colour); black without normalisation.
+    pub fn mean_u8(&self) -> [u8; 3] {
+        self.mean.map_or([0; 3], |m| m.map(|x| (f64::from(x) * 255.0) as u8))
+    }
+
+    /// The `(width, height)` an anyres image's base tile is resized to: `size` as a square of
+    /// `shortest_edge`, or `height` × `width` (LLaVA-NeXT's `size_tuple`).
+    pub fn base_tile_size(&self) -> Option<(usize, usize)> {
+        match &self.resize {
+            Some(ResizeRule::ShortestEdge(edge)) => Some((*edge, *edge)),
+            Some(ResizeRule::Exact { width, height }) => Some((*width, *height)),
+            None => None,
+        }
     }
 
     /// Rescale (f64 product cast to f32, as numpy does) and normalize (f32), HWC u8 → CHW f32.

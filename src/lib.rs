@@ -24,7 +24,7 @@ pub mod gpu;
 pub mod hub;
 pub mod image;
 pub mod jpeg;
-pub mod llava;
+pub mod models;
 pub mod pipeline;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod plot;

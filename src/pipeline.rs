@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::config::LlavaConfig;
 use crate::generate::{generate_batch, GenerateOptions, Generation, Sampling, TokenEvent};
 use crate::image::RgbImage;
-use crate::llava::LlavaModel;
-use crate::processor::{EncodedPrompt, Processor, ProcessorFiles};
+use crate::models::llava::LlavaModel;
+use crate::processor::{EncodedPrompt, ImageTiles, Processor, ProcessorFiles};
 use crate::steering::Intervention;
 use crate::text::ForwardOptions;
 use crate::weights::Weights;
@@ -154,42 +154,52 @@ impl Vlm {
         self.model.device()
     }
 
-    /// `pixel_values` `[1, 3, S, S]` of an image (and the resized u8 image).
-    pub fn pixel_values(&self, img: &RgbImage) -> Result<(RgbImage, Tensor)> {
-        let (resized, pixels) = self.processor.preprocess_image(img);
-        let s = (resized.height, resized.width);
-        Ok((resized, Tensor::from_vec(pixels, (1, 3, s.0, s.1), self.device())?))
+    /// An image's tiles and their `pixel_values` `[n_tiles, 3, S, S]` (one tile for LLaVA), the
+    /// image being one of `among` in its prompt (OneVision tiles only an image alone).
+    pub fn pixel_values(&self, img: &RgbImage, among: usize) -> Result<(ImageTiles, Tensor)> {
+        let tiles = self.processor.preprocess_image(img, among);
+        let s = self.config().vision.image_size;
+        let pixel_values = Tensor::from_slice(&tiles.pixel_values, (tiles.tiles.len(), 3, s, s), self.device())?;
+        Ok((tiles, pixel_values))
     }
 
-    /// Image → `image_features` `[n_img, H]` (run once, reuse for every answer).
+    /// Image → `image_features` `[N, H]` (run once, reuse for every answer).
     pub fn encode_image(&self, img: &RgbImage) -> Result<Tensor> {
-        let (_, pixel_values) = self.pixel_values(img)?;
-        Ok(self.model.encode_image(&pixel_values)?)
+        Ok(self.encode_image_timed(img, 1)?.features)
     }
 
-    /// [`Self::encode_image`] with the time of each stage: `vision` (preprocessing + tower +
-    /// feature selection) and `projector`, both on the CPU.
-    pub fn encode_image_timed(&self, img: &RgbImage) -> Result<EncodedImage> {
+    /// The features of several images for one prompt, in order.
+    pub fn encode_images(&self, images: &[RgbImage]) -> Result<Vec<Tensor>> {
+        images.iter().map(|img| Ok(self.encode_image_timed(img, images.len())?.features)).collect()
+    }
+
+    /// An image's features (one of `among` in its prompt) with the time of each stage: `vision`
+    /// (preprocessing + tower + feature selection) and `projector` (with an anyres image's
+    /// packing), both on the CPU.
+    pub fn encode_image_timed(&self, img: &RgbImage, among: usize) -> Result<EncodedImage> {
         let t0 = crate::generate::now_seconds();
-        let (_, pixel_values) = self.pixel_values(img)?;
+        let (tiles, pixel_values) = self.pixel_values(img, among)?;
         let selected = self.model.select_vision_features(&pixel_values)?;
         let t1 = crate::generate::now_seconds();
-        let features = candle_core::Module::forward(&self.model.projector, &selected)?;
+        let tile_features = candle_core::Module::forward(&self.model.projector, &selected)?;
+        let features = self.model.pack_image_features(&tile_features, tiles.grid.as_ref())?;
         let t2 = crate::generate::now_seconds();
         Ok(EncodedImage { features, vision: StageTime::cpu(t1 - t0), projector: StageTime::cpu(t2 - t1) })
     }
 
-    /// Full prompt text for a request.
-    pub fn prompt_text(&self, text: &PromptText, with_image: bool) -> Result<String> {
+    /// Full prompt text for a request with `n_images` images.
+    pub fn prompt_text(&self, text: &PromptText, n_images: usize) -> Result<String> {
         match text {
-            PromptText::Chat(q) => self.processor.chat_prompt(q, with_image),
+            PromptText::Chat(q) => self.processor.chat_prompt(q, n_images),
             PromptText::Raw(p) => Ok(p.clone()),
         }
     }
 
-    /// Tokenize a full prompt and merge the image features (if any) into its embeddings.
-    pub fn prepare_prompt(&self, prompt: &str, image_features: Option<&Tensor>) -> Result<Prepared> {
-        let encoded = self.processor.encode(prompt, usize::from(image_features.is_some()))?;
+    /// Tokenize a full prompt and merge each image's features (in placeholder order) into its
+    /// embeddings.
+    pub fn prepare_prompt(&self, prompt: &str, image_features: &[&Tensor]) -> Result<Prepared> {
+        let image_tokens: Vec<usize> = image_features.iter().map(|f| f.dim(0)).collect::<candle_core::Result<_>>()?;
+        let encoded = self.processor.encode(prompt, &image_tokens)?;
         if encoded.input_ids.is_empty() {
             bail!("the prompt is empty: it tokenizes to no tokens");
         }
@@ -201,23 +211,26 @@ impl Vlm {
                 encoded.n_image_tokens()
             );
         }
-        let image = match (image_features, encoded.image_span) {
-            (Some(f), Some(span)) => Some((f, span)),
-            _ => None,
-        };
-        let embeds = self.model.embed(&encoded.input_ids, image)?;
+        let images: Vec<(&Tensor, (usize, usize))> =
+            image_features.iter().copied().zip(encoded.image_spans.iter().copied()).collect();
+        let embeds = self.model.embed(&encoded.input_ids, &images)?;
         Ok(Prepared { prompt: prompt.to_owned(), encoded, embeds })
     }
 
     /// Chat prompt (or raw prompt) + optional image features → [`Prepared`].
     pub fn prepare(&self, text: &PromptText, image_features: Option<&Tensor>) -> Result<Prepared> {
-        let prompt = self.prompt_text(text, image_features.is_some())?;
+        self.prepare_images(text, image_features.as_slice())
+    }
+
+    /// [`Self::prepare`] with any number of images (their features in prompt order).
+    pub fn prepare_images(&self, text: &PromptText, image_features: &[&Tensor]) -> Result<Prepared> {
+        let prompt = self.prompt_text(text, image_features.len())?;
         self.prepare_prompt(&prompt, image_features)
     }
 
     /// CMRM's text-only counterpart of a prompt: the placeholder removed, nothing else changed.
     pub fn prepare_text_only(&self, prompt: &str) -> Result<Prepared> {
-        self.prepare_prompt(&self.processor.text_only(prompt), None)
+        self.prepare_prompt(&self.processor.text_only(prompt), &[])
     }
 
     pub fn default_generate_options(&self, max_new_tokens: usize, sampling: Sampling) -> GenerateOptions {

@@ -7,7 +7,8 @@ use tokenizers::Tokenizer;
 
 use crate::chat_template::{template_from_config, ChatTemplate};
 use crate::config::LlavaConfig;
-use crate::image::{ImagePreprocessor, RgbImage};
+use crate::image::{resize_bicubic, ImagePreprocessor, RgbImage};
+use crate::models::anyres::{grid_tiles, pad_to_square, Anyres, TileGrid};
 
 /// The processor's files, as bytes/strings, so native and browser loading share one path.
 #[derive(Default, Clone)]
@@ -56,17 +57,34 @@ impl ProcessorFiles {
     }
 }
 
+/// An image made ready for the vision tower.
+#[derive(Debug, Clone)]
+pub struct ImageTiles {
+    /// The tiles in u8 as the tower sees them (before normalisation); an anyres image's base
+    /// tile first, then its grid row-major.
+    pub tiles: Vec<RgbImage>,
+    /// `[n_tiles, 3, S, S]` f32, CHW per tile.
+    pub pixel_values: Vec<f32>,
+    /// The anyres grid the tiles come from; `None` for LLaVA's one tile.
+    pub grid: Option<TileGrid>,
+}
+
 /// Token ids of a prompt and where its image tokens are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedPrompt {
     pub input_ids: Vec<u32>,
-    /// `[start, end)` of the expanded image tokens, if the prompt has an image.
-    pub image_span: Option<(usize, usize)>,
+    /// `[start, end)` of each image's expanded tokens, in prompt order.
+    pub image_spans: Vec<(usize, usize)>,
 }
 
 impl EncodedPrompt {
     pub fn n_image_tokens(&self) -> usize {
-        self.image_span.map_or(0, |(s, e)| e - s)
+        self.image_spans.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The first image's span (the only one in a one-image prompt).
+    pub fn image_span(&self) -> Option<(usize, usize)> {
+        self.image_spans.first().copied()
     }
 }
 
@@ -82,8 +100,10 @@ pub struct Processor {
     /// The placeholder string (`<image>`).
     pub image_token: String,
     pub image_token_id: u32,
-    /// Tokens each image expands to.
-    pub image_seq_len: usize,
+    /// LLaVA-NeXT / OneVision's tiling (from config.json); `None` for LLaVA.
+    anyres: Option<Anyres>,
+    /// The vision tower's input side (pixels), the side of every tile.
+    tile: usize,
 }
 
 fn parse_json(name: &str, text: &str) -> Result<Value> {
@@ -133,6 +153,18 @@ impl Processor {
         } else {
             bail!("the image processor config gives no fixed output size (needs crop_size or size.height/width)");
         }
+        if config.anyres.is_some() && image.base_tile_size().is_none() {
+            bail!("an anyres image processor needs a size (do_resize with size)");
+        }
+        // transformers tiles with the processor's own pinpoints and packs with the model's: two
+        // different lists would give a wrong number of tiles.
+        if let (Some(anyres), Some(pins)) = (&config.anyres, image_cfg.get("image_grid_pinpoints")) {
+            let theirs = Anyres::from_config(pins, None, config.vision.image_size)
+                .context("in the image processor's image_grid_pinpoints")?;
+            if theirs.grid_pinpoints != anyres.grid_pinpoints {
+                bail!("the image processor's image_grid_pinpoints differ from config.json's");
+            }
+        }
 
         let image_token = processor_config
             .as_ref()
@@ -164,12 +196,13 @@ impl Processor {
             image,
             image_token,
             image_token_id,
-            image_seq_len: config.image_tokens_per_image(),
+            anyres: config.anyres.clone(),
+            tile: config.vision.image_size,
         };
         // Render the template once now (before any weight moves), as the page and `cmrm
         // generate` will: a template that fails for a plain question fails here.
         if processor.chat_template.is_some() {
-            processor.chat_prompt("What is in the image?", true).context("checking the chat template")?;
+            processor.chat_prompt("What is in the image?", 1).context("checking the chat template")?;
         }
         Ok(processor)
     }
@@ -190,10 +223,10 @@ impl Processor {
         self.chat_template_file
     }
 
-    /// The full prompt for one user turn, with the image placeholder where the template puts it:
-    /// `apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-    /// "text": question}]}], add_generation_prompt=True)`.
-    pub fn chat_prompt(&self, question: &str, with_image: bool) -> Result<String> {
+    /// The full prompt for one user turn, with `n_images` image placeholders where the template
+    /// puts them: `apply_chat_template([{"role": "user", "content": [{"type": "image"}, …,
+    /// {"type": "text", "text": question}]}], add_generation_prompt=True)`.
+    pub fn chat_prompt(&self, question: &str, n_images: usize) -> Result<String> {
         let template = self
             .chat_template
             .as_ref()
@@ -209,16 +242,13 @@ impl Processor {
             role: &'a str,
             content: Vec<Part<'a>>,
         }
-        let mut content = Vec::new();
-        if with_image {
-            content.push(Part { r#type: "image", text: None });
-        }
+        let mut content: Vec<Part> = (0..n_images).map(|_| Part { r#type: "image", text: None }).collect();
         content.push(Part { r#type: "text", text: Some(question) });
         let messages = minijinja::Value::from_serialize([Message { role: "user", content }]);
         let variables: Vec<(String, minijinja::Value)> =
             self.special_tokens.iter().map(|(k, v)| (k.clone(), minijinja::Value::from(v.as_str()))).collect();
         let prompt = template.render(&messages, true, &variables)?;
-        if with_image && !prompt.contains(&self.image_token) {
+        if n_images > 0 && !prompt.contains(&self.image_token) {
             bail!("the chat template did not place the image token '{}' in the prompt", self.image_token);
         }
         Ok(prompt)
@@ -235,11 +265,13 @@ impl Processor {
     }
 
     /// Tokenize a full prompt (special tokens added by the tokenizer's post-processor) and expand
-    /// its `<image>` placeholder to `image_seq_len` tokens. `n_images` must match the placeholders.
+    /// its `<image>` placeholders, the i-th to `image_tokens[i]` tokens (one entry per image:
+    /// [`LlavaConfig::image_tokens`], or the rows of its features).
     ///
     /// A prompt that already starts with the BOS token gets no second one (transformers'
     /// `apply_chat_template(tokenize=True)` rule).
-    pub fn encode(&self, prompt: &str, n_images: usize) -> Result<EncodedPrompt> {
+    pub fn encode(&self, prompt: &str, image_tokens: &[usize]) -> Result<EncodedPrompt> {
+        let n_images = image_tokens.len();
         let add_special_tokens = !self.bos_token().is_some_and(|bos| !bos.is_empty() && prompt.starts_with(bos));
         let encoding = self
             .tokenizer
@@ -253,26 +285,49 @@ impl Processor {
                 self.image_token
             );
         }
-        if n_images > 1 {
-            bail!("only one image per prompt is supported");
-        }
-        let mut input_ids = Vec::with_capacity(raw.len() + self.image_seq_len);
-        let mut image_span = None;
+        let mut input_ids = Vec::with_capacity(raw.len() + image_tokens.iter().sum::<usize>());
+        let mut image_spans = Vec::with_capacity(n_images);
+        let mut counts = image_tokens.iter();
         for &id in raw {
             if id == self.image_token_id {
                 let start = input_ids.len();
-                input_ids.extend(std::iter::repeat_n(id, self.image_seq_len));
-                image_span = Some((start, input_ids.len()));
+                let n = *counts.next().expect("one count per placeholder, checked above");
+                input_ids.extend(std::iter::repeat_n(id, n));
+                image_spans.push((start, input_ids.len()));
             } else {
                 input_ids.push(id);
             }
         }
-        Ok(EncodedPrompt { input_ids, image_span })
+        Ok(EncodedPrompt { input_ids, image_spans })
     }
 
-    /// `pixel_values` `[3, S, S]` (CHW f32) and the resized u8 image.
-    pub fn preprocess_image(&self, img: &RgbImage) -> (RgbImage, Vec<f32>) {
-        self.image.preprocess(img)
+    /// An image's tiles for the vision tower, the image being one of `among` in its prompt:
+    /// LLaVA's one resized (and cropped) tile, or an anyres image's base tile and grid (each then
+    /// resized and cropped as transformers does, which leaves a tile as it is). OneVision tiles
+    /// an image only when it is alone; among several, each is padded to a square of the mean
+    /// colour and resized to one tile.
+    pub fn preprocess_image(&self, img: &RgbImage, among: usize) -> ImageTiles {
+        let anyres = match &self.anyres {
+            Some(anyres) if !(anyres.single_images_only && among > 1) => anyres,
+            untiled => {
+                let img = match untiled {
+                    Some(_) => {
+                        std::borrow::Cow::Owned(pad_to_square(&self.image.convert_rgb(img), self.image.mean_u8()))
+                    }
+                    None => std::borrow::Cow::Borrowed(img),
+                };
+                let (resized, pixel_values) = self.image.preprocess(&img);
+                return ImageTiles { tiles: vec![resized], pixel_values, grid: None };
+            }
+        };
+        let img = self.image.convert_rgb(img);
+        let grid = anyres.grid((img.height, img.width), self.tile);
+        let (base_w, base_h) = self.image.base_tile_size().expect("checked when the processor was made");
+        let mut tiles = vec![resize_bicubic(&img, base_w, base_h)];
+        tiles.extend(grid_tiles(&img, &grid, self.tile));
+        let tiles: Vec<RgbImage> = tiles.iter().map(|t| self.image.resize_and_crop(t)).collect();
+        let pixel_values = tiles.iter().flat_map(|t| self.image.normalize(t)).collect();
+        ImageTiles { tiles, pixel_values, grid: Some(grid) }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

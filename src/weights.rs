@@ -6,7 +6,7 @@
 //! Key layouts are normalised to one canonical form, so model code asks for `lm.layers.0...`,
 //! `lm_head.weight`, `vision.encoder...`, `projector.linear_1...` whichever layout was saved:
 //! - llava-hf hub layout: `language_model.model.*`, `language_model.lm_head.*`,
-//!   `vision_tower.vision_model.*`, `multi_modal_projector.*`;
+//!   `vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline` (LLaVA-NeXT / OneVision);
 //! - transformers 5 layout: `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`
 //!   (without `vision_model.`), `model.multi_modal_projector.*`.
 
@@ -80,10 +80,14 @@ pub fn canonical_key(key: &str) -> Option<String> {
     let key = key
         .strip_prefix("model.")
         .filter(|rest| {
-            ["language_model.", "vision_tower.", "multi_modal_projector."].iter().any(|p| rest.starts_with(p))
+            ["language_model.", "vision_tower.", "multi_modal_projector.", "image_newline"]
+                .iter()
+                .any(|p| rest.starts_with(p))
         })
         .unwrap_or(key);
-    let mapped = if let Some(rest) = key.strip_prefix("language_model.model.") {
+    let mapped = if key == "image_newline" {
+        key.to_owned()
+    } else if let Some(rest) = key.strip_prefix("language_model.model.") {
         format!("lm.{rest}")
     } else if let Some(rest) = key.strip_prefix("language_model.lm_head.") {
         format!("lm_head.{rest}")
@@ -472,6 +476,8 @@ mod tests {
             ("vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias", "vision.encoder.layers.1.mlp.fc1.bias"),
             ("model.vision_tower.encoder.layers.1.mlp.fc1.bias", "vision.encoder.layers.1.mlp.fc1.bias"),
             ("model.multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
+            ("image_newline", "image_newline"),
+            ("model.image_newline", "image_newline"),
         ] {
             assert_eq!(canonical_key(saved).as_deref(), Some(canonical), "{saved}");
         }

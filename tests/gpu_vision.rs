@@ -32,8 +32,8 @@ fn check(model: &str, format: WeightFormat, c: &mut Checker, ctx: &Arc<GpuContex
         let name = img["name"].as_str().unwrap();
         let what = format!("{model} {format:?} {name}");
         let bytes = std::fs::read(refs_dir(model).join(img["file"].as_str().unwrap())).unwrap();
-        let (_, pixel_values) = vlm.pixel_values(&decode_image(&bytes).unwrap()).unwrap();
-        let cpu = tensor_f32s(&vlm.model.encode_image(&pixel_values).unwrap());
+        let (_, pixel_values) = vlm.pixel_values(&decode_image(&bytes).unwrap(), 1).unwrap();
+        let cpu = tensor_f32s(&vlm.model.encode_image(&pixel_values, None).unwrap());
         let got = gpu.encode_blocking(&vlm.model, &pixel_values).unwrap();
         assert_eq!(got.dims(), [cpu.len() / vlm.config().text.hidden_size, vlm.config().text.hidden_size]);
         let got = tensor_f32s(&got);

@@ -50,7 +50,7 @@ fn run(case: &corpus::Case, config: &LlavaConfig) -> Vec<String> {
     match &case.target {
         Target::Image => {
             let processor = Processor::from_files(&processor_files(), config).unwrap();
-            vec![message(cmrm::decode_image(bytes).map(|img| drop(processor.preprocess_image(&img))))]
+            vec![message(cmrm::decode_image(bytes).map(|img| drop(processor.preprocess_image(&img, 1))))]
         }
         Target::Preprocessor | Target::Template => {
             let mut files = processor_files();
@@ -64,7 +64,7 @@ fn run(case: &corpus::Case, config: &LlavaConfig) -> Vec<String> {
                 let mut weights = Weights::empty();
                 weights.add_file(name, FileBytes::Owned(bytes.clone()))?;
                 let vb = weights.into_var_builder(&candle_core::Device::Cpu);
-                cmrm::llava::LlavaModel::new(config, vb)?;
+                cmrm::models::llava::LlavaModel::new(config, vb)?;
                 Ok(())
             })();
             let streamed = (|| {

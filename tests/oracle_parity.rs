@@ -33,7 +33,8 @@ fn check_images(vlm: &Vlm, refs: &Refs, c: &mut Checker) -> Vec<(String, Tensor)
         let bytes =
             std::fs::read(refs_dir(refs.json["model"].as_str().unwrap()).join(img["file"].as_str().unwrap())).unwrap();
         let rgb = decode_image(&bytes).unwrap();
-        let (resized, pixel_values) = vlm.pixel_values(&rgb).unwrap();
+        let (tiles, pixel_values) = vlm.pixel_values(&rgb, 1).unwrap();
+        let resized = &tiles.tiles[0];
         // resized_u8 is [3, S, S] (CHW); ours is HWC.
         let want_u8 = refs.tensor(img["resized_u8"].as_str().unwrap()).flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let plane = resized.width * resized.height;
@@ -127,7 +128,7 @@ fn parity(model: &str) {
         );
         let span = mm["image_token_span"].as_array().unwrap();
         let want_span = (span[0].as_u64().unwrap() as usize, span[1].as_u64().unwrap() as usize);
-        c.equal(id, "mm image_token_span", prepared.encoded.image_span, Some(want_span));
+        c.equal(id, "mm image_token_span", prepared.encoded.image_span(), Some(want_span));
         let probe = vlm.probe(&prepared, None).unwrap();
         check_forward(&mut c, &refs, &format!("{id} mm"), &probe, mm);
         let (gen, eos) = greedy_ids(&vlm, &prepared, None);

@@ -87,12 +87,12 @@ fn the_real_processor_files_give_transformers_prompts_and_ids() {
     let processor = cmrm::processor::Processor::from_dir(&dir, &config).unwrap();
     for c in refs()["processor"]["cases"].as_array().unwrap() {
         let with_image = c["image"].is_string();
-        let prompt = processor.chat_prompt(c["question"].as_str().unwrap(), with_image).unwrap();
+        let prompt = processor.chat_prompt(c["question"].as_str().unwrap(), usize::from(with_image)).unwrap();
         assert_eq!(prompt, c["prompt"].as_str().unwrap(), "{}: rendered prompt", c["case"]);
-        let encoded = processor.encode(&prompt, usize::from(with_image)).unwrap();
+        let encoded = processor.encode(&prompt, &vec![config.tokens_per_tile(); usize::from(with_image)]).unwrap();
         assert_eq!(encoded.input_ids, common::ids(&c["input_ids"]), "{}: input_ids", c["case"]);
         assert_eq!(encoded.n_image_tokens() as u64, c["n_image_tokens"].as_u64().unwrap());
-        let span = encoded.image_span.map(|(s, e)| serde_json::json!([s, e])).unwrap_or(Value::Null);
+        let span = encoded.image_span().map(|(s, e)| serde_json::json!([s, e])).unwrap_or(Value::Null);
         assert_eq!(span, c["image_span"], "{}: image span", c["case"]);
     }
     std::fs::remove_dir_all(dir).unwrap();
@@ -135,7 +135,7 @@ fn reduced_real_checkpoint_equals_transformers() {
         let (text, image) = prompt_of(p);
         let features = image.map(|f| {
             let img = decode_image(&std::fs::read(image_path(&f)).unwrap()).unwrap();
-            let (_, pixels) = vlm.pixel_values(&img).unwrap();
+            let (_, pixels) = vlm.pixel_values(&img, 1).unwrap();
             let bytes: Vec<u8> = common::tensor_f32s(&pixels).iter().flat_map(|x| x.to_le_bytes()).collect();
             use sha2::Digest;
             let digest = format!("{:x}", sha2::Sha256::digest(&bytes));

@@ -129,7 +129,7 @@ fn calibrate_tiny_seconds_per_prompt() -> f64 {
 fn calibrate_05b_seconds_per_prompt() -> f64 {
     const TEXT_TOKENS: usize = 24;
     let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
-    let image_tokens = cfg.image_tokens_per_image();
+    let image_tokens = cfg.tokens_per_tile();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
     let text = TextModel::new(&cfg.text, vb).unwrap();
     let text_ids: Vec<u32> = (0..TEXT_TOKENS as u32).map(|i| 1000 + i).collect();
@@ -190,7 +190,7 @@ fn print_memory(target: &str, formats: &[cmrm::quant::WeightFormat]) {
         let cfg = base.clone().with_weight_format(format);
         let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
         let t0 = now_seconds();
-        let model = cmrm::llava::LlavaModel::new(&cfg, vb).unwrap();
+        let model = cmrm::models::llava::LlavaModel::new(&cfg, vb).unwrap();
         let build_s = now_seconds() - t0;
         let after_build = memory_bytes();
         let tps = decode_on(&model.text);
@@ -315,7 +315,8 @@ fn streamed_load_memory_benchmark() {
     stream.finish().unwrap();
     let after_stream = memory_bytes();
     let model =
-        cmrm::llava::LlavaModel::new(&cfg.with_weight_format(format), weights.into_var_builder(&Device::Cpu)).unwrap();
+        cmrm::models::llava::LlavaModel::new(&cfg.with_weight_format(format), weights.into_var_builder(&Device::Cpu))
+            .unwrap();
     let seconds = now_seconds() - t0;
     println_or_log(&format!(
         "cmrm-bench streamed-load target=native weights={} file_bytes={file_bytes} seconds={seconds:.1} \

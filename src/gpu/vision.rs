@@ -23,7 +23,7 @@ use super::kernels::{dispatch, grid};
 use super::ops::{activation_code, attention_params, step_values, AttnShape, KvLayout};
 use crate::config::{FeatureSelect, VisionKind};
 use crate::generate::now_seconds;
-use crate::llava::LlavaModel;
+use crate::models::llava::LlavaModel;
 use crate::pipeline::{EncodedImage, StageTime};
 use crate::text::LinearRef;
 

@@ -719,7 +719,9 @@ impl Session {
             "hiddenSize": cfg.text.hidden_size,
             "vocabSize": cfg.text.vocab_size,
             "contextLength": cfg.text.max_position_embeddings,
-            "imageTokens": cfg.image_tokens_per_image(),
+            // Tokens of an image of the tower's own size (an anyres model's vary with the image).
+            "imageTokens": cfg.image_tokens((cfg.vision.image_size, cfg.vision.image_size)),
+            "family": cfg.family.model_type(),
             "imageSize": cfg.vision.image_size,
             "fingerprint": cfg.fingerprint(),
             "hasChatTemplate": self.vlm.processor.has_chat_template(),
