@@ -53,6 +53,34 @@ fn generate_json_matches_the_oracle() {
     }
 }
 
+/// LLaVA-NeXT and OneVision through the same flags: one image (tiled), and two images in one
+/// prompt (`--image` twice), greedy ids equal to transformers'.
+#[test]
+fn anyres_families_generate_through_the_same_flags() {
+    for model in ["tiny-llava-next-clip-llama", "tiny-llava-onevision-siglip-qwen2"] {
+        let refs = Refs::load(model);
+        for case in
+            refs.json["cases"].as_array().unwrap().iter().filter(|c| c["id"] == "img4_q0" || c["id"] == "two_images")
+        {
+            let mut args = vec!["generate".to_owned(), "--model".to_owned(), s(model_dir(model))];
+            for image in case["images"].as_array().unwrap() {
+                args.extend([
+                    "--image".to_owned(),
+                    s(refs_dir(model).join(format!("{}.png", image.as_str().unwrap()))),
+                ]);
+            }
+            args.extend(
+                ["--prompt", case["question"].as_str().unwrap(), "--max-new-tokens", "12", "--json"].map(String::from),
+            );
+            let (ok, v, err) = cmrm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(ok, "{model} {}: {err}", case["id"]);
+            assert_eq!(ids(&v["input_ids"]), ids(&case["multimodal"]["input_ids"]), "{model} {}", case["id"]);
+            assert_eq!(ids(&v["generated_ids"]), ids(&case["multimodal"]["generated_ids"]), "{model} {}", case["id"]);
+            assert!(v["stages"]["vision"]["seconds"].as_f64().unwrap() > 0.0);
+        }
+    }
+}
+
 /// The oracle's `shift` vectors hold text − multimodal and its cases *add* α·v. The CLI is CMRM:
 /// `h ← h − α·v`, so `--alpha −0.5` must reproduce the oracle's `shift_mid_a0.5` case.
 #[test]

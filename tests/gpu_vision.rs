@@ -70,6 +70,61 @@ fn gpu_vision_matches_cpu_and_transformers() {
     c.finish("gpu vision");
 }
 
+/// LLaVA-NeXT and OneVision on the GPU backend: every tile through the GPU tower, then packed
+/// (unpad, newlines, OneVision's shrink), single images and two in one prompt: features within
+/// 1e-4 of transformers', and the greedy answer to each prompt equal to transformers'.
+#[test]
+fn anyres_images_on_the_gpu_match_transformers() {
+    use cmrm::backend::DecoderBackend;
+    use cmrm::generate::Sampling;
+    use cmrm::PromptText;
+    let Some(ctx) = ctx() else { return };
+    let mut c = Checker::default();
+    let mut n_images = 0;
+    for model in ["tiny-llava-next-clip-llama", "tiny-llava-onevision-siglip-qwen2"] {
+        let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
+        let refs = Refs::load(model);
+        let gpu = pollster::block_on(DecoderBackend::gpu_model(ctx.clone(), &vlm.model, GpuWeights::F32)).unwrap();
+        assert!(gpu.gpu_vision().is_some(), "{model}: the vision tower must be on the GPU");
+        let image = |name: &str| {
+            let file =
+                refs.json["images"].as_array().unwrap().iter().find(|i| i["name"] == name).unwrap()["file"].clone();
+            decode_image(&std::fs::read(refs_dir(model).join(file.as_str().unwrap())).unwrap()).unwrap()
+        };
+        for case in refs.json["cases"].as_array().unwrap() {
+            let names: Vec<&str> = case["images"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+            if names.is_empty() {
+                continue;
+            }
+            let id = format!("{model} {}", case["id"].as_str().unwrap());
+            let images: Vec<cmrm::RgbImage> = names.iter().map(|n| image(n)).collect();
+            let encoded = gpu.encode_images(&vlm, &images).unwrap();
+            let wants: Vec<String> = match case.get("per_image") {
+                Some(per_image) => per_image
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["image_features"].as_str().unwrap().to_owned())
+                    .collect(),
+                None => names.iter().map(|n| format!("image.{n}.image_features")).collect(),
+            };
+            for (e, want) in encoded.iter().zip(&wants) {
+                assert_eq!(e.vision.on, "webgpu");
+                c.close(&id, "image_features gpu", &tensor_f32s(&e.features), &refs.f32s(want), 1e-4);
+                n_images += 1;
+            }
+            let features: Vec<&candle_core::Tensor> = encoded.iter().map(|e| &e.features).collect();
+            let question = PromptText::Chat(case["question"].as_str().unwrap().into());
+            let prepared = vlm.prepare_images(&question, &features).unwrap();
+            let opts = vlm.default_generate_options(12, Sampling::Greedy);
+            let g = gpu.generate(&vlm, &prepared, None, &opts, &mut |_| true).unwrap();
+            c.equal(&id, "generated_ids on the GPU", g.generated_ids, ids(&case["multimodal"]["generated_ids"]));
+        }
+    }
+    assert_eq!(n_images, 2 * (6 + 2), "images encoded on the GPU");
+    c.finish("anyres on the GPU");
+}
+
 /// CMRM's own computations on the GPU backend — the anchor encode, the prefills with the block
 /// outputs captured, sample-level vectors, a dataset-level extraction over images and anchors,
 /// and `probe` — give the CPU's values (within 1e-3, as the decoder's parity), and the same

@@ -105,9 +105,9 @@ struct InputArgs {
     /// Hugging Face repo id owner/name[@revision].
     #[arg(long)]
     model: PathBuf,
-    /// Image file (PNG, JPEG, WebP, GIF).
+    /// Image file (PNG, JPEG, WebP, GIF); repeat it for several images in one prompt.
     #[arg(long)]
-    image: Option<PathBuf>,
+    image: Vec<PathBuf>,
     /// The user's question (the chat template builds the full prompt).
     #[arg(long)]
     prompt: String,
@@ -444,24 +444,33 @@ fn load_model_as(spec: &Path, weights: &str) -> Result<Vlm> {
     Ok(vlm)
 }
 
-/// The prepared prompt, with the image's features (if an image was given) encoded on `backend`,
-/// and the time of the image's stages.
+/// The images' stages (`vision`, `projector`): where they ran and their seconds, over all images.
+type ImageStages = (StageTime, StageTime);
+
+/// The prepared prompt, with the images' features (if images were given) encoded on `backend`,
+/// and the time of the images' stages.
 fn prepare(
     vlm: &Vlm,
     input: &InputArgs,
     backend: &cmrm::backend::DecoderBackend,
-) -> Result<(cmrm::Prepared, PromptText, Option<cmrm::pipeline::EncodedImage>)> {
-    let encoded = match &input.image {
-        Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let img = decode_image(&bytes).with_context(|| format!("{}", path.display()))?;
-            Some(backend.encode_image(vlm, &img)?)
-        }
-        None => None,
-    };
+) -> Result<(cmrm::Prepared, PromptText, Option<ImageStages>)> {
+    let mut images = Vec::with_capacity(input.image.len());
+    for path in &input.image {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        images.push(decode_image(&bytes).with_context(|| format!("{}", path.display()))?);
+    }
+    let encoded = backend.encode_images(vlm, &images)?;
+    let stages = encoded.first().map(|first| {
+        let total = |stage: fn(&cmrm::pipeline::EncodedImage) -> &StageTime| StageTime {
+            on: stage(first).on,
+            seconds: encoded.iter().map(|e| stage(e).seconds).sum(),
+        };
+        (total(|e| &e.vision), total(|e| &e.projector))
+    });
     let text =
         if input.raw_prompt { PromptText::Raw(input.prompt.clone()) } else { PromptText::Chat(input.prompt.clone()) };
-    Ok((vlm.prepare(&text, encoded.as_ref().map(|e| &e.features))?, text, encoded))
+    let features: Vec<&candle_core::Tensor> = encoded.iter().map(|e| &e.features).collect();
+    Ok((vlm.prepare_images(&text, &features)?, text, stages))
 }
 
 /// The steering asked for on the command line, with a JSON description for `--json`.
@@ -528,10 +537,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let vlm = load_model_as(&a.input.model, &a.input.weights)?;
     let (backend, backend_info) = a.device.select(&vlm, a.json)?;
     let (prepared, text, image) = prepare(&vlm, &a.input, &backend)?;
-    if let (Some(image), false) = (&image, a.json) {
+    if let (Some((vision, projector)), false) = (&image, a.json) {
         eprintln!(
             "image: vision {:.3} s on {}, projector {:.3} s on {}",
-            image.vision.seconds, image.vision.on, image.projector.seconds, image.projector.on
+            vision.seconds, vision.on, projector.seconds, projector.on
         );
     }
     let steer = steering(&vlm, &a.steering, &text, &backend)?;
@@ -550,9 +559,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "prefill": StageTime { on: decoder_on, seconds: g.prefill_seconds },
             "decode": StageTime { on: decoder_on, seconds: g.decode_seconds },
         });
-        if let Some(image) = &image {
-            stages["vision"] = json!(image.vision);
-            stages["projector"] = json!(image.projector);
+        if let Some((vision, projector)) = &image {
+            stages["vision"] = json!(vision);
+            stages["projector"] = json!(projector);
         }
         stages
     };
