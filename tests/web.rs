@@ -219,6 +219,90 @@ async fn greedy_ids_match_oracle_clip_llama() {
     assert_eq!(parity(oracle, cmrm_file, "cpu").await, 9 * (8 + 4));
 }
 
+/// LLaVA-NeXT and OneVision in the page: the same `Session` calls, each image tiled and packed
+/// as transformers does. Every single-image case's unaltered answer, and the steered answer of the
+/// oracle's steered case, equal transformers' greedy ids (native parity: tests/anyres_parity.rs).
+async fn anyres_parity(
+    name: &str,
+    files: Vec<(String, Vec<u8>)>,
+    refs: &[u8],
+    images: &[(&str, &[u8])],
+    random: &[u8],
+) {
+    let session = Session::from_named_bytes(name, files).unwrap();
+    let refs: Value = serde_json::from_slice(refs).unwrap();
+    let sc = &refs["steer_cases"][0];
+    session.set_vectors("random", random).map_err(JsValue::from).map_err(message).unwrap();
+    let layers: Vec<String> = sc["layers"].as_array().unwrap().iter().map(|l| l.to_string()).collect();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in refs["cases"].as_array().unwrap().iter().filter(|c| c["images"].as_array().unwrap().len() == 1) {
+        let id = case["id"].as_str().unwrap();
+        let image = images.iter().find(|(n, _)| *n == case["image"].as_str().unwrap()).unwrap().1;
+        let info: Value = serde_wasm_bindgen::from_value(
+            session.set_image(image.to_vec()).await.map_err(JsValue::from).map_err(message).unwrap(),
+        )
+        .unwrap();
+        if info["imageTokens"] != case["multimodal"]["n_image_tokens"] {
+            failures
+                .push(format!("{id}: imageTokens {} != {}", info["imageTokens"], case["multimodal"]["n_image_tokens"]));
+        }
+        // The page applies a file as CMRM (h − α·v); the oracle adds α·v, hence −α.
+        let options = json!({
+            "prompt": case["question"], "maxNewTokens": 12, "alpha": -sc["alpha"].as_f64().unwrap(),
+            "layers": layers.join(","), "positions": sc["positions"], "variant": "dataset",
+        });
+        let r = compare(&session, options).await.unwrap_or_else(|e| panic!("{name} {id}: {e}"));
+        let mut check = |which: &str, want: &Value| {
+            if ids(&r[which]["generatedIds"]) != ids(&want["generated_ids"]) {
+                failures.push(format!(
+                    "{id} {which}: {:?} != {:?}",
+                    ids(&r[which]["generatedIds"]),
+                    ids(&want["generated_ids"])
+                ));
+            }
+            checked += 1;
+        };
+        check("unaltered", &case["multimodal"]);
+        if let Some(steered) = case.get("steered_multimodal") {
+            check("steered", &steered[sc["name"].as_str().unwrap()]);
+        }
+    }
+    assert!(failures.is_empty(), "{name}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(checked, 6 + 1, "{name}: answers checked");
+}
+
+macro_rules! anyres_images {
+    ($model:literal) => {
+        [
+            ("wide", refs!($model, "wide.png")),
+            ("tall", refs!($model, "tall.png")),
+            ("square", refs!($model, "square.png")),
+            ("strip", refs!($model, "strip.png")),
+            ("large", refs!($model, "large.png")),
+            ("small", refs!($model, "small.png")),
+        ]
+    };
+}
+
+#[wasm_bindgen_test]
+async fn llava_next_in_the_page_matches_transformers() {
+    const M: &str = "tiny-llava-next-clip-llama";
+    let images = anyres_images!("tiny-llava-next-clip-llama");
+    let refs = refs!("tiny-llava-next-clip-llama", "refs.json");
+    let random = refs!("tiny-llava-next-clip-llama", "steer_random.safetensors");
+    anyres_parity(M, model_files!("tiny-llava-next-clip-llama"), refs, &images, random).await;
+}
+
+#[wasm_bindgen_test]
+async fn llava_onevision_in_the_page_matches_transformers() {
+    const M: &str = "tiny-llava-onevision-siglip-qwen2";
+    let images = anyres_images!("tiny-llava-onevision-siglip-qwen2");
+    let refs = refs!("tiny-llava-onevision-siglip-qwen2", "refs.json");
+    let random = refs!("tiny-llava-onevision-siglip-qwen2", "steer_random.safetensors");
+    anyres_parity(M, model_files!("tiny-llava-onevision-siglip-qwen2"), refs, &images, random).await;
+}
+
 /// Whether this browser has a WebGPU adapter (Chromium: `--enable-unsafe-webgpu`, webdriver.json).
 async fn has_webgpu() -> bool {
     let found = cmrm::gpu::context::probe_adapter().await.is_some();

@@ -59,8 +59,8 @@ async function catalogEntry(model, revision = "main") {
 /// The calibration set of "compute vectors here" (`?calibration=URL` overrides).
 const CALIBRATION_URL = new URL(params.get("calibration") || "assets/calibration/builtin-v1.jsonl", location.href).href;
 
-/// Real checkpoints on the Hugging Face Hub (LLaVA architecture, ≤ 1B parameters).
-const HUB_MODELS = ["llava-hf/llava-interleave-qwen-0.5b-hf"];
+/// Real checkpoints on the Hugging Face Hub (the LLaVA families, ≤ 1B parameters).
+const HUB_MODELS = ["llava-hf/llava-interleave-qwen-0.5b-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"];
 
 // ---------------------------------------------------------------- worker RPC
 
