@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("no WebGPU/Vulkan adapter: nothing to compare");
         return Ok(());
     };
-    let ctx = Arc::new(cmrm::gpu::context::new_blocking()?);
+    let ctx = Arc::new(cmrm::gpu::new_blocking()?);
     let format: cmrm::quant::WeightFormat = std::env::var("CMRM_BENCH_WEIGHTS").as_deref().unwrap_or("f32").parse()?;
     let (label, text) = if let Ok(dir) = std::env::var("CMRM_BENCH_MODEL") {
         let vlm = cmrm::Vlm::load_dir_as(std::path::Path::new(&dir), format)?;

@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     let model = cmrm::models::llava::LlavaModel::new(&cfg, vb)?;
     let s = cfg.vision.image_size;
     let pixel_values = Tensor::rand(-1f32, 1f32, (1, 3, s, s), &Device::Cpu)?;
-    let ctx = Arc::new(cmrm::gpu::context::new_blocking()?);
+    let ctx = Arc::new(cmrm::gpu::new_blocking()?);
     let gpu = cmrm::gpu::GpuVision::new_blocking(ctx, &model, cmrm::gpu::GpuWeights::Auto)?;
     let best = |f: &mut dyn FnMut() -> anyhow::Result<Tensor>| -> anyhow::Result<(f64, Tensor)> {
         let mut out = (f64::INFINITY, Tensor::zeros(1, DType::F32, &Device::Cpu)?);

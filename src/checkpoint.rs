@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::config::{resolve, LlavaConfig};
 use crate::image::RgbImage;
-use crate::pipeline::PromptText;
-use crate::processor::{Processor, ProcessorFiles};
+
+use crate::processor::{Processor, ProcessorFiles, PromptText};
 use crate::quant::{estimate_model_bytes, FORMATS};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -47,7 +47,7 @@ pub fn weight_file_names(
     read_index: &mut dyn FnMut() -> Result<String>,
 ) -> Result<Vec<String>> {
     if has(WEIGHTS_INDEX) {
-        return crate::weights::shard_names_from_index(&read_index()?).context("invalid model.safetensors.index.json");
+        return shard_names_from_index(&read_index()?).context("invalid model.safetensors.index.json");
     }
     for name in [WEIGHTS_FILE, WEIGHTS_GGUF] {
         if has(name) {
@@ -126,7 +126,7 @@ impl WeightFileInfo {
         Self { name: name.to_owned(), bytes, tensors: None, params: None, dtypes: BTreeMap::new(), shapes: Vec::new() }
     }
 
-    fn from_tensors(name: &str, bytes: Option<u64>, tensors: &[crate::streaming::HeaderTensor]) -> Self {
+    fn from_tensors(name: &str, bytes: Option<u64>, tensors: &[crate::weight_headers::HeaderTensor]) -> Self {
         let mut dtypes = BTreeMap::new();
         let mut params = 0u64;
         for t in tensors {
@@ -134,34 +134,24 @@ impl WeightFileInfo {
             params += n;
             *dtypes.entry(t.stored.name()).or_insert(0) += n;
         }
-        let shapes = crate::streaming::canonical_shapes(tensors);
+        let shapes = crate::weights::canonical_shapes(tensors);
         Self { name: name.to_owned(), bytes, tensors: Some(tensors.len()), params: Some(params), dtypes, shapes }
     }
 
     /// From a file's first bytes: a safetensors header (8-byte length, JSON) or a GGUF header.
     /// `Ok(None)` when `prefix` is too short; the length it needs is then returned by
-    /// [`WeightFileInfo::header_len`].
+    /// [`crate::weight_headers::header_len`].
     pub fn from_prefix(name: &str, bytes: Option<u64>, prefix: &[u8]) -> Result<Option<Self>> {
         if prefix.starts_with(b"GGUF") {
-            return Ok(crate::streaming::gguf_header_tensors(name, prefix)?
+            return Ok(crate::weight_headers::gguf_header_tensors(name, prefix)?
                 .map(|tensors| Self::from_tensors(name, bytes, &tensors)));
         }
-        let Some(need) = Self::header_len(prefix)? else { return Ok(None) };
+        let Some(need) = crate::weight_headers::header_len(prefix)? else { return Ok(None) };
         if (prefix.len() as u64) < need {
             return Ok(None);
         }
-        let tensors = crate::streaming::parse_header(name, &prefix[8..need as usize])?;
+        let tensors = crate::weight_headers::parse_header(name, &prefix[8..need as usize])?;
         Ok(Some(Self::from_tensors(name, bytes, &tensors)))
-    }
-
-    /// Bytes a safetensors header takes with its length prefix, once the first 8 are known.
-    pub fn header_len(prefix: &[u8]) -> Result<Option<u64>> {
-        let Some(len) = prefix.get(..8) else { return Ok(None) };
-        let n = u64::from_le_bytes(len.try_into().expect("8 bytes"));
-        if n > crate::streaming::MAX_HEADER_BYTES {
-            bail!("not a safetensors file (a {n}-byte header)");
-        }
-        Ok(Some(8 + n))
     }
 }
 
@@ -363,5 +353,64 @@ fn flatten(v: &Value, prefix: &str, out: &mut Vec<(String, String)>) {
             }
         }
         other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// The weight files of a checkpoint folder: the shards named by the index, or the single file.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn weight_files_in_dir(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join(WEIGHTS_INDEX);
+    let names = weight_file_names(&|name| dir.join(name).exists(), &mut || {
+        std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))
+    })
+    .with_context(|| format!("{}: the weights", dir.display()))?;
+    Ok(names.into_iter().map(|s| dir.join(s)).collect())
+}
+
+/// A checkpoint folder's weights: its weight files (memory-mapped).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_weights(dir: &std::path::Path) -> Result<crate::weights::Weights> {
+    crate::weights::Weights::from_paths(&weight_files_in_dir(dir)?)
+}
+
+/// Distinct shard file names from a `model.safetensors.index.json`, in first-seen order.
+pub fn shard_names_from_index(text: &str) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).context("no weight_map object")?;
+    let mut shards: Vec<String> = Vec::new();
+    for file in map.values() {
+        let file = file.as_str().context("weight_map values must be file names")?;
+        // A plain file name: nothing that could leave the checkpoint folder on any platform.
+        if file.is_empty() || file.starts_with('.') || file.contains(['/', '\\', ':', '\0']) {
+            bail!("shard name '{file}' is not a plain file name");
+        }
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_owned());
+        }
+    }
+    if shards.is_empty() {
+        bail!("weight_map is empty");
+    }
+    Ok(shards)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ProcessorFiles {
+    /// The processor's files in a checkpoint folder (`tokenizer.json` required).
+    pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
+        let files = SmallFiles::read_dir(dir)?.processor;
+        if files.tokenizer_json.is_empty() {
+            bail!("cannot read {}: no such file", dir.join("tokenizer.json").display());
+        }
+        Ok(files)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Processor {
+    /// Read the processor files from a checkpoint folder.
+    pub fn from_dir(dir: &std::path::Path, config: &LlavaConfig) -> Result<Self> {
+        let files = ProcessorFiles::read_dir(dir)?;
+        Self::from_files(&files, config).with_context(|| format!("loading the processor from {}", dir.display()))
     }
 }

@@ -220,15 +220,15 @@ fn weight_header(
             if let Some(info) = WeightFileInfo::from_prefix(name, size, &bytes)? {
                 return Ok(info);
             }
-            if (bytes.len() as u64) < len || len > crate::streaming::MAX_HEADER_BYTES {
+            if (bytes.len() as u64) < len || len > crate::weight_headers::MAX_HEADER_BYTES {
                 bail!("{name}: the GGUF header does not end");
             }
             len *= 4;
             bytes = read_prefix(len)?;
         }
     }
-    let need =
-        WeightFileInfo::header_len(&first)?.with_context(|| format!("{name}: too short for a safetensors file"))?;
+    let need = crate::weight_headers::header_len(&first)?
+        .with_context(|| format!("{name}: too short for a safetensors file"))?;
     let bytes = if (first.len() as u64) >= need { first } else { read_prefix(need)? };
     WeightFileInfo::from_prefix(name, size, &bytes)?.with_context(|| format!("{name}: truncated safetensors header"))
 }

@@ -23,7 +23,6 @@ pub mod gpu;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod image;
-pub mod jpeg;
 pub mod models;
 pub mod pipeline;
 #[cfg(not(target_arch = "wasm32"))]
@@ -31,6 +30,7 @@ pub mod plot;
 pub mod processor;
 pub mod projector;
 pub mod quant;
+pub mod quant_export;
 pub mod steering;
 pub mod streaming;
 pub mod synthetic;
@@ -38,6 +38,7 @@ pub mod text;
 pub mod vision;
 #[cfg(target_arch = "wasm32")]
 pub mod web;
+pub mod weight_headers;
 pub mod weights;
 
 pub use config::LlavaConfig;

@@ -9,17 +9,11 @@ use crate::config::LlavaConfig;
 use crate::generate::{generate_batch, GenerateOptions, Generation, Sampling, TokenEvent};
 use crate::image::RgbImage;
 use crate::models::llava::LlavaModel;
+pub use crate::processor::PromptText;
 use crate::processor::{EncodedPrompt, ImageTiles, Processor, ProcessorFiles};
 use crate::steering::Intervention;
 use crate::text::ForwardOptions;
 use crate::weights::Weights;
-
-/// What the user typed: a question for the chat template, or a full prompt used as is.
-#[derive(Debug, Clone)]
-pub enum PromptText {
-    Chat(String),
-    Raw(String),
-}
 
 /// Where one stage of an answer ran (`"cpu"` or `"webgpu"`) and its seconds (`cmrm generate
 /// --json`'s `stages`).
@@ -133,7 +127,7 @@ impl Vlm {
         if !dir.is_dir() {
             bail!("{}: not a folder (expected a Hugging Face checkpoint folder with config.json)", dir.display());
         }
-        let weights = Weights::from_dir(dir)?;
+        let weights = crate::checkpoint::load_weights(dir)?;
         let format = match choice {
             crate::quant::WeightChoice::Fixed(f) => f,
             crate::quant::WeightChoice::Auto => weights.stored_format().unwrap_or_default(),

@@ -57,6 +57,13 @@ impl ProcessorFiles {
     }
 }
 
+/// What the user typed: a question for the chat template, or a full prompt used as is.
+#[derive(Debug, Clone)]
+pub enum PromptText {
+    Chat(String),
+    Raw(String),
+}
+
 /// An image made ready for the vision tower.
 #[derive(Debug, Clone)]
 pub struct ImageTiles {
@@ -207,13 +214,6 @@ impl Processor {
         Ok(processor)
     }
 
-    /// Read the processor files from a checkpoint folder.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_dir(dir: &std::path::Path, config: &LlavaConfig) -> Result<Self> {
-        let files = ProcessorFiles::read_dir(dir)?;
-        Self::from_files(&files, config).with_context(|| format!("loading the processor from {}", dir.display()))
-    }
-
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }
@@ -356,16 +356,4 @@ fn special_tokens(tokenizer_config: Option<&Value>, special_tokens_map: Option<&
             from_map.or(from_config).map(|v| (name.to_owned(), v))
         })
         .collect()
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-impl ProcessorFiles {
-    /// The processor's files in a checkpoint folder (`tokenizer.json` required).
-    pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
-        let files = crate::checkpoint::SmallFiles::read_dir(dir)?.processor;
-        if files.tokenizer_json.is_empty() {
-            bail!("cannot read {}: no such file", dir.join("tokenizer.json").display());
-        }
-        Ok(files)
-    }
 }

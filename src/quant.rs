@@ -87,7 +87,7 @@ impl WeightFormat {
 }
 
 /// The decoder's token embedding table (canonical name): F16 when the model is quantized.
-const EMBED_TOKENS: &str = "lm.embed_tokens.weight";
+pub(crate) const EMBED_TOKENS: &str = "lm.embed_tokens.weight";
 
 /// A linear layer's `[out, in]` weight (canonical name): what a quantized format quantizes.
 fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
@@ -115,59 +115,6 @@ pub fn in_memory_form(canonical: &str, tensor: &Tensor, format: WeightFormat) ->
         }
         _ => QTensor::quantize(&tensor.to_dtype(f32)?, GgmlDType::F32),
     }
-}
-
-/// `cmrm quantize`: a checkpoint's tensors as one GGUF file holding exactly what loading in
-/// `format` holds in memory — linears in the block type (padded with zero columns where
-/// `padded_type` pads), the token embedding quantized by rows (F16 where rows are not whole
-/// blocks), the rest F32 — so the file is the model's in-memory size and loads without
-/// re-quantizing. Tensor names stay the checkpoint's own (any layout `canonical_key` reads).
-pub fn quantize_to_gguf(weights: &crate::weights::Weights, format: WeightFormat) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    write_quantized_gguf(weights, format, &mut out, &mut std::io::Cursor::new(Vec::new()))?;
-    Ok(out)
-}
-
-/// [`quantize_to_gguf`] written to `out` a tensor at a time: each converted tensor goes to
-/// `spill` (a temporary file natively) as soon as it is made, and `out` gets the header (once
-/// every tensor's type and size is known) followed by `spill`'s bytes. Memory: one tensor and its
-/// conversion, not the whole model. Returns the bytes written.
-pub fn write_quantized_gguf<S: std::io::Read + std::io::Write + std::io::Seek>(
-    weights: &crate::weights::Weights,
-    format: WeightFormat,
-    out: &mut impl std::io::Write,
-    spill: &mut S,
-) -> anyhow::Result<u64> {
-    use crate::gguf::{ggml_type_id, header, padded, MetaValue, TensorInfo};
-    use anyhow::Context;
-    if format == WeightFormat::F32 {
-        anyhow::bail!("quantize to q8_0 or q4 (f32 is the checkpoint itself)");
-    }
-    let device = candle_core::Device::Cpu;
-    let mut infos = Vec::new();
-    for (key, canonical) in weights.keys() {
-        // The table as the model loads it: F16 first (its rows are quantized from those values).
-        let dtype = if canonical == EMBED_TOKENS { candle_core::DType::F16 } else { candle_core::DType::F32 };
-        let tensor = weights.load_as(canonical, dtype, &device)?;
-        let q = in_memory_form(canonical, &tensor, format).with_context(|| format!("quantizing {key}"))?;
-        drop(tensor);
-        let data = q.data()?;
-        spill.write_all(&data).context("writing the converted tensors")?;
-        spill.write_all(&vec![0u8; (padded(data.len() as u64) - data.len() as u64) as usize])?;
-        infos.push(TensorInfo {
-            name: key.to_owned(),
-            ggml_type: ggml_type_id(q.dtype())?,
-            shape: q.shape().dims().to_vec(),
-            bytes: data.len() as u64,
-        });
-    }
-    let metadata =
-        [("general.architecture", MetaValue::String("cmrm-llava")), ("cmrm.weights", MetaValue::String(format.name()))];
-    let head = header(&metadata, &infos);
-    out.write_all(&head).context("writing the GGUF header")?;
-    spill.seek(std::io::SeekFrom::Start(0))?;
-    let data = std::io::copy(spill, out).context("writing the GGUF tensors")?;
-    Ok(head.len() as u64 + data)
 }
 
 /// Bytes a model takes in memory in `format`, from its tensors' canonical names and shapes (as

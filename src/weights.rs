@@ -75,6 +75,11 @@ pub struct Weights {
     converted: Vec<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
+/// `(canonical name, shape)` of the tensors cmrm uses (what memory estimates take).
+pub fn canonical_shapes(tensors: &[crate::weight_headers::HeaderTensor]) -> Vec<(String, Vec<usize>)> {
+    tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect()
+}
+
 /// Map a saved key to the canonical name, or `None` for keys cmrm does not use.
 pub fn canonical_key(key: &str) -> Option<String> {
     let key = key
@@ -121,10 +126,10 @@ impl Weights {
         }
         // The header checked as a streamed load checks it (same messages), then the data's length.
         (|| -> Result<()> {
-            let need = crate::checkpoint::WeightFileInfo::header_len(data)?
+            let need = crate::weight_headers::header_len(data)?
                 .with_context(|| format!("{name}: shorter than its header length"))?;
             let header = data.get(8..need as usize).with_context(|| format!("{name}: truncated header"))?;
-            let tensors = crate::streaming::parse_header(name, header)?;
+            let tensors = crate::weight_headers::parse_header(name, header)?;
             let data_len = tensors.iter().map(|t| t.range.end).max().unwrap_or(0);
             if need + data_len > data.len() as u64 {
                 bail!("{name}: truncated: its tensors need {} bytes, the file has {}", need + data_len, data.len());
@@ -262,13 +267,13 @@ impl Weights {
         keys
     }
 
-    /// Index `model.safetensors`, or the shards listed in `model.safetensors.index.json`
-    /// (memory-mapped: pages are read as tensors are converted).
+    /// Index weight files (memory-mapped: pages are read as tensors are converted). Which files a
+    /// checkpoint folder holds is `checkpoint::load_weights`'s business.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
+    pub fn from_paths(paths: &[std::path::PathBuf]) -> Result<Self> {
         let mut weights = Self::empty();
-        for path in weight_files_in_dir(dir)? {
-            let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        for path in paths {
+            let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the map is read-only; checkpoint files are not modified while cmrm loads them.
             let mmap =
                 unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
@@ -328,38 +333,6 @@ impl Weights {
     fn describe_files(&self) -> String {
         self.files.iter().map(|(f, _)| f.to_string()).collect::<Vec<_>>().join(", ")
     }
-}
-
-/// The weight files of a checkpoint folder: the shards named by the index, or the single file.
-#[cfg(not(target_arch = "wasm32"))]
-pub fn weight_files_in_dir(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
-    let index = dir.join(crate::checkpoint::WEIGHTS_INDEX);
-    let names = crate::checkpoint::weight_file_names(&|name| dir.join(name).exists(), &mut || {
-        std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))
-    })
-    .with_context(|| format!("{}: the weights", dir.display()))?;
-    Ok(names.into_iter().map(|s| dir.join(s)).collect())
-}
-
-/// Distinct shard file names from a `model.safetensors.index.json`, in first-seen order.
-pub fn shard_names_from_index(text: &str) -> Result<Vec<String>> {
-    let v: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).context("no weight_map object")?;
-    let mut shards: Vec<String> = Vec::new();
-    for file in map.values() {
-        let file = file.as_str().context("weight_map values must be file names")?;
-        // A plain file name: nothing that could leave the checkpoint folder on any platform.
-        if file.is_empty() || file.starts_with('.') || file.contains(['/', '\\', ':', '\0']) {
-            bail!("shard name '{file}' is not a plain file name");
-        }
-        if !shards.iter().any(|s| s == file) {
-            shards.push(file.to_owned());
-        }
-    }
-    if shards.is_empty() {
-        bail!("weight_map is empty");
-    }
-    Ok(shards)
 }
 
 impl SimpleBackend for Weights {

@@ -134,7 +134,7 @@ fn vector_files_round_trip_bit_exactly() {
     assert_eq!(SteeringVectors::from_bytes("b.safetensors", &bytes).unwrap(), b);
 
     // GGUF: llama.cpp has no direction.0, so layer 0 is dropped and reported; the rest is exact.
-    let export = cmrm::gguf::export_control_vector(&v, "llama");
+    let export = cmrm::steering::control_vector::export_control_vector(&v, "llama");
     assert_eq!(export.dropped_layers, vec![0]);
     assert_eq!(&export.bytes[..4], b"GGUF");
     let imported = SteeringVectors::from_bytes("a.gguf", &export.bytes).unwrap();
@@ -151,13 +151,13 @@ fn vector_files_round_trip_bit_exactly() {
     let first = f32::from_le_bytes(export.bytes[data_start..data_start + 4].try_into().unwrap());
     assert_eq!(first, -v.layers[&1][0]);
     // Back to GGUF again: byte-identical.
-    assert_eq!(cmrm::gguf::export_control_vector(&imported, "llama").bytes, export.bytes);
+    assert_eq!(cmrm::steering::control_vector::export_control_vector(&imported, "llama").bytes, export.bytes);
 }
 
 #[test]
 fn bad_gguf_files() {
     let v = sample_vectors(&[1, 2]);
-    let bytes = cmrm::gguf::export_control_vector(&v, "llama").bytes;
+    let bytes = cmrm::steering::control_vector::export_control_vector(&v, "llama").bytes;
     let msg = format!("{:#}", SteeringVectors::from_bytes("t.gguf", &bytes[..bytes.len() - 10]).unwrap_err());
     assert!(msg.contains("t.gguf") && msg.contains("truncated"), "{msg}");
     let mut not_cv = bytes.clone();

@@ -13,7 +13,7 @@ use cmrm::steering::{Intervention, Positions, SteeringVectors};
 fn ctx() -> Option<GpuContext> {
     if let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) {
         eprintln!("adapter: {} ({:?})", info.name, info.backend);
-        Some(cmrm::gpu::context::new_blocking().expect("an adapter exists, so the GPU context must work"))
+        Some(cmrm::gpu::new_blocking().expect("an adapter exists, so the GPU context must work"))
     } else {
         eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
         None

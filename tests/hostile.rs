@@ -210,14 +210,18 @@ fn write_fuzz_seeds() {
                 let bytes = bytes();
                 put("vectors", &name, &bytes);
                 let vectors = cmrm::SteeringVectors::from_bytes(&name, &bytes).unwrap();
-                put("vectors", &format!("{name}.gguf"), &cmrm::gguf::export_control_vector(&vectors, "qwen2").bytes);
+                put(
+                    "vectors",
+                    &format!("{name}.gguf"),
+                    &cmrm::steering::control_vector::export_control_vector(&vectors, "qwen2").bytes,
+                );
             }
             _ => {}
         }
     }
-    let weights = cmrm::weights::Weights::from_dir(&common::model_dir(common::MODELS[1])).unwrap();
+    let weights = cmrm::checkpoint::load_weights(&common::model_dir(common::MODELS[1])).unwrap();
     for format in [cmrm::quant::WeightFormat::Q8_0, cmrm::quant::WeightFormat::Q4] {
-        let gguf = cmrm::quant::quantize_to_gguf(&weights, format).unwrap();
+        let gguf = cmrm::quant_export::quantize_to_gguf(&weights, format).unwrap();
         put("gguf", &format!("tiny-siglip-qwen2.{}.gguf", format.name()), &gguf);
     }
     put("catalog", "www-catalog.json", &std::fs::read(root.join("www/vectors/catalog.json")).unwrap());

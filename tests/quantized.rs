@@ -99,7 +99,7 @@ fn quantized_models_are_smaller() {
 #[test]
 fn memory_estimate_matches_the_loaded_decoder() {
     for model in MODELS {
-        let weights = cmrm::weights::Weights::from_dir(&model_dir(model)).unwrap();
+        let weights = cmrm::checkpoint::load_weights(&model_dir(model)).unwrap();
         for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4] {
             let decoder_only = weights.shapes().filter(|(n, _)| n.starts_with("lm.") || n.starts_with("lm_head."));
             let estimate = cmrm::quant::estimate_model_bytes(format, decoder_only);
@@ -153,11 +153,11 @@ fn quantize_writes_a_gguf_copy_that_loads_as_the_same_model() {
             let input = std::fs::metadata(src.join("model.safetensors")).unwrap().len();
             assert!(gguf_bytes < input, "{model} {format:?}: {gguf_bytes} vs {input} bytes");
 
-            let weights = cmrm::weights::Weights::from_dir(&out).unwrap();
+            let weights = cmrm::checkpoint::load_weights(&out).unwrap();
             assert_eq!(weights.stored_format(), Some(format));
             // The blocks are offered as stored (loaded without re-quantizing).
             let block = format.ggml_type(64).unwrap();
-            let vb = cmrm::weights::Weights::from_dir(&out).unwrap().into_var_builder(&candle_core::Device::Cpu);
+            let vb = cmrm::checkpoint::load_weights(&out).unwrap().into_var_builder(&candle_core::Device::Cpu);
             assert!(vb.contains_tensor(&cmrm::quant::block_key("lm.embed_tokens.weight", block)), "{model} {format:?}");
             assert!(!vb.contains_tensor(&cmrm::quant::block_key("lm.norm.weight", block)));
             let from_gguf = Vlm::load_dir_choice(&out, cmrm::quant::WeightChoice::Auto).unwrap();
@@ -188,7 +188,7 @@ fn quantize_writes_a_gguf_copy_that_loads_as_the_same_model() {
                 .fold(1f32, f32::min);
             assert!(cos > 0.99, "{model} {format:?}: dequantized copy vs quantized, logits cosine {cos}");
             // F32 tensors (norms, biases) are stored as they were.
-            let src_weights = cmrm::weights::Weights::from_dir(&src).unwrap();
+            let src_weights = cmrm::checkpoint::load_weights(&src).unwrap();
             let norm = "lm.norm.weight";
             let dev = candle_core::Device::Cpu;
             let (x, y) = (weights.load(norm, &dev).unwrap(), src_weights.load(norm, &dev).unwrap());
@@ -286,7 +286,7 @@ fn streamed_gguf_equals_loading_the_file() {
             Vlm::from_parts(config.clone().with_weight_format(format), &files, generation.as_deref(), weights).unwrap()
         };
         for format in [WeightFormat::Q8_0, WeightFormat::Q4] {
-            let gguf = cmrm::quant::quantize_to_gguf(&source, format).unwrap();
+            let gguf = cmrm::quant_export::quantize_to_gguf(&source, format).unwrap();
             let mut whole = Weights::empty();
             whole.add_file("model.gguf", FileBytes::Owned(gguf.clone())).unwrap();
             let want = run_cases(&build(whole, format), model);

@@ -528,7 +528,7 @@ async fn quantized_gguf_copy_loads_as_q8_0() {
     let safetensors = file_of(&oracle.files, "model.safetensors").to_vec();
     let mut weights = cmrm::weights::Weights::empty();
     weights.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(safetensors.clone())).unwrap();
-    let gguf = cmrm::quant::quantize_to_gguf(&weights, cmrm::quant::WeightFormat::Q8_0).unwrap();
+    let gguf = cmrm::quant_export::quantize_to_gguf(&weights, cmrm::quant::WeightFormat::Q8_0).unwrap();
     assert!(gguf.len() < safetensors.len());
     let files: Vec<(String, Vec<u8>)> =
         oracle

@@ -37,7 +37,7 @@ fn weights(name: &str, data: &[u8]) {
         weights.add_file(name, FileBytes::Owned(data.to_vec()))?;
         let _ = weights.stored_format();
         let vb = weights.into_var_builder(&Device::Cpu);
-        cmrm::llava::LlavaModel::new(&config, vb)?;
+        cmrm::models::llava::LlavaModel::new(&config, vb)?;
         Ok(())
     })();
     let streamed = (|| -> anyhow::Result<()> {
@@ -58,8 +58,8 @@ pub fn safetensors(data: &[u8]) {
     if data.len() >= 8 {
         let n = u64::from_le_bytes(data[..8].try_into().unwrap());
         if let Some(json) = usize::try_from(n).ok().and_then(|n| data.get(8..8usize.checked_add(n)?)) {
-            if let Ok(tensors) = cmrm::streaming::parse_header("model.safetensors", json) {
-                let _ = cmrm::streaming::canonical_shapes(&tensors);
+            if let Ok(tensors) = cmrm::weight_headers::parse_header("model.safetensors", json) {
+                let _ = cmrm::weights::canonical_shapes(&tensors);
             }
         }
     }
@@ -89,7 +89,7 @@ pub fn gguf(data: &[u8]) {
         (Err(_), Err(_)) => {}
         _ => panic!("header check whole {whole:?} vs resumed {resumed:?}"),
     }
-    let _ = cmrm::streaming::gguf_header_tensors("model.gguf", data);
+    let _ = cmrm::weight_headers::gguf_header_tensors("model.gguf", data);
     weights("model.gguf", data);
 }
 
@@ -101,7 +101,7 @@ pub fn vectors(data: &[u8]) {
     let bytes = vectors.to_safetensors_bytes().expect("parsed vectors serialize");
     let again = cmrm::SteeringVectors::from_bytes("again.safetensors", &bytes).expect("own file parses");
     assert_eq!((again.hidden_size, &again.layers), (vectors.hidden_size, &vectors.layers));
-    let export = cmrm::gguf::export_control_vector(&vectors, "qwen2");
+    let export = cmrm::steering::control_vector::export_control_vector(&vectors, "qwen2");
     let kept = vectors.layers.keys().filter(|l| !export.dropped_layers.contains(l)).count();
     if kept > 0 {
         let imported = cmrm::SteeringVectors::from_bytes("again.gguf", &export.bytes).expect("own GGUF parses");
@@ -140,7 +140,7 @@ pub fn image(data: &[u8]) {
 pub fn configs(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = cmrm::config::eos_ids_from_generation_config(&text);
-    let _ = cmrm::weights::shard_names_from_index(&text);
+    let _ = cmrm::checkpoint::shard_names_from_index(&text);
     if let Ok(config) = LlavaConfig::from_json_str(&text) {
         let _ = config.fingerprint();
         let _ = cmrm::config::eos_ids(&config, None);

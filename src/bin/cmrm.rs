@@ -683,8 +683,8 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         bail!("--out must be another folder than the model's ({})", dir.display());
     }
     let t0 = std::time::Instant::now();
-    let weights = cmrm::weights::Weights::from_dir(&dir)?;
-    let input_bytes: u64 = cmrm::weights::weight_files_in_dir(&dir)?
+    let weights = cmrm::checkpoint::load_weights(&dir)?;
+    let input_bytes: u64 = cmrm::checkpoint::weight_files_in_dir(&dir)?
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
@@ -692,7 +692,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     let target = a.out.join("model.gguf");
     let written = cmrm::atomic_file::write_with(&target, |out| {
         let mut spill = cmrm::atomic_file::TempFile::beside(&target, "tensors")?;
-        cmrm::quant::write_quantized_gguf(&weights, format, out, &mut spill.file)
+        cmrm::quant_export::write_quantized_gguf(&weights, format, out, &mut spill.file)
     });
     let gguf_bytes = written?;
     // Everything but the weights, as is (config, tokenizer, templates, preprocessor, …).
@@ -826,7 +826,7 @@ fn write_vectors(path: &Path, vectors: &SteeringVectors, model_hint: Option<&str
     match output_format(path)? {
         "gguf" => {
             let hint = model_hint.or(vectors.metadata.get("model_hint").map(String::as_str)).unwrap_or("llava");
-            let export = cmrm::gguf::export_control_vector(vectors, hint);
+            let export = cmrm::steering::control_vector::export_control_vector(vectors, hint);
             if !export.dropped_layers.is_empty() {
                 eprintln!(
                     "note: llama.cpp control vectors start at layer 1; left out layer(s) {:?}",

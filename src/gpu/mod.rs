@@ -2,7 +2,8 @@
 //! natively), selected at load time behind the same model API; candle on the CPU stays the
 //! fallback.
 //!
-//! - [`context`]: adapter / device selection, self-test, error capture, read-back;
+//! - [`context`]: adapter / device selection, error capture, read-back (the self-test that
+//!   opening one runs is [`ops::self_test`]);
 //! - [`kernels`] + `shaders/*.wgsl`: tiled matmul, GEMV and token-embedding rows (one set per
 //!   weight storage, compiled on first use), RMSNorm, LayerNorm, RoPE + KV-cache write, GQA
 //!   attention (causal over the cache, or full over packed rows), activations (gated or not),
@@ -15,7 +16,7 @@
 //!   `LlavaModel::encode_image`;
 //! - [`session`]: one sequence decoded on the GPU ([`GpuSession`]; the choice of backend a
 //!   request runs on is `crate::backend`);
-//! - [`ops`]: single kernels on host data (self-test and per-kernel tests);
+//! - [`ops`]: single kernels on host data (the self-test and per-kernel tests);
 //! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
 
 // wgpu's handles are Send + Sync natively but not on wasm32 (one thread there); the shared
@@ -34,6 +35,30 @@ pub mod storage;
 pub mod vision;
 
 pub use context::GpuContext;
+
+impl GpuContext {
+    /// Request the best adapter (high performance, fallback adapters allowed) and a device with
+    /// the adapter's own limits, compile the kernels and run the self-test.
+    pub async fn new() -> anyhow::Result<Self> {
+        let adapter = context::request_adapter().await.map_err(|e| anyhow::anyhow!("no WebGPU/Vulkan adapter: {e}"))?;
+        Self::from_adapter(adapter).await
+    }
+
+    /// [`GpuContext::new`] on a given adapter: a broken driver or a kernel miscompile fails the
+    /// self-test ([`ops::self_test`]) here instead of producing wrong text later.
+    pub async fn from_adapter(adapter: wgpu::Adapter) -> anyhow::Result<Self> {
+        let ctx = Self::open(adapter).await?;
+        let label = context::adapter_label(&ctx.adapter_info);
+        ops::self_test(&ctx).await.map_err(|e| anyhow::anyhow!("{label}: GPU self-test failed: {e:#}"))?;
+        Ok(ctx)
+    }
+}
+
+/// Blocking [`GpuContext::new`] (native).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn new_blocking() -> anyhow::Result<GpuContext> {
+    pollster::block_on(GpuContext::new())
+}
 pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};
 pub use session::GpuSession;
 pub use vision::GpuVision;

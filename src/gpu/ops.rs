@@ -340,3 +340,38 @@ pub async fn argmax(ctx: &GpuContext, v: &[f32]) -> Result<u32> {
     let bytes = ctx.submit_and_read(enc, &out, 4).await?;
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
+
+/// A tiny matmul + RMSNorm checked against a CPU reference: a broken driver or a kernel
+/// miscompile fails here instead of producing wrong text later.
+pub async fn self_test(ctx: &GpuContext) -> Result<()> {
+    let (m, k, n) = (3usize, 37usize, 21usize);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0).collect();
+    let b: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
+    let want: Vec<f32> = (0..m * n)
+        .map(|e| {
+            let (r, c) = (e / n, e % n);
+            (0..k).map(|j| x[r * k + j] * w[c * k + j]).sum::<f32>() + b[c]
+        })
+        .collect();
+    for rows in [m, 1] {
+        let got = linear(ctx, &x[..rows * k], rows, &w, Some(&b), n).await?;
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        if worst.is_nan() || worst > 1e-4 {
+            anyhow::bail!("matmul ({rows} rows) differs from the CPU by {worst:e}");
+        }
+    }
+    let g: Vec<f32> = (0..k).map(|i| 1.0 + i as f32 / 50.0).collect();
+    let got = rms_norm(ctx, &x, m, &g, 1e-5).await?;
+    for r in 0..m {
+        let row = &x[r * k..(r + 1) * k];
+        let s = (row.iter().map(|v| v * v).sum::<f32>() / k as f32 + 1e-5).sqrt();
+        for j in 0..k {
+            let d = (got[r * k + j] - row[j] / s * g[j]).abs();
+            if d.is_nan() || d > 1e-4 {
+                anyhow::bail!("rms_norm differs from the CPU by {d:e}");
+            }
+        }
+    }
+    Ok(())
+}

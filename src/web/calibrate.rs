@@ -107,7 +107,7 @@ impl Session {
                 "safetensors" => vectors.to_safetensors_bytes()?,
                 "gguf" => {
                     let hint = vectors.metadata.get("model_hint").map_or("llava", String::as_str);
-                    crate::gguf::export_control_vector(vectors, hint).bytes
+                    crate::steering::control_vector::export_control_vector(vectors, hint).bytes
                 }
                 other => bail!("format must be safetensors or gguf (got '{other}')"),
             };

@@ -479,7 +479,7 @@ async fn fetch_range(url: &str, start: u64, end: u64) -> Option<Vec<u8>> {
 /// A safetensors file as its header describes it, from two range requests.
 async fn safetensors_header(url: &str, name: &str, size: u64) -> Option<crate::checkpoint::WeightFileInfo> {
     let len = fetch_range(url, 0, 7).await?;
-    let need = crate::checkpoint::WeightFileInfo::header_len(&len).ok()??;
+    let need = crate::weight_headers::header_len(&len).ok()??;
     let header = fetch_range(url, 8, need - 1).await?;
     let prefix = [len.as_slice(), header.as_slice()].concat();
     crate::checkpoint::WeightFileInfo::from_prefix(name, Some(size).filter(|&s| s > 0), &prefix).ok()?

@@ -100,7 +100,7 @@ impl Checker {
 pub fn gpu_ctx() -> Option<std::sync::Arc<cmrm::gpu::GpuContext>> {
     if let Some(info) = pollster::block_on(cmrm::gpu::context::probe_adapter()) {
         eprintln!("adapter: {} ({:?})", info.name, info.backend);
-        let ctx = cmrm::gpu::context::new_blocking().expect("an adapter exists, so the GPU context must work");
+        let ctx = cmrm::gpu::new_blocking().expect("an adapter exists, so the GPU context must work");
         Some(std::sync::Arc::new(ctx))
     } else {
         eprintln!("SKIPPED: no WebGPU/Vulkan adapter on this machine (install mesa-vulkan-drivers for lavapipe)");

@@ -34,7 +34,7 @@ const ZIGZAG: [usize; 80] = [
 
 /// Pixels beyond which a JPEG is refused before its coefficients are allocated (the coefficient
 /// planes take 128 bytes per pixel and component at full resolution).
-pub const MAX_PIXELS: u64 = crate::image::MAX_IMAGE_PIXELS;
+pub const MAX_PIXELS: u64 = super::MAX_IMAGE_PIXELS;
 
 #[derive(Clone, Default)]
 struct HuffmanTable {

@@ -4,6 +4,8 @@
 //! PIL's antialiased bicubic resize on u8 (fixed-point, bit-exact), center crop, rescale in f64
 //! then f32, normalize in f32.
 
+pub mod jpeg;
+
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -51,17 +53,19 @@ pub const MAX_PROCESSOR_SIZE: u64 = 8_192;
 /// `load_image(path)` makes it: opened with PIL, turned upright (`ImageOps.exif_transpose`),
 /// `convert("RGB")`.
 ///
-/// JPEG goes through [`crate::jpeg`], which gives libjpeg-turbo's pixels exactly (the `image`
+/// JPEG goes through [`crate::image::jpeg`], which gives libjpeg-turbo's pixels exactly (the `image`
 /// crate's decoder rounds differently). Then `convert("RGB")` as `load_image` does it: alpha
 /// dropped, grayscale replicated, 16-bit channels reduced to 8 bits. The header is checked
 /// before any pixel is decoded, so an oversized image costs no memory.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     use image::ImageReader;
     use std::io::Cursor;
-    if crate::jpeg::is_jpeg(bytes) {
-        let (w, h) = crate::jpeg::dimensions(bytes).context("cannot read the JPEG header: the file is corrupt")?;
+    if crate::image::jpeg::is_jpeg(bytes) {
+        let (w, h) =
+            crate::image::jpeg::dimensions(bytes).context("cannot read the JPEG header: the file is corrupt")?;
         check_pixel_count(w as u64, h as u64)?;
-        let jpeg = crate::jpeg::decode(bytes).with_context(|| format!("cannot decode the JPEG image ({w}×{h})"))?;
+        let jpeg =
+            crate::image::jpeg::decode(bytes).with_context(|| format!("cannot decode the JPEG image ({w}×{h})"))?;
         let data = if jpeg.channels == 1 { jpeg.data.iter().flat_map(|&g| [g, g, g]).collect() } else { jpeg.data };
         let img = RgbImage { width: jpeg.width, height: jpeg.height, data, transparent_color: None };
         return Ok(apply_orientation(img, jpeg.orientation));

@@ -11,6 +11,8 @@ use candle_core::{Device, Tensor};
 
 use crate::config::LlavaConfig;
 
+pub mod control_vector;
+
 /// Which positions of the sequence are steered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,7 +103,7 @@ impl SteeringVectors {
     /// llama.cpp GGUF control vector (negated on import, see `gguf.rs`).
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
         if bytes.starts_with(b"GGUF") {
-            crate::gguf::import_control_vector(name, bytes)
+            control_vector::import_control_vector(name, bytes)
         } else {
             Self::from_safetensors_bytes(name, bytes)
         }
