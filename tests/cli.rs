@@ -78,6 +78,38 @@ fn anyres_families_generate_through_the_same_flags() {
             assert_eq!(ids(&v["generated_ids"]), ids(&case["multimodal"]["generated_ids"]), "{model} {}", case["id"]);
             assert!(v["stages"]["vision"]["seconds"].as_f64().unwrap() > 0.0);
         }
+        // A `cmrm quantize` copy keeps image_newline and the anyres settings: it loads and its
+        // first tokens are the f32 model's.
+        let out = std::env::temp_dir().join(format!("cmrm-anyres-q8-{}-{model}", std::process::id()));
+        let (ok, _, err) = cmrm(&[
+            "quantize",
+            "--model",
+            &s(model_dir(model)),
+            "--format",
+            "q8_0",
+            "--out",
+            &s(out.clone()),
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let case = refs.json["cases"].as_array().unwrap().iter().find(|c| c["id"] == "img0_q0").unwrap();
+        let image = s(refs_dir(model).join(format!("{}.png", case["image"].as_str().unwrap())));
+        let prompt = case["question"].as_str().unwrap();
+        let (ok, v, err) = cmrm(&[
+            "generate",
+            "--model",
+            &s(out.clone()),
+            "--image",
+            &image,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]);
+        assert!(ok, "{model} q8_0: {err}");
+        assert_eq!(ids(&v["generated_ids"])[..2], ids(&case["multimodal"]["generated_ids"])[..2], "{model} q8_0");
+        std::fs::remove_dir_all(out).unwrap();
     }
 }
 

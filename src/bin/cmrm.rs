@@ -700,8 +700,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        let is_weights =
-            name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == "model.gguf";
+        let is_weights = cmrm::checkpoint::is_weight_file(&name) || name == cmrm::checkpoint::WEIGHTS_INDEX;
         if path.is_file() && !is_weights {
             cmrm::atomic_file::write(&a.out.join(&name), &std::fs::read(&path)?)?;
             copied.push(name);
