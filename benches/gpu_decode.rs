@@ -25,10 +25,9 @@ fn main() -> anyhow::Result<()> {
         (dir, vlm.model.text)
     } else {
         let preset = std::env::var("CMRM_BENCH_PRESET").unwrap_or_else(|_| "small".into());
-        let mut cfg = cmrm::gpu::bench::preset(&preset)
+        let cfg = cmrm::gpu::bench::preset(&preset)
             .ok_or_else(|| anyhow::anyhow!("unknown preset {preset} (small, llava-interleave-qwen-0.5b)"))?;
-        cfg.weight_format = format;
-        (format!("synthetic {preset}"), cmrm::gpu::bench::random_text_model(&cfg)?)
+        (format!("synthetic {preset}"), cmrm::gpu::bench::random_text_model(&cfg, format)?)
     };
     println!(
         "model: {label} ({} weights); adapter: {} ({:?}, {:?})",

@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     let preset = std::env::var("CMRM_BENCH_PRESET").unwrap_or_else(|_| "llava-interleave-qwen-0.5b".into());
     let format: cmrm::quant::WeightFormat = std::env::var("CMRM_BENCH_WEIGHTS").as_deref().unwrap_or("f32").parse()?;
     let runs: usize = std::env::var("CMRM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let mut cfg = cmrm::bench::preset_config(&preset)?.with_weight_format(format);
+    let mut cfg = cmrm::bench::preset_config(&preset)?;
     // The decoder plays no part: one small layer keeps the random model quick to build.
     (cfg.text.num_hidden_layers, cfg.text.vocab_size) = (1, 1024);
     cfg.text.sliding_windows.truncate(1);
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         cfg.vision_feature_layers = vec![n.max(1) - 1];
     }
     let vb = VarBuilder::from_backend(Box::new(cmrm::weights::RandomWeights { seed: 0 }), DType::F32, Device::Cpu);
-    let model = cmrm::models::llava::LlavaModel::new(&cfg, vb)?;
+    let model = cmrm::models::llava::LlavaModel::new(&cfg, format, vb)?;
     let s = cfg.vision.image_size;
     let pixel_values = Tensor::rand(-1f32, 1f32, (1, 3, s, s), &Device::Cpu)?;
     let ctx = Arc::new(cmrm::gpu::new_blocking()?);

@@ -166,12 +166,12 @@ pub fn run(
     seed: u64,
     log: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
-    let cfg = preset_config(preset)?.with_weight_format(format);
+    let cfg = preset_config(preset)?;
     let device = Device::Cpu;
     let t0 = now_seconds();
     log(&format!("building {preset} with random weights…"));
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed }), DType::F32, device.clone());
-    let model = LlavaModel::new(&cfg, vb).context("building the model")?;
+    let model = LlavaModel::new(&cfg, format, vb).context("building the model")?;
     let load_s = now_seconds() - t0;
     let parameters = count_parameters(&cfg);
 

@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::models::anyres::Anyres;
-use crate::quant::WeightFormat;
 
 /// The checkpoint's model family (`config.json`'s `model_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +127,6 @@ pub struct VisionConfig {
     /// SigLIP's attention-pooling head (`vision_use_head`, default true): in the checkpoint,
     /// never used by LLaVA.
     pub use_head: bool,
-    /// In-memory format of the linears, chosen at load (not part of config.json).
-    pub weight_format: WeightFormat,
 }
 
 impl VisionConfig {
@@ -171,8 +168,6 @@ pub struct TextConfig {
     pub sliding_windows: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    /// In-memory format of the linears and lm_head, chosen at load (not part of config.json).
-    pub weight_format: WeightFormat,
 }
 
 /// Which vision hidden states feed the projector.
@@ -232,17 +227,6 @@ impl LlavaConfig {
     /// Input dim of the projector: vision hidden × number of selected feature layers.
     pub fn projector_in_dim(&self) -> usize {
         self.vision.hidden_size * self.vision_feature_layers.len()
-    }
-
-    /// The same config with the linears held in `format` (quantize on load).
-    pub fn with_weight_format(mut self, format: WeightFormat) -> Self {
-        self.vision.weight_format = format;
-        self.text.weight_format = format;
-        self
-    }
-
-    pub fn weight_format(&self) -> WeightFormat {
-        self.text.weight_format
     }
 
     /// A short identifier of the architecture, written into vector files and checked on load.
@@ -594,7 +578,6 @@ fn parse_vision(v: &Value) -> Result<VisionConfig> {
         layer_norm_eps: get_f64(v, "layer_norm_eps")?,
         hidden_act: Activation::from_hf(v["hidden_act"].as_str().unwrap_or(""))?,
         use_head: kind == VisionKind::Siglip && v.get("vision_use_head").and_then(Value::as_bool) != Some(false),
-        weight_format: WeightFormat::F32,
     };
     if cfg.num_channels != 3 {
         bail!("num_channels = {} (only RGB vision towers are supported)", cfg.num_channels);
@@ -686,7 +669,6 @@ fn parse_text(v: &Value, tie: bool) -> Result<TextConfig> {
         sliding_windows,
         bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok()),
         eos_token_ids: token_ids(v.get("eos_token_id")),
-        weight_format: WeightFormat::F32,
     })
 }
 

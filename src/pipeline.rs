@@ -93,17 +93,19 @@ pub struct Vlm {
 }
 
 impl Vlm {
-    /// Build from parsed parts (the browser path; `load_dir` reads the same parts from disk).
+    /// Build from parsed parts (the browser path; `load_dir` reads the same parts from disk),
+    /// the linears held in `format`.
     pub fn from_parts(
         config: LlavaConfig,
+        format: crate::quant::WeightFormat,
         processor_files: &ProcessorFiles,
         generation_config: Option<&str>,
         weights: Weights,
     ) -> Result<Self> {
         let processor = Processor::from_files(processor_files, &config)?;
         let device = Device::Cpu;
-        let model =
-            LlavaModel::new(&config, weights.into_var_builder(&device)).context("the weights do not fit the config")?;
+        let model = LlavaModel::new(&config, format, weights.into_var_builder(&device))
+            .context("the weights do not fit the config")?;
         let eos_ids = crate::config::eos_ids(&config, generation_config)?;
         Ok(Self { model, processor, eos_ids })
     }
@@ -132,16 +134,21 @@ impl Vlm {
             crate::quant::WeightChoice::Fixed(f) => f,
             crate::quant::WeightChoice::Auto => weights.stored_format().unwrap_or_default(),
         };
-        let config = LlavaConfig::from_file(&dir.join("config.json"))?.with_weight_format(format);
+        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
         let files = ProcessorFiles::read_dir(dir)?;
         let gen_path = dir.join("generation_config.json");
         let generation_config = std::fs::read_to_string(&gen_path).ok();
-        Self::from_parts(config, &files, generation_config.as_deref(), weights)
+        Self::from_parts(config, format, &files, generation_config.as_deref(), weights)
             .with_context(|| format!("loading {}", dir.display()))
     }
 
     pub fn config(&self) -> &LlavaConfig {
         &self.model.config
+    }
+
+    /// How the model's linears are held in memory.
+    pub fn weight_format(&self) -> crate::quant::WeightFormat {
+        self.model.weight_format
     }
 
     pub fn device(&self) -> &Device {

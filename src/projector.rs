@@ -5,7 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{Activation, LlavaConfig};
-use crate::quant::QLinear;
+use crate::quant::{QLinear, WeightFormat};
 
 pub struct Projector {
     linear_1: QLinear,
@@ -15,12 +15,11 @@ pub struct Projector {
 
 impl Projector {
     /// `vb` points at the canonical `projector.` prefix.
-    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &LlavaConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let hidden = cfg.text.hidden_size;
         // Image features come in batches of hundreds of rows, like the vision tower's.
         let linear = |in_dim, name| {
-            QLinear::load(in_dim, hidden, cfg.projector_bias, cfg.weight_format(), vb.pp(name))
-                .map(QLinear::batches_in_f32)
+            QLinear::load(in_dim, hidden, cfg.projector_bias, format, vb.pp(name)).map(QLinear::batches_in_f32)
         };
         Ok(Self {
             linear_1: linear(cfg.projector_in_dim(), "linear_1")?,

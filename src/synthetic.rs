@@ -112,8 +112,9 @@ pub fn tensor_specs(cfg: &LlavaConfig) -> Result<Vec<(String, Vec<usize>)>> {
     let recorded = Recorded::default();
     let vb =
         VarBuilder::from_backend(Box::new(ShapeRecorder(std::sync::Arc::clone(&recorded))), DType::F32, Device::Cpu);
-    let f32_cfg = cfg.clone().with_weight_format(crate::quant::WeightFormat::F32);
-    drop(crate::models::llava::LlavaModel::new(&f32_cfg, vb).context("recording the model's tensors")?);
+
+    let f32 = crate::quant::WeightFormat::F32;
+    drop(crate::models::llava::LlavaModel::new(cfg, f32, vb).context("recording the model's tensors")?);
     let mut specs: Vec<(String, Vec<usize>)> =
         recorded.lock().expect("not poisoned").iter().map(|(n, s)| (hub_key(n), s.clone())).collect();
     // Tensors transformers' model holds that LLaVA never uses (so cmrm never asks for them): the

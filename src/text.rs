@@ -16,8 +16,8 @@ use crate::decode_kernels::{attend_one_position, CacheView};
 use crate::quant::{MatrixRef, QLinear, WeightFormat};
 use crate::steering::Intervention;
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, cfg: &TextConfig, vb: VarBuilder) -> Result<QLinear> {
-    QLinear::load(in_dim, out_dim, bias, cfg.weight_format, vb)
+fn linear(in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(in_dim, out_dim, bias, format, vb)
 }
 
 /// RoPE tables in the HF rotate-half convention, computed in f32 as transformers does:
@@ -64,13 +64,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, format: WeightFormat, layer: usize, vb: VarBuilder) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: linear(h, cfg.num_attention_heads * d, cfg.qkv_bias, cfg, vb.pp("q_proj"))?,
-            k_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, cfg, vb.pp("k_proj"))?,
-            v_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, cfg, vb.pp("v_proj"))?,
-            o_proj: linear(cfg.num_attention_heads * d, h, cfg.o_bias, cfg, vb.pp("o_proj"))?,
+            q_proj: linear(h, cfg.num_attention_heads * d, cfg.qkv_bias, format, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, format, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * d, cfg.qkv_bias, format, vb.pp("v_proj"))?,
+            o_proj: linear(cfg.num_attention_heads * d, h, cfg.o_bias, format, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -177,12 +177,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(h, m, cfg.mlp_bias, cfg, vb.pp("gate_proj"))?,
-            up_proj: linear(h, m, cfg.mlp_bias, cfg, vb.pp("up_proj"))?,
-            down_proj: linear(m, h, cfg.mlp_bias, cfg, vb.pp("down_proj"))?,
+            gate_proj: linear(h, m, cfg.mlp_bias, format, vb.pp("gate_proj"))?,
+            up_proj: linear(h, m, cfg.mlp_bias, format, vb.pp("up_proj"))?,
+            down_proj: linear(m, h, cfg.mlp_bias, format, vb.pp("down_proj"))?,
             act: cfg.hidden_act,
         })
     }
@@ -201,16 +201,16 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, format: WeightFormat, layer: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, layer, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, format, layer, vb.pp("self_attn"))?,
             post_attention_layernorm: candle_nn::rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, format, vb.pp("mlp"))?,
         })
     }
 
@@ -339,14 +339,14 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// `vb` is the root builder: weights live under canonical `lm.` and `lm_head.`.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` is the root builder: weights live under canonical `lm.` and `lm_head.`; the linears,
+    /// the embedding table and lm_head are held in `format` (quantized on load).
+    pub fn new(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let lm = vb.pp("lm");
         // Quantized models load the embedding table straight in F16 and quantize it by rows
         // (dequantized on lookup); a tied lm_head is that same quantized table — so a `cmrm
         // quantize` GGUF (which stores the table in F16) loads as exactly this model. Rows that
         // are not whole blocks stay F16, with a separate quantized lm_head.
-        let format = cfg.weight_format;
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let table_dtype = if format == WeightFormat::F32 { DType::F32 } else { DType::F16 };
         let load_table =
@@ -369,7 +369,7 @@ impl TextModel {
             }
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, lm.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, format, i, lm.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
         let lm_head = match tied_head {

@@ -8,11 +8,11 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::config::{Activation, VisionConfig, VisionKind};
-use crate::quant::QLinear;
+use crate::quant::{QLinear, WeightFormat};
 use crate::text::LinearRef;
 
-fn linear(in_dim: usize, out_dim: usize, cfg: &VisionConfig, vb: VarBuilder) -> Result<QLinear> {
-    Ok(QLinear::load(in_dim, out_dim, true, cfg.weight_format, vb)?.batches_in_f32())
+fn linear(in_dim: usize, out_dim: usize, format: WeightFormat, vb: VarBuilder) -> Result<QLinear> {
+    Ok(QLinear::load(in_dim, out_dim, true, format, vb)?.batches_in_f32())
 }
 
 struct VisionAttention {
@@ -26,13 +26,13 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(h, h, cfg, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, cfg, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, cfg, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, cfg, vb.pp("out_proj"))?,
+            q_proj: linear(h, h, format, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, format, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, format, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, format, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             scale: (cfg.head_dim() as f64).powf(-0.5),
@@ -60,10 +60,10 @@ struct VisionMlp {
 }
 
 impl VisionMlp {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, cfg, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, cfg, vb.pp("fc2"))?,
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, format, vb.pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, format, vb.pp("fc2"))?,
             act: cfg.hidden_act,
         })
     }
@@ -81,12 +81,12 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             layer_norm1: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: VisionAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: VisionAttention::new(cfg, format, vb.pp("self_attn"))?,
             layer_norm2: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            mlp: VisionMlp::new(cfg, vb.pp("mlp"))?,
+            mlp: VisionMlp::new(cfg, format, vb.pp("mlp"))?,
         })
     }
 
@@ -109,7 +109,7 @@ pub struct VisionTower {
 
 impl VisionTower {
     /// `vb` points at the canonical `vision.` prefix.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let emb = vb.pp("embeddings");
         let patch_weight = emb.get((h, c, p, p), "patch_embedding.weight")?;
@@ -120,7 +120,7 @@ impl VisionTower {
         let position_embedding = emb.get((cfg.num_positions(), h), "position_embedding.weight")?;
         let pre_layrnorm = if is_clip { Some(layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?) } else { None };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, format, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
             patch_weight_t,

@@ -354,8 +354,7 @@ fn q4k_decoder_matches_its_dequantized_weights() {
     let mut cfg = cmrm::gpu::bench::preset("small").unwrap();
     (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (1000, 256, 768, 2);
     (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 64);
-    cfg.weight_format = cmrm::quant::WeightFormat::Q4;
-    let text = cmrm::gpu::bench::random_text_model(&cfg).unwrap();
+    let text = cmrm::gpu::bench::random_text_model(&cfg, cmrm::quant::WeightFormat::Q4).unwrap();
     let blocks = pollster::block_on(GpuDecoder::new_with(ctx.clone(), &text, GpuWeights::Auto)).unwrap();
     let dense = pollster::block_on(GpuDecoder::new_with(ctx, &text, GpuWeights::F32)).unwrap();
     assert_eq!(blocks.weights_name(), "q4k");

@@ -64,7 +64,7 @@ fn run(case: &corpus::Case, config: &LlavaConfig) -> Vec<String> {
                 let mut weights = Weights::empty();
                 weights.add_file(name, FileBytes::Owned(bytes.clone()))?;
                 let vb = weights.into_var_builder(&candle_core::Device::Cpu);
-                cmrm::models::llava::LlavaModel::new(config, vb)?;
+                cmrm::models::llava::LlavaModel::new(config, cmrm::quant::WeightFormat::F32, vb)?;
                 Ok(())
             })();
             let streamed = (|| {

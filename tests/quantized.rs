@@ -161,7 +161,7 @@ fn quantize_writes_a_gguf_copy_that_loads_as_the_same_model() {
             assert!(vb.contains_tensor(&cmrm::quant::block_key("lm.embed_tokens.weight", block)), "{model} {format:?}");
             assert!(!vb.contains_tensor(&cmrm::quant::block_key("lm.norm.weight", block)));
             let from_gguf = Vlm::load_dir_choice(&out, cmrm::quant::WeightChoice::Auto).unwrap();
-            assert_eq!(from_gguf.config().weight_format(), format);
+            assert_eq!(from_gguf.weight_format(), format);
             let on_load = Vlm::load_dir_as(&src, format).unwrap();
             let (a, b) = (run_cases(&from_gguf, model), run_cases(&on_load, model));
             let worst = a.iter().zip(&b).map(|((_, la), (_, lb))| max_abs_diff(la, lb)).fold(0f32, f32::max);
@@ -251,8 +251,7 @@ fn streamed_load_equals_loading_the_file() {
                     stream.push(c, &mut weights).unwrap();
                 }
                 assert_eq!(stream.finish().unwrap(), format);
-                let cfg = config.clone().with_weight_format(format);
-                let vlm = Vlm::from_parts(cfg, &files, generation.as_deref(), weights).unwrap();
+                let vlm = Vlm::from_parts(config.clone(), format, &files, generation.as_deref(), weights).unwrap();
                 let got = run_cases(&vlm, model);
                 assert_eq!(got, want, "{model} {format:?} in chunks of {chunk}");
             }
@@ -283,7 +282,7 @@ fn streamed_gguf_equals_loading_the_file() {
             .add_file("model.safetensors", FileBytes::Owned(std::fs::read(dir.join("model.safetensors")).unwrap()))
             .unwrap();
         let build = |weights: Weights, format: WeightFormat| {
-            Vlm::from_parts(config.clone().with_weight_format(format), &files, generation.as_deref(), weights).unwrap()
+            Vlm::from_parts(config.clone(), format, &files, generation.as_deref(), weights).unwrap()
         };
         for format in [WeightFormat::Q8_0, WeightFormat::Q4] {
             let gguf = cmrm::quant_export::quantize_to_gguf(&source, format).unwrap();

@@ -101,7 +101,7 @@ fn file_of<'a>(files: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
 /// The same checkpoint through the library API (no `Session`), in `format`.
 fn library_vlm(files: &[(String, Vec<u8>)], format: cmrm::quant::WeightFormat) -> cmrm::Vlm {
     let text = |n: &str| String::from_utf8(file_of(files, n).to_vec()).unwrap();
-    let config = cmrm::LlavaConfig::from_json_str(&text("config.json")).unwrap().with_weight_format(format);
+    let config = cmrm::LlavaConfig::from_json_str(&text("config.json")).unwrap();
     let mut processor = cmrm::processor::ProcessorFiles::default();
     for (name, bytes) in files {
         processor.insert(name, bytes.clone()).unwrap();
@@ -109,7 +109,7 @@ fn library_vlm(files: &[(String, Vec<u8>)], format: cmrm::quant::WeightFormat) -
     let mut weights = cmrm::weights::Weights::empty();
     let safetensors = file_of(files, "model.safetensors").to_vec();
     weights.add_file("model.safetensors", cmrm::weights::FileBytes::Owned(safetensors)).unwrap();
-    cmrm::Vlm::from_parts(config, &processor, Some(&text("generation_config.json")), weights).unwrap()
+    cmrm::Vlm::from_parts(config, format, &processor, Some(&text("generation_config.json")), weights).unwrap()
 }
 
 fn js<T: Serialize>(v: &T) -> JsValue {

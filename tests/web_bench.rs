@@ -40,7 +40,7 @@ fn now_seconds() -> f64 {
 fn decode_tokens_per_s() -> (f64, f64, usize) {
     let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
-    let text = TextModel::new(&cfg.text, vb).unwrap();
+    let text = TextModel::new(&cfg.text, cmrm::quant::WeightFormat::F32, vb).unwrap();
     (decode_on(&text), pair_decode_on(&text), candle_core::utils::get_num_threads())
 }
 
@@ -110,7 +110,9 @@ fn calibrate_tiny_seconds_per_prompt() -> f64 {
         .add_file("model.safetensors", cmrm::weights::FileBytes::Owned(bundled!("model.safetensors").to_vec()))
         .unwrap();
     let config = cmrm::LlavaConfig::from_json_str(&text(bundled!("config.json"))).unwrap();
-    let vlm = cmrm::Vlm::from_parts(config, &files, Some(&text(bundled!("generation_config.json"))), weights).unwrap();
+    let generation = text(bundled!("generation_config.json"));
+    let vlm =
+        cmrm::Vlm::from_parts(config, cmrm::quant::WeightFormat::F32, &files, Some(&generation), weights).unwrap();
     let set = include_str!("../www/assets/calibration/builtin-v1.jsonl");
     let items = cmrm::cmrm::parse_calibration("builtin-v1", set).unwrap();
     let no_images = |p: &str| -> anyhow::Result<cmrm::RgbImage> { anyhow::bail!("no images ({p})") };
@@ -131,7 +133,7 @@ fn calibrate_05b_seconds_per_prompt() -> f64 {
     let cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
     let image_tokens = cfg.tokens_per_tile();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
-    let text = TextModel::new(&cfg.text, vb).unwrap();
+    let text = TextModel::new(&cfg.text, cmrm::quant::WeightFormat::F32, vb).unwrap();
     let text_ids: Vec<u32> = (0..TEXT_TOKENS as u32).map(|i| 1000 + i).collect();
     let text_embeds = text.embed(&text_ids).unwrap();
     // Stand-in image features: the decoder's cost does not depend on their values.
@@ -187,10 +189,10 @@ fn print_memory(target: &str, formats: &[cmrm::quant::WeightFormat]) {
     let base = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap();
     let before = memory_bytes();
     for &format in formats {
-        let cfg = base.clone().with_weight_format(format);
+        let cfg = base.clone();
         let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 7 }), DType::F32, Device::Cpu);
         let t0 = now_seconds();
-        let model = cmrm::models::llava::LlavaModel::new(&cfg, vb).unwrap();
+        let model = cmrm::models::llava::LlavaModel::new(&cfg, format, vb).unwrap();
         let build_s = now_seconds() - t0;
         let after_build = memory_bytes();
         let tps = decode_on(&model.text);
@@ -314,9 +316,7 @@ fn streamed_load_memory_benchmark() {
     }
     stream.finish().unwrap();
     let after_stream = memory_bytes();
-    let model =
-        cmrm::models::llava::LlavaModel::new(&cfg.with_weight_format(format), weights.into_var_builder(&Device::Cpu))
-            .unwrap();
+    let model = cmrm::models::llava::LlavaModel::new(&cfg, format, weights.into_var_builder(&Device::Cpu)).unwrap();
     let seconds = now_seconds() - t0;
     println_or_log(&format!(
         "cmrm-bench streamed-load target=native weights={} file_bytes={file_bytes} seconds={seconds:.1} \

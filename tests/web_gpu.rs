@@ -76,7 +76,7 @@ macro_rules! oracle {
                 ),
             )
             .unwrap();
-        let vlm = Vlm::from_parts(config, &files, Some(&generation), weights).unwrap();
+        let vlm = Vlm::from_parts(config, cmrm::quant::WeightFormat::F32, &files, Some(&generation), weights).unwrap();
         let refs: Value =
             serde_json::from_slice(include_bytes!(concat!("fixtures/oracle/refs/", $model, "/refs.json"))).unwrap();
         let tensors = candle_core::safetensors::load_buffer(
@@ -285,10 +285,9 @@ async fn quantized_storages_in_the_browser() {
     let mut cfg = cmrm::bench::preset_config("llava-interleave-qwen-0.5b").unwrap().text;
     (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (1000, 256, 768, 2);
     (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 64);
-    cfg.weight_format = cmrm::quant::WeightFormat::Q4;
     let random = Box::new(cmrm::weights::RandomWeights { seed: 0 });
     let vb = candle_nn::VarBuilder::from_backend(random, candle_core::DType::F32, Device::Cpu);
-    let text = cmrm::text::TextModel::new(&cfg, vb).unwrap();
+    let text = cmrm::text::TextModel::new(&cfg, cmrm::quant::WeightFormat::Q4, vb).unwrap();
     let blocks = GpuDecoder::new_with(ctx.clone(), &text, GpuWeights::Auto).await.unwrap();
     let dense = GpuDecoder::new_with(ctx, &text, GpuWeights::F32).await.unwrap();
     assert_eq!(blocks.weights_name(), "q4k");

@@ -37,7 +37,7 @@ fn weights(name: &str, data: &[u8]) {
         weights.add_file(name, FileBytes::Owned(data.to_vec()))?;
         let _ = weights.stored_format();
         let vb = weights.into_var_builder(&Device::Cpu);
-        cmrm::models::llava::LlavaModel::new(&config, vb)?;
+        cmrm::models::llava::LlavaModel::new(&config, cmrm::quant::WeightFormat::F32, vb)?;
         Ok(())
     })();
     let streamed = (|| -> anyhow::Result<()> {

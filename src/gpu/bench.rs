@@ -29,10 +29,10 @@ pub fn preset(name: &str) -> Option<TextConfig> {
     }
 }
 
-/// A text model with random weights of the given shapes ([`RandomWeights`]).
-pub fn random_text_model(cfg: &TextConfig) -> Result<TextModel> {
+/// A text model with random weights of the given shapes ([`RandomWeights`]), held in `format`.
+pub fn random_text_model(cfg: &TextConfig, format: crate::quant::WeightFormat) -> Result<TextModel> {
     let vb = VarBuilder::from_backend(Box::new(RandomWeights { seed: 0 }), DType::F32, Device::Cpu);
-    Ok(TextModel::new(cfg, vb)?)
+    Ok(TextModel::new(cfg, format, vb)?)
 }
 
 /// Measured figures of one benchmark run.

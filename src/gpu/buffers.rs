@@ -6,6 +6,7 @@ use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::MatmulKernels;
+use super::params::{EmbedRowsParams, KernelParams, LinearParams};
 use super::storage::WeightStorage;
 
 /// Host bytes of one piece of a weight upload ([`GpuMatrix::from_pieces`]).
@@ -42,11 +43,11 @@ pub fn scratch(ctx: &GpuContext, label: &str, floats: usize) -> Result<wgpu::Buf
     }))
 }
 
-/// A uniform buffer with a parameter block.
-pub fn uniform(ctx: &GpuContext, values: &[u32]) -> wgpu::Buffer {
+/// A uniform buffer holding a kernel's parameter block.
+pub fn uniform(ctx: &GpuContext, params: &impl KernelParams) -> wgpu::Buffer {
     ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("params"),
-        contents: bytemuck::cast_slice(values),
+        contents: bytemuck::cast_slice(&params.padded_words()),
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
     })
 }
@@ -206,17 +207,19 @@ pub fn bind_linear(
         .iter()
         .map(|(r0, rows, w)| {
             let flags = if matrix.bias.is_some() { BIAS } else { 0 } | if accumulate { ACCUMULATE } else { 0 };
-            let p = [
-                m as u32,
-                matrix.k as u32,
-                *rows as u32,
-                x_off as u32,
-                out_stride as u32,
-                (out_col + r0) as u32,
-                flags,
-                *r0 as u32,
-            ];
-            let params = uniform(ctx, &p);
+            let params = uniform(
+                ctx,
+                &LinearParams {
+                    m: m as u32,
+                    k: matrix.k as u32,
+                    n: *rows as u32,
+                    x_off: x_off as u32,
+                    out_stride: out_stride as u32,
+                    out_off: (out_col + r0) as u32,
+                    flags,
+                    bias_off: *r0 as u32,
+                },
+            );
             let bias = matrix.bias.as_ref().unwrap_or(dummy);
             let kernels = k.matmul_kernels(matrix.storage);
             LinearOp {
@@ -276,7 +279,7 @@ pub fn bind_embed_rows(
         .chunks
         .iter()
         .map(|(r0, rows, table)| {
-            let p = uniform(ctx, &[matrix.k as u32, *rows as u32, *r0 as u32, 0]);
+            let p = uniform(ctx, &EmbedRowsParams { k: matrix.k as u32, n: *rows as u32, r0: *r0 as u32 });
             (kernel.bind(&ctx.device, &[step, &p, ids, table, out]), p)
         })
         .unzip();

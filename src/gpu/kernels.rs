@@ -1,6 +1,11 @@
 //! The WGSL kernels (`shaders/*.wgsl`), compiled once per device, and the helpers to bind and
-//! dispatch them.
+//! dispatch them. Each kernel's source is its parameter blocks' WGSL (`params.rs`: `Step` and
+//! its own `P`), `common.wgsl`, then its file.
 
+use super::params::{
+    ActParams, ArgmaxParams, AttentionParams, CopyRowParams, EmbedRowsParams, KernelParams, LayerNormParams,
+    LinearParams, RmsNormParams, RopeKvParams, SteerParams, Step,
+};
 use super::storage::WeightStorage;
 
 const COMMON: &str = include_str!("shaders/common.wgsl");
@@ -44,8 +49,9 @@ pub struct Kernels {
     pub argmax: Kernel,
 }
 
-fn kernel(device: &wgpu::Device, name: &str, body: &str) -> Kernel {
-    let source = format!("{COMMON}\n{body}");
+/// Compile a kernel whose parameter block is `P`.
+fn kernel<P: KernelParams>(device: &wgpu::Device, name: &str, body: &str) -> Kernel {
+    let source = format!("{}{}{COMMON}\n{body}", Step::wgsl("Step"), P::wgsl("P"));
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(name),
         source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -65,13 +71,21 @@ fn kernel(device: &wgpu::Device, name: &str, body: &str) -> Kernel {
 impl MatmulKernels {
     fn new(device: &wgpu::Device, storage: WeightStorage) -> Self {
         let with_storage = |name: &str, body: &str| {
-            kernel(device, &format!("{name}_{}", storage.name()), &format!("{body}\n{}", storage.wgsl()))
+            kernel::<LinearParams>(
+                device,
+                &format!("{name}_{}", storage.name()),
+                &format!("{body}\n{}", storage.wgsl()),
+            )
         };
         Self {
             matmul: with_storage("matmul", include_str!("shaders/matmul.wgsl")),
             gemv: with_storage("gemv", include_str!("shaders/gemv.wgsl")),
             gemv_rows: with_storage("gemv_rows", include_str!("shaders/gemv_rows.wgsl")),
-            embed_rows: with_storage("embed_rows", include_str!("shaders/embed_rows.wgsl")),
+            embed_rows: kernel::<EmbedRowsParams>(
+                device,
+                &format!("embed_rows_{}", storage.name()),
+                &format!("{}\n{}", include_str!("shaders/embed_rows.wgsl"), storage.wgsl()),
+            ),
         }
     }
 }
@@ -92,15 +106,15 @@ impl Kernels {
             device: device.clone(),
             by_storage: Default::default(),
             rows_per_invocation,
-            rmsnorm: kernel(device, "rmsnorm", include_str!("shaders/rmsnorm.wgsl")),
-            rope_kv: kernel(device, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
-            attention: kernel(device, "attention", include_str!("shaders/attention.wgsl")),
-            act_mul: kernel(device, "act_mul", include_str!("shaders/act_mul.wgsl")),
-            act: kernel(device, "act", include_str!("shaders/act.wgsl")),
-            layernorm: kernel(device, "layernorm", include_str!("shaders/layernorm.wgsl")),
-            steer: kernel(device, "steer", include_str!("shaders/steer.wgsl")),
-            copy_row: kernel(device, "copy_row", include_str!("shaders/copy_row.wgsl")),
-            argmax: kernel(device, "argmax", include_str!("shaders/argmax.wgsl")),
+            rmsnorm: kernel::<RmsNormParams>(device, "rmsnorm", include_str!("shaders/rmsnorm.wgsl")),
+            rope_kv: kernel::<RopeKvParams>(device, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
+            attention: kernel::<AttentionParams>(device, "attention", include_str!("shaders/attention.wgsl")),
+            act_mul: kernel::<ActParams>(device, "act_mul", include_str!("shaders/act_mul.wgsl")),
+            act: kernel::<ActParams>(device, "act", include_str!("shaders/act.wgsl")),
+            layernorm: kernel::<LayerNormParams>(device, "layernorm", include_str!("shaders/layernorm.wgsl")),
+            steer: kernel::<SteerParams>(device, "steer", include_str!("shaders/steer.wgsl")),
+            copy_row: kernel::<CopyRowParams>(device, "copy_row", include_str!("shaders/copy_row.wgsl")),
+            argmax: kernel::<ArgmaxParams>(device, "argmax", include_str!("shaders/argmax.wgsl")),
         }
     }
 
@@ -140,11 +154,4 @@ pub fn dispatch(pass: &mut wgpu::ComputePass<'_>, k: &Kernel, bind: &wgpu::BindG
     pass.set_pipeline(&k.pipeline);
     pass.set_bind_group(0, bind, &[]);
     pass.dispatch_workgroups(groups.0, groups.1, 1);
-}
-
-/// `[u32; 8]` parameter blocks (32 bytes: every kernel's uniform `P` struct).
-pub fn params(values: &[u32]) -> [u32; 8] {
-    let mut p = [0u32; 8];
-    p[..values.len()].copy_from_slice(values);
-    p
 }

@@ -16,6 +16,7 @@
 //!   `LlavaModel::encode_image`;
 //! - [`session`]: one sequence decoded on the GPU ([`GpuSession`]; the choice of backend a
 //!   request runs on is `crate::backend`);
+//! - [`params`]: each kernel's parameter block, one `#[repr(C)]` struct that also writes its WGSL;
 //! - [`ops`]: single kernels on host data (the self-test and per-kernel tests);
 //! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
 
@@ -30,6 +31,7 @@ pub mod context;
 pub mod decoder;
 pub mod kernels;
 pub mod ops;
+pub mod params;
 pub mod session;
 pub mod storage;
 pub mod vision;

@@ -6,12 +6,12 @@ use anyhow::Result;
 use super::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix};
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
+use super::params::{
+    ActParams, ArgmaxParams, AttentionParams, LayerNormParams, RmsNormParams, RopeKvParams, SteerParams, Step,
+};
 use super::storage::WeightStorage;
 
 /// The `Step` uniform: `start`, `t`, `prompt_len`, `last = t − 1`.
-pub fn step_values(start: usize, t: usize, prompt_len: usize) -> [u32; 4] {
-    [start as u32, t as u32, prompt_len as u32, t.saturating_sub(1) as u32]
-}
 
 async fn read(ctx: &GpuContext, encoder: wgpu::CommandEncoder, buf: &wgpu::Buffer, floats: usize) -> Result<Vec<f32>> {
     let bytes = ctx.submit_and_read(encoder, buf, floats as u64 * 4).await?;
@@ -64,7 +64,7 @@ pub async fn run_linear(
         Some(r) => upload(ctx, "out", r)?,
         None => scratch(ctx, "out", m * n)?,
     };
-    let step = uniform(ctx, &step_values(0, m, m));
+    let step = uniform(ctx, &Step::new(0, m, m));
     let dummy = scratch(ctx, "dummy", 1)?;
     let ops = bind_linear(ctx, &step, matrix, &xb, 0, 0, &out, n, 0, residual.is_some(), &dummy);
     let mut enc = encoder(ctx);
@@ -94,7 +94,7 @@ pub fn matrix_in_chunks(
 pub async fn embed_rows(ctx: &GpuContext, matrix: &GpuMatrix, ids: &[u32]) -> Result<Vec<f32>> {
     let out = scratch(ctx, "out", ids.len() * matrix.k)?;
     let ids_buf = upload(ctx, "ids", bytemuck::cast_slice(ids))?;
-    let step = uniform(ctx, &step_values(0, ids.len(), ids.len()));
+    let step = uniform(ctx, &Step::new(0, ids.len(), ids.len()));
     let op = bind_embed_rows(ctx, &step, matrix, &ids_buf, &out);
     let mut enc = encoder(ctx);
     op.record(ctx, &mut enc.begin_compute_pass(&Default::default()), ids.len());
@@ -105,8 +105,8 @@ pub async fn embed_rows(ctx: &GpuContext, matrix: &GpuMatrix, ids: &[u32]) -> Re
 pub async fn rms_norm(ctx: &GpuContext, x: &[f32], rows: usize, w: &[f32], eps: f32) -> Result<Vec<f32>> {
     let h = w.len();
     let (xb, wb, out) = (upload(ctx, "x", x)?, upload(ctx, "w", w)?, scratch(ctx, "out", rows * h)?);
-    let step = uniform(ctx, &step_values(0, rows, rows));
-    let p = uniform(ctx, &[h as u32, eps.to_bits(), 0, 0]);
+    let step = uniform(ctx, &Step::new(0, rows, rows));
+    let p = uniform(ctx, &RmsNormParams { h: h as u32, eps, ..Default::default() });
     let k = &ctx.kernels.rmsnorm;
     let bind = k.bind(&ctx.device, &[&step, &p, &xb, &wb, &out]);
     let mut enc = encoder(ctx);
@@ -151,23 +151,28 @@ impl KvLayout {
 /// The attention kernel's uniform (attention.wgsl `P`). Queries are rows of a packed q|k|v
 /// buffer; `full_keys`: `None` causal (with `window`, 0 = none), `Some(n)` every row sees keys
 /// `0 .. n`.
-pub fn attention_params(s: AttnShape, window: u32, full_keys: Option<usize>, kv: KvLayout) -> [u32; 12] {
-    let scale = (s.d as f64).powf(-0.5) as f32;
-    let q_stride = (s.nh + 2 * s.kvh) * s.d;
-    [
-        s.nh as u32,
-        s.kvh as u32,
-        s.d as u32,
-        scale.to_bits(),
-        q_stride as u32,
+pub fn attention_params(s: AttnShape, window: u32, full_keys: Option<usize>, kv: KvLayout) -> AttentionParams {
+    AttentionParams {
+        nh: s.nh as u32,
+        kvh: s.kvh as u32,
+        d: s.d as u32,
+        scale: (s.d as f64).powf(-0.5) as f32,
+        q_stride: ((s.nh + 2 * s.kvh) * s.d) as u32,
         window,
-        full_keys.map_or(0, |n| n as u32),
-        kv.k_off as u32,
-        kv.v_off as u32,
-        kv.row_stride as u32,
-        kv.head_stride as u32,
-        0,
-    ]
+        n_keys: full_keys.map_or(0, |n| n as u32),
+        k_off: kv.k_off as u32,
+        v_off: kv.v_off as u32,
+        row_stride: kv.row_stride as u32,
+        head_stride: kv.head_stride as u32,
+    }
+}
+
+impl RopeKvParams {
+    /// RoPE + cache write for heads of `s` into a cache of `cap` positions, with a RoPE table of
+    /// `rope_rows` rows.
+    pub fn new(s: AttnShape, cap: usize, rope_rows: usize) -> Self {
+        Self { nh: s.nh as u32, kvh: s.kvh as u32, d: s.d as u32, cap: cap as u32, rope_rows: rope_rows as u32 }
+    }
 }
 
 /// Full (non-causal) attention of `t` rows of a packed `qkv [t, (nh + 2·kvh)·d]` over the same
@@ -175,7 +180,7 @@ pub fn attention_params(s: AttnShape, window: u32, full_keys: Option<usize>, kv:
 pub async fn full_attention(ctx: &GpuContext, s: AttnShape, qkv: &[f32], t: usize) -> Result<Vec<f32>> {
     let qkvb = upload(ctx, "qkv", qkv)?;
     let out = scratch(ctx, "out", t * s.nh * s.d)?;
-    let step = uniform(ctx, &step_values(0, t, t));
+    let step = uniform(ctx, &Step::new(0, t, t));
     let p = uniform(ctx, &attention_params(s, 0, Some(t), KvLayout::packed(s)));
     let k = &ctx.kernels.attention;
     let bind = k.bind(&ctx.device, &[&step, &p, &qkvb, &qkvb, &qkvb, &out]);
@@ -217,9 +222,9 @@ pub async fn rope_attention(
     table.extend_from_slice(sin);
     let rope = upload(ctx, "rope", &table)?;
     let out = scratch(ctx, "out", t * s.nh * s.d)?;
-    let step = uniform(ctx, &step_values(start, t, start + t));
+    let step = uniform(ctx, &Step::new(start, t, start + t));
     let half = s.d / 2;
-    let p_rope = uniform(ctx, &[s.nh as u32, s.kvh as u32, s.d as u32, cap as u32, t as u32, 0, 0, 0]);
+    let p_rope = uniform(ctx, &RopeKvParams::new(s, cap, t));
     let width = (s.nh + 2 * s.kvh) * s.d;
     let p_att = uniform(ctx, &attention_params(s, 0, None, KvLayout::cache(cap, s.d)));
     let k = &ctx.kernels;
@@ -240,8 +245,8 @@ pub async fn rope_attention(
 /// `act(gu[:, :m]) * gu[:, m:]` for `t` rows of `gu [t, 2m]`; `act`: 0 SiLU, 1 GELU-tanh.
 pub async fn act_mul(ctx: &GpuContext, gu: &[f32], t: usize, m: usize, act: u32) -> Result<Vec<f32>> {
     let (gub, out) = (upload(ctx, "gu", gu)?, scratch(ctx, "out", t * m)?);
-    let step = uniform(ctx, &step_values(0, t, t));
-    let p = uniform(ctx, &[m as u32, act, 0, 0]);
+    let step = uniform(ctx, &Step::new(0, t, t));
+    let p = uniform(ctx, &ActParams { m: m as u32, act });
     let k = &ctx.kernels.act_mul;
     let bind = k.bind(&ctx.device, &[&step, &p, &gub, &out]);
     let mut enc = encoder(ctx);
@@ -267,8 +272,8 @@ pub fn activation_code(act: crate::config::Activation) -> u32 {
 /// `act(x)` in place on `rows` rows of `m` values.
 pub async fn activate(ctx: &GpuContext, x: &[f32], rows: usize, m: usize, act: u32) -> Result<Vec<f32>> {
     let xb = upload(ctx, "x", x)?;
-    let step = uniform(ctx, &step_values(0, rows, rows));
-    let p = uniform(ctx, &[m as u32, act, 0, 0]);
+    let step = uniform(ctx, &Step::new(0, rows, rows));
+    let p = uniform(ctx, &ActParams { m: m as u32, act });
     let k = &ctx.kernels.act;
     let bind = k.bind(&ctx.device, &[&step, &p, &xb]);
     let mut enc = encoder(ctx);
@@ -281,8 +286,8 @@ pub async fn layer_norm(ctx: &GpuContext, x: &[f32], rows: usize, w: &[f32], b: 
     let h = w.len();
     let (xb, wb, bb, out) =
         (upload(ctx, "x", x)?, upload(ctx, "w", w)?, upload(ctx, "b", b)?, scratch(ctx, "out", rows * h)?);
-    let step = uniform(ctx, &step_values(0, rows, rows));
-    let p = uniform(ctx, &[h as u32, eps.to_bits(), 0, 0]);
+    let step = uniform(ctx, &Step::new(0, rows, rows));
+    let p = uniform(ctx, &LayerNormParams { h: h as u32, eps });
     let k = &ctx.kernels.layernorm;
     let bind = k.bind(&ctx.device, &[&step, &p, &xb, &wb, &bb, &out]);
     let mut enc = encoder(ctx);
@@ -313,8 +318,8 @@ pub async fn steer(
 ) -> Result<Vec<f32>> {
     let h = delta.len();
     let (xb, db) = (upload(ctx, "x", x)?, upload(ctx, "delta", delta)?);
-    let step = uniform(ctx, &step_values(start, t, prompt_len));
-    let p = uniform(ctx, &[h as u32, mode, 0, 0]);
+    let step = uniform(ctx, &Step::new(start, t, prompt_len));
+    let p = uniform(ctx, &SteerParams { h: h as u32, mode });
     let k = &ctx.kernels.steer;
     let bind = k.bind(&ctx.device, &[&step, &p, &xb, &db]);
     let mut enc = encoder(ctx);
@@ -329,7 +334,7 @@ pub async fn steer(
 pub async fn argmax(ctx: &GpuContext, v: &[f32]) -> Result<u32> {
     let vb = upload(ctx, "v", v)?;
     let out = scratch(ctx, "out", 1)?;
-    let p = uniform(ctx, &[v.len() as u32, 0, 0, 0]);
+    let p = uniform(ctx, &ArgmaxParams { n: v.len() as u32 });
     let k = &ctx.kernels.argmax;
     let bind = k.bind(&ctx.device, &[&p, &vb, &out]);
     let mut enc = encoder(ctx);

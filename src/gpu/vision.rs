@@ -20,7 +20,8 @@ use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearOp}
 use super::context::GpuContext;
 use super::decoder::{f32s, GpuWeights, InFlight, Upload};
 use super::kernels::{dispatch, grid};
-use super::ops::{activation_code, attention_params, step_values, AttnShape, KvLayout};
+use super::ops::{activation_code, attention_params, AttnShape, KvLayout};
+use super::params::{ActParams, LayerNormParams, Step};
 use crate::config::{FeatureSelect, VisionKind};
 use crate::generate::now_seconds;
 use crate::models::llava::LlavaModel;
@@ -105,7 +106,7 @@ impl GpuVision {
             Upload { ctx: &ctx, dense: weights.dense_storage(&ctx.adapter_info), keep_blocks: weights.keeps_blocks() };
         let dev = &ctx.device;
         let k = &ctx.kernels;
-        let step = uniform(&ctx, &step_values(0, positions, positions));
+        let step = uniform(&ctx, &Step::new(0, positions, positions));
         let dummy = scratch(&ctx, "dummy", 1)?;
         let patches = scratch(&ctx, "patches", n_patches * patch_len)?;
         let x = scratch(&ctx, "vision_x", positions * hv)?;
@@ -143,8 +144,8 @@ impl GpuVision {
             &dummy,
         );
 
-        let eps = (vc.layer_norm_eps as f32).to_bits();
-        let p_norm = uniform(&ctx, &[hv as u32, eps, 0, 0]);
+        let eps = vc.layer_norm_eps as f32;
+        let p_norm = uniform(&ctx, &LayerNormParams { h: hv as u32, eps });
         let norm = |name: &str, ln: &LayerNorm, src: &wgpu::Buffer, dst: &wgpu::Buffer| -> Result<Norm> {
             let wb = upload(&ctx, name, &f32s(ln.weight())?)?;
             let bb = match ln.bias() {
@@ -163,7 +164,7 @@ impl GpuVision {
             let out_m = up.one("vision_out_proj", lw.out_proj, hv)?;
             let fc1_m = up.one("vision_fc1", lw.fc1, hv)?;
             let fc2_m = up.one("vision_fc2", lw.fc2, inter)?;
-            let p_act = uniform(&ctx, &[inter as u32, activation_code(lw.act), 0, 0]);
+            let p_act = uniform(&ctx, &ActParams { m: inter as u32, act: activation_code(lw.act) });
             let layer = Layer {
                 norm1: norm("layer_norm1", lw.layer_norm1, &x, &xn)?,
                 qkv_ops: bind_linear(&ctx, &step, &qkv_m, &xn, 0, positions, &qkv, 3 * hv, 0, false, &dummy),
@@ -184,7 +185,7 @@ impl GpuVision {
         let p2 = up.one("projector_linear_2", linear_2, h)?;
         let cls_off = if drop_cls { hv } else { 0 };
         let projector_1_ops = bind_linear(&ctx, &step, &p1, &x, cls_off, n_img, &projected, h, 0, false, &dummy);
-        let p_projector_act = uniform(&ctx, &[h as u32, activation_code(projector_act), 0, 0]);
+        let p_projector_act = uniform(&ctx, &ActParams { m: h as u32, act: activation_code(projector_act) });
         let projector_act_bind = k.act.bind(dev, &[&step, &p_projector_act, &projected]);
         let projector_2_ops = bind_linear(&ctx, &step, &p2, &projected, 0, n_img, &features, h, 0, false, &dummy);
         params.extend([p_norm, p_projector_act]);

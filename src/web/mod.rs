@@ -439,8 +439,7 @@ impl Assembler {
                 wasm_memory_bytes(),
             )?,
         };
-        let config = config.with_weight_format(format);
-        let vlm = Vlm::from_parts(config, &self.processor, self.generation_config.as_deref(), self.weights)?;
+        let vlm = Vlm::from_parts(config, format, &self.processor, self.generation_config.as_deref(), self.weights)?;
         Ok(Session {
             vlm: Rc::new(vlm),
             state: Rc::default(),
@@ -711,7 +710,7 @@ impl Session {
             "backendFallbackReason": state.backend_info.fallback_reason,
             "visionOn": state.backend_info.vision,
             "visionReason": state.backend_info.vision_reason,
-            "weights": cfg.weight_format().name(),
+            "weights": self.vlm.weight_format().name(),
             "weightBytes": self.weight_bytes,
             "streamedLoad": self.streamed,
             "wasmMemoryBytes": memory,

@@ -1,12 +1,6 @@
 // x[i, c] = act(x[i, c]) in place, for step.t rows of m values (the vision MLP and the
 // projector, whose activations are not gated). act: an `activate` code (common.wgsl).
-struct P {
-    m: u32,
-    act: u32,
-    _a: u32,
-    _b: u32,
-}
-
+// `P` is ActParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read_write> x: array<f32>;

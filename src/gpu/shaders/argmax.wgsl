@@ -1,11 +1,5 @@
 // Index of the first maximal value (torch's tie rule), one workgroup.
-struct P {
-    n: u32,
-    _a: u32,
-    _b: u32,
-    _c: u32,
-}
-
+// `P` is ArgmaxParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> v: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<u32>;

@@ -5,21 +5,7 @@
 // reads KV head h / (nh / kvh) (HF repeat_kv). Key j of KV head g is at
 // k_off + g·head_stride + j·row_stride in kc (values likewise in vc): the cache's
 // [kvh, cap, d] layout, or the K and V columns of a packed [rows, q|k|v] buffer.
-struct P {
-    nh: u32,
-    kvh: u32,
-    d: u32,
-    scale: f32,
-    q_stride: u32,
-    window: u32,
-    n_keys: u32,
-    k_off: u32,
-    v_off: u32,
-    row_stride: u32,
-    head_stride: u32,
-    _a: u32,
-}
-
+// `P` is AttentionParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;

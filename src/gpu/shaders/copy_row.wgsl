@@ -1,11 +1,5 @@
 // dst[dst_off + j] = src[row * h + j] with row = step.last (or 0 when fixed_zero).
-struct P {
-    h: u32,
-    dst_off: u32,
-    fixed_zero: u32,
-    _a: u32,
-}
-
+// `P` is CopyRowParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> src: array<f32>;

@@ -1,12 +1,6 @@
 // Token embedding on the GPU: out[j, c] = w_at(ids[j] - r0, c) for the step's rows whose token
 // falls in this chunk of the table (rows r0 .. r0 + n); the other chunks write the rest.
-struct P {
-    k: u32,     // hidden size
-    n: u32,     // rows in this chunk
-    r0: u32,    // first table row of this chunk
-    pad: u32,
-}
-
+// `P` is EmbedRowsParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> ids: array<u32>;

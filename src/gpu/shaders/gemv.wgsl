@@ -1,16 +1,6 @@
 // One row of x (m = 1): out[out_off + c] (+)= dot(x[x_off ..], w_at(c, ..)) + bias[bias_off + c].
 // 8 output rows per workgroup, 32 threads per row, tree reduction in workgroup memory.
-struct P {
-    m: u32,
-    k: u32,
-    n: u32,
-    x_off: u32,
-    out_stride: u32,
-    out_off: u32,
-    flags: u32,
-    bias_off: u32,
-}
-
+// `P` is LinearParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<WeightWord>;

@@ -1,16 +1,6 @@
 // Matmul with one output element per invocation (no workgroup memory, no barriers): the better shape
 // for CPU-backed adapters (lavapipe, SwiftShader), where invocations are SIMD lanes.
-struct P {
-    m: u32,
-    k: u32,
-    n: u32,
-    x_off: u32,
-    out_stride: u32,
-    out_off: u32,
-    flags: u32,
-    bias_off: u32,
-}
-
+// `P` is LinearParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> x: array<f32>;

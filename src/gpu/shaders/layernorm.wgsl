@@ -1,12 +1,6 @@
 // LayerNorm of step.t rows: out[r] = (x[r] − mean) / sqrt(var + eps) · w + b, with the mean
 // and the (biased) variance of the row (candle's order of operations: centre, then scale).
-struct P {
-    h: u32,
-    eps: f32,
-    _a: u32,
-    _b: u32,
-}
-
+// `P` is LayerNormParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> x: array<f32>;

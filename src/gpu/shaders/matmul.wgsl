@@ -1,17 +1,7 @@
 // out[r, out_off + c] (+)= sum_k x[x_off + r*k + kk] * w_at(c, kk) + bias[bias_off + c]
 // (w_at and the type of w come from the weight storage prepended: storage/*.wgsl).
 // Tiled: 64×64 outputs per workgroup of 16×16 threads, 4×4 per thread, K in tiles of 16.
-struct P {
-    m: u32,          // rows; 0 = step.t
-    k: u32,
-    n: u32,
-    x_off: u32,
-    out_stride: u32,
-    out_off: u32,
-    flags: u32,      // bit 0: bias, bit 1: accumulate into out
-    bias_off: u32,
-}
-
+// `P` is LinearParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> x: array<f32>;

@@ -1,12 +1,6 @@
 // out[r] = x[r] / sqrt(mean(x[r]²) + eps) * w   (candle's order of operations).
 // last_only: normalise row step.last into out row 0; else rows 0..step.t.
-struct P {
-    h: u32,
-    eps: f32,
-    last_only: u32,
-    out_off: u32,
-}
-
+// `P` is RmsNormParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read> x: array<f32>;

@@ -1,16 +1,6 @@
 // RoPE (HF rotate-half) on q and k in the fused qkv rows, k and v written into the cache
 // (layout [kv_heads, cap, d]) at positions step.start + i. rope holds cos [rows, d/2] then sin.
-struct P {
-    nh: u32,
-    kvh: u32,
-    d: u32,
-    cap: u32,
-    rope_rows: u32,
-    _a: u32,
-    _b: u32,
-    _c: u32,
-}
-
+// `P` is RopeKvParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read_write> qkv: array<f32>;

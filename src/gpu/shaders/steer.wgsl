@@ -1,12 +1,6 @@
 // Steering: x[i] += delta on the rows chosen by `mode` (0 all, 1 last prompt token,
 // 2 generated tokens, 3 the last prompt token and generated tokens), exactly as Intervention::apply.
-struct P {
-    h: u32,
-    mode: u32,
-    _a: u32,
-    _b: u32,
-}
-
+// `P` is SteerParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
 @group(0) @binding(2) var<storage, read_write> x: array<f32>;

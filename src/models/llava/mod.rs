@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 use crate::config::{FeatureSelect, LlavaConfig, VisionKind};
 use crate::models::anyres::TileGrid;
 use crate::projector::Projector;
+use crate::quant::WeightFormat;
 use crate::text::{Cache, DecoderOutput, ForwardOptions, TextModel};
 use crate::vision::VisionTower;
 
@@ -18,24 +19,28 @@ pub struct LlavaModel {
     pub text: TextModel,
     /// LLaVA-NeXT / OneVision's `image_newline` `[H]`, ending each row of an anyres image.
     pub image_newline: Option<Tensor>,
+    /// How the linears are held in memory (a load option: quantized on load, or as stored).
+    pub weight_format: WeightFormat,
     device: Device,
 }
 
 impl LlavaModel {
-    /// `vb` holds canonical names (`vision.`, `projector.`, `lm.`, `lm_head.`; see `weights.rs`).
-    pub fn new(config: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` holds canonical names (`vision.`, `projector.`, `lm.`, `lm_head.`; see `weights.rs`);
+    /// the linears are held in `format`.
+    pub fn new(config: &LlavaConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         // The decoder first: its embedding table is the largest tensor and passes through F16
         // while it is quantized; built before anything else, that transient is not stacked on
         // the vision tower (peak memory ≈ the model, not the model + the table).
-        let text = TextModel::new(&config.text, vb.clone())?;
+        let text = TextModel::new(&config.text, format, vb.clone())?;
         let image_newline = match config.anyres {
             Some(_) => Some(vb.get(config.text.hidden_size, "image_newline")?),
             None => None,
         };
         Ok(Self {
             image_newline,
-            vision: VisionTower::new(&config.vision, vb.pp("vision"))?,
-            projector: Projector::new(config, vb.pp("projector"))?,
+            vision: VisionTower::new(&config.vision, format, vb.pp("vision"))?,
+            projector: Projector::new(config, format, vb.pp("projector"))?,
+            weight_format: format,
             text,
             config: config.clone(),
             device: vb.device().clone(),

@@ -1,0 +1,297 @@
+//! The decoder's weights on the GPU: how matrices are stored ([`GpuWeights`]), how one is
+//! uploaded ([`Upload`]: fused QKV / gate-up, blocks kept or dequantized) and the build of a
+//! [`GpuDecoder`] with its scratch buffers and bindings.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+use super::{f32s, next_id, GpuDecoder, Layer, MAX_CHUNK_ROWS};
+use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix};
+use crate::gpu::context::GpuContext;
+use crate::gpu::ops::activation_code;
+use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowParams, RmsNormParams};
+use crate::gpu::storage::WeightStorage;
+use crate::quant::MatrixRef;
+use crate::text::{LinearRef, TextModel};
+
+/// How the decoder's matrices are stored on the GPU. `Auto`: matrices the model holds quantized
+/// keep their GGML blocks (Q8_0 / Q4_0 / Q4_K kernels dequantize on the fly: the model's own
+/// memory and bytes read per token); dense ones are f16 on a hardware GPU (where decode is bound
+/// by memory bandwidth), f32 on a software rasterizer (where unpacking costs more than it
+/// saves). `F32` / `F16`: every matrix in that storage (blocks dequantized at upload). The
+/// kernels compute in f32 whatever the storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuWeights {
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for GpuWeights {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => bail!("GPU weights must be auto, f32 or f16 (got '{other}')"),
+        }
+    }
+}
+
+impl GpuWeights {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+
+    /// The storage of dense matrices on `adapter`.
+    pub fn dense_storage(self, adapter: &wgpu::AdapterInfo) -> WeightStorage {
+        match self {
+            Self::Auto if adapter.device_type == wgpu::DeviceType::Cpu => WeightStorage::F32,
+            Self::Auto | Self::F16 => WeightStorage::F16,
+            Self::F32 => WeightStorage::F32,
+        }
+    }
+
+    /// Quantized matrices keep their blocks.
+    pub fn keeps_blocks(self) -> bool {
+        self == Self::Auto
+    }
+}
+
+/// How [`GpuDecoder`] uploads one matrix: dense ones in `dense`, blocks as they are when
+/// `keep_blocks` (else dequantized into `dense`).
+#[derive(Clone, Copy)]
+pub(in crate::gpu) struct Upload<'a> {
+    pub ctx: &'a GpuContext,
+    pub dense: WeightStorage,
+    pub keep_blocks: bool,
+}
+
+impl Upload<'_> {
+    /// The rows of `parts` stacked (fused QKV, gate/up) as one `[Σ rows, k]` matrix with the
+    /// biases stacked (zeros for a part without one).
+    pub(in crate::gpu) fn stacked(&self, label: &str, parts: &[LinearRef], k: usize) -> Result<GpuMatrix> {
+        let mut rows = 0;
+        let any_bias = parts.iter().any(|(_, b)| b.is_some());
+        let mut bias = Vec::new();
+        for (matrix, b) in parts {
+            let n = matrix.rows()?;
+            rows += n;
+            match b {
+                Some(b) => bias.extend(f32s(b)?),
+                None => bias.extend(std::iter::repeat_n(0f32, n)),
+            }
+        }
+        let bias = any_bias.then_some(bias.as_slice());
+        // Blocks of one type stack row-wise as bytes; anything else goes dense.
+        let block_storage = |m: &MatrixRef| match m {
+            MatrixRef::Blocks { blocks, in_dim } if *in_dim == k => WeightStorage::from_ggml(blocks.dtype()),
+            _ => None,
+        };
+        let first = block_storage(&parts[0].0);
+        let keep_blocks = self.keep_blocks && first.is_some() && parts.iter().all(|(m, _)| block_storage(m) == first);
+        let storage = if keep_blocks { first.unwrap_or(self.dense) } else { self.dense };
+        enum Part<'a> {
+            /// GGML blocks, rows of `cols` values (padded).
+            Blocks {
+                data: std::borrow::Cow<'a, [u8]>,
+                dtype: candle_core::quantized::GgmlDType,
+                cols: usize,
+            },
+            Dense(Tensor),
+        }
+        let mut sources = Vec::with_capacity(parts.len());
+        for (m, _) in parts {
+            sources.push(match m {
+                MatrixRef::Blocks { blocks, .. } => {
+                    let (_, cols) = blocks.shape().dims2()?;
+                    (Part::Blocks { data: blocks.data()?, dtype: blocks.dtype(), cols }, m.rows()?)
+                }
+                // (dense copies of quantized layers may carry zero padding columns)
+                MatrixRef::Dense(t) if t.dim(1)? >= k => (Part::Dense(t.narrow(1, 0, k)?), m.rows()?),
+                MatrixRef::Dense(t) => bail!("{label}: a {:?} matrix where {k} inputs are needed", t.dims()),
+            });
+        }
+        // Rows r0 .. r0 + n of the stack, in `storage`'s layout (blocks dequantized a piece at a
+        // time when the storage is dense: never a whole F32 copy of, say, the embedding table).
+        let piece = |r0: usize, n: usize| -> Result<Vec<u32>> {
+            let (mut bytes, mut values) = (Vec::new(), Vec::new());
+            let mut start = 0;
+            for (part, part_rows) in &sources {
+                let (a, b) = (r0.max(start), (r0 + n).min(start + part_rows));
+                if a < b {
+                    match part {
+                        Part::Blocks { data, dtype, cols } => {
+                            let row = data.len() / part_rows;
+                            let rows = &data[(a - start) * row..(b - start) * row];
+                            if keep_blocks {
+                                bytes.extend_from_slice(rows);
+                            } else {
+                                let cpu = &Device::Cpu;
+                                let q = crate::quant::qtensor_from_bytes(*dtype, rows, vec![b - a, *cols], cpu)?;
+                                values.extend(f32s(&q.dequantize(cpu)?.narrow(1, 0, k)?)?);
+                            }
+                        }
+                        Part::Dense(t) => values.extend(f32s(&t.narrow(0, a - start, b - a)?)?),
+                    }
+                }
+                start += part_rows;
+            }
+            if keep_blocks {
+                storage.pack_blocks(&bytes, n, k)
+            } else {
+                storage.pack_dense(&values)
+            }
+        };
+        GpuMatrix::from_pieces(self.ctx, label, (rows, k), bias, storage, usize::MAX, piece)
+    }
+
+    pub(in crate::gpu) fn one(&self, label: &str, (matrix, bias): LinearRef, k: usize) -> Result<GpuMatrix> {
+        self.stacked(label, &[(matrix, bias)], k)
+    }
+}
+
+impl GpuDecoder {
+    pub(super) fn build(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
+        let upload_as =
+            Upload { ctx: &ctx, dense: weights.dense_storage(&ctx.adapter_info), keep_blocks: weights.keeps_blocks() };
+        let cfg = model.config().clone();
+        let w = model.weights();
+        let (h, nh, kvh, d, mi, vocab) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
+        if d > 256 || d % 2 != 0 {
+            bail!("head_dim {d} is not supported by the GPU attention kernel (even, ≤ 256)");
+        }
+        if nh % kvh != 0 {
+            bail!("{nh} attention heads are not a multiple of {kvh} KV heads");
+        }
+        let act_code = activation_code(cfg.hidden_act);
+        let width = (nh + 2 * kvh) * d;
+        let widest = [h, width, nh * d, 2 * mi].into_iter().max().unwrap_or(h) as u64 * 4;
+        let chunk_rows = ((ctx.max_binding() / widest) as usize).clamp(1, MAX_CHUNK_ROWS);
+        let half = d / 2;
+
+        let step = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step"),
+            size: 16,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let rope = scratch(&ctx, "rope", 2 * chunk_rows * half)?;
+        let x = scratch(&ctx, "x", chunk_rows * h)?;
+        let xn = scratch(&ctx, "xn", chunk_rows * h)?;
+        let qkv = scratch(&ctx, "qkv", chunk_rows * width)?;
+        let attn = scratch(&ctx, "attn", chunk_rows * nh * d)?;
+        let gu = scratch(&ctx, "gate_up", chunk_rows * 2 * mi)?;
+        let act = scratch(&ctx, "act", chunk_rows * mi)?;
+        let normed_last = scratch(&ctx, "normed_last", h)?;
+        let logits = scratch(&ctx, "logits", vocab)?;
+        let token = scratch(&ctx, "token", 1)?;
+        let n_layers = w.layers.len();
+        let capture = scratch(&ctx, "capture", (n_layers + 1) * h)?;
+        let dummy = scratch(&ctx, "dummy", 1)?;
+
+        let ids = scratch(&ctx, "token_ids", chunk_rows)?;
+        let embed = Arc::new(upload_as.one("embed_tokens", (w.embed_tokens, None), h)?);
+        let lm_head = if w.lm_head.same_as(&w.embed_tokens) {
+            embed.clone()
+        } else {
+            Arc::new(upload_as.one("lm_head", (w.lm_head, None), h)?)
+        };
+        let embed_op = bind_embed_rows(&ctx, &step, &embed, &ids, &x);
+        let k = &ctx.kernels;
+        let dev = &ctx.device;
+        let norm = RmsNormParams { h: h as u32, eps: cfg.rms_norm_eps as f32, ..Default::default() };
+        let p_norm = uniform(&ctx, &norm);
+        let p_norm_last = uniform(&ctx, &RmsNormParams { last_only: 1, ..norm });
+        let p_act = uniform(&ctx, &ActParams { m: mi as u32, act: act_code });
+        let mut layers = Vec::with_capacity(n_layers);
+        for (l, lw) in w.layers.iter().enumerate() {
+            let norm1 = upload(&ctx, "input_layernorm", &f32s(lw.input_norm)?)?;
+            let norm2 = upload(&ctx, "post_attention_layernorm", &f32s(lw.post_attention_norm)?)?;
+            let qkv_m = upload_as.stacked("qkv_proj", &[lw.q_proj, lw.k_proj, lw.v_proj], h)?;
+            let o_m = upload_as.one("o_proj", lw.o_proj, nh * d)?;
+            let gu_m = upload_as.stacked("gate_up_proj", &[lw.gate_proj, lw.up_proj], h)?;
+            let down_m = upload_as.one("down_proj", lw.down_proj, mi)?;
+            let p_capture = uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (l * h) as u32, fixed_zero: 0 });
+            layers.push(Layer {
+                norm1_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm1, &xn]),
+                qkv_ops: bind_linear(&ctx, &step, &qkv_m, &xn, 0, 0, &qkv, width, 0, false, &dummy),
+                o_ops: bind_linear(&ctx, &step, &o_m, &attn, 0, 0, &x, h, 0, true, &dummy),
+                norm2_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm2, &xn]),
+                gate_up_ops: bind_linear(&ctx, &step, &gu_m, &xn, 0, 0, &gu, 2 * mi, 0, false, &dummy),
+                act_bind: k.act_mul.bind(dev, &[&step, &p_act, &gu, &act]),
+                down_ops: bind_linear(&ctx, &step, &down_m, &act, 0, 0, &x, h, 0, true, &dummy),
+                capture_bind: k.copy_row.bind(dev, &[&step, &p_capture, &x, &capture]),
+                _norm1: norm1,
+                _norm2: norm2,
+                qkv: qkv_m,
+                o: o_m,
+                gate_up: gu_m,
+                down: down_m,
+                _params: vec![p_capture],
+            });
+        }
+        let final_norm = upload(&ctx, "norm", &f32s(w.norm)?)?;
+        let final_norm_bind = k.rmsnorm.bind(dev, &[&step, &p_norm_last, &x, &final_norm, &normed_last]);
+        let p_final_capture =
+            uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (n_layers * h) as u32, fixed_zero: 1 });
+        let final_capture_bind = k.copy_row.bind(dev, &[&step, &p_final_capture, &normed_last, &capture]);
+        let lm_head_ops = bind_linear(&ctx, &step, &lm_head, &normed_last, 0, 1, &logits, vocab, 0, false, &dummy);
+        let p_argmax = uniform(&ctx, &ArgmaxParams { n: vocab as u32 });
+        let argmax_bind = k.argmax.bind(dev, &[&p_argmax, &logits, &token]);
+
+        Ok(Self {
+            id: next_id(),
+            h,
+            nh,
+            kvh,
+            d,
+            mi,
+            vocab,
+            chunk_rows,
+            inv_freq: w.rope_inv_freq.to_vec(),
+            step,
+            rope,
+            x,
+            _xn: xn,
+            qkv,
+            attn,
+            _gu: gu,
+            _act: act,
+            _normed_last: normed_last,
+            logits,
+            token,
+            capture,
+            _embed: embed,
+            lm_head,
+            layers,
+            _final_norm: final_norm,
+            final_norm_bind,
+            final_capture_bind,
+            lm_head_ops,
+            argmax_bind,
+            _params: vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax],
+            _dummy: dummy,
+            in_flight: std::sync::atomic::AtomicBool::new(false),
+            embed_op,
+            ids,
+            cfg,
+            ctx,
+        })
+    }
+}
