@@ -11,8 +11,6 @@ use super::params::{
 };
 use super::storage::WeightStorage;
 
-/// The `Step` uniform: `start`, `t`, `prompt_len`, `last = t − 1`.
-
 async fn read(ctx: &GpuContext, encoder: wgpu::CommandEncoder, buf: &wgpu::Buffer, floats: usize) -> Result<Vec<f32>> {
     let bytes = ctx.submit_and_read(encoder, buf, floats as u64 * 4).await?;
     Ok(bytemuck::cast_slice(&bytes).to_vec())
