@@ -25,17 +25,6 @@ pub struct ProcessorFiles {
 }
 
 impl ProcessorFiles {
-    /// Every file name a processor reads (`tokenizer.json` is required, the rest optional).
-    pub const NAMES: [&'static str; 7] = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        "preprocessor_config.json",
-        "processor_config.json",
-        "special_tokens_map.json",
-    ];
-
     /// Put a checkpoint file's bytes in its slot. Returns `false` (and keeps nothing) for a name
     /// that is not a processor file; text files must be UTF-8.
     pub fn insert(&mut self, name: &str, bytes: Vec<u8>) -> Result<bool> {
