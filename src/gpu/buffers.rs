@@ -185,22 +185,58 @@ pub struct LinearOp {
 pub const BIAS: u32 = 1;
 pub const ACCUMULATE: u32 = 2;
 
-/// Bind `matrix` reading `x` (row stride `k`, from element `x_off`) and writing `out` (row
-/// stride `out_stride`). `m == 0` means "the step's row count". `accumulate`: `out += x·Wᵀ + b`.
-#[allow(clippy::too_many_arguments)]
+/// Where a linear reads and writes: rows of `x` (row stride `k`, from element `x_off`), `rows`
+/// of them (0: the step's row count), into `out` (row stride `out_stride`, from element
+/// `out_off`), written — or added, with `accumulate` (a residual: `out += x·Wᵀ + b`).
+#[derive(Clone, Copy)]
+pub struct LinearIo<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub x_off: usize,
+    pub rows: usize,
+    pub out: &'a wgpu::Buffer,
+    pub out_stride: usize,
+    pub out_off: usize,
+    pub accumulate: bool,
+}
+
+impl<'a> LinearIo<'a> {
+    /// The step's rows of `x` into `out`, overwritten.
+    pub fn new(x: &'a wgpu::Buffer, out: &'a wgpu::Buffer, out_stride: usize) -> Self {
+        Self { x, x_off: 0, rows: 0, out, out_stride, out_off: 0, accumulate: false }
+    }
+
+    /// Reading `x` from element `x_off`.
+    pub fn from(self, x_off: usize) -> Self {
+        Self { x_off, ..self }
+    }
+
+    /// Writing `out` from element `out_off`.
+    pub fn at(self, out_off: usize) -> Self {
+        Self { out_off, ..self }
+    }
+
+    /// A fixed number of rows instead of the step's.
+    pub fn rows(self, rows: usize) -> Self {
+        Self { rows, ..self }
+    }
+
+    /// Added to `out` instead of overwriting it.
+    pub fn accumulate(self) -> Self {
+        Self { accumulate: true, ..self }
+    }
+}
+
+/// Bind `matrix` to `io` (one [`LinearOp`] per row chunk of the matrix). Every linear kernel binds
+/// `[step], params, x, w, bias, out` in that order (`gemv` has no step); `dummy` stands in for a
+/// missing bias.
 pub fn bind_linear(
     ctx: &GpuContext,
     step: &wgpu::Buffer,
     matrix: &GpuMatrix,
-    x: &wgpu::Buffer,
-    x_off: usize,
-    m: usize,
-    out: &wgpu::Buffer,
-    out_stride: usize,
-    out_col: usize,
-    accumulate: bool,
+    io: LinearIo,
     dummy: &wgpu::Buffer,
 ) -> Vec<LinearOp> {
+    let LinearIo { x, x_off, rows: m, out, out_stride, out_off, accumulate } = io;
     let k = &ctx.kernels;
     matrix
         .chunks
@@ -215,7 +251,7 @@ pub fn bind_linear(
                     n: *rows as u32,
                     x_off: x_off as u32,
                     out_stride: out_stride as u32,
-                    out_off: (out_col + r0) as u32,
+                    out_off: (out_off + r0) as u32,
                     flags,
                     bias_off: *r0 as u32,
                 },
@@ -228,7 +264,7 @@ pub fn bind_linear(
                 storage: matrix.storage,
                 tiled: kernels.matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
                 gemv: kernels.gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
-                gemv_rows: kernels.gemv_rows.bind(&ctx.device, &[step, &params, x, w, out, bias]),
+                gemv_rows: kernels.gemv_rows.bind(&ctx.device, &[step, &params, x, w, bias, out]),
                 _params: params,
             }
         })

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix};
+use super::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo};
 use super::context::GpuContext;
 use super::kernels::{dispatch, grid};
 use super::params::{
@@ -64,7 +64,13 @@ pub async fn run_linear(
     };
     let step = uniform(ctx, &Step::new(0, m, m));
     let dummy = scratch(ctx, "dummy", 1)?;
-    let ops = bind_linear(ctx, &step, matrix, &xb, 0, 0, &out, n, 0, residual.is_some(), &dummy);
+    let ops = bind_linear(
+        ctx,
+        &step,
+        matrix,
+        LinearIo { accumulate: residual.is_some(), ..LinearIo::new(&xb, &out, n) },
+        &dummy,
+    );
     let mut enc = encoder(ctx);
     {
         let mut pass = enc.begin_compute_pass(&Default::default());

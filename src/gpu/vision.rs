@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::LayerNorm;
 
-use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearOp};
+use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo, LinearOp};
 use super::context::GpuContext;
 use super::decoder::{f32s, GpuWeights, InFlight, Upload};
 use super::kernels::{dispatch, grid};
@@ -130,19 +130,9 @@ impl GpuVision {
         let patch_weight = w.patch_weight_t.t()?.contiguous()?; // [H, 3·p·p]
         let patch_m =
             up.one("patch_embedding", (crate::quant::MatrixRef::Dense(&patch_weight), w.patch_bias), patch_len)?;
-        let patch_ops = bind_linear(
-            &ctx,
-            &step,
-            &patch_m,
-            &patches,
-            0,
-            n_patches,
-            &x,
-            hv,
-            if has_cls { hv } else { 0 },
-            true,
-            &dummy,
-        );
+        // Patch rows go after the CLS row (when there is one), added to the position embeddings.
+        let patch_io = LinearIo::new(&patches, &x, hv).rows(n_patches).at(if has_cls { hv } else { 0 }).accumulate();
+        let patch_ops = bind_linear(&ctx, &step, &patch_m, patch_io, &dummy);
 
         let eps = vc.layer_norm_eps as f32;
         let p_norm = uniform(&ctx, &LayerNormParams { h: hv as u32, eps });
@@ -167,13 +157,25 @@ impl GpuVision {
             let p_act = uniform(&ctx, &ActParams { m: inter as u32, act: activation_code(lw.act) });
             let layer = Layer {
                 norm1: norm("layer_norm1", lw.layer_norm1, &x, &xn)?,
-                qkv_ops: bind_linear(&ctx, &step, &qkv_m, &xn, 0, positions, &qkv, 3 * hv, 0, false, &dummy),
+                qkv_ops: bind_linear(&ctx, &step, &qkv_m, LinearIo::new(&xn, &qkv, 3 * hv).rows(positions), &dummy),
                 attn_bind: k.attention.bind(dev, &[&step, &params[0], &qkv, &qkv, &qkv, &attn]),
-                out_ops: bind_linear(&ctx, &step, &out_m, &attn, 0, positions, &x, hv, 0, true, &dummy),
+                out_ops: bind_linear(
+                    &ctx,
+                    &step,
+                    &out_m,
+                    LinearIo::new(&attn, &x, hv).rows(positions).accumulate(),
+                    &dummy,
+                ),
                 norm2: norm("layer_norm2", lw.layer_norm2, &x, &xn)?,
-                fc1_ops: bind_linear(&ctx, &step, &fc1_m, &xn, 0, positions, &mlp, inter, 0, false, &dummy),
+                fc1_ops: bind_linear(&ctx, &step, &fc1_m, LinearIo::new(&xn, &mlp, inter).rows(positions), &dummy),
                 act_bind: k.act.bind(dev, &[&step, &p_act, &mlp]),
-                fc2_ops: bind_linear(&ctx, &step, &fc2_m, &mlp, 0, positions, &x, hv, 0, true, &dummy),
+                fc2_ops: bind_linear(
+                    &ctx,
+                    &step,
+                    &fc2_m,
+                    LinearIo::new(&mlp, &x, hv).rows(positions).accumulate(),
+                    &dummy,
+                ),
                 _matrices: [qkv_m, out_m, fc1_m, fc2_m],
             };
             params.push(p_act);
@@ -184,10 +186,12 @@ impl GpuVision {
         let p1 = up.one("projector_linear_1", linear_1, hv)?;
         let p2 = up.one("projector_linear_2", linear_2, h)?;
         let cls_off = if drop_cls { hv } else { 0 };
-        let projector_1_ops = bind_linear(&ctx, &step, &p1, &x, cls_off, n_img, &projected, h, 0, false, &dummy);
+        let projector_1_ops =
+            bind_linear(&ctx, &step, &p1, LinearIo::new(&x, &projected, h).from(cls_off).rows(n_img), &dummy);
         let p_projector_act = uniform(&ctx, &ActParams { m: h as u32, act: activation_code(projector_act) });
         let projector_act_bind = k.act.bind(dev, &[&step, &p_projector_act, &projected]);
-        let projector_2_ops = bind_linear(&ctx, &step, &p2, &projected, 0, n_img, &features, h, 0, false, &dummy);
+        let projector_2_ops =
+            bind_linear(&ctx, &step, &p2, LinearIo::new(&projected, &features, h).rows(n_img), &dummy);
         params.extend([p_norm, p_projector_act]);
 
         Ok(Self {

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use super::{f32s, next_id, GpuDecoder, Layer, MAX_CHUNK_ROWS};
-use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix};
+use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo};
 use crate::gpu::context::GpuContext;
 use crate::gpu::ops::activation_code;
 use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowParams, RmsNormParams};
@@ -230,12 +230,12 @@ impl GpuDecoder {
             let p_capture = uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (l * h) as u32, fixed_zero: 0 });
             layers.push(Layer {
                 norm1_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm1, &xn]),
-                qkv_ops: bind_linear(&ctx, &step, &qkv_m, &xn, 0, 0, &qkv, width, 0, false, &dummy),
-                o_ops: bind_linear(&ctx, &step, &o_m, &attn, 0, 0, &x, h, 0, true, &dummy),
+                qkv_ops: bind_linear(&ctx, &step, &qkv_m, LinearIo::new(&xn, &qkv, width), &dummy),
+                o_ops: bind_linear(&ctx, &step, &o_m, LinearIo::new(&attn, &x, h).accumulate(), &dummy),
                 norm2_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm2, &xn]),
-                gate_up_ops: bind_linear(&ctx, &step, &gu_m, &xn, 0, 0, &gu, 2 * mi, 0, false, &dummy),
+                gate_up_ops: bind_linear(&ctx, &step, &gu_m, LinearIo::new(&xn, &gu, 2 * mi), &dummy),
                 act_bind: k.act_mul.bind(dev, &[&step, &p_act, &gu, &act]),
-                down_ops: bind_linear(&ctx, &step, &down_m, &act, 0, 0, &x, h, 0, true, &dummy),
+                down_ops: bind_linear(&ctx, &step, &down_m, LinearIo::new(&act, &x, h).accumulate(), &dummy),
                 capture_bind: k.copy_row.bind(dev, &[&step, &p_capture, &x, &capture]),
                 _norm1: norm1,
                 _norm2: norm2,
@@ -251,7 +251,8 @@ impl GpuDecoder {
         let p_final_capture =
             uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (n_layers * h) as u32, fixed_zero: 1 });
         let final_capture_bind = k.copy_row.bind(dev, &[&step, &p_final_capture, &normed_last, &capture]);
-        let lm_head_ops = bind_linear(&ctx, &step, &lm_head, &normed_last, 0, 1, &logits, vocab, 0, false, &dummy);
+        let lm_head_ops =
+            bind_linear(&ctx, &step, &lm_head, LinearIo::new(&normed_last, &logits, vocab).rows(1), &dummy);
         let p_argmax = uniform(&ctx, &ArgmaxParams { n: vocab as u32 });
         let argmax_bind = k.argmax.bind(dev, &[&p_argmax, &logits, &token]);
 
