@@ -502,6 +502,10 @@ async fn in_browser_calibration_equals_native_extract() {
     assert_eq!(imported.layers.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(imported.layers[&2], browser.layers[&2]);
     assert_eq!(imported.metadata["model_hint"], "qwen2");
+    // The page steers with it as it is: the file's own layers (no layer 0) are the default.
+    session.set_vectors("browser.gguf", &gguf).map_err(JsValue::from).map_err(message).unwrap();
+    let steered = compare(&session, json!({"prompt": "What is in the image?", "maxNewTokens": 4})).await.unwrap();
+    assert_eq!(steered["layers"], json!([1, 2]), "{steered}");
     let e = message(session.export_vectors("npy").map_err(JsValue::from).unwrap_err());
     assert!(e.contains("safetensors or gguf"), "{e}");
 
