@@ -216,7 +216,7 @@ impl LlavaConfig {
     pub fn image_tokens_among(&self, image: (usize, usize), among: usize) -> usize {
         match &self.anyres {
             None => self.tokens_per_tile(),
-            Some(anyres) if anyres.single_images_only && among > 1 => self.tokens_per_tile() + 1,
+            Some(anyres) if !anyres.tiles_among(among) => self.tokens_per_tile() + 1,
             Some(anyres) => {
                 let side = self.vision.image_size / self.vision.patch_size;
                 anyres.image_tokens(image, self.vision.image_size, side, self.tokens_per_tile())

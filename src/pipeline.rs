@@ -158,9 +158,9 @@ impl Vlm {
     /// An image's tiles and their `pixel_values` `[n_tiles, 3, S, S]` (one tile for LLaVA), the
     /// image being one of `among` in its prompt (OneVision tiles only an image alone).
     pub fn pixel_values(&self, img: &RgbImage, among: usize) -> Result<(ImageTiles, Tensor)> {
-        let tiles = self.processor.preprocess_image(img, among);
+        let (tiles, pixels) = self.processor.preprocess_image(img, among);
         let s = self.config().vision.image_size;
-        let pixel_values = Tensor::from_slice(&tiles.pixel_values, (tiles.tiles.len(), 3, s, s), self.device())?;
+        let pixel_values = Tensor::from_vec(pixels, (tiles.tiles.len(), 3, s, s), self.device())?;
         Ok((tiles, pixel_values))
     }
 

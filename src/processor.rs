@@ -53,14 +53,12 @@ pub enum PromptText {
     Raw(String),
 }
 
-/// An image made ready for the vision tower.
+/// An image cut into what the vision tower reads (its `pixel_values` come beside it).
 #[derive(Debug, Clone)]
 pub struct ImageTiles {
     /// The tiles in u8 as the tower sees them (before normalisation); an anyres image's base
     /// tile first, then its grid row-major.
     pub tiles: Vec<RgbImage>,
-    /// `[n_tiles, 3, S, S]` f32, CHW per tile.
-    pub pixel_values: Vec<f32>,
     /// The anyres grid the tiles come from; `None` for LLaVA's one tile.
     pub grid: Option<TileGrid>,
 }
@@ -108,6 +106,9 @@ fn parse_json(name: &str, text: &str) -> Result<Value> {
 
 impl Processor {
     pub fn from_files(files: &ProcessorFiles, config: &LlavaConfig) -> Result<Self> {
+        if files.tokenizer_json.is_empty() {
+            bail!("the model has no tokenizer.json (every checkpoint needs one)");
+        }
         let tokenizer = Tokenizer::from_bytes(&files.tokenizer_json)
             .map_err(|e| anyhow!("tokenizer.json could not be loaded: {e}"))?;
         let tokenizer_config =
@@ -290,24 +291,22 @@ impl Processor {
         Ok(EncodedPrompt { input_ids, image_spans })
     }
 
-    /// An image's tiles for the vision tower, the image being one of `among` in its prompt:
-    /// LLaVA's one resized (and cropped) tile, or an anyres image's base tile and grid (each then
-    /// resized and cropped as transformers does, which leaves a tile as it is). OneVision tiles
-    /// an image only when it is alone; among several, each is padded to a square of the mean
-    /// colour and resized to one tile.
-    pub fn preprocess_image(&self, img: &RgbImage, among: usize) -> ImageTiles {
+    /// An image's tiles for the vision tower and their `pixel_values` (`[n_tiles, 3, S, S]` f32,
+    /// CHW per tile), the image being one of `among` in its prompt: LLaVA's one resized (and
+    /// cropped) tile, or an anyres image's base tile and grid (each then resized and cropped as
+    /// transformers does, which leaves a tile as it is). OneVision tiles an image only when it is
+    /// alone; among several, each is padded to a square of the mean colour and resized to one tile.
+    pub fn preprocess_image(&self, img: &RgbImage, among: usize) -> (ImageTiles, Vec<f32>) {
+        let one_tile = |img: &RgbImage| {
+            let (resized, pixel_values) = self.image.preprocess(img);
+            (ImageTiles { tiles: vec![resized], grid: None }, pixel_values)
+        };
         let anyres = match &self.anyres {
-            Some(anyres) if !(anyres.single_images_only && among > 1) => anyres,
-            untiled => {
-                let img = match untiled {
-                    Some(_) => {
-                        std::borrow::Cow::Owned(pad_to_square(&self.image.convert_rgb(img), self.image.mean_u8()))
-                    }
-                    None => std::borrow::Cow::Borrowed(img),
-                };
-                let (resized, pixel_values) = self.image.preprocess(&img);
-                return ImageTiles { tiles: vec![resized], pixel_values, grid: None };
+            None => return one_tile(img),
+            Some(anyres) if !anyres.tiles_among(among) => {
+                return one_tile(&pad_to_square(&self.image.convert_rgb(img), self.image.mean_u8()));
             }
+            Some(anyres) => anyres,
         };
         let img = self.image.convert_rgb(img);
         let grid = anyres.grid((img.height, img.width), self.tile);
@@ -316,7 +315,7 @@ impl Processor {
         tiles.extend(grid_tiles(&img, &grid, self.tile));
         let tiles: Vec<RgbImage> = tiles.iter().map(|t| self.image.resize_and_crop(t)).collect();
         let pixel_values = tiles.iter().flat_map(|t| self.image.normalize(t)).collect();
-        ImageTiles { tiles, pixel_values, grid: Some(grid) }
+        (ImageTiles { tiles, grid: Some(grid) }, pixel_values)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -78,6 +78,12 @@ impl Anyres {
         Ok(Self { grid_pinpoints, max_tiles, single_images_only: false })
     }
 
+    /// Whether an image that is one of `among` in its prompt is tiled (OneVision tiles only an
+    /// image alone; the others are one padded tile and one newline).
+    pub fn tiles_among(&self, among: usize) -> bool {
+        !(self.single_images_only && among > 1)
+    }
+
     /// The pinpoint an image of `(height, width)` is fitted into (transformers'
     /// `select_best_resolution`): the most of the image's pixels kept, then the least padding;
     /// the first such pinpoint wins a tie.
