@@ -70,21 +70,29 @@ fn kernel<P: KernelParams>(device: &wgpu::Device, name: &str, body: &str) -> Ker
 
 impl MatmulKernels {
     fn new(device: &wgpu::Device, storage: WeightStorage) -> Self {
-        let with_storage = |name: &str, body: &str| {
-            kernel::<LinearParams>(
-                device,
-                &format!("{name}_{}", storage.name()),
-                &format!("{body}\n{}", storage.wgsl()),
-            )
-        };
+        /// A kernel whose weight reads come from `storage` (its WGSL appended).
+        fn with_storage<P: KernelParams>(
+            device: &wgpu::Device,
+            storage: WeightStorage,
+            name: &str,
+            body: &str,
+        ) -> Kernel {
+            kernel::<P>(device, &format!("{name}_{}", storage.name()), &format!("{body}\n{}", storage.wgsl()))
+        }
         Self {
-            matmul: with_storage("matmul", include_str!("shaders/matmul.wgsl")),
-            gemv: with_storage("gemv", include_str!("shaders/gemv.wgsl")),
-            gemv_rows: with_storage("gemv_rows", include_str!("shaders/gemv_rows.wgsl")),
-            embed_rows: kernel::<EmbedRowsParams>(
+            matmul: with_storage::<LinearParams>(device, storage, "matmul", include_str!("shaders/matmul.wgsl")),
+            gemv: with_storage::<LinearParams>(device, storage, "gemv", include_str!("shaders/gemv.wgsl")),
+            gemv_rows: with_storage::<LinearParams>(
                 device,
-                &format!("embed_rows_{}", storage.name()),
-                &format!("{}\n{}", include_str!("shaders/embed_rows.wgsl"), storage.wgsl()),
+                storage,
+                "gemv_rows",
+                include_str!("shaders/gemv_rows.wgsl"),
+            ),
+            embed_rows: with_storage::<EmbedRowsParams>(
+                device,
+                storage,
+                "embed_rows",
+                include_str!("shaders/embed_rows.wgsl"),
             ),
         }
     }
