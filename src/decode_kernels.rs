@@ -20,28 +20,53 @@ pub const MAX_ROWS: usize = 4;
 /// `[.., K]` rows (at most [`MAX_ROWS`]) times `weight` `[N, K]` (F32, contiguous, on the CPU):
 /// `[.., N]`. `None` when the operands are not of that kind (the caller falls back to candle).
 pub fn matmul_rows(xs: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    f32_operands(xs, weight, 1..MAX_ROWS + 1, |F32Operands { x, rows, w, n, k }| multiply(x, rows, w, n, k))
+}
+
+/// The operands of `y = x·Wᵀ` as slices: `x` `[rows, k]` (row-major) and `w` `[n, k]`.
+pub(crate) struct F32Operands<'a> {
+    pub x: &'a [f32],
+    pub rows: usize,
+    pub w: &'a [f32],
+    pub n: usize,
+    pub k: usize,
+}
+
+/// `multiply` on `xs` `[.., K]` and `weight` `[N, K]` when both are F32 on the CPU, the weight is
+/// contiguous and the row count is in `rows`: its `[rows·N]` values as a tensor `[.., N]`.
+/// `None` for anything else (the caller falls back to candle).
+pub(crate) fn f32_operands(
+    xs: &Tensor,
+    weight: &Tensor,
+    rows: std::ops::Range<usize>,
+    multiply: impl FnOnce(F32Operands) -> Vec<f32>,
+) -> Result<Option<Tensor>> {
     let dims = xs.dims();
-    let rows = xs.elem_count() / dims.last().copied().unwrap_or(1).max(1);
+    let Some(&k) = dims.last() else { return Ok(None) };
+    let row_count = xs.elem_count() / k.max(1);
     let fits = matches!(xs.device(), Device::Cpu)
         && matches!(weight.device(), Device::Cpu)
         && xs.dtype() == candle_core::DType::F32
         && weight.dtype() == candle_core::DType::F32
         && weight.is_contiguous()
         && weight.rank() == 2
-        && (1..=MAX_ROWS).contains(&rows);
+        && weight.dim(1)? == k
+        && k > 0
+        && rows.contains(&row_count);
     if !fits {
         return Ok(None);
     }
-    let (n, k) = weight.dims2()?;
-    if dims.last() != Some(&k) {
-        return Ok(None);
-    }
-    let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+    let n = weight.dim(0)?;
+    let xs = xs.contiguous()?;
     let y = {
-        let (storage, layout) = weight.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let w = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * k];
-        multiply(&x, rows, w, n, k)
+        let (x_storage, x_layout) = xs.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(x_cpu), candle_core::Storage::Cpu(w_cpu)) = (&*x_storage, &*w_storage) else {
+            return Ok(None);
+        };
+        let x = &x_cpu.as_slice::<f32>()?[x_layout.start_offset()..x_layout.start_offset() + row_count * k];
+        let w = &w_cpu.as_slice::<f32>()?[w_layout.start_offset()..w_layout.start_offset() + n * k];
+        multiply(F32Operands { x, rows: row_count, w, n, k })
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("rank ≥ 1") = n;

@@ -27,6 +27,7 @@ pub mod models;
 pub mod pipeline;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod plot;
+pub mod prefill_kernels;
 pub mod processor;
 pub mod projector;
 pub mod quant;

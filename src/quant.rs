@@ -474,13 +474,17 @@ const MAX_DEQUANTIZED_BYTES: usize = 64 << 20;
 impl Module for QLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::F32(l) => match crate::decode_kernels::matmul_rows(xs, l.weight())? {
-                Some(ys) => match l.bias() {
-                    Some(b) => ys.broadcast_add(b),
-                    None => Ok(ys),
-                },
-                None => l.forward(xs),
-            },
+            Self::F32(l) => {
+                let ys = match crate::decode_kernels::matmul_rows(xs, l.weight())? {
+                    Some(ys) => Some(ys),
+                    None => crate::prefill_kernels::matmul_many_rows(xs, l.weight())?,
+                };
+                match (ys, l.bias()) {
+                    (Some(ys), Some(b)) => ys.broadcast_add(b),
+                    (Some(ys), None) => Ok(ys),
+                    (None, _) => l.forward(xs),
+                }
+            }
             Self::Quantized { matmul, bias, in_dim, padded_in, dtype, out_dim, batches_in_f32 } => {
                 let xs = if padded_in > in_dim {
                     xs.pad_with_zeros(candle_core::D::Minus1, 0, padded_in - in_dim)?
@@ -495,7 +499,11 @@ impl Module for QLinear {
                             && matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0)
                             && out_dim * padded_in * 4 <= MAX_DEQUANTIZED_BYTES =>
                     {
-                        xs.broadcast_matmul(&q.dequantize(xs.device())?.t()?)?
+                        let weight = q.dequantize(xs.device())?;
+                        match crate::prefill_kernels::matmul_many_rows(&xs, &weight)? {
+                            Some(ys) => ys,
+                            None => xs.broadcast_matmul(&weight.t()?)?,
+                        }
                     }
                     _ => matmul.forward(&xs)?,
                 };

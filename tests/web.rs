@@ -363,6 +363,22 @@ async fn backend_choice_is_reported() {
     }
 }
 
+/// The prefill kernel's SIMD128 lanes (the native tests run its tiling with portable lanes)
+/// against candle's product, on shapes with every kind of remainder and a `K` over one pass.
+#[wasm_bindgen_test]
+fn prefill_kernel_equals_candle_in_wasm() {
+    use candle_core::{Device, Tensor};
+    for (m, n, k) in [(5, 1, 1), (7, 11, 3), (33, 17, 70), (131, 12, 1100)] {
+        let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1f32, (n, k), &Device::Cpu).unwrap();
+        let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let got = cmrm::prefill_kernels::matmul_many_rows(&x, &w).unwrap().expect("wasm uses the kernel");
+        let diff: f32 =
+            (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(diff <= 1e-4 * (k as f32).sqrt(), "{m}×{k} · {n}×{k}: max diff {diff}");
+    }
+}
+
 #[wasm_bindgen_test]
 fn bundled_vectors_are_the_negated_oracle_shift() {
     let bundled = cmrm::SteeringVectors::from_safetensors_bytes("bundled", BUNDLED_CMRM_VECTORS).unwrap();
