@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the page (trunk build --release → dist/) and serve it on http://127.0.0.1:$PORT/ (8080).
+# Build the page (trunk build --release → dist/, with the threads build in dist/threads/) and serve
+# it on http://127.0.0.1:$PORT/ (8080) with COOP/COEP headers, so the page runs threads.
 # Installs missing tools first (scripts/setup.sh). dist/ is plain static files: any static host
-# serves it, no COOP/COEP headers needed. For live rebuilds while editing: `trunk serve`.
+# serves it; without those headers it runs one thread. For live rebuilds while editing: `trunk serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

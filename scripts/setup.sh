@@ -7,6 +7,7 @@ WASM_BINDGEN_VERSION=0.2.130   # must equal the wasm-bindgen crate version in Ca
 WASM_PACK_VERSION=0.15.1
 TRUNK_VERSION=0.21.14          # trunk 0.22 needs rustc >= 1.96
 CARGO_FUZZ_VERSION=0.13.2      # fuzz targets on stable (--sanitizer none)
+NIGHTLY=nightly-2026-05-19     # the page's threads build only (scripts/build-threads.sh: std with atomics)
 export PATH="$HOME/.cargo/bin:$PATH"
 
 need_apt=()
@@ -21,6 +22,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 rustup target list --installed | grep -q wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+if ! rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1 \
+   || ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q rust-src; then
+  echo "setup: rustup toolchain install $NIGHTLY (rust-src)" >&2
+  rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+fi
 
 if ! wasm-bindgen --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
   echo "setup: cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION" >&2

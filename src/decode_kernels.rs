@@ -9,7 +9,7 @@
 //! for all input rows, so two rows cost little more than one (and one row is faster than candle's
 //! kernel on this CPU). Attention through candle also copied the whole V cache every step
 //! (`contiguous()` of the cache's view); [`attend_one_position`] reads K and V in place.
-//! Natively the work is split over threads; the inner loops are written for the compiler to
+//! Natively and in the wasm threads build the work is split over threads; the inner loops are written for the compiler to
 //! vectorize (AVX2 when the CPU has it, else SSE2; SIMD128 in wasm).
 
 use candle_core::{Device, Result, Tensor};
@@ -73,6 +73,33 @@ pub(crate) fn f32_operands(
     Tensor::from_vec(y, out_dims, &Device::Cpu).map(Some)
 }
 
+/// Multiply-adds below which the wasm threads build runs a product on the calling thread: waking
+/// the pool's Web Workers costs more than such a product takes (measured: decode of the
+/// 56 M-parameter benchmark model was no faster on two threads without this bound, 1.2× with it).
+#[cfg(all(target_arch = "wasm32", feature = "threads"))]
+const MIN_PARALLEL_WORK: usize = 1 << 20;
+
+/// `run` on each `size`-long chunk of `out`, with its index: on rayon's pool natively, and in the
+/// wasm threads build (feature `threads`) when the job is at least [`MIN_PARALLEL_WORK`]
+/// multiply-adds (`work`); one after the other otherwise.
+pub(crate) fn for_each_chunk<F>(out: &mut [f32], size: usize, work: usize, run: F)
+where
+    F: Fn((usize, &mut [f32])) + Send + Sync,
+{
+    #[cfg(not(target_arch = "wasm32"))]
+    let parallel = true;
+    #[cfg(all(target_arch = "wasm32", feature = "threads"))]
+    let parallel = work >= MIN_PARALLEL_WORK;
+    #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+    if parallel {
+        use rayon::prelude::*;
+        out.par_chunks_mut(size).enumerate().for_each(run);
+        return;
+    }
+    let _ = work;
+    out.chunks_mut(size).enumerate().for_each(run);
+}
+
 /// `x` `[rows, k]` times `w` `[n, k]`: `[rows, n]`.
 fn multiply(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     // Output rows in blocks: each block's `[block, rows]` results, transposed at the end.
@@ -83,13 +110,7 @@ fn multiply(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let count = out.len() / rows;
         kernel(x, rows, &w[first * k..(first + count) * k], k, out);
     };
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        by_output.par_chunks_mut(BLOCK * rows).enumerate().for_each(run);
-    }
-    #[cfg(target_arch = "wasm32")]
-    by_output.chunks_mut(BLOCK * rows).enumerate().for_each(run);
+    for_each_chunk(&mut by_output, BLOCK * rows, rows * n * k, run);
     let mut y = vec![0f32; rows * n];
     for (o, values) in by_output.chunks_exact(rows).enumerate() {
         for (r, &v) in values.iter().enumerate() {
@@ -197,13 +218,7 @@ pub fn attend_one_position(
             }
         }
     };
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        out.par_chunks_mut(d).enumerate().for_each(run);
-    }
-    #[cfg(target_arch = "wasm32")]
-    out.chunks_mut(d).enumerate().for_each(run);
+    for_each_chunk(&mut out, d, 2 * batch * heads * (len - first) * d, run);
     out
 }
 

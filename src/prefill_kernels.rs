@@ -101,36 +101,20 @@ const K_BLOCK: usize = 1024;
 const MR: usize = 2;
 const NR: usize = 5;
 
-/// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ.
+/// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ; blocks of rows on the thread pool where there is
+/// one (the wasm threads build).
 fn multiply<L: Lanes>(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
-    for k_start in (0..k).step_by(K_BLOCK) {
-        let part = Part { x, w, n, k, k_start, k_end: (k_start + K_BLOCK).min(k), accumulate: k_start > 0 };
-        for first_row in (0..m).step_by(ROW_BLOCK) {
-            let end_row = (first_row + ROW_BLOCK).min(m);
-            let mut col = 0;
-            while col + NR <= n {
-                let mut row = first_row;
-                while row + MR <= end_row {
-                    part.tile::<L, MR, NR>(row, col, y);
-                    row += MR;
-                }
-                if row < end_row {
-                    part.tile::<L, 1, NR>(row, col, y);
-                }
-                col += NR;
-            }
-            for col in col..n {
-                let mut row = first_row;
-                while row + MR <= end_row {
-                    part.tile::<L, MR, 1>(row, col, y);
-                    row += MR;
-                }
-                if row < end_row {
-                    part.tile::<L, 1, 1>(row, col, y);
-                }
-            }
+    let block = |(index, y): (usize, &mut [f32])| {
+        let first_row = index * ROW_BLOCK;
+        let rows = y.len() / n;
+        let x = &x[first_row * k..(first_row + rows) * k];
+        for k_start in (0..k).step_by(K_BLOCK) {
+            let part = Part { x, w, n, k, k_start, k_end: (k_start + K_BLOCK).min(k), accumulate: k_start > 0 };
+            part.rows::<L>(rows, y);
         }
-    }
+    };
+    debug_assert_eq!(y.len(), m * n);
+    crate::decode_kernels::for_each_chunk(y, ROW_BLOCK * n, m * n * k, block);
 }
 
 /// One pass over positions `k_start..k_end` of `K`.
@@ -146,6 +130,34 @@ struct Part<'a> {
 }
 
 impl Part<'_> {
+    /// This pass for the `rows` rows of `x` into `y` `[rows, n]`: tiles of `MR × NR`, then the
+    /// rows and weight rows left over.
+    fn rows<L: Lanes>(&self, rows: usize, y: &mut [f32]) {
+        let n = self.n;
+        let mut col = 0;
+        while col + NR <= n {
+            let mut row = 0;
+            while row + MR <= rows {
+                self.tile::<L, MR, NR>(row, col, y);
+                row += MR;
+            }
+            if row < rows {
+                self.tile::<L, 1, NR>(row, col, y);
+            }
+            col += NR;
+        }
+        for col in col..n {
+            let mut row = 0;
+            while row + MR <= rows {
+                self.tile::<L, MR, 1>(row, col, y);
+                row += MR;
+            }
+            if row < rows {
+                self.tile::<L, 1, 1>(row, col, y);
+            }
+        }
+    }
+
     /// `y[row + r, col + c] (+)= x[row + r] · w[col + c]` over this pass, for `r < R`, `c < C`.
     #[inline(always)]
     fn tile<L: Lanes, const R: usize, const C: usize>(&self, row: usize, col: usize, y: &mut [f32]) {

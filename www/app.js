@@ -237,8 +237,9 @@ async function loadModel() {
     state.loaded = true;
     state.info = info;
     $("progress").value = 1;
-    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}${info.backend === "webgpu" ? (info.visionOn === "webgpu" ? "; image encoded on WebGPU" : `; image encoded on the CPU (${info.visionReason})`) : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
+    $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}${info.threadsReason ? ` (one thread: ${info.threadsReason})` : ""}${info.backend === "webgpu" ? (info.visionOn === "webgpu" ? "; image encoded on WebGPU" : `; image encoded on the CPU (${info.visionReason})`) : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     $("model-info").dataset.backend = info.backend;
+    $("model-info").dataset.threads = String(info.threads);
     $("model-info").dataset.streamed = String(info.streamedLoad);
     $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);
     useVectorsInfo(info.vectors);

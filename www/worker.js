@@ -2,13 +2,37 @@
 // Plumbing only — the model, the files, the steering all live in Rust (src/web/).
 // Protocol: page → {id, type, ...args}; worker → {id, type: "result"|"error"|"event", ...}.
 
-import init, { Session, initPanicHook } from "./cmrm.js";
-
-const ready = init().then(() => initPanicHook());
-let session = null;
-
 const reply = (id, type, body) => postMessage({ id, type, ...body });
 const message = (e) => (e && e.message) || String(e);
+
+/// Threads when the page is cross-origin isolated (served with COOP/COEP headers): the build in
+/// threads/ (shared memory, a pool of Web Workers for the CPU kernels). Otherwise, or if that
+/// build cannot start, the one-thread build; `threadsReason` (in `info`) says why.
+const MAX_THREADS = 8;
+let Session = null;
+let threadsReason = null;
+async function start() {
+  if (self.crossOriginIsolated) {
+    try {
+      const threaded = await import("./threads/cmrm.js");
+      await threaded.default();
+      threaded.initPanicHook();
+      await threaded.initThreadPool(Math.max(1, Math.min(navigator.hardwareConcurrency || 1, MAX_THREADS)));
+      return threaded;
+    } catch (e) {
+      threadsReason = `the threads build did not start (${message(e)})`;
+    }
+  } else {
+    threadsReason = "the page is not cross-origin isolated (no COOP/COEP headers)";
+  }
+  const single = await import("./cmrm.js");
+  await single.default();
+  single.initPanicHook();
+  return single;
+}
+const ready = start().then((module) => { Session = module.Session; });
+let session = null;
+const withThreads = (info) => ({ ...info, threadsReason });
 
 /// A failure cmrm reports (Rust's errors are `Error`s named CmrmError; so are the worker's own).
 /// Anything else — a wasm trap (RuntimeError), a stack overflow (RangeError), out of memory —
@@ -46,7 +70,7 @@ const handlers = {
   async load({ id, options }) {
     if (session) { session.free(); session = null; }
     session = await Session.load(options, (p) => reply(id, "event", { event: { kind: "progress", ...p } }));
-    return session.info();
+    return withThreads(session.info());
   },
   async setVectors({ name, bytes }) {
     need();
@@ -86,7 +110,7 @@ const handlers = {
   },
   async info() {
     need();
-    return session.info();
+    return withThreads(session.info());
   },
   async clearCache() {
     return Session.clearCache();

@@ -10,7 +10,7 @@
 #   RUNS=3 WARMUP=5 TOKENS=32 PORT=8123 PORT_COI=8124
 #
 # Rows: transformers.js 4.3.2 (ONNX Runtime Web, wasm, fp32) with 1 thread (plain server) and with 2
-# threads (COOP/COEP); cmrm's page Session (wasm, f32, 1 thread); PyTorch (transformers) with 1 and 2
+# threads (COOP/COEP); cmrm's page Session (wasm, f32, 1 thread; and 2 threads, its threads build); PyTorch (transformers) with 1 and 2
 # threads; cmrm's CLI natively. Everything is served from 127.0.0.1. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -71,6 +71,7 @@ browser() {  # name, page, query, port
 browser tjs-fp32-1t index.html "dtype=fp32&warmup=$WARMUP&runs=$RUNS&tokens=$TOKENS" "$PORT"
 browser cmrm-f32-1t cmrm.html "weights=f32&backend=cpu&warmup=$WARMUP&runs=$RUNS&tokens=$TOKENS" "$PORT"
 browser tjs-fp32-2t index.html "dtype=fp32&warmup=$WARMUP&runs=$RUNS&tokens=$TOKENS&threads=2" "$PORT_COI"
+browser cmrm-f32-2t cmrm.html "weights=f32&backend=cpu&warmup=$WARMUP&runs=$RUNS&tokens=$TOKENS&threads=2" "$PORT_COI"
 
 # --- natively: PyTorch (transformers generate) and cmrm's CLI, 1 and 2 threads ------------------------
 QUESTION=$(python3 -c "import json; print(json.load(open('mid-llava.spec.json'))['bench']['question'])")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """results/raw/* → results/summary.md (and .json): each runtime's medians, then cmrm ÷ the others.
 
-Rows: transformers.js in Chromium (1 and 2 threads), cmrm's page Session (1 thread; one Compare =
+Rows: transformers.js in Chromium (1 and 2 threads), cmrm's page Session (1 thread, and 2 threads
+with the threads build on the cross-origin isolated server; one Compare =
 the unaltered and the steered answer decoded as one batch), PyTorch (1 and 2 threads) and cmrm's
 CLI natively (1 and 2 threads; one answer). Ratios are speed ratios (> 1: cmrm is faster), from
 the same run of this script's caller, so machine load affects both sides alike.
@@ -37,7 +38,7 @@ def native_cmrm(path):
 
 def main():
     get = lambda name: last_json(os.path.join(RAW, name + ".json")) if os.path.exists(os.path.join(RAW, name + ".json")) else None
-    tjs1, tjs2, page = get("tjs-fp32-1t"), get("tjs-fp32-2t"), get("cmrm-f32-1t")
+    tjs1, tjs2, page, page2 = get("tjs-fp32-1t"), get("tjs-fp32-2t"), get("cmrm-f32-1t"), get("cmrm-f32-2t")
     torch1, torch2 = get("pytorch-f32-1t"), get("pytorch-f32-2t")
     nat = {t: native_cmrm(os.path.join(RAW, f"cmrm-native-f32-{t}t.jsonl")) for t in (1, 2)
            if os.path.exists(os.path.join(RAW, f"cmrm-native-f32-{t}t.jsonl"))}
@@ -54,11 +55,12 @@ def main():
             m = d["median"]
             # A Compare is two generate() calls.
             row("transformers.js wasm fp32", t, d, m["image_encode_ms"], m["encode_plus_prefill_ms"], m["decode_tok_s"], 2 * m["total_generate_ms"])
-    if page and page.get("ok"):
-        m = page["median"]
-        # One Compare: setImage once, both prefills, both answers decoded as one batch; a pane's
-        # decode rate is half the pair's tokens per second.
-        row("cmrm page Session wasm f32", 1, page, m["set_image_ms"], m["image_plus_prefills_ms"], m["pair_decode_tok_s"] / 2, m["total_pair_ms"])
+    for d, t in ((page, 1), (page2, 2)):
+        if d and d.get("ok"):
+            m = d["median"]
+            # One Compare: setImage once, both prefills, both answers decoded as one batch; a
+            # pane's decode rate is half the pair's tokens per second.
+            row("cmrm page Session wasm f32", t, d, m["set_image_ms"], m["image_plus_prefills_ms"], m["pair_decode_tok_s"] / 2, m["total_pair_ms"])
     for d, t in ((torch1, 1), (torch2, 2)):
         if d:
             m = d["median"]
@@ -69,13 +71,16 @@ def main():
             summary[f"cmrm native {t}t"] = m
 
     ratios = []
-    if page and page.get("ok") and tjs1 and tjs1.get("ok"):
-        p, j = page["median"], tjs1["median"]
+    for pg, tj, t in ((page, tjs1, 1), (page2, tjs2, 2)):
+        if not (pg and pg.get("ok") and tj and tj.get("ok")):
+            continue
+        p, j = pg["median"], tj["median"]
+        what = f"page vs transformers.js, {t} thread{'s' if t > 1 else ''}"
         ratios += [
-            ("page vs transformers.js, 1 thread: image encode (speed)", j["image_encode_ms"] / p["set_image_ms"]),
-            ("page vs transformers.js, 1 thread: image + prefill to the first token (one tjs answer vs both panes)", j["encode_plus_prefill_ms"] / p["image_plus_prefills_ms"]),
-            ("page vs transformers.js, 1 thread: decode per answer (speed)", (p["pair_decode_tok_s"] / 2) / j["decode_tok_s"]),
-            ("page vs transformers.js, 1 thread: a whole Compare, time ÷ two tjs generations (goal ≤ 0.6)", p["total_pair_ms"] / (2 * j["total_generate_ms"])),
+            (f"{what}: image encode (speed)", j["image_encode_ms"] / p["set_image_ms"]),
+            (f"{what}: image + prefill to the first token (one tjs answer vs both panes)", j["encode_plus_prefill_ms"] / p["image_plus_prefills_ms"]),
+            (f"{what}: decode per answer (speed)", (p["pair_decode_tok_s"] / 2) / j["decode_tok_s"]),
+            (f"{what}: a whole Compare, time ÷ two tjs generations (goal ≤ 0.6)", p["total_pair_ms"] / (2 * j["total_generate_ms"])),
         ]
     for t, d in ((1, torch1), (2, torch2)):
         if d and nat.get(t):

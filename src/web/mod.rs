@@ -39,6 +39,19 @@ use crate::steering::{Positions, ResolvedSteering, SteeringRequest, SteeringVect
 use crate::weights::{FileBytes, Weights};
 use fetch::{fetch_bytes, Plan};
 
+/// The threads build's pool (`initThreadPool(n)` from JS, before `Session.load`): `n` Web Workers
+/// sharing this instance's memory, on which the CPU kernels split their work.
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
+
+/// Threads the CPU kernels run on: the pool's size in the threads build, else 1.
+fn cpu_threads() -> usize {
+    #[cfg(feature = "threads")]
+    return rayon::current_num_threads();
+    #[cfg(not(feature = "threads"))]
+    1
+}
+
 /// Panics become readable console messages (the instance is unusable after one: reload it).
 #[wasm_bindgen(js_name = initPanicHook)]
 pub fn init_panic_hook() {
@@ -705,8 +718,12 @@ impl Session {
                     "WebGPU: {adapter}, {} weights",
                     state.backend_info.gpu_weights.as_deref().unwrap_or("f32")
                 ),
-                None => "candle on the CPU, wasm32 simd128, one thread".to_owned(),
+                None => match cpu_threads() {
+                    1 => "candle on the CPU, wasm32 simd128, one thread".to_owned(),
+                    n => format!("candle on the CPU, wasm32 simd128, {n} threads"),
+                },
             },
+            "threads": cpu_threads(),
             "backendFallbackReason": state.backend_info.fallback_reason,
             "visionOn": state.backend_info.vision,
             "visionReason": state.backend_info.vision_reason,

@@ -202,6 +202,9 @@ test("bundled random-weight model: upload, compare, stream both panes, chart, sa
   assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
   assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
   assert.match(await page.locator("#speed-steered").textContent(), /tokens\/s/);
+  // Served with COOP/COEP: the worker runs the threads build, on every core Chromium reports.
+  const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+  assert.equal(await page.locator("#model-info").getAttribute("data-threads"), String(Math.min(cores, 8)));
 
   // Chart: one bar per layer (‖v_l‖) and the gap before/after per layer.
   const chart = byTestId("layer-chart");
@@ -218,6 +221,23 @@ test("bundled random-weight model: upload, compare, stream both panes, chart, sa
   assert.ok(requests.some((u) => u.endsWith("/model.safetensors")), "worker requests must be observed");
   assert.ok(site.requests.some((r) => r === "GET /assets/models/tiny-llava-siglip-qwen2/model.safetensors"));
   console.log(`  load ${loadMs} ms, compare (2 × 12 tokens + gap) ${compareMs} ms, ${requests.length} requests, all same-origin`);
+});
+
+test("a host without COOP/COEP headers: the one-thread build, the page says why, the same ids", async () => {
+  const plain = await serve(dist, 0, {}, { isolated: false });
+  try {
+    await page.goto(`${plain.origin}/index.html?model=bundled-random`);
+    assert.equal(await page.evaluate(() => self.crossOriginIsolated), false);
+    await loadAndCompareCase0();
+    assert.equal(await page.locator("#model-info").getAttribute("data-threads"), "1");
+    assert.match(await page.locator("#model-info").textContent(), /one thread: the page is not cross-origin isolated/);
+    assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+    assert.deepEqual(await paneIds("pane-steered"), case0.steered_multimodal["shift_all_layers_a0.5"].generated_ids);
+  } finally {
+    plain.server.close();
+    // Its requests went to another origin on purpose: keep them out of the same-origin checks.
+    requests.splice(0, requests.length, ...requests.filter((u) => !u.startsWith(plain.origin + "/")));
+  }
 });
 
 test("the bundled demo model shows CMRM's effect in one click: unaltered complies, CMRM refuses; a benign question is answered in both", async () => {

@@ -19,10 +19,11 @@ const TYPES = {
 /// the page's origin (and wasm compilation); model and vector downloads from the origin or any
 /// https host (Hugging Face, or a folder the user names); images from blobs (the preview);
 /// no plugins, forms or base-URL changes. Embedding is allowed (the embed view exists for it).
+/// Workers from blobs: the threads build's pool starts its workers from a blob of its own script.
 export const CSP = [
   "default-src 'self'",
   "script-src 'self' 'wasm-unsafe-eval'",
-  "worker-src 'self'",
+  "worker-src 'self' blob:",
   "connect-src 'self' https:",
   "img-src 'self' blob: data:",
   "style-src 'self'",
@@ -32,11 +33,19 @@ export const CSP = [
   "frame-ancestors *",
 ].join("; ");
 
+/// Cross-origin isolation: what SharedArrayBuffer, and so wasm threads, need.
+export const ISOLATION = {
+  "cross-origin-opener-policy": "same-origin",
+  "cross-origin-embedder-policy": "require-corp",
+};
+
 /// Starts serving `dir` on 127.0.0.1:`port`; resolves to {server, origin, requests}.
 /// `extra` maps URL paths to Buffers served as files (test fixtures that need not exist on disk),
 /// or to `{buffer, headSize}` for a file whose HEAD announces another size.
 /// Single `Range: bytes=a-b` requests get a 206, as the Hugging Face CDN answers.
-export async function serve(dir, port = 0, extra = {}) {
+/// `isolated` (default): COOP/COEP headers, so the page is cross-origin isolated and its worker
+/// runs the threads build; `false` serves it as a host without those headers would.
+export async function serve(dir, port = 0, extra = {}, { isolated = true } = {}) {
   const root = resolve(dir);
   const requests = [];
   const server = createServer(async (req, res) => {
@@ -58,6 +67,7 @@ export async function serve(dir, port = 0, extra = {}) {
         "accept-ranges": "bytes",
         "content-security-policy": CSP,
         "x-content-type-options": "nosniff",
+        ...(isolated ? ISOLATION : {}),
       };
       let [start, end, status] = [0, stat.size - 1, 200];
       const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range || "");

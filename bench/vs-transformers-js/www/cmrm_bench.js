@@ -1,7 +1,7 @@
-// cmrm's browser API (Session) on the same mid-llava checkpoint, image, prompt and token count as
+// Runs in a module Web Worker (cmrm.html starts it), as the page's Session does (www/worker.js):
+// the threads build's pool needs a caller that may block. cmrm's browser API (Session) on the same mid-llava checkpoint, image, prompt and token count as
 // bench.js (transformers.js). One Compare = two answers (unaltered + CMRM-steered), decoded as one
 // batch; transformers.js needs two generate() calls for the same pair.
-import init, { Session } from '/dist-cmrm/cmrm.js';
 
 const q = new URLSearchParams(location.search);
 const RUNS = Number(q.get('runs') ?? 3);
@@ -9,13 +9,18 @@ const WARMUP = Number(q.get('warmup') ?? 2);
 const NEW_TOKENS = Number(q.get('tokens') ?? 32);
 const WEIGHTS = q.get('weights') ?? 'f32';
 const BACKEND = q.get('backend') ?? 'cpu';
-const logEl = document.getElementById('log');
-const log = (s) => { logEl.textContent += s + '\n'; console.log(s); };
+// threads > 1: the threads build (dist/threads/, as the page's worker loads it on a cross-origin
+// isolated page) with a pool of that many workers.
+const THREADS = Number(q.get('threads') ?? 1);
+const log = (s) => postMessage({ log: s });
 const now = () => performance.now();
 const median = (a) => { const s = [...a].sort((x, y) => x - y); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
 
 async function main() {
-  await init();
+  const cmrm = await import(THREADS > 1 ? '/dist-cmrm/threads/cmrm.js' : '/dist-cmrm/cmrm.js');
+  await cmrm.default();
+  if (THREADS > 1) await cmrm.initThreadPool(THREADS);
+  const { Session } = cmrm;
   const spec = await (await fetch('/mid-llava.spec.json')).json();
   const reference = await (await fetch('/assets/reference.json')).json();
   const base = new URL('/models/mid-llava/', location.href).href;
@@ -57,7 +62,7 @@ async function main() {
   }
   const timed = runs.filter((x) => !x.warmup);
   const result = {
-    ok: true, library: 'cmrm (project wasm build)', weights: WEIGHTS, backend: BACKEND, user_agent: navigator.userAgent,
+    ok: true, library: 'cmrm (project wasm build)', weights: WEIGHTS, backend: BACKEND, threads: THREADS, user_agent: navigator.userAgent,
     crossOriginIsolated: self.crossOriginIsolated, load_ms,
     reference_tokens_match: runs.every((x) => x.unaltered_matches_reference && x.new_tokens[0] === reference.tokens.length),
     median: {
@@ -68,7 +73,6 @@ async function main() {
     },
     runs,
   };
-  document.getElementById('result').textContent = JSON.stringify(result);
-  window.__bench = result;
+  postMessage({ result });
 }
-main().catch((e) => { const r = { ok: false, error: String(e && e.stack || e) }; document.getElementById('result').textContent = JSON.stringify(r); window.__bench = r; });
+main().catch((e) => postMessage({ result: { ok: false, error: String(e && e.stack || e) } }));
