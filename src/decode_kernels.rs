@@ -12,6 +12,7 @@
 //! Natively and in the wasm threads build the work is split over threads; the inner loops are written for the compiler to
 //! vectorize (AVX2 when the CPU has it, else SSE2; SIMD128 in wasm).
 
+use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{Device, Result, Tensor};
 
 /// Input rows up to which [`matmul_rows`] is used (beyond it, candle's matrix product wins).
@@ -41,36 +42,110 @@ pub(crate) fn f32_operands(
     rows: std::ops::Range<usize>,
     multiply: impl FnOnce(F32Operands) -> Vec<f32>,
 ) -> Result<Option<Tensor>> {
-    let dims = xs.dims();
-    let Some(&k) = dims.last() else { return Ok(None) };
-    let row_count = xs.elem_count() / k.max(1);
-    let fits = matches!(xs.device(), Device::Cpu)
-        && matches!(weight.device(), Device::Cpu)
-        && xs.dtype() == candle_core::DType::F32
+    let fits = matches!(weight.device(), Device::Cpu)
         && weight.dtype() == candle_core::DType::F32
         && weight.is_contiguous()
-        && weight.rank() == 2
-        && weight.dim(1)? == k
+        && weight.rank() == 2;
+    if !fits {
+        return Ok(None);
+    }
+    let (n, k) = weight.dims2()?;
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(w_cpu) = &*w_storage else { return Ok(None) };
+    let w = &w_cpu.as_slice::<f32>()?[w_layout.start_offset()..w_layout.start_offset() + n * k];
+    with_input_rows(xs, k, n, rows, |x, rows| multiply(F32Operands { x, rows, w, n, k }))
+}
+
+/// `multiply` on `xs` `[.., k]` (F32 on the CPU, a row count in `rows`) as one row-major slice and
+/// its row count; its `[rows·n]` values as a tensor `[.., n]`. `None` for other inputs.
+fn with_input_rows(
+    xs: &Tensor,
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    multiply: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Result<Option<Tensor>> {
+    let dims = xs.dims();
+    let row_count = xs.elem_count() / k.max(1);
+    let fits = matches!(xs.device(), Device::Cpu)
+        && xs.dtype() == candle_core::DType::F32
         && k > 0
+        && dims.last() == Some(&k)
         && rows.contains(&row_count);
     if !fits {
         return Ok(None);
     }
-    let n = weight.dim(0)?;
     let xs = xs.contiguous()?;
     let y = {
         let (x_storage, x_layout) = xs.storage_and_layout();
-        let (w_storage, w_layout) = weight.storage_and_layout();
-        let (candle_core::Storage::Cpu(x_cpu), candle_core::Storage::Cpu(w_cpu)) = (&*x_storage, &*w_storage) else {
-            return Ok(None);
-        };
-        let x = &x_cpu.as_slice::<f32>()?[x_layout.start_offset()..x_layout.start_offset() + row_count * k];
-        let w = &w_cpu.as_slice::<f32>()?[w_layout.start_offset()..w_layout.start_offset() + n * k];
-        multiply(F32Operands { x, rows: row_count, w, n, k })
+        let candle_core::Storage::Cpu(x_cpu) = &*x_storage else { return Ok(None) };
+        let start = x_layout.start_offset();
+        multiply(&x_cpu.as_slice::<f32>()?[start..start + row_count * k], row_count)
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("rank ≥ 1") = n;
     Tensor::from_vec(y, out_dims, &Device::Cpu).map(Some)
+}
+
+/// `[.., K]` rows (at most [`MAX_ROWS`]) times a quantized weight `[N, K]` in GGML blocks (Q8_0,
+/// Q4_0, Q4_K) on the CPU: `[.., N]`, as candle computes it (each input row quantized to the
+/// blocks' dot-product type, then candle's block dot products), with each weight row read once
+/// for all input rows and the output rows split over the threads where there are some: candle's
+/// quantized product has its own thread pool natively but runs on one thread in wasm, also in the
+/// page's threads build. `None` for anything else (the caller falls back to candle).
+pub fn matmul_rows_quantized(xs: &Tensor, weight: &QTensor) -> Result<Option<Tensor>> {
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+    match weight.dtype() {
+        GgmlDType::Q8_0 => rows_times_blocks::<BlockQ8_0>(xs, weight),
+        GgmlDType::Q4_0 => rows_times_blocks::<BlockQ4_0>(xs, weight),
+        GgmlDType::Q4K => rows_times_blocks::<BlockQ4K>(xs, weight),
+        _ => Ok(None),
+    }
+}
+
+fn rows_times_blocks<T: GgmlType>(xs: &Tensor, weight: &QTensor) -> Result<Option<Tensor>> {
+    let Ok((n, k)) = weight.shape().dims2() else { return Ok(None) };
+    if !matches!(weight.device(), Device::Cpu) || k % T::BLCK_SIZE != 0 {
+        return Ok(None);
+    }
+    let data = weight.data()?;
+    // SAFETY: GGML blocks are plain old data (integers and f16 scales); `align_to` only yields
+    // the aligned middle, and a non-empty head means this storage is not a block array.
+    let (head, blocks, _) = unsafe { data.align_to::<T>() };
+    let per_row = k / T::BLCK_SIZE;
+    if !head.is_empty() || blocks.len() < n * per_row {
+        return Ok(None);
+    }
+    with_input_rows(xs, k, n, 1..MAX_ROWS + 1, |x, rows| {
+        let mut quantized = vec![T::VecDotType::zeros(); rows * per_row];
+        for (input, out) in x.chunks_exact(k).zip(quantized.chunks_exact_mut(per_row)) {
+            T::VecDotType::from_float(input, out);
+        }
+        // Output rows in blocks, each block's `[block, rows]` results transposed at the end.
+        const BLOCK: usize = 16;
+        let mut by_output = vec![0f32; n * rows];
+        for_each_chunk(&mut by_output, BLOCK * rows, rows * n * k, |(block, out)| {
+            for (o, out) in out.chunks_exact_mut(rows).enumerate() {
+                let row = block * BLOCK + o;
+                let weights = &blocks[row * per_row..(row + 1) * per_row];
+                for (input, out) in quantized.chunks_exact(per_row).zip(out.iter_mut()) {
+                    *out = T::vec_dot(k, weights, input);
+                }
+            }
+        });
+        transpose_to_rows(&by_output, rows, n)
+    })
+}
+
+/// `[n, rows]` (one output's values for every row together) → `[rows, n]`.
+fn transpose_to_rows(by_output: &[f32], rows: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * n];
+    for (o, values) in by_output.chunks_exact(rows).enumerate() {
+        for (r, &v) in values.iter().enumerate() {
+            y[r * n + o] = v;
+        }
+    }
+    y
 }
 
 /// Multiply-adds below which the wasm threads build runs a product on the calling thread: waking
@@ -111,13 +186,7 @@ fn multiply(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         kernel(x, rows, &w[first * k..(first + count) * k], k, out);
     };
     for_each_chunk(&mut by_output, BLOCK * rows, rows * n * k, run);
-    let mut y = vec![0f32; rows * n];
-    for (o, values) in by_output.chunks_exact(rows).enumerate() {
-        for (r, &v) in values.iter().enumerate() {
-            y[r * n + o] = v;
-        }
-    }
-    y
+    transpose_to_rows(&by_output, rows, n)
 }
 
 /// Dispatch on the row count (a constant inside, so the accumulators live in registers) and, on
@@ -243,6 +312,34 @@ mod tests {
                 assert!(diff <= 1e-4 * (k as f32).sqrt(), "{rows}×{k} · {n}×{k}: max diff {diff}");
             }
         }
+    }
+
+    /// The quantized path against candle's own quantized product (the same block dot products,
+    /// so equal up to the order of the sums), for every block type it takes and row count.
+    #[test]
+    fn quantized_rows_equal_candle() {
+        use candle_core::quantized::{QMatMul, QTensor};
+        use candle_core::Module;
+        let cpu = &Device::Cpu;
+        for (dtype, n, k) in [(GgmlDType::Q8_0, 37, 96), (GgmlDType::Q4_0, 19, 64), (GgmlDType::Q4K, 33, 512)] {
+            let w = Tensor::randn(0f32, 1f32, (n, k), cpu).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            for rows in 1..=MAX_ROWS {
+                let x = Tensor::randn(0f32, 1f32, (rows, 1, k), cpu).unwrap();
+                let want = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap().forward(&x).unwrap();
+                let got = matmul_rows_quantized(&x, &q).unwrap().expect("fits");
+                assert_eq!(got.dims(), want.dims());
+                let diff: f32 =
+                    (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+                assert!(diff <= 1e-3, "{dtype:?} {rows}×{k} · {n}×{k}: max diff {diff}");
+            }
+            let five = Tensor::zeros((MAX_ROWS + 1, k), candle_core::DType::F32, cpu).unwrap();
+            assert!(matmul_rows_quantized(&five, &q).unwrap().is_none(), "too many rows");
+        }
+        let f16 =
+            QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, cpu).unwrap(), GgmlDType::F16).unwrap();
+        let x = Tensor::zeros((1, 32), candle_core::DType::F32, cpu).unwrap();
+        assert!(matmul_rows_quantized(&x, &f16).unwrap().is_none(), "F16 blocks are candle's");
     }
 
     #[test]

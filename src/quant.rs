@@ -505,6 +505,12 @@ impl Module for QLinear {
                             None => xs.broadcast_matmul(&weight.t()?)?,
                         }
                     }
+                    QMatMul::QTensor(q) if rows <= crate::decode_kernels::MAX_ROWS => {
+                        match crate::decode_kernels::matmul_rows_quantized(&xs, q)? {
+                            Some(ys) => ys,
+                            None => matmul.forward(&xs)?,
+                        }
+                    }
                     _ => matmul.forward(&xs)?,
                 };
                 match bias {
