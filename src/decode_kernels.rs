@@ -87,13 +87,23 @@ fn with_input_rows(
     Tensor::from_vec(y, out_dims, &Device::Cpu).map(Some)
 }
 
+/// [`matmul_rows_blocks`] where it is the faster: in the page's threads build, whose pool it uses
+/// (candle's quantized product runs on one thread in wasm; with one thread the two measured the
+/// same, and natively candle's repacked x86 kernels are faster). `None` elsewhere: candle's.
+pub fn matmul_rows_quantized(xs: &Tensor, weight: &QTensor) -> Result<Option<Tensor>> {
+    if cfg!(all(target_arch = "wasm32", feature = "threads")) {
+        matmul_rows_blocks(xs, weight)
+    } else {
+        Ok(None)
+    }
+}
+
 /// `[.., K]` rows (at most [`MAX_ROWS`]) times a quantized weight `[N, K]` in GGML blocks (Q8_0,
 /// Q4_0, Q4_K) on the CPU: `[.., N]`, as candle computes it (each input row quantized to the
 /// blocks' dot-product type, then candle's block dot products), with each weight row read once
-/// for all input rows and the output rows split over the threads where there are some: candle's
-/// quantized product has its own thread pool natively but runs on one thread in wasm, also in the
-/// page's threads build. `None` for anything else (the caller falls back to candle).
-pub fn matmul_rows_quantized(xs: &Tensor, weight: &QTensor) -> Result<Option<Tensor>> {
+/// for all input rows and the output rows split over [`for_each_chunk`]'s threads. `None` for
+/// anything else (the caller falls back to candle).
+pub fn matmul_rows_blocks(xs: &Tensor, weight: &QTensor) -> Result<Option<Tensor>> {
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
     match weight.dtype() {
         GgmlDType::Q8_0 => rows_times_blocks::<BlockQ8_0>(xs, weight),
@@ -327,19 +337,19 @@ mod tests {
             for rows in 1..=MAX_ROWS {
                 let x = Tensor::randn(0f32, 1f32, (rows, 1, k), cpu).unwrap();
                 let want = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap().forward(&x).unwrap();
-                let got = matmul_rows_quantized(&x, &q).unwrap().expect("fits");
+                let got = matmul_rows_blocks(&x, &q).unwrap().expect("fits");
                 assert_eq!(got.dims(), want.dims());
                 let diff: f32 =
                     (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
                 assert!(diff <= 1e-3, "{dtype:?} {rows}×{k} · {n}×{k}: max diff {diff}");
             }
             let five = Tensor::zeros((MAX_ROWS + 1, k), candle_core::DType::F32, cpu).unwrap();
-            assert!(matmul_rows_quantized(&five, &q).unwrap().is_none(), "too many rows");
+            assert!(matmul_rows_blocks(&five, &q).unwrap().is_none(), "too many rows");
         }
         let f16 =
             QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, cpu).unwrap(), GgmlDType::F16).unwrap();
         let x = Tensor::zeros((1, 32), candle_core::DType::F32, cpu).unwrap();
-        assert!(matmul_rows_quantized(&x, &f16).unwrap().is_none(), "F16 blocks are candle's");
+        assert!(matmul_rows_blocks(&x, &f16).unwrap().is_none(), "F16 blocks are candle's");
     }
 
     #[test]

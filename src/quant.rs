@@ -416,9 +416,11 @@ impl QLinear {
     /// Multiply batches of rows (≥ 32) as dequantize + F32 matmul when the blocks are Q8_0 /
     /// Q4_0. For the vision tower: candle's kernels for these types ran its 729-row batches
     /// (inputs 1152 and 4320 wide) 3× slower than F32 (`cmrm bench`, 0.5B preset, Q8_0: image
-    /// encode 20.2 s, 6.9 s this way, 6.9 s in F32), while on the decoder's prefill they beat
-    /// dequantizing (3.07 s vs 3.62 s for 761 tokens), so the decoder keeps them. K-quants
-    /// keep their own (faster) kernels everywhere.
+    /// encode 20.2 s, 6.9 s this way, 6.9 s in F32). For the decoder's prefill: in wasm they run
+    /// on one thread and took the page's two prefills on 0.5B-wide layers 11.5 s against 6.0 s
+    /// this way; natively they were faster (3.07 s vs 3.62 s for 761 tokens), but one way on both
+    /// targets keeps the page's answers equal to the CLI's on the same weights. K-quants keep
+    /// their own (faster) kernels everywhere.
     pub fn batches_in_f32(mut self) -> Self {
         if let Self::Quantized { batches_in_f32, .. } = &mut self {
             *batches_in_f32 = true;

@@ -16,8 +16,10 @@ use crate::decode_kernels::{attend_one_position, CacheView};
 use crate::quant::{MatrixRef, QLinear, WeightFormat};
 use crate::steering::Intervention;
 
+/// A block's linear layer; a prompt's rows multiply as dequantize + F32 product
+/// ([`QLinear::batches_in_f32`]), as the vision tower's do.
 fn linear(in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat, vb: VarBuilder) -> Result<QLinear> {
-    QLinear::load(in_dim, out_dim, bias, format, vb)
+    Ok(QLinear::load(in_dim, out_dim, bias, format, vb)?.batches_in_f32())
 }
 
 /// RoPE tables in the HF rotate-half convention, computed in f32 as transformers does:

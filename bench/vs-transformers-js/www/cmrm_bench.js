@@ -23,7 +23,8 @@ async function main() {
   const { Session } = cmrm;
   const spec = await (await fetch('/mid-llava.spec.json')).json();
   const reference = await (await fetch('/assets/reference.json')).json();
-  const base = new URL('/models/mid-llava/', location.href).href;
+  // ?model=NAME: another checkpoint under models/ (its cmrm-vectors.safetensors beside it).
+  const base = new URL(`/models/${q.get('model') ?? 'mid-llava'}/`, location.href).href;
   const t0 = now();
   const s = await Session.load({ model: base, weights: WEIGHTS, backend: BACKEND,
     vectors: base + 'cmrm-vectors.safetensors' }, () => {});
