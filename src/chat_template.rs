@@ -11,7 +11,7 @@
 //! it does not bound is a string doubled by concatenation again and again: in the page such a
 //! template crashes the worker, which is restarted and says so.)
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use minijinja::value::{Kwargs, Rest, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 use serde_json::Value as Json;
@@ -528,17 +528,37 @@ impl ChatTemplate {
         ctx.push(("messages".into(), messages.clone()));
         ctx.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
         let template = self.env.get_template("chat_template").expect("added in new");
-        let rendered = template
-            .render(Value::from_iter(ctx))
-            .map_err(|e| anyhow!("the chat template failed to render: {}", describe(&e)))?;
-        if rendered.len() > MAX_RENDERED_BYTES {
-            anyhow::bail!(
-                "the chat template produced {} bytes, over the {} MiB limit for a prompt",
-                rendered.len(),
-                MAX_RENDERED_BYTES >> 20
-            );
+        // Written through a cap, not checked afterwards: a loop within the fuel can write
+        // gigabytes (2,000 × a 1.5 MB string took a fuzzed template past 2 GB).
+        let mut output = CappedOutput::default();
+        let result = template.render_captured_to(Value::from_iter(ctx), &mut output);
+        if output.over {
+            anyhow::bail!("the chat template produced over the {} MiB limit for a prompt", MAX_RENDERED_BYTES >> 20);
         }
-        Ok(rendered)
+        result.map_err(|e| anyhow!("the chat template failed to render: {}", describe(&e)))?;
+        String::from_utf8(output.bytes).context("the chat template produced text that is not UTF-8")
+    }
+}
+
+/// A render's output, refused past [`MAX_RENDERED_BYTES`] (the write fails, which stops the render).
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.over = true;
+            return Err(std::io::Error::other("over the size limit for a prompt"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -79,6 +79,9 @@ fn a_broken_template_is_an_error_that_names_the_problem() {
         ("{{ 'x'|indent(999999999, true) }}", "indent wider"),
         ("{{ 'x' * 200000000 }}", "too large"),
         ("{% for i in range(2000) %}{{ 'y' * 10000 }}{% endfor %}", "MiB limit"),
+        // 100 GB if it were all written (a fuzzed template wrote 3 GB before the cap was a
+        // limit on writing): stopped after the first 4 MiB.
+        ("{% for i in range(100000) %}{{ 'y' * 1000000 }}{% endfor %}", "MiB limit"),
     ] {
         let t = ChatTemplate::new(template).unwrap();
         let err = t.render(&Value::from(Vec::<Value>::new()), true, &[]).unwrap_err();
