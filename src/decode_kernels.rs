@@ -9,8 +9,8 @@
 //! for all input rows, so two rows cost little more than one (and one row is faster than candle's
 //! kernel on this CPU). Attention through candle also copied the whole V cache every step
 //! (`contiguous()` of the cache's view); [`attend_one_position`] reads K and V in place.
-//! Natively and in the wasm threads build the work is split over threads; the inner loops are written for the compiler to
-//! vectorize (AVX2 when the CPU has it, else SSE2; SIMD128 in wasm).
+//! Natively and in the wasm threads build the work is split over threads; the inner loops are
+//! written for the compiler to vectorize (AVX2 when the CPU has it, else SSE2; SIMD128 in wasm).
 
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{Device, Result, Tensor};
