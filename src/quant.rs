@@ -244,15 +244,24 @@ pub enum QLinear {
 /// a tied lm_head without a 622 MB F32 detour). Blocks run along rows, so the slices' bytes
 /// concatenate to the whole matrix's.
 pub fn quantize_rows(weight: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    quantize_rows_by(weight, dtype, QUANTIZE_CHUNK)
+}
+
+/// [`quantize_rows`] with at most `chunk` values converted at a time.
+fn quantize_rows_by(weight: &Tensor, dtype: GgmlDType, chunk: usize) -> Result<QTensor> {
     let (rows, cols) = weight.dims2()?;
-    let step = (QUANTIZE_CHUNK / cols.max(1)).max(1);
+    let step = (chunk / cols.max(1)).max(1);
     if rows <= step {
         return QTensor::quantize(&weight.to_dtype(candle_core::DType::F32)?, dtype);
     }
     let mut bytes = Vec::with_capacity(rows * (cols / dtype.block_size()) * dtype.type_size());
     for start in (0..rows).step_by(step) {
         let n = step.min(rows - start);
-        let slice = weight.narrow(0, start, n)?.to_dtype(candle_core::DType::F32)?;
+        // A slice of its own: `QTensor::quantize` reads its input's whole storage, and a
+        // narrowed F32 tensor still shares the full table's (an untied F32 lm_head panicked here).
+        let values: Vec<f32> =
+            weight.narrow(0, start, n)?.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let slice = Tensor::from_vec(values, (n, cols), weight.device())?;
         bytes.extend_from_slice(&QTensor::quantize(&slice, dtype)?.data()?);
     }
     qtensor_from_bytes(dtype, &bytes, vec![rows, cols], weight.device())
@@ -526,6 +535,22 @@ impl Module for QLinear {
 
 #[cfg(test)]
 mod tests {
+    /// Quantized a chunk of rows at a time, an F32, F16 or BF16 table gives the blocks of the
+    /// whole table quantized at once (an F32 table's rows were once read from its start).
+    #[test]
+    fn quantize_rows_in_chunks_equals_whole() {
+        let dev = &candle_core::Device::Cpu;
+        let table = Tensor::randn(0f32, 1.0, (37, 512), dev).unwrap();
+        for dtype in [candle_core::DType::F32, candle_core::DType::F16, candle_core::DType::BF16] {
+            let t = table.to_dtype(dtype).unwrap();
+            for block in [GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+                let whole = QTensor::quantize(&t.to_dtype(candle_core::DType::F32).unwrap(), block).unwrap();
+                let chunked = super::quantize_rows_by(&t, block, 5 * 512).unwrap();
+                assert_eq!(chunked.data().unwrap(), whole.data().unwrap(), "{dtype:?} {block:?}");
+            }
+        }
+    }
+
     use super::*;
     use candle_core::Device;
 
