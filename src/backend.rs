@@ -70,6 +70,11 @@ pub struct BackendInfo {
     pub vision: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision_reason: Option<String>,
+    /// The blocks live on the GPU only (a GPU-resident load, `crate::resident`): the CPU holds
+    /// the embedding table, lm_head, vision embeddings and projector, not the model; the CPU
+    /// backend then needs the model loaded again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resident: bool,
 }
 
 impl BackendInfo {
@@ -83,6 +88,7 @@ impl BackendInfo {
             gpu_weights: None,
             vision: "cpu".into(),
             vision_reason: None,
+            resident: false,
         }
     }
 
@@ -96,12 +102,25 @@ impl BackendInfo {
             gpu_weights: None,
             vision: "cpu".into(),
             vision_reason: None,
+            resident: false,
+        }
+    }
+}
+
+/// Whether `choice` would run on a GPU here (an adapter exists; for `auto`, a hardware one),
+/// without opening a device: what a plan made before the load assumes.
+pub async fn uses_gpu(choice: BackendChoice) -> bool {
+    match choice {
+        BackendChoice::Cpu => false,
+        BackendChoice::Webgpu => crate::gpu::context::probe_adapter().await.is_some(),
+        BackendChoice::Auto => {
+            crate::gpu::context::probe_adapter().await.is_some_and(|info| info.device_type != wgpu::DeviceType::Cpu)
         }
     }
 }
 
 /// `auto` / `webgpu` / `cpu` → a GPU context or `None` (CPU), with what was chosen and why.
-async fn choose_context(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
+pub async fn choose_context(choice: BackendChoice) -> Result<(Option<GpuContext>, BackendInfo)> {
     match choice {
         BackendChoice::Cpu => Ok((None, BackendInfo::cpu(None))),
         BackendChoice::Webgpu => {

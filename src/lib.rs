@@ -32,6 +32,7 @@ pub mod processor;
 pub mod projector;
 pub mod quant;
 pub mod quant_export;
+pub mod resident;
 pub mod steering;
 pub mod streaming;
 pub mod synthetic;

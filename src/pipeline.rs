@@ -86,6 +86,35 @@ impl Probe {
     }
 }
 
+/// A checkpoint folder's parts, read and checked, the weights indexed (mapped, not read).
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirParts {
+    pub config: LlavaConfig,
+    /// The format the linears will be held in (`choice`, or a quantized GGUF's own).
+    pub format: crate::quant::WeightFormat,
+    pub processor: ProcessorFiles,
+    pub generation_config: Option<String>,
+    pub weights: Weights,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl DirParts {
+    pub fn read(dir: &std::path::Path, choice: crate::quant::WeightChoice) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a folder (expected a Hugging Face checkpoint folder with config.json)", dir.display());
+        }
+        let weights = crate::checkpoint::load_weights(dir)?;
+        let format = match choice {
+            crate::quant::WeightChoice::Fixed(f) => f,
+            crate::quant::WeightChoice::Auto => weights.stored_format().unwrap_or_default(),
+        };
+        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let processor = ProcessorFiles::read_dir(dir)?;
+        let generation_config = std::fs::read_to_string(dir.join("generation_config.json")).ok();
+        Ok(Self { config, format, processor, generation_config, weights })
+    }
+}
+
 pub struct Vlm {
     pub model: LlavaModel,
     pub processor: Processor,
@@ -102,11 +131,16 @@ impl Vlm {
         generation_config: Option<&str>,
         weights: Weights,
     ) -> Result<Self> {
+        // The tokenizer is checked against the config before the weights are read.
         let processor = Processor::from_files(processor_files, &config)?;
-        let device = Device::Cpu;
-        let model = LlavaModel::new(&config, format, weights.into_var_builder(&device))
+        let model = LlavaModel::new(&config, format, weights.into_var_builder(&Device::Cpu))
             .context("the weights do not fit the config")?;
-        let eos_ids = crate::config::eos_ids(&config, generation_config)?;
+        Self::with_model(model, processor, generation_config)
+    }
+
+    /// A built model (whole, or the CPU shell of a GPU-resident load) with its processor.
+    pub fn with_model(model: LlavaModel, processor: Processor, generation_config: Option<&str>) -> Result<Self> {
+        let eos_ids = crate::config::eos_ids(&model.config, generation_config)?;
         Ok(Self { model, processor, eos_ids })
     }
 
@@ -126,20 +160,15 @@ impl Vlm {
     /// (`cmrm quantize`), else F32.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load_dir_choice(dir: &std::path::Path, choice: crate::quant::WeightChoice) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("{}: not a folder (expected a Hugging Face checkpoint folder with config.json)", dir.display());
-        }
-        let weights = crate::checkpoint::load_weights(dir)?;
-        let format = match choice {
-            crate::quant::WeightChoice::Fixed(f) => f,
-            crate::quant::WeightChoice::Auto => weights.stored_format().unwrap_or_default(),
-        };
-        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
-        let files = ProcessorFiles::read_dir(dir)?;
-        let gen_path = dir.join("generation_config.json");
-        let generation_config = std::fs::read_to_string(&gen_path).ok();
-        Self::from_parts(config, format, &files, generation_config.as_deref(), weights)
-            .with_context(|| format!("loading {}", dir.display()))
+        let parts = DirParts::read(dir, choice)?;
+        Self::from_parts(
+            parts.config,
+            parts.format,
+            &parts.processor,
+            parts.generation_config.as_deref(),
+            parts.weights,
+        )
+        .with_context(|| format!("loading {}", dir.display()))
     }
 
     pub fn config(&self) -> &LlavaConfig {

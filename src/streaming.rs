@@ -174,6 +174,21 @@ impl<'a> WeightStream<'a> {
         Ok(())
     }
 
+    /// Tensors converted so far.
+    pub fn converted_count(&self) -> usize {
+        self.next
+    }
+
+    /// Whether every tensor of this file under the canonical `prefix` (a block, `lm.layers.3.`)
+    /// is converted and the stream has moved past them: at least one is in, none is pending,
+    /// and the last one converted is another's. (A block cut at a shard's end is thus settled
+    /// only once the next shard has moved past the rest of it.)
+    pub fn settled(&self, prefix: &str) -> bool {
+        let under = |t: &HeaderTensor| canonical_key(&t.key).is_some_and(|k| k.starts_with(prefix));
+        let (done, pending) = self.tensors.split_at(self.next.min(self.tensors.len()));
+        done.iter().any(under) && !pending.iter().any(under) && !done.last().is_some_and(under)
+    }
+
     /// Parse the header once it is in; `false` while more bytes are needed.
     fn read_header(&mut self) -> Result<bool> {
         if self.buf.len() < 8 {

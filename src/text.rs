@@ -195,7 +195,9 @@ impl Mlp {
     }
 }
 
-struct DecoderLayer {
+/// One decoder block (built by [`TextModel::new`], or alone by [`TextModel::load_layer`] for a
+/// load that uploads each block to the GPU and keeps no CPU copy).
+pub struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
@@ -214,6 +216,24 @@ impl DecoderLayer {
             )?,
             mlp: Mlp::new(cfg, format, vb.pp("mlp"))?,
         })
+    }
+
+    /// Read-only views of the block's weights as held.
+    pub fn weights(&self) -> LayerWeights<'_> {
+        fn lin(l: &QLinear) -> LinearRef<'_> {
+            (l.matrix(), l.bias())
+        }
+        LayerWeights {
+            input_norm: self.input_layernorm.weight(),
+            q_proj: lin(&self.self_attn.q_proj),
+            k_proj: lin(&self.self_attn.k_proj),
+            v_proj: lin(&self.self_attn.v_proj),
+            o_proj: lin(&self.self_attn.o_proj),
+            post_attention_norm: self.post_attention_layernorm.weight(),
+            gate_proj: lin(&self.mlp.gate_proj),
+            up_proj: lin(&self.mlp.up_proj),
+            down_proj: lin(&self.mlp.down_proj),
+        }
     }
 
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
@@ -333,6 +353,8 @@ impl TokenEmbedding {
 
 pub struct TextModel {
     embed_tokens: TokenEmbedding,
+    /// Every block, or none when they were uploaded to the GPU one by one and not kept
+    /// ([`TextModel::without_layers`]).
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: QLinear,
@@ -344,6 +366,21 @@ impl TextModel {
     /// `vb` is the root builder: weights live under canonical `lm.` and `lm_head.`; the linears,
     /// the embedding table and lm_head are held in `format` (quantized on load).
     pub fn new(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        let mut model = Self::without_layers(cfg, format, vb.clone())?;
+        model.layers =
+            (0..cfg.num_hidden_layers).map(|i| Self::load_layer(cfg, format, i, vb.clone())).collect::<Result<_>>()?;
+        Ok(model)
+    }
+
+    /// Block `i` from the root builder `vb` (canonical `lm.layers.{i}.`).
+    pub fn load_layer(cfg: &TextConfig, format: WeightFormat, i: usize, vb: VarBuilder) -> Result<DecoderLayer> {
+        DecoderLayer::new(cfg, format, i, vb.pp("lm").pp(format!("layers.{i}")))
+    }
+
+    /// The embedding table, final norm and lm_head without the blocks: what the CPU keeps when
+    /// the blocks live on the GPU only (it embeds prompts; every forward is the GPU's). A
+    /// forward on it is an error that says so.
+    pub fn without_layers(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let lm = vb.pp("lm");
         // Quantized models load the embedding table straight in F16 and quantize it by rows
         // (dequantized on lookup); a tied lm_head is that same quantized table — so a `cmrm
@@ -370,15 +407,27 @@ impl TextModel {
                 (TokenEmbedding::Dense(Embedding::new(table, hidden)), head)
             }
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, format, i, lm.pp(format!("layers.{i}"))))
-            .collect::<Result<_>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
         let lm_head = match tied_head {
             Some(head) => head,
             None => QLinear::new(vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?, None, format)?,
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
+        Ok(Self { embed_tokens, layers: Vec::new(), norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
+    }
+
+    /// Whether the blocks are here (false after a GPU-resident load).
+    pub fn has_layers(&self) -> bool {
+        self.layers.len() == self.cfg.num_hidden_layers
+    }
+
+    fn check_layers(&self) -> Result<()> {
+        if !self.has_layers() {
+            candle_core::bail!(
+                "the decoder's blocks are held on the GPU only (a GPU-resident load): the CPU cannot run them; \
+                 load the model again with the CPU backend"
+            );
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -457,6 +506,7 @@ impl TextModel {
         capture: bool,
         steer: &dyn Fn(usize, &Tensor, usize) -> Result<Tensor>,
     ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+        self.check_layers()?;
         let start = cache.len();
         let t = embeds.dim(1)?;
         let (cos, sin) = self.rope.tables(start, t, embeds.device())?;
@@ -474,6 +524,7 @@ impl TextModel {
     /// Full-sequence hidden states `[L+1, T, H]` and logits `[T, V]` without a cache (debugging
     /// position-dependent bugs against HF's `hidden_states_full` / `logits_full`).
     pub fn forward_full(&self, embeds: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_layers()?;
         let t = embeds.dim(1)?;
         let mut cache = self.new_cache(t);
         let (cos, sin) = self.rope.tables(0, t, embeds.device())?;
@@ -492,27 +543,9 @@ impl TextModel {
     /// Read-only views of every weight as held (F32 or quantized blocks), for other compute
     /// backends (`gpu`).
     pub fn weights(&self) -> TextWeights<'_> {
-        fn lin(l: &QLinear) -> LinearRef<'_> {
-            (l.matrix(), l.bias())
-        }
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| LayerWeights {
-                input_norm: l.input_layernorm.weight(),
-                q_proj: lin(&l.self_attn.q_proj),
-                k_proj: lin(&l.self_attn.k_proj),
-                v_proj: lin(&l.self_attn.v_proj),
-                o_proj: lin(&l.self_attn.o_proj),
-                post_attention_norm: l.post_attention_layernorm.weight(),
-                gate_proj: lin(&l.mlp.gate_proj),
-                up_proj: lin(&l.mlp.up_proj),
-                down_proj: lin(&l.mlp.down_proj),
-            })
-            .collect();
         TextWeights {
             embed_tokens: self.embed_tokens.matrix(),
-            layers,
+            layers: self.layers.iter().map(DecoderLayer::weights).collect(),
             norm: self.norm.weight(),
             lm_head: self.lm_head.matrix(),
             rope_inv_freq: &self.rope.inv_freq,

@@ -73,7 +73,8 @@ impl VisionMlp {
     }
 }
 
-struct EncoderLayer {
+/// One encoder layer (see [`VisionTower::load_layer`]).
+pub struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: VisionAttention,
     layer_norm2: LayerNorm,
@@ -90,6 +91,24 @@ impl EncoderLayer {
         })
     }
 
+    /// Read-only views of the layer's weights as held.
+    pub fn weights(&self) -> VisionLayerWeights<'_> {
+        fn lin(l: &QLinear) -> LinearRef<'_> {
+            (l.matrix(), l.bias())
+        }
+        VisionLayerWeights {
+            layer_norm1: &self.layer_norm1,
+            q_proj: lin(&self.self_attn.q_proj),
+            k_proj: lin(&self.self_attn.k_proj),
+            v_proj: lin(&self.self_attn.v_proj),
+            out_proj: lin(&self.self_attn.out_proj),
+            layer_norm2: &self.layer_norm2,
+            fc1: lin(&self.mlp.fc1),
+            fc2: lin(&self.mlp.fc2),
+            act: self.mlp.act,
+        }
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
         &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
@@ -103,6 +122,7 @@ pub struct VisionTower {
     class_embedding: Option<Tensor>,
     position_embedding: Tensor,
     pre_layrnorm: Option<LayerNorm>,
+    /// Every layer, or none when they live on the GPU only ([`VisionTower::without_layers`]).
     layers: Vec<EncoderLayer>,
     cfg: VisionConfig,
 }
@@ -110,6 +130,20 @@ pub struct VisionTower {
 impl VisionTower {
     /// `vb` points at the canonical `vision.` prefix.
     pub fn new(cfg: &VisionConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        let mut tower = Self::without_layers(cfg, vb.clone())?;
+        tower.layers =
+            (0..cfg.num_hidden_layers).map(|i| Self::load_layer(cfg, format, i, vb.clone())).collect::<Result<_>>()?;
+        Ok(tower)
+    }
+
+    /// Encoder layer `i` (`vb` at the canonical `vision.` prefix).
+    pub fn load_layer(cfg: &VisionConfig, format: WeightFormat, i: usize, vb: VarBuilder) -> Result<EncoderLayer> {
+        EncoderLayer::new(cfg, format, vb.pp(format!("encoder.layers.{i}")))
+    }
+
+    /// The embeddings (and CLIP's pre-norm) without the encoder layers: what the CPU keeps when
+    /// the layers live on the GPU only (it cuts patches; the encode is the GPU's).
+    pub fn without_layers(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let emb = vb.pp("embeddings");
         let patch_weight = emb.get((h, c, p, p), "patch_embedding.weight")?;
@@ -119,16 +153,13 @@ impl VisionTower {
         let class_embedding = if is_clip { Some(emb.get(h, "class_embedding")?) } else { None };
         let position_embedding = emb.get((cfg.num_positions(), h), "position_embedding.weight")?;
         let pre_layrnorm = if is_clip { Some(layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?) } else { None };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, format, vb.pp(format!("encoder.layers.{i}"))))
-            .collect::<Result<_>>()?;
         Ok(Self {
             patch_weight_t,
             patch_bias,
             class_embedding,
             position_embedding,
             pre_layrnorm,
-            layers,
+            layers: Vec::new(),
             cfg: cfg.clone(),
         })
     }
@@ -177,32 +208,20 @@ impl VisionTower {
         &self.cfg
     }
 
+    /// Whether the encoder layers are here (false when they live on the GPU only).
+    pub fn has_layers(&self) -> bool {
+        self.layers.len() == self.cfg.num_hidden_layers
+    }
+
     /// Read-only references to the tower's weights (for the GPU tower).
     pub fn weights(&self) -> VisionWeights<'_> {
-        fn lin(l: &QLinear) -> LinearRef<'_> {
-            (l.matrix(), l.bias())
-        }
         VisionWeights {
             patch_weight_t: &self.patch_weight_t,
             patch_bias: self.patch_bias.as_ref(),
             class_embedding: self.class_embedding.as_ref(),
             position_embedding: &self.position_embedding,
             pre_layrnorm: self.pre_layrnorm.as_ref(),
-            layers: self
-                .layers
-                .iter()
-                .map(|l| VisionLayerWeights {
-                    layer_norm1: &l.layer_norm1,
-                    q_proj: lin(&l.self_attn.q_proj),
-                    k_proj: lin(&l.self_attn.k_proj),
-                    v_proj: lin(&l.self_attn.v_proj),
-                    out_proj: lin(&l.self_attn.out_proj),
-                    layer_norm2: &l.layer_norm2,
-                    fc1: lin(&l.mlp.fc1),
-                    fc2: lin(&l.mlp.fc2),
-                    act: l.mlp.act,
-                })
-                .collect(),
+            layers: self.layers.iter().map(EncoderLayer::weights).collect(),
         }
     }
 
@@ -210,6 +229,12 @@ impl VisionTower {
     /// the largest index are not run.
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
         let last = indices.iter().copied().max().unwrap_or(0);
+        if self.layers.is_empty() && self.cfg.num_hidden_layers > 0 {
+            candle_core::bail!(
+                "the vision tower's layers are held on the GPU only (a GPU-resident load): the CPU cannot run them; \
+                 load the model again with the CPU backend"
+            );
+        }
         if last > self.layers.len() {
             candle_core::bail!("vision hidden state {last} requested, the tower has {} layers", self.layers.len());
         }

@@ -324,6 +324,35 @@ impl Weights {
         VarBuilder::from_backend(Box::new(self), DType::F32, device.clone())
     }
 
+    /// A builder that reads `self` without taking it: a GPU-resident load builds one block at a
+    /// time while a download is still adding tensors. (A streamed tensor read through it is
+    /// freed as with [`Self::into_var_builder`].)
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(Borrowed(self)), DType::F32, device.clone())
+    }
+
+    /// Whether any tensor's canonical name starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.entries.keys().any(|k| k.starts_with(prefix))
+    }
+
+    /// Free the streamed bytes of every tensor under `prefix` without reading them (layers
+    /// the model does not use, e.g. vision layers past the selected hidden state).
+    pub fn release_prefix(&self, prefix: &str) {
+        for e in self.entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, e)| e) {
+            if let Source::Converted(i) = e.source {
+                if let Ok(mut slot) = self.converted[i].lock() {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    /// Bytes of streamed tensors held now (converted and not yet read or released).
+    pub fn held_bytes(&self) -> usize {
+        self.converted.iter().filter_map(|c| c.lock().ok().and_then(|c| c.as_ref().map(Vec::len))).sum()
+    }
+
     fn entry(&self, name: &str) -> candle_core::Result<&Entry> {
         self.entries.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("tensor for '{name}' is missing from {}", self.describe_files()))
@@ -381,6 +410,23 @@ impl SimpleBackend for Weights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.entries.contains_key(name) || self.stored_blocks(name).is_some()
+    }
+}
+
+/// [`Weights`] lent to a [`VarBuilder`] ([`Weights::var_builder`]).
+struct Borrowed<'a>(&'a Weights);
+
+impl SimpleBackend for Borrowed<'_> {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 

@@ -300,6 +300,9 @@ fn backends_agree_and_are_reported() {
     // Every stage says where it ran: all on the CPU, or all on the GPU (the vision tower and the
     // projector too), with its seconds.
     assert_eq!(gpu["backend"]["vision"], "webgpu", "{}", gpu["backend"]);
+    // Loaded GPU-resident: the blocks went to the GPU one by one and the CPU kept none.
+    assert_eq!(gpu["backend"]["resident"], true, "{}", gpu["backend"]);
+    assert!(cpu["backend"].get("resident").is_none(), "{}", cpu["backend"]);
     for (v, on) in [(&cpu, "cpu"), (&gpu, "webgpu")] {
         for stage in ["vision", "projector", "prefill", "decode"] {
             assert_eq!(v["stages"][stage]["on"], on, "{stage}: {}", v["stages"]);

@@ -26,6 +26,7 @@ wasm_bindgen_test_configure!(run_in_browser);
 
 struct Oracle {
     vlm: Vlm,
+    files: ProcessorFiles,
     refs: Value,
     tensors: std::collections::HashMap<String, candle_core::Tensor>,
     images: Vec<(&'static str, &'static [u8])>,
@@ -86,6 +87,7 @@ macro_rules! oracle {
         .unwrap();
         Oracle {
             vlm,
+            files,
             refs,
             tensors,
             images: vec![
@@ -299,4 +301,68 @@ async fn quantized_storages_in_the_browser() {
     let worst = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     log(&format!("Q4_K decoder on WebGPU: max |Δlogit| {worst:e} of {spread}"));
     assert!(worst <= 1e-4 * spread, "{worst} of {spread}");
+}
+
+/// A GPU-resident load in the browser (`cmrm::resident`, the page's WebGPU load): the weights
+/// stream in small chunks, each block goes to WebGPU once the stream has moved past it and its
+/// bytes are freed; the streamed bytes held never exceed half the model's, and the resident
+/// model's image features, prefill logits and greedy answers (unaltered and steered) equal those
+/// of the GPU backend built from the whole CPU model.
+#[wasm_bindgen_test]
+async fn resident_load_streams_blocks_to_webgpu() {
+    use cmrm::gpu::GpuWeights;
+    use cmrm::resident::ResidentLoad;
+    use cmrm::streaming::WeightStream;
+    let Some(ctx) = context().await else { return };
+    let o = oracle!("tiny-llava-siglip-qwen2");
+    let full = &o.vlm;
+    let bytes = include_bytes!("fixtures/oracle/fixtures/tiny-llava-siglip-qwen2/model.safetensors");
+    let format = cmrm::quant::WeightFormat::F32;
+    let mut load = ResidentLoad::new(ctx.clone(), full.config(), format, GpuWeights::Auto).unwrap();
+    let mut stream = WeightStream::new("model.safetensors", Box::new(move |_, _| Ok(format))).with_slice_bytes(4096);
+    let mut weights = Weights::empty();
+    let (mut peak, mut total) = (0usize, 0usize);
+    for chunk in bytes.chunks(1000) {
+        stream.push(chunk, &mut weights).unwrap();
+        peak = peak.max(weights.held_bytes());
+        load.absorb_stream(&stream, &weights).unwrap();
+    }
+    stream.finish().unwrap();
+    for (name, shape) in weights.shapes() {
+        total += cmrm::quant::estimate_model_bytes(format, std::iter::once((name, shape))) as usize;
+    }
+    log(&format!(
+        "resident load in the browser: peak streamed bytes held {peak} of {total}, {} blocks uploaded while streaming",
+        load.uploaded()
+    ));
+    assert!(peak * 2 <= total, "held {peak} of {total}");
+    assert!(load.uploaded() >= full.config().text.num_hidden_layers);
+    let (model, resident, info) = load.finish(weights).await.unwrap();
+    assert!(info.resident && info.vision == "webgpu", "{info:?}");
+    assert!(!model.runs_on_cpu());
+    let shell =
+        Vlm::with_model(model, cmrm::processor::Processor::from_files(&o.files, full.config()).unwrap(), None).unwrap();
+    let whole = DecoderBackend::gpu_model(ctx, &full.model, GpuWeights::Auto).await.unwrap();
+    let random = SteeringVectors::from_bytes("steer_random.safetensors", o.vectors[0].1).unwrap();
+    let all: Vec<usize> = (0..full.config().text.num_hidden_layers).collect();
+    let steer = Intervention::add(&random, 1.5, Some(&all), Positions::All, full.device()).unwrap();
+    let opts = full.default_generate_options(8, Sampling::Greedy);
+    let img = decode_image(o.images[0].1).unwrap();
+    let a = whole.encode_image_async(full, &img).await.unwrap().features;
+    let b = resident.encode_image_async(&shell, &img).await.unwrap().features;
+    assert_eq!(b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), a.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let question = PromptText::Chat(o.refs["cases"][0]["question"].as_str().unwrap().into());
+    let pa = full.prepare(&question, Some(&a)).unwrap();
+    let pb = shell.prepare(&question, Some(&b)).unwrap();
+    for steering in [None, Some(&steer)] {
+        let x = whole.probe_async(full, &pa, steering).await.unwrap();
+        let y = resident.probe_async(&shell, &pb, steering).await.unwrap();
+        assert_eq!(y.logits, x.logits, "prefill logits (steered: {})", steering.is_some());
+        let ga = whole.generate_async(full, &pa, steering, &opts, &mut |_| true).await.unwrap();
+        let gb = resident.generate_async(&shell, &pb, steering, &opts, &mut |_| true).await.unwrap();
+        assert_eq!(gb.generated_ids, ga.generated_ids, "greedy ids (steered: {})", steering.is_some());
+    }
+    // A CPU forward on the shell says where the blocks are.
+    let err = shell.probe(&pb, None).unwrap_err();
+    assert!(format!("{err:#}").contains("GPU only"), "{err:#}");
 }

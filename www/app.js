@@ -170,7 +170,9 @@ async function showPlan() {
     showModelFacts(plan);
     if (plan.memoryProblem) { $("download-size").textContent = `${mb(plan.totalBytes)}: ${plan.memoryProblem}`; return; }
     const left = plan.totalBytes - plan.cachedBytes;
-    const inMemory = plan.weights ? `; loads with ${plan.weights} weights (${mb(plan.modelBytes[plan.weights])} in memory)` : "";
+    const inMemory = !plan.weights ? ""
+      : plan.gpuResident ? `; loads with ${plan.weights} weights straight into GPU memory, block by block (${mb(plan.modelBytes[plan.weights])})`
+      : `; loads with ${plan.weights} weights (${mb(plan.modelBytes[plan.weights])} in memory)`;
     $("download-size").textContent = (left > 0
       ? `${mb(left)} to download (${plan.files.length} files${plan.cachedBytes ? `, ${mb(plan.cachedBytes)} already cached` : ""}); kept in the browser cache for next time`
       : `${mb(plan.totalBytes)}, all cached: starts offline`) + inMemory;

@@ -200,15 +200,26 @@ struct BackendArgs {
 }
 
 impl BackendArgs {
-    /// The backend for `vlm` and what it is (printed on stderr unless `quiet`).
-    fn select(&self, vlm: &Vlm, quiet: bool) -> Result<(cmrm::backend::DecoderBackend, cmrm::backend::BackendInfo)> {
+    /// Load `model` (as `load_model_as`) on the backend asked for: GPU-resident when it runs on
+    /// the GPU (the blocks uploaded one by one, no CPU copy), with what was chosen printed on
+    /// stderr unless `quiet`.
+    fn load(
+        &self,
+        model: &Path,
+        weights: &str,
+        quiet: bool,
+    ) -> Result<(Vlm, cmrm::backend::DecoderBackend, cmrm::backend::BackendInfo)> {
         let choice: cmrm::backend::BackendChoice = self.backend.parse()?;
         let gpu_weights: cmrm::gpu::GpuWeights = self.gpu_weights.parse()?;
-        let (backend, info) = cmrm::backend::DecoderBackend::select_blocking(choice, &vlm.model, gpu_weights)?;
+        let t0 = std::time::Instant::now();
+        let format = cmrm::quant::WeightChoice::parse(Some(weights))?;
+        let dir = cmrm::hub::resolve_model(&model.to_string_lossy())?;
+        let (vlm, backend, info) = cmrm::resident::load_dir_on(&dir, format, choice, gpu_weights)?;
+        eprintln!("loaded {} in {:.2}s", dir.display(), t0.elapsed().as_secs_f64());
         if !quiet {
             eprintln!("backend: {}", serde_json::to_string(&info)?);
         }
-        Ok((backend, info))
+        Ok((vlm, backend, info))
     }
 }
 
@@ -534,8 +545,7 @@ fn generation_json(g: &Generation) -> Value {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let vlm = load_model_as(&a.input.model, &a.input.weights)?;
-    let (backend, backend_info) = a.device.select(&vlm, a.json)?;
+    let (vlm, backend, backend_info) = a.device.load(&a.input.model, &a.input.weights, a.json)?;
     let (prepared, text, image) = prepare(&vlm, &a.input, &backend)?;
     if let (Some((vision, projector)), false) = (&image, a.json) {
         eprintln!(
@@ -659,8 +669,7 @@ fn cmd_probe(a: ProbeArgs) -> Result<()> {
     if !a.json {
         bail!("probe prints JSON only: add --json");
     }
-    let vlm = load_model_as(&a.input.model, &a.input.weights)?;
-    let (backend, backend_info) = a.device.select(&vlm, true)?;
+    let (vlm, backend, backend_info) = a.device.load(&a.input.model, &a.input.weights, true)?;
     let (prepared, text, _) = prepare(&vlm, &a.input, &backend)?;
     let steer = steering(&vlm, &a.steering, &text, &backend)?;
     let probe = pollster::block_on(backend.probe_async(&vlm, &prepared, steer.as_ref().map(|(i, _)| i)))?;
@@ -741,13 +750,12 @@ fn cmd_extract(a: ExtractArgs) -> Result<()> {
             }
         }
     }
-    let vlm = load_model(&a.model)?;
+    let (vlm, backend, backend_info) = a.device.load(&a.model, "f32", a.json)?;
     let load_image = |p: &str| -> Result<cmrm::RgbImage> {
         let path = base.join(p);
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         decode_image(&bytes).with_context(|| path.display().to_string())
     };
-    let (backend, backend_info) = a.device.select(&vlm, a.json)?;
     let t0 = std::time::Instant::now();
     parse_layers(&a.default_layers, vlm.config().text.num_hidden_layers).context("--default-layers")?;
     if !a.default_alpha.is_finite() {

@@ -22,11 +22,13 @@ use super::decoder::{f32s, GpuWeights, InFlight, Upload};
 use super::kernels::{dispatch, grid};
 use super::ops::{activation_code, attention_params, AttnShape, KvLayout};
 use super::params::{ActParams, LayerNormParams, Step};
-use crate::config::{FeatureSelect, VisionKind};
+use super::storage::WeightStorage;
+use crate::config::{Activation, FeatureSelect, LlavaConfig, VisionKind};
 use crate::generate::now_seconds;
 use crate::models::llava::LlavaModel;
 use crate::pipeline::{EncodedImage, StageTime};
 use crate::text::LinearRef;
+use crate::vision::{VisionLayerWeights, VisionWeights};
 
 struct Norm {
     _w: wgpu::Buffer,
@@ -74,50 +76,174 @@ pub struct GpuVision {
     in_flight: std::sync::atomic::AtomicBool,
 }
 
-impl GpuVision {
-    /// Upload the vision tower (the layers the selected hidden state needs) and the projector.
-    /// Errors (never panics) for what the GPU tower does not do yet (features from several
-    /// layers) or when the adapter cannot hold them; the caller keeps the CPU tower then.
-    pub async fn new(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
-        ctx.clone().scoped_build("the vision tower", || Self::build(ctx, model, weights)).await
-    }
+/// A [`GpuVision`] uploaded a layer at a time (as [`GpuDecoderBuilder`](super::decoder::GpuDecoderBuilder)):
+/// scratch buffers from the config ([`Self::new`]), each encoder layer up to the selected one
+/// as its weights arrive ([`Self::push_layer`]), then the embeddings and the projector
+/// ([`Self::finish`]).
+pub struct GpuVisionBuilder {
+    ctx: Arc<GpuContext>,
+    dense: WeightStorage,
+    keep_blocks: bool,
+    feature_layer: usize,
+    drop_cls: bool,
+    positions: usize,
+    hv: usize,
+    inter: usize,
+    h: usize,
+    step: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    mlp: wgpu::Buffer,
+    p_norm: wgpu::Buffer,
+    p_attn: wgpu::Buffer,
+    params: Vec<wgpu::Buffer>,
+    layers: Vec<Option<Layer>>,
+}
 
-    fn build(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
-        let cfg = &model.config;
+impl GpuVisionBuilder {
+    /// Check what the GPU tower does (one selected layer, head_dim ≤ 256) and allocate its
+    /// scratch buffers.
+    pub fn new(ctx: Arc<GpuContext>, cfg: &LlavaConfig, weights: GpuWeights) -> Result<Self> {
         let vc = &cfg.vision;
         let &[feature_layer] = cfg.vision_feature_layers.as_slice() else {
             bail!("image features from several vision layers ({:?}) are not on the GPU yet", cfg.vision_feature_layers);
         };
+        if feature_layer > vc.num_hidden_layers {
+            bail!("vision hidden state {feature_layer} is selected, the tower has {} layers", vc.num_hidden_layers);
+        }
         let (hv, nh, inter) = (vc.hidden_size, vc.num_attention_heads, vc.intermediate_size);
         let d = vc.head_dim();
         if d > 256 {
             bail!("vision head_dim {d} is not supported by the GPU attention kernel (≤ 256)");
         }
-        let w = model.vision.weights();
+        let positions = vc.num_positions();
+        let drop_cls = cfg.feature_select == FeatureSelect::Default && vc.kind == VisionKind::Clip;
+        let shape = AttnShape { nh, kvh: nh, d };
+        let eps = vc.layer_norm_eps as f32;
+        Ok(Self {
+            dense: weights.dense_storage(&ctx.adapter_info),
+            keep_blocks: weights.keeps_blocks(),
+            feature_layer,
+            drop_cls,
+            positions,
+            hv,
+            inter,
+            h: cfg.text.hidden_size,
+            step: uniform(&ctx, &Step::new(0, positions, positions)),
+            dummy: scratch(&ctx, "dummy", 1)?,
+            x: scratch(&ctx, "vision_x", positions * hv)?,
+            xn: scratch(&ctx, "vision_xn", positions * hv)?,
+            qkv: scratch(&ctx, "vision_qkv", positions * 3 * hv)?,
+            attn: scratch(&ctx, "vision_attn", positions * hv)?,
+            mlp: scratch(&ctx, "vision_mlp", positions * inter)?,
+            p_norm: uniform(&ctx, &LayerNormParams { h: hv as u32, eps }),
+            p_attn: uniform(&ctx, &attention_params(shape, 0, Some(positions), KvLayout::packed(shape))),
+            params: Vec::new(),
+            layers: (0..feature_layer).map(|_| None).collect(),
+            ctx,
+        })
+    }
+
+    /// Encoder layers the selected hidden state needs (`0 .. n`); later ones are not uploaded.
+    pub fn layers_needed(&self) -> usize {
+        self.feature_layer
+    }
+
+    /// Needed layers not uploaded yet.
+    pub fn missing_layers(&self) -> Vec<usize> {
+        (0..self.layers.len()).filter(|&l| self.layers[l].is_none()).collect()
+    }
+
+    fn norm(&self, name: &str, ln: &LayerNorm, src: &wgpu::Buffer, dst: &wgpu::Buffer) -> Result<Norm> {
+        let ctx = &self.ctx;
+        let wb = upload(ctx, name, &f32s(ln.weight())?)?;
+        let bb = match ln.bias() {
+            Some(b) => upload(ctx, name, &f32s(b)?)?,
+            None => upload(ctx, name, &vec![0f32; self.hv])?,
+        };
+        let bind = ctx.kernels.layernorm.bind(&ctx.device, &[&self.step, &self.p_norm, src, &wb, &bb, dst]);
+        Ok(Norm { _w: wb, _b: bb, bind })
+    }
+
+    /// Upload encoder layer `l` (< [`Self::layers_needed`]).
+    pub fn push_layer(&mut self, l: usize, lw: &VisionLayerWeights) -> Result<()> {
+        match self.layers.get(l) {
+            None => bail!("vision layer {l} is past the selected hidden state {}", self.feature_layer),
+            Some(Some(_)) => bail!("vision layer {l} was uploaded twice"),
+            Some(None) => {}
+        }
+        let (hv, inter, positions) = (self.hv, self.inter, self.positions);
+        let ctx = &self.ctx;
+        let up = Upload { ctx, dense: self.dense, keep_blocks: self.keep_blocks };
+        let (step, dummy) = (&self.step, &self.dummy);
+        let qkv_m = up.stacked("vision_qkv", &[lw.q_proj, lw.k_proj, lw.v_proj], hv)?;
+        let out_m = up.one("vision_out_proj", lw.out_proj, hv)?;
+        let fc1_m = up.one("vision_fc1", lw.fc1, hv)?;
+        let fc2_m = up.one("vision_fc2", lw.fc2, inter)?;
+        let p_act = uniform(ctx, &ActParams { m: inter as u32, act: activation_code(lw.act) });
+        let k = &ctx.kernels;
+        let dev = &ctx.device;
+        let layer = Layer {
+            norm1: self.norm("layer_norm1", lw.layer_norm1, &self.x, &self.xn)?,
+            qkv_ops: bind_linear(ctx, step, &qkv_m, LinearIo::new(&self.xn, &self.qkv, 3 * hv).rows(positions), dummy),
+            attn_bind: k.attention.bind(dev, &[step, &self.p_attn, &self.qkv, &self.qkv, &self.qkv, &self.attn]),
+            out_ops: bind_linear(
+                ctx,
+                step,
+                &out_m,
+                LinearIo::new(&self.attn, &self.x, hv).rows(positions).accumulate(),
+                dummy,
+            ),
+            norm2: self.norm("layer_norm2", lw.layer_norm2, &self.x, &self.xn)?,
+            fc1_ops: bind_linear(ctx, step, &fc1_m, LinearIo::new(&self.xn, &self.mlp, inter).rows(positions), dummy),
+            act_bind: k.act.bind(dev, &[step, &p_act, &self.mlp]),
+            fc2_ops: bind_linear(
+                ctx,
+                step,
+                &fc2_m,
+                LinearIo::new(&self.mlp, &self.x, hv).rows(positions).accumulate(),
+                dummy,
+            ),
+            _matrices: [qkv_m, out_m, fc1_m, fc2_m],
+        };
+        self.params.push(p_act);
+        self.layers[l] = Some(layer);
+        Ok(())
+    }
+
+    /// Upload the embeddings (`embeddings`' layers are not read) and the projector: the tower,
+    /// once every needed layer is in.
+    pub fn finish(
+        self,
+        embeddings: &VisionWeights,
+        projector: (LinearRef, Activation, LinearRef),
+    ) -> Result<GpuVision> {
+        let missing = self.missing_layers();
+        if !missing.is_empty() {
+            bail!("vision layers {missing:?} never arrived (the weight file lacks them)");
+        }
+        let w = embeddings;
         let (positions, _) = w.position_embedding.dims2()?;
+        if positions != self.positions {
+            bail!("{positions} vision position embeddings, the config gives {}", self.positions);
+        }
         let has_cls = w.class_embedding.is_some();
         let n_patches = positions - usize::from(has_cls);
         let (patch_len, _) = w.patch_weight_t.dims2()?;
-        let drop_cls = has_cls && cfg.feature_select == FeatureSelect::Default && vc.kind == VisionKind::Clip;
+        let drop_cls = has_cls && self.drop_cls;
         let n_img = positions - usize::from(drop_cls);
-        let h = cfg.text.hidden_size;
-
-        let up =
-            Upload { ctx: &ctx, dense: weights.dense_storage(&ctx.adapter_info), keep_blocks: weights.keeps_blocks() };
-        let dev = &ctx.device;
+        let (hv, h) = (self.hv, self.h);
+        let ctx = &self.ctx;
+        let up = Upload { ctx, dense: self.dense, keep_blocks: self.keep_blocks };
         let k = &ctx.kernels;
-        let step = uniform(&ctx, &Step::new(0, positions, positions));
-        let dummy = scratch(&ctx, "dummy", 1)?;
-        let patches = scratch(&ctx, "patches", n_patches * patch_len)?;
-        let x = scratch(&ctx, "vision_x", positions * hv)?;
-        let xn = scratch(&ctx, "vision_xn", positions * hv)?;
-        let shape = AttnShape { nh, kvh: nh, d };
-        let qkv = scratch(&ctx, "vision_qkv", positions * 3 * hv)?;
-        let attn = scratch(&ctx, "vision_attn", positions * hv)?;
-        let mlp = scratch(&ctx, "vision_mlp", positions * inter)?;
+        let (step, dummy, x) = (&self.step, &self.dummy, &self.x);
+        let patches = scratch(ctx, "patches", n_patches * patch_len)?;
         // The projector's rows (every position's row is sized: the activation runs over step.t rows).
-        let projected = scratch(&ctx, "projector_hidden", positions * h)?;
-        let features = scratch(&ctx, "image_features", n_img * h)?;
+        let projected = scratch(ctx, "projector_hidden", positions * h)?;
+        let features = scratch(ctx, "image_features", n_img * h)?;
 
         // The residual stream starts as the position embeddings, with the CLS embedding added to row 0.
         let mut init = f32s(w.position_embedding)?;
@@ -126,75 +252,28 @@ impl GpuVision {
                 *v += c;
             }
         }
-        let position_init = upload(&ctx, "position_init", &init)?;
+        let position_init = upload(ctx, "position_init", &init)?;
         let patch_weight = w.patch_weight_t.t()?.contiguous()?; // [H, 3·p·p]
         let patch_m =
             up.one("patch_embedding", (crate::quant::MatrixRef::Dense(&patch_weight), w.patch_bias), patch_len)?;
         // Patch rows go after the CLS row (when there is one), added to the position embeddings.
-        let patch_io = LinearIo::new(&patches, &x, hv).rows(n_patches).at(if has_cls { hv } else { 0 }).accumulate();
-        let patch_ops = bind_linear(&ctx, &step, &patch_m, patch_io, &dummy);
+        let patch_io = LinearIo::new(&patches, x, hv).rows(n_patches).at(if has_cls { hv } else { 0 }).accumulate();
+        let patch_ops = bind_linear(ctx, step, &patch_m, patch_io, dummy);
+        let pre_norm = w.pre_layrnorm.map(|ln| self.norm("pre_layrnorm", ln, x, &self.xn)).transpose()?;
 
-        let eps = vc.layer_norm_eps as f32;
-        let p_norm = uniform(&ctx, &LayerNormParams { h: hv as u32, eps });
-        let norm = |name: &str, ln: &LayerNorm, src: &wgpu::Buffer, dst: &wgpu::Buffer| -> Result<Norm> {
-            let wb = upload(&ctx, name, &f32s(ln.weight())?)?;
-            let bb = match ln.bias() {
-                Some(b) => upload(&ctx, name, &f32s(b)?)?,
-                None => upload(&ctx, name, &vec![0f32; hv])?,
-            };
-            let bind = k.layernorm.bind(dev, &[&step, &p_norm, src, &wb, &bb, dst]);
-            Ok(Norm { _w: wb, _b: bb, bind })
-        };
-        let pre_norm = w.pre_layrnorm.map(|ln| norm("pre_layrnorm", ln, &x, &xn)).transpose()?;
-        let p_attn = uniform(&ctx, &attention_params(shape, 0, Some(positions), KvLayout::packed(shape)));
-        let mut params = vec![p_attn];
-        let mut layers = Vec::with_capacity(feature_layer);
-        for lw in w.layers.iter().take(feature_layer) {
-            let qkv_m = up.stacked("vision_qkv", &[lw.q_proj, lw.k_proj, lw.v_proj], hv)?;
-            let out_m = up.one("vision_out_proj", lw.out_proj, hv)?;
-            let fc1_m = up.one("vision_fc1", lw.fc1, hv)?;
-            let fc2_m = up.one("vision_fc2", lw.fc2, inter)?;
-            let p_act = uniform(&ctx, &ActParams { m: inter as u32, act: activation_code(lw.act) });
-            let layer = Layer {
-                norm1: norm("layer_norm1", lw.layer_norm1, &x, &xn)?,
-                qkv_ops: bind_linear(&ctx, &step, &qkv_m, LinearIo::new(&xn, &qkv, 3 * hv).rows(positions), &dummy),
-                attn_bind: k.attention.bind(dev, &[&step, &params[0], &qkv, &qkv, &qkv, &attn]),
-                out_ops: bind_linear(
-                    &ctx,
-                    &step,
-                    &out_m,
-                    LinearIo::new(&attn, &x, hv).rows(positions).accumulate(),
-                    &dummy,
-                ),
-                norm2: norm("layer_norm2", lw.layer_norm2, &x, &xn)?,
-                fc1_ops: bind_linear(&ctx, &step, &fc1_m, LinearIo::new(&xn, &mlp, inter).rows(positions), &dummy),
-                act_bind: k.act.bind(dev, &[&step, &p_act, &mlp]),
-                fc2_ops: bind_linear(
-                    &ctx,
-                    &step,
-                    &fc2_m,
-                    LinearIo::new(&mlp, &x, hv).rows(positions).accumulate(),
-                    &dummy,
-                ),
-                _matrices: [qkv_m, out_m, fc1_m, fc2_m],
-            };
-            params.push(p_act);
-            layers.push(layer);
-        }
-
-        let (linear_1, projector_act, linear_2): (LinearRef, _, LinearRef) = model.projector.weights();
+        let (linear_1, projector_act, linear_2) = projector;
         let p1 = up.one("projector_linear_1", linear_1, hv)?;
         let p2 = up.one("projector_linear_2", linear_2, h)?;
         let cls_off = if drop_cls { hv } else { 0 };
         let projector_1_ops =
-            bind_linear(&ctx, &step, &p1, LinearIo::new(&x, &projected, h).from(cls_off).rows(n_img), &dummy);
-        let p_projector_act = uniform(&ctx, &ActParams { m: h as u32, act: activation_code(projector_act) });
-        let projector_act_bind = k.act.bind(dev, &[&step, &p_projector_act, &projected]);
-        let projector_2_ops =
-            bind_linear(&ctx, &step, &p2, LinearIo::new(&projected, &features, h).rows(n_img), &dummy);
-        params.extend([p_norm, p_projector_act]);
+            bind_linear(ctx, step, &p1, LinearIo::new(x, &projected, h).from(cls_off).rows(n_img), dummy);
+        let p_projector_act = uniform(ctx, &ActParams { m: h as u32, act: activation_code(projector_act) });
+        let projector_act_bind = k.act.bind(&ctx.device, &[step, &p_projector_act, &projected]);
+        let projector_2_ops = bind_linear(ctx, step, &p2, LinearIo::new(&projected, &features, h).rows(n_img), dummy);
+        let Self { ctx, step, dummy, x, xn, qkv, attn, mlp, p_norm, p_attn, mut params, layers, .. } = self;
+        params.extend([p_attn, p_norm, p_projector_act]);
 
-        Ok(Self {
+        Ok(GpuVision {
             positions,
             n_patches,
             patch_len,
@@ -211,7 +290,7 @@ impl GpuVision {
             _matrices: vec![patch_m, p1, p2],
             patch_ops,
             pre_norm,
-            layers,
+            layers: layers.into_iter().flatten().collect(),
             projector_1_ops,
             projector_act_bind,
             projector_2_ops,
@@ -219,6 +298,24 @@ impl GpuVision {
             in_flight: std::sync::atomic::AtomicBool::new(false),
             ctx,
         })
+    }
+}
+
+impl GpuVision {
+    /// Upload the vision tower (the layers the selected hidden state needs) and the projector.
+    /// Errors (never panics) for what the GPU tower does not do yet (features from several
+    /// layers) or when the adapter cannot hold them; the caller keeps the CPU tower then.
+    pub async fn new(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        ctx.clone().scoped_build("the vision tower", || Self::build(ctx, model, weights)).await
+    }
+
+    fn build(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
+        let w = model.vision.weights();
+        let mut builder = GpuVisionBuilder::new(ctx, &model.config, weights)?;
+        for (l, lw) in w.layers.iter().enumerate().take(builder.layers_needed()) {
+            builder.push_layer(l, lw)?;
+        }
+        builder.finish(&w, model.projector.weights())
     }
 
     /// `pixel_values` `[1, 3, S, S]` → `image_features` `[n_img, H]` (on the CPU).

@@ -67,6 +67,9 @@ pub fn init_panic_hook() {
 pub enum ErrorKind {
     Cancelled,
     OutOfMemory,
+    /// The GPU failed while the model was uploaded to it (out of GPU memory, a lost device):
+    /// the CPU backend may still load it.
+    Gpu,
 }
 
 impl ErrorKind {
@@ -74,6 +77,7 @@ impl ErrorKind {
         match self {
             Self::Cancelled => "cancelled",
             Self::OutOfMemory => "out-of-memory",
+            Self::Gpu => "gpu",
         }
     }
 }
@@ -134,6 +138,15 @@ struct ModelSpec {
     /// "q8_0" or "q4".
     #[serde(default)]
     weights: Option<String>,
+}
+
+/// `Session.plan`'s options: the model, and the backend the load will ask for.
+#[derive(Deserialize)]
+struct PlanOptions {
+    #[serde(flatten)]
+    spec: ModelSpec,
+    #[serde(default)]
+    backend: Option<String>,
 }
 
 /// The weight format a model loads in within a tab's memory; a refusal is of kind
@@ -430,40 +443,82 @@ impl Assembler {
         Ok(())
     }
 
-    /// Build the model, in the chosen weight format (`auto`: the most precise that fits, now
-    /// that every tensor's shape is known and the files are in memory).
-    fn finish(self, name: &str, choice: WeightChoice) -> Result<Session> {
-        let config = self.config.context("config.json is missing")?;
+    /// The format the model is built in (`auto`: the most precise that fits, now that every
+    /// tensor's shape is known and the files are in memory; streamed weights are already in
+    /// theirs), after checking that every part is there.
+    fn format(&self, name: &str, choice: WeightChoice, resident: bool) -> Result<WeightFormat> {
+        self.config.as_ref().context("config.json is missing")?;
         if self.processor.tokenizer_json.is_empty() {
             bail!("tokenizer.json is missing");
         }
         if self.weight_files == 0 {
             bail!("no weights (model.safetensors or shards) were given");
         }
-        // A quantized GGUF (`cmrm quantize`) loads in its own format unless asked otherwise;
-        // streamed weights are already in theirs (and in memory: nothing left to check).
+        // A quantized GGUF (`cmrm quantize`) loads in its own format unless asked otherwise.
         let choice = choice.or_stored(self.weights.stored_format());
-        let format = match self.streamed {
-            Some(format) => format,
+        match self.streamed {
+            Some(format) => Ok(format),
             None => fit_format(
                 name,
                 choice,
-                |f| crate::quant::estimate_model_bytes(f, self.weights.shapes()),
+                |f| match resident {
+                    true => crate::resident::cpu_bytes(f, self.weights.shapes()),
+                    false => crate::quant::estimate_model_bytes(f, self.weights.shapes()),
+                },
                 wasm_memory_bytes(),
-            )?,
-        };
+            ),
+        }
+    }
+
+    /// Build the whole model on the CPU.
+    fn finish(self, name: &str, choice: WeightChoice) -> Result<Session> {
+        let format = self.format(name, choice, false)?;
+        let (config, weight_bytes, streamed) =
+            (self.config.clone().context("config.json is missing")?, self.weight_bytes, self.streamed.is_some());
         let vlm = Vlm::from_parts(config, format, &self.processor, self.generation_config.as_deref(), self.weights)?;
-        Ok(Session {
+        Ok(Session::new(name, vlm, SessionState::default(), weight_bytes, streamed))
+    }
+
+    /// Build GPU-resident: the blocks not yet uploaded go up now, the CPU keeps the shell.
+    async fn finish_resident(self, name: &str, choice: WeightChoice, gpu: GpuLoad) -> Result<Session> {
+        let format = self.format(name, choice, true)?;
+        let config = self.config.clone().context("config.json is missing")?;
+        let processor = crate::processor::Processor::from_files(&self.processor, &config)?;
+        let load = match gpu {
+            GpuLoad::Started(load) => *load,
+            GpuLoad::Start(ctx, weights) => {
+                crate::resident::ResidentLoad::new(ctx, &config, format, weights).context(ErrorKind::Gpu)?
+            }
+        };
+        let (weight_bytes, streamed) = (self.weight_bytes, self.streamed.is_some());
+        let (model, backend, backend_info) = load.finish(self.weights).await.context(ErrorKind::Gpu)?;
+        let vlm = Vlm::with_model(model, processor, self.generation_config.as_deref())?;
+        let state = SessionState { backend: Rc::new(backend), backend_info, ..SessionState::default() };
+        Ok(Session::new(name, vlm, state, weight_bytes, streamed))
+    }
+}
+
+impl Session {
+    fn new(name: &str, vlm: Vlm, state: SessionState, weight_bytes: u64, streamed: bool) -> Self {
+        Self {
             vlm: Rc::new(vlm),
-            state: Rc::default(),
+            state: Rc::new(RefCell::new(state)),
             stop: Rc::default(),
             busy: Rc::default(),
             name: name.to_owned(),
             revision: "local".to_owned(),
-            weight_bytes: self.weight_bytes,
-            streamed: self.streamed.is_some(),
-        })
+            weight_bytes,
+            streamed,
+        }
     }
+}
+
+/// How far a GPU-resident load got while the files came in.
+enum GpuLoad {
+    /// GPU-resident, not started (the weights were held as files): every block goes up at the end.
+    Start(std::sync::Arc<crate::gpu::GpuContext>, GpuWeights),
+    /// GPU-resident, blocks uploaded while the weights streamed in.
+    Started(Box<crate::resident::ResidentLoad>),
 }
 
 async fn plan_for(spec: &ModelSpec) -> Result<Plan> {
@@ -497,15 +552,25 @@ fn wasm_memory_bytes() -> u64 {
 /// when the safetensors headers could not be read (a GGUF copy, a cached or unreachable file):
 /// then the format is decided from the only weight file's header as it streams in, or once the
 /// files are in memory.
-fn check_memory(plan: &Plan, choice: WeightChoice) -> Result<Option<WeightFormat>> {
+fn check_memory(plan: &Plan, choice: WeightChoice, resident: bool) -> Result<Option<WeightFormat>> {
     let Some(shapes) = plan.tensor_shapes() else { return Ok(None) };
-    fit_streamed(&plan.model, choice, &shapes).map(Some)
+    fit_streamed(&plan.model, choice, &shapes, resident).map(Some)
 }
 
 /// The format streamed weights (safetensors, or a GGUF copy) load in: beside the model, only a
-/// slice of rows in conversion is held (`streaming::STREAM_OVERHEAD_BYTES`).
-fn fit_streamed(name: &str, choice: WeightChoice, shapes: &[(String, Vec<usize>)]) -> Result<WeightFormat> {
-    let estimate = |f| crate::quant::estimate_model_bytes(f, shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
+/// slice of rows in conversion is held (`streaming::STREAM_OVERHEAD_BYTES`). A GPU-resident load
+/// (`resident`) holds the shell and one block, not the model (`resident::cpu_bytes`).
+fn fit_streamed(
+    name: &str,
+    choice: WeightChoice,
+    shapes: &[(String, Vec<usize>)],
+    resident: bool,
+) -> Result<WeightFormat> {
+    let tensors = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+    let estimate = |f| match resident {
+        true => crate::resident::cpu_bytes(f, tensors()),
+        false => crate::quant::estimate_model_bytes(f, tensors()),
+    };
     fit_format(name, choice, estimate, wasm_memory_bytes() + crate::streaming::STREAM_OVERHEAD_BYTES)
 }
 
@@ -558,12 +623,16 @@ impl Session {
     pub async fn plan(options: JsValue) -> Result<JsValue, JsValue> {
         init_panic_hook();
         async {
-            let spec: ModelSpec = from_js_value("model options", options)?;
+            let PlanOptions { spec, backend } = from_js_value("model options", options)?;
             let choice = WeightChoice::parse(spec.weights.as_deref())?;
+            let backend: BackendChoice = backend.as_deref().unwrap_or("auto").parse()?;
             let mut plan = plan_for(&spec).await?;
             plan.read_weight_headers().await;
-            let fit = check_memory(&plan, choice);
+            // On a GPU the blocks go to GPU memory as they download: wasm memory holds the rest.
+            let resident = crate::backend::uses_gpu(backend).await;
+            let fit = check_memory(&plan, choice, resident);
             let mut value = serde_json::to_value(&plan)?;
+            value["gpuResident"] = resident.into();
             value["memoryProblem"] = fit.as_ref().err().map(message_of).into();
             value["weights"] = fit.ok().flatten().map(|f| f.name()).into();
             value["modelBytes"] = serde_json::json!({
@@ -715,8 +784,9 @@ impl Session {
             "backend": state.backend_info.backend,
             "backendDetail": match &state.backend_info.adapter {
                 Some(adapter) => format!(
-                    "WebGPU: {adapter}, {} weights",
-                    state.backend_info.gpu_weights.as_deref().unwrap_or("f32")
+                    "WebGPU: {adapter}, {} weights{}",
+                    state.backend_info.gpu_weights.as_deref().unwrap_or("f32"),
+                    if state.backend_info.resident { ", on the GPU only" } else { "" }
                 ),
                 None => match cpu_threads() {
                     1 => "candle on the CPU, wasm32 simd128, one thread".to_owned(),
@@ -727,6 +797,8 @@ impl Session {
             "backendFallbackReason": state.backend_info.fallback_reason,
             "visionOn": state.backend_info.vision,
             "visionReason": state.backend_info.vision_reason,
+            // The blocks live on the GPU only (no CPU copy in wasm memory).
+            "resident": state.backend_info.resident,
             "weights": self.vlm.weight_format().name(),
             "weightBytes": self.weight_bytes,
             "streamedLoad": self.streamed,
@@ -778,12 +850,52 @@ impl Session {
         fetch::discard_stale_downloads().await;
         let backend: BackendChoice = options.backend.as_deref().unwrap_or("auto").parse()?;
         let gpu_weights: GpuWeights = options.gpu_weights.as_deref().unwrap_or("auto").parse()?;
+        // WebGPU first: with a GPU context the weights go to GPU buffers block by block as they
+        // stream in, and no CPU copy of the model stays (`crate::resident`).
+        let (ctx, gpu_info) = match backend {
+            BackendChoice::Cpu => (None, BackendInfo::cpu(None)),
+            _ => match crate::backend::choose_context(backend).await {
+                Ok(chosen) => chosen,
+                Err(e) => (None, BackendInfo::cpu(Some(format!("WebGPU was asked for: {}", message_of(&e))))),
+            },
+        };
+        let cpu_info = match ctx {
+            Some(ctx) => {
+                #[allow(clippy::arc_with_non_send_sync)] // (one thread in wasm; the engine takes an Arc)
+                let ctx = std::sync::Arc::new(ctx);
+                match Self::load_with(&options, on_progress.as_ref(), Some((ctx, gpu_weights))).await {
+                    Ok(session) => return Ok(session),
+                    // `auto`: the GPU could not take the model; the CPU may (a second download,
+                    // from the cache when the first one completed).
+                    Err(e)
+                        if backend == BackendChoice::Auto && e.downcast_ref::<ErrorKind>() == Some(&ErrorKind::Gpu) =>
+                    {
+                        BackendInfo::cpu(Some(message_of(&e)))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => gpu_info,
+        };
+        let session = Self::load_with(&options, on_progress.as_ref(), None).await?;
+        session.state.borrow_mut().backend_info = cpu_info;
+        Ok(session)
+    }
+
+    /// One load of `options`' model: GPU-resident on `gpu` (its errors marked
+    /// [`ErrorKind::Gpu`]), else whole on the CPU.
+    async fn load_with(
+        options: &LoadOptions,
+        on_progress: Option<&Function>,
+        gpu: Option<(std::sync::Arc<crate::gpu::GpuContext>, GpuWeights)>,
+    ) -> Result<Session> {
         let choice = WeightChoice::parse(options.spec.weights.as_deref())?;
         let mut plan = plan_for(&options.spec).await?;
         if plan.files.iter().any(|f| f.name.ends_with(".safetensors") && !f.cached) {
             plan.read_weight_headers().await;
         }
-        let known_format = check_memory(&plan, choice)?;
+        let resident = gpu.is_some();
+        let known_format = check_memory(&plan, choice, resident)?;
         // Weights stream in when the format is known, or decided from the header of the only
         // weight file (safetensors, or a `cmrm quantize` GGUF: its own format unless asked
         // otherwise); shards with unknown sizes are held until all are in.
@@ -796,7 +908,7 @@ impl Session {
         let total = plan.total_bytes + vectors_size;
         let mut done_before = 0u64;
         let report = |phase: &str, file: &str, file_loaded: u64, file_total: u64, loaded: u64, from_cache: bool| {
-            if let Some(cb) = &on_progress {
+            if let Some(cb) = on_progress {
                 let p =
                     LoadProgress { phase, file, file_loaded, file_total, loaded, total: total.max(loaded), from_cache };
                 if let Ok(v) = to_js_value(&p) {
@@ -805,6 +917,8 @@ impl Session {
             }
         };
         let mut assembler = Assembler::new();
+        // The GPU-resident load, started once the config and the weights' format are known.
+        let mut upload: Option<crate::resident::ResidentLoad> = None;
         for file in &plan.files {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", &file.name, n, t.unwrap_or(file.size), done_before + n, cached)
@@ -821,16 +935,30 @@ impl Session {
                 let model = plan.model.clone();
                 let decide: crate::streaming::DecideFormat = match known_format {
                     Some(format) => Box::new(move |_, _| Ok(format)),
-                    None => Box::new(move |shapes, stored| fit_streamed(&model, choice.or_stored(stored), shapes)),
+                    None => {
+                        Box::new(move |shapes, stored| fit_streamed(&model, choice.or_stored(stored), shapes, resident))
+                    }
                 };
                 let mut stream = crate::streaming::WeightStream::new(&file.name, decide);
                 let weights = &mut assembler.weights;
+                let config = assembler.config.as_ref();
+                let mut on_chunk = |chunk: &[u8]| -> Result<()> {
+                    stream.push(chunk, weights)?;
+                    let (Some((ctx, gpu_weights)), Some(format)) = (&gpu, stream.format()) else { return Ok(()) };
+                    let load = match &mut upload {
+                        Some(load) => load,
+                        None => {
+                            let config = config.context("config.json must come before the weights")?;
+                            let load = crate::resident::ResidentLoad::new(ctx.clone(), config, format, *gpu_weights);
+                            upload.insert(load.context(ErrorKind::Gpu)?)
+                        }
+                    };
+                    load.absorb_stream(&stream, weights).context(ErrorKind::Gpu)
+                };
                 let fetched =
-                    fetch::fetch_chunks(&file.url, &file.expect(), &mut on_bytes, &mut |_| Ok(()), &mut |chunk| {
-                        stream.push(chunk, weights)
-                    })
-                    .await
-                    .with_context(|| format!("{}: {}", plan.model, file.name))?;
+                    fetch::fetch_chunks(&file.url, &file.expect(), &mut on_bytes, &mut |_| Ok(()), &mut on_chunk)
+                        .await
+                        .with_context(|| format!("{}: {}", plan.model, file.name))?;
                 // Kept in the cache only once the whole file converted.
                 let format = match stream.finish() {
                     Ok(format) => format,
@@ -858,14 +986,16 @@ impl Session {
             report("parse", &file.name, bytes.len() as u64, bytes.len() as u64, done_before, file.cached);
             assembler.add(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
         }
-        let mut session = assembler.finish(&plan.model, choice).with_context(|| format!("loading {}", plan.model))?;
-        session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
         report("backend", "", 0, 0, done_before, false);
-        if let Err(e) = session.select_backend(backend, gpu_weights).await {
-            // The model is loaded: keep it on the CPU and say why (setBackend can try again).
-            session.state.borrow_mut().backend_info =
-                BackendInfo::cpu(Some(format!("WebGPU was asked for: {}", message_of(&e))));
-        }
+        let session = match (upload, gpu) {
+            (Some(load), _) => assembler.finish_resident(&plan.model, choice, GpuLoad::Started(Box::new(load))).await,
+            (None, Some((ctx, weights))) => {
+                assembler.finish_resident(&plan.model, choice, GpuLoad::Start(ctx, weights)).await
+            }
+            (None, None) => assembler.finish(&plan.model, choice),
+        };
+        let mut session = session.with_context(|| format!("loading {}", plan.model))?;
+        session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
         if let Some(url) = &options.vectors {
             let mut on_bytes = |n: u64, t: Option<u64>, cached: bool| {
                 report("download", url, n, t.unwrap_or(vectors_size), done_before + n, cached)
@@ -891,6 +1021,12 @@ impl Session {
 
     /// Upload the decoder to WebGPU (or not) per `choice`; the previous backend is kept on error.
     async fn select_backend(&self, choice: BackendChoice, weights: GpuWeights) -> Result<()> {
+        if !self.vlm.model.runs_on_cpu() {
+            bail!(
+                "this model was loaded GPU-resident (its blocks live on the GPU only, no CPU copy): \
+                 to change its backend, load it again with the backend you want"
+            );
+        }
         let (backend, info) = DecoderBackend::select_with(choice, &self.vlm.model, weights)
             .await
             .map_err(|e| e.context("WebGPU is not available for this model (choose the CPU backend)"))?;

@@ -637,7 +637,8 @@ test("backend: auto skips a software WebGPU adapter; webgpu answers with the ref
   await waitStatus("ready");
   assert.equal(await byTestId("error").textContent(), "");
   assert.equal(await info.getAttribute("data-backend"), "webgpu");
-  assert.match(await info.textContent(), /backend WebGPU: .*image encoded on WebGPU/);
+  // GPU-resident: the blocks went to the GPU as they streamed in; no CPU copy stays.
+  assert.match(await info.textContent(), /backend WebGPU: .*, on the GPU only; image encoded on WebGPU/);
   await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
   await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
   // The vision tower and the projector ran on the GPU too, and their answer is transformers'.

@@ -29,8 +29,8 @@ mod upload;
 
 pub use cache::GpuCache;
 pub use steering::GpuSteering;
-pub use upload::GpuWeights;
 pub(in crate::gpu) use upload::Upload;
+pub use upload::{GpuDecoderBuilder, GpuWeights, TextRest};
 
 /// Most rows one submission processes (prefill is split into chunks of this many rows).
 const MAX_CHUNK_ROWS: usize = 256;

@@ -1,6 +1,7 @@
 //! The decoder's weights on the GPU: how matrices are stored ([`GpuWeights`]), how one is
 //! uploaded ([`Upload`]: fused QKV / gate-up, blocks kept or dequantized) and the build of a
-//! [`GpuDecoder`] with its scratch buffers and bindings.
+//! [`GpuDecoder`] with its scratch buffers and bindings, whole or a block at a time
+//! ([`GpuDecoderBuilder`]).
 
 use std::sync::Arc;
 
@@ -8,13 +9,14 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use super::{f32s, next_id, GpuDecoder, Layer, MAX_CHUNK_ROWS};
+use crate::config::TextConfig;
 use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo};
 use crate::gpu::context::GpuContext;
 use crate::gpu::ops::activation_code;
 use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowParams, RmsNormParams};
 use crate::gpu::storage::WeightStorage;
 use crate::quant::MatrixRef;
-use crate::text::{LinearRef, TextModel};
+use crate::text::{LayerWeights, LinearRef, TextModel};
 
 /// How the decoder's matrices are stored on the GPU. `Auto`: matrices the model holds quantized
 /// keep their GGML blocks (Q8_0 / Q4_0 / Q4_K kernels dequantize on the fly: the model's own
@@ -161,92 +163,194 @@ impl Upload<'_> {
 
 impl GpuDecoder {
     pub(super) fn build(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
-        let upload_as =
-            Upload { ctx: &ctx, dense: weights.dense_storage(&ctx.adapter_info), keep_blocks: weights.keeps_blocks() };
-        let cfg = model.config().clone();
         let w = model.weights();
-        let (h, nh, kvh, d, mi, vocab) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        );
+        let mut builder = GpuDecoderBuilder::new(ctx, model.config(), weights)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            builder.push_layer(l, lw)?;
+        }
+        builder.finish(&TextRest {
+            embed_tokens: w.embed_tokens,
+            norm: w.norm,
+            lm_head: w.lm_head,
+            rope_inv_freq: w.rope_inv_freq,
+        })
+    }
+}
+
+/// What the decoder needs beside its blocks ([`GpuDecoderBuilder::finish`]).
+pub struct TextRest<'a> {
+    /// `[V, H]`.
+    pub embed_tokens: MatrixRef<'a>,
+    pub norm: &'a Tensor,
+    /// `[V, H]` (the embedding itself when tied: [`MatrixRef::same_as`]).
+    pub lm_head: MatrixRef<'a>,
+    pub rope_inv_freq: &'a [f32],
+}
+
+/// A [`GpuDecoder`] uploaded a block at a time, in any order: scratch buffers first
+/// ([`Self::new`], from the config alone), then each block as its weights arrive
+/// ([`Self::push_layer`]; the caller may drop them right after), then the embedding table,
+/// final norm and lm_head ([`Self::finish`]). This is how a GPU-resident load keeps no CPU copy.
+pub struct GpuDecoderBuilder {
+    ctx: Arc<GpuContext>,
+    cfg: TextConfig,
+    dense: WeightStorage,
+    keep_blocks: bool,
+    chunk_rows: usize,
+    step: wgpu::Buffer,
+    rope: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    gu: wgpu::Buffer,
+    act: wgpu::Buffer,
+    capture: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+    p_norm: wgpu::Buffer,
+    p_act: wgpu::Buffer,
+    layers: Vec<Option<Layer>>,
+}
+
+impl GpuDecoderBuilder {
+    /// Check the shapes the kernels take and allocate the scratch buffers.
+    pub fn new(ctx: Arc<GpuContext>, cfg: &TextConfig, weights: GpuWeights) -> Result<Self> {
+        let (h, nh, kvh, d, mi) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         if d > 256 || d % 2 != 0 {
             bail!("head_dim {d} is not supported by the GPU attention kernel (even, ≤ 256)");
         }
         if nh % kvh != 0 {
             bail!("{nh} attention heads are not a multiple of {kvh} KV heads");
         }
-        let act_code = activation_code(cfg.hidden_act);
         let width = (nh + 2 * kvh) * d;
         let widest = [h, width, nh * d, 2 * mi].into_iter().max().unwrap_or(h) as u64 * 4;
         let chunk_rows = ((ctx.max_binding() / widest) as usize).clamp(1, MAX_CHUNK_ROWS);
-        let half = d / 2;
-
         let step = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step"),
             size: 16,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let rope = scratch(&ctx, "rope", 2 * chunk_rows * half)?;
-        let x = scratch(&ctx, "x", chunk_rows * h)?;
-        let xn = scratch(&ctx, "xn", chunk_rows * h)?;
-        let qkv = scratch(&ctx, "qkv", chunk_rows * width)?;
-        let attn = scratch(&ctx, "attn", chunk_rows * nh * d)?;
-        let gu = scratch(&ctx, "gate_up", chunk_rows * 2 * mi)?;
-        let act = scratch(&ctx, "act", chunk_rows * mi)?;
+        let norm = RmsNormParams { h: h as u32, eps: cfg.rms_norm_eps as f32, ..Default::default() };
+        Ok(Self {
+            dense: weights.dense_storage(&ctx.adapter_info),
+            keep_blocks: weights.keeps_blocks(),
+            chunk_rows,
+            rope: scratch(&ctx, "rope", 2 * chunk_rows * (d / 2))?,
+            x: scratch(&ctx, "x", chunk_rows * h)?,
+            xn: scratch(&ctx, "xn", chunk_rows * h)?,
+            qkv: scratch(&ctx, "qkv", chunk_rows * width)?,
+            attn: scratch(&ctx, "attn", chunk_rows * nh * d)?,
+            gu: scratch(&ctx, "gate_up", chunk_rows * 2 * mi)?,
+            act: scratch(&ctx, "act", chunk_rows * mi)?,
+            capture: scratch(&ctx, "capture", (cfg.num_hidden_layers + 1) * h)?,
+            dummy: scratch(&ctx, "dummy", 1)?,
+            p_norm: uniform(&ctx, &norm),
+            p_act: uniform(&ctx, &ActParams { m: mi as u32, act: activation_code(cfg.hidden_act) }),
+            layers: (0..cfg.num_hidden_layers).map(|_| None).collect(),
+            step,
+            cfg: cfg.clone(),
+            ctx,
+        })
+    }
+
+    fn upload_as(&self) -> Upload<'_> {
+        Upload { ctx: &self.ctx, dense: self.dense, keep_blocks: self.keep_blocks }
+    }
+
+    /// Upload block `l`.
+    pub fn push_layer(&mut self, l: usize, lw: &LayerWeights) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, nh, kvh, d, mi) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let width = (nh + 2 * kvh) * d;
+        match self.layers.get(l) {
+            None => bail!("block {l} of a decoder with {} blocks", self.layers.len()),
+            Some(Some(_)) => bail!("block {l} was uploaded twice"),
+            Some(None) => {}
+        }
+        let (ctx, step, dummy) = (&self.ctx, &self.step, &self.dummy);
+        let up = self.upload_as();
+        let norm1 = upload(ctx, "input_layernorm", &f32s(lw.input_norm)?)?;
+        let norm2 = upload(ctx, "post_attention_layernorm", &f32s(lw.post_attention_norm)?)?;
+        let qkv_m = up.stacked("qkv_proj", &[lw.q_proj, lw.k_proj, lw.v_proj], h)?;
+        let o_m = up.one("o_proj", lw.o_proj, nh * d)?;
+        let gu_m = up.stacked("gate_up_proj", &[lw.gate_proj, lw.up_proj], h)?;
+        let down_m = up.one("down_proj", lw.down_proj, mi)?;
+        let p_capture = uniform(ctx, &CopyRowParams { h: h as u32, dst_off: (l * h) as u32, fixed_zero: 0 });
+        let (k, dev) = (&ctx.kernels, &ctx.device);
+        let layer = Layer {
+            norm1_bind: k.rmsnorm.bind(dev, &[step, &self.p_norm, &self.x, &norm1, &self.xn]),
+            qkv_ops: bind_linear(ctx, step, &qkv_m, LinearIo::new(&self.xn, &self.qkv, width), dummy),
+            o_ops: bind_linear(ctx, step, &o_m, LinearIo::new(&self.attn, &self.x, h).accumulate(), dummy),
+            norm2_bind: k.rmsnorm.bind(dev, &[step, &self.p_norm, &self.x, &norm2, &self.xn]),
+            gate_up_ops: bind_linear(ctx, step, &gu_m, LinearIo::new(&self.xn, &self.gu, 2 * mi), dummy),
+            act_bind: k.act_mul.bind(dev, &[step, &self.p_act, &self.gu, &self.act]),
+            down_ops: bind_linear(ctx, step, &down_m, LinearIo::new(&self.act, &self.x, h).accumulate(), dummy),
+            capture_bind: k.copy_row.bind(dev, &[step, &p_capture, &self.x, &self.capture]),
+            _norm1: norm1,
+            _norm2: norm2,
+            qkv: qkv_m,
+            o: o_m,
+            gate_up: gu_m,
+            down: down_m,
+            _params: vec![p_capture],
+        };
+        self.layers[l] = Some(layer);
+        Ok(())
+    }
+
+    /// Blocks not uploaded yet.
+    pub fn missing_layers(&self) -> Vec<usize> {
+        (0..self.layers.len()).filter(|&l| self.layers[l].is_none()).collect()
+    }
+
+    /// Upload the embedding table, final norm and lm_head: the decoder, once every block is in.
+    pub fn finish(self, rest: &TextRest) -> Result<GpuDecoder> {
+        let missing = self.missing_layers();
+        if !missing.is_empty() {
+            bail!("decoder blocks {missing:?} never arrived (the weight file lacks them)");
+        }
+        let Self {
+            ctx,
+            cfg,
+            dense,
+            keep_blocks,
+            chunk_rows,
+            step,
+            rope,
+            x,
+            xn,
+            qkv,
+            attn,
+            gu,
+            act,
+            capture,
+            dummy,
+            p_norm,
+            p_act,
+            layers,
+        } = self;
+        let up = Upload { ctx: &ctx, dense, keep_blocks };
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let n_layers = cfg.num_hidden_layers;
         let normed_last = scratch(&ctx, "normed_last", h)?;
         let logits = scratch(&ctx, "logits", vocab)?;
         let token = scratch(&ctx, "token", 1)?;
-        let n_layers = w.layers.len();
-        let capture = scratch(&ctx, "capture", (n_layers + 1) * h)?;
-        let dummy = scratch(&ctx, "dummy", 1)?;
-
         let ids = scratch(&ctx, "token_ids", chunk_rows)?;
-        let embed = Arc::new(upload_as.one("embed_tokens", (w.embed_tokens, None), h)?);
-        let lm_head = if w.lm_head.same_as(&w.embed_tokens) {
+        let embed = Arc::new(up.one("embed_tokens", (rest.embed_tokens, None), h)?);
+        let lm_head = if rest.lm_head.same_as(&rest.embed_tokens) {
             embed.clone()
         } else {
-            Arc::new(upload_as.one("lm_head", (w.lm_head, None), h)?)
+            Arc::new(up.one("lm_head", (rest.lm_head, None), h)?)
         };
         let embed_op = bind_embed_rows(&ctx, &step, &embed, &ids, &x);
         let k = &ctx.kernels;
         let dev = &ctx.device;
         let norm = RmsNormParams { h: h as u32, eps: cfg.rms_norm_eps as f32, ..Default::default() };
-        let p_norm = uniform(&ctx, &norm);
         let p_norm_last = uniform(&ctx, &RmsNormParams { last_only: 1, ..norm });
-        let p_act = uniform(&ctx, &ActParams { m: mi as u32, act: act_code });
-        let mut layers = Vec::with_capacity(n_layers);
-        for (l, lw) in w.layers.iter().enumerate() {
-            let norm1 = upload(&ctx, "input_layernorm", &f32s(lw.input_norm)?)?;
-            let norm2 = upload(&ctx, "post_attention_layernorm", &f32s(lw.post_attention_norm)?)?;
-            let qkv_m = upload_as.stacked("qkv_proj", &[lw.q_proj, lw.k_proj, lw.v_proj], h)?;
-            let o_m = upload_as.one("o_proj", lw.o_proj, nh * d)?;
-            let gu_m = upload_as.stacked("gate_up_proj", &[lw.gate_proj, lw.up_proj], h)?;
-            let down_m = upload_as.one("down_proj", lw.down_proj, mi)?;
-            let p_capture = uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (l * h) as u32, fixed_zero: 0 });
-            layers.push(Layer {
-                norm1_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm1, &xn]),
-                qkv_ops: bind_linear(&ctx, &step, &qkv_m, LinearIo::new(&xn, &qkv, width), &dummy),
-                o_ops: bind_linear(&ctx, &step, &o_m, LinearIo::new(&attn, &x, h).accumulate(), &dummy),
-                norm2_bind: k.rmsnorm.bind(dev, &[&step, &p_norm, &x, &norm2, &xn]),
-                gate_up_ops: bind_linear(&ctx, &step, &gu_m, LinearIo::new(&xn, &gu, 2 * mi), &dummy),
-                act_bind: k.act_mul.bind(dev, &[&step, &p_act, &gu, &act]),
-                down_ops: bind_linear(&ctx, &step, &down_m, LinearIo::new(&act, &x, h).accumulate(), &dummy),
-                capture_bind: k.copy_row.bind(dev, &[&step, &p_capture, &x, &capture]),
-                _norm1: norm1,
-                _norm2: norm2,
-                qkv: qkv_m,
-                o: o_m,
-                gate_up: gu_m,
-                down: down_m,
-                _params: vec![p_capture],
-            });
-        }
-        let final_norm = upload(&ctx, "norm", &f32s(w.norm)?)?;
+        let final_norm = upload(&ctx, "norm", &f32s(rest.norm)?)?;
         let final_norm_bind = k.rmsnorm.bind(dev, &[&step, &p_norm_last, &x, &final_norm, &normed_last]);
         let p_final_capture =
             uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (n_layers * h) as u32, fixed_zero: 1 });
@@ -255,17 +359,18 @@ impl GpuDecoder {
             bind_linear(&ctx, &step, &lm_head, LinearIo::new(&normed_last, &logits, vocab).rows(1), &dummy);
         let p_argmax = uniform(&ctx, &ArgmaxParams { n: vocab as u32 });
         let argmax_bind = k.argmax.bind(dev, &[&p_argmax, &logits, &token]);
+        let layers = layers.into_iter().flatten().collect();
 
-        Ok(Self {
+        Ok(GpuDecoder {
             id: next_id(),
             h,
-            nh,
-            kvh,
-            d,
-            mi,
+            nh: cfg.num_attention_heads,
+            kvh: cfg.num_key_value_heads,
+            d: cfg.head_dim,
+            mi: cfg.intermediate_size,
             vocab,
             chunk_rows,
-            inv_freq: w.rope_inv_freq.to_vec(),
+            inv_freq: rest.rope_inv_freq.to_vec(),
             step,
             rope,
             x,

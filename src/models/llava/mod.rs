@@ -32,19 +32,49 @@ impl LlavaModel {
         // while it is quantized; built before anything else, that transient is not stacked on
         // the vision tower (peak memory ≈ the model, not the model + the table).
         let text = TextModel::new(&config.text, format, vb.clone())?;
+        let vision = VisionTower::new(&config.vision, format, vb.pp("vision"))?;
+        Self::with_parts(config, format, vb, text, vision)
+    }
+
+    /// What the CPU keeps when the blocks were uploaded to the GPU one by one and dropped
+    /// (`crate::resident`): the embedding table (prompts are embedded here), final norm and
+    /// lm_head, the vision embeddings, the projector and `image_newline` — and the vision
+    /// layers when `vision_layers` (a tower the GPU does not run stays here). A forward through
+    /// what is missing is an error that says so.
+    pub fn shell(config: &LlavaConfig, format: WeightFormat, vb: VarBuilder, vision_layers: bool) -> Result<Self> {
+        let text = TextModel::without_layers(&config.text, format, vb.clone())?;
+        let vision = match vision_layers {
+            true => VisionTower::new(&config.vision, format, vb.pp("vision"))?,
+            false => VisionTower::without_layers(&config.vision, vb.pp("vision"))?,
+        };
+        Self::with_parts(config, format, vb, text, vision)
+    }
+
+    fn with_parts(
+        config: &LlavaConfig,
+        format: WeightFormat,
+        vb: VarBuilder,
+        text: TextModel,
+        vision: VisionTower,
+    ) -> Result<Self> {
         let image_newline = match config.anyres {
             Some(_) => Some(vb.get(config.text.hidden_size, "image_newline")?),
             None => None,
         };
         Ok(Self {
             image_newline,
-            vision: VisionTower::new(&config.vision, format, vb.pp("vision"))?,
+            vision,
             projector: Projector::new(config, format, vb.pp("projector"))?,
             weight_format: format,
             text,
             config: config.clone(),
             device: vb.device().clone(),
         })
+    }
+
+    /// Whether the CPU holds every block (false after a GPU-resident load).
+    pub fn runs_on_cpu(&self) -> bool {
+        self.text.has_layers() && self.vision.has_layers()
     }
 
     pub fn device(&self) -> &Device {

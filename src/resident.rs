@@ -1,0 +1,217 @@
+//! GPU-resident load: the decoder's blocks and the vision tower's layers go to the GPU one at a
+//! time as their weights arrive, and each CPU copy is dropped as soon as it is uploaded. The CPU
+//! keeps a shell ([`LlavaModel::shell`]): the embedding table (prompts are embedded there), the
+//! final norm and lm_head, the vision embeddings (patches are cut there), the projector and
+//! `image_newline`. Peak CPU memory is that shell plus one block, not the model: what lets a
+//! model larger than wasm32's 4 GiB (LLaVA-1.5-7B as q4) load in a tab.
+//!
+//! The same [`ResidentLoad`] serves a download converted as it streams (the page: after each
+//! chunk, [`ResidentLoad::absorb`] uploads the blocks the stream has moved past) and files on
+//! disk (the CLI: [`load_dir`], every block at once).
+
+// wgpu's handles are Send + Sync natively but not on wasm32 (one thread there).
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use crate::backend::{BackendInfo, DecoderBackend, GpuVisionSlot};
+use crate::config::LlavaConfig;
+use crate::gpu::context::GpuContext;
+use crate::gpu::decoder::{GpuDecoderBuilder, GpuWeights, TextRest};
+use crate::gpu::vision::GpuVisionBuilder;
+use crate::models::llava::LlavaModel;
+use crate::quant::WeightFormat;
+use crate::text::TextModel;
+use crate::vision::VisionTower;
+use crate::weights::Weights;
+
+/// The block a canonical tensor name belongs to (`lm.layers.3.`, `vision.encoder.layers.0.`),
+/// or `None` for the shell's tensors.
+pub fn block_prefix(name: &str) -> Option<&str> {
+    ["lm.layers.", "vision.encoder.layers."].iter().find_map(|head| {
+        let rest = name.strip_prefix(head)?;
+        let dot = rest.find('.')?;
+        Some(&name[..head.len() + dot + 1])
+    })
+}
+
+/// CPU bytes a GPU-resident load of tensors `shapes` (canonical names) holds at its peak in
+/// `format`: the shell and the largest block (a streamed tensor is freed once its block is up).
+pub fn cpu_bytes<'a>(format: WeightFormat, shapes: impl Iterator<Item = (&'a str, &'a [usize])>) -> u64 {
+    let mut blocks: std::collections::HashMap<&str, Vec<(&str, &[usize])>> = Default::default();
+    let mut shell = Vec::new();
+    for (name, shape) in shapes {
+        match block_prefix(name) {
+            Some(block) => blocks.entry(block).or_default().push((name, shape)),
+            None => shell.push((name, shape)),
+        }
+    }
+    let largest =
+        blocks.values().map(|b| crate::quant::estimate_model_bytes(format, b.iter().copied())).max().unwrap_or(0);
+    crate::quant::estimate_model_bytes(format, shell.into_iter()) + largest
+}
+
+/// A model being uploaded to a GPU block by block.
+pub struct ResidentLoad {
+    ctx: Arc<GpuContext>,
+    config: LlavaConfig,
+    format: WeightFormat,
+    decoder: GpuDecoderBuilder,
+    /// The GPU tower, or why the vision tower stays on the CPU (then its layers are kept).
+    vision: std::result::Result<GpuVisionBuilder, String>,
+    /// Blocks uploaded so far (decoder and vision).
+    uploaded: usize,
+    /// Tensors a stream had converted at the last [`Self::absorb_stream`].
+    stream_seen: usize,
+}
+
+impl ResidentLoad {
+    /// Start a load of `config`'s model, its linears held in `format` (as the CPU would hold
+    /// them) and stored on the GPU as `gpu_weights`.
+    pub fn new(
+        ctx: Arc<GpuContext>,
+        config: &LlavaConfig,
+        format: WeightFormat,
+        gpu_weights: GpuWeights,
+    ) -> Result<Self> {
+        let decoder = GpuDecoderBuilder::new(ctx.clone(), &config.text, gpu_weights)?;
+        let vision = GpuVisionBuilder::new(ctx.clone(), config, gpu_weights).map_err(|e| format!("{e:#}"));
+        Ok(Self { ctx, config: config.clone(), format, decoder, vision, uploaded: 0, stream_seen: 0 })
+    }
+
+    /// Blocks uploaded so far.
+    pub fn uploaded(&self) -> usize {
+        self.uploaded
+    }
+
+    /// Upload every block not yet on the GPU whose tensors have all arrived in `weights`
+    /// (`arrived(prefix)`: every tensor under that canonical prefix is in), reading them — which
+    /// frees a streamed tensor's bytes — and dropping the CPU block at once. Vision layers past
+    /// the selected hidden state are released unread.
+    pub fn absorb(&mut self, weights: &Weights, arrived: &dyn Fn(&str) -> bool) -> Result<()> {
+        let vb = weights.var_builder(&Device::Cpu);
+        for l in self.decoder.missing_layers() {
+            let prefix = format!("lm.layers.{l}.");
+            if !arrived(&prefix) {
+                continue;
+            }
+            let block = TextModel::load_layer(&self.config.text, self.format, l, vb.clone())
+                .with_context(|| format!("decoder block {l}"))?;
+            self.decoder.push_layer(l, &block.weights())?;
+            drop(block);
+            self.ctx.check_health().with_context(|| format!("uploading decoder block {l}"))?;
+            self.uploaded += 1;
+        }
+        if let Ok(vision) = &mut self.vision {
+            let cfg = &self.config.vision;
+            for l in 0..cfg.num_hidden_layers {
+                let prefix = format!("vision.encoder.layers.{l}.");
+                if !arrived(&prefix) {
+                    continue;
+                }
+                if l >= vision.layers_needed() {
+                    weights.release_prefix(&prefix);
+                    continue;
+                }
+                if !vision.missing_layers().contains(&l) {
+                    continue;
+                }
+                let layer = VisionTower::load_layer(cfg, self.format, l, vb.pp("vision"))
+                    .with_context(|| format!("vision layer {l}"))?;
+                vision.push_layer(l, &layer.weights())?;
+                drop(layer);
+                self.ctx.check_health().with_context(|| format!("uploading vision layer {l}"))?;
+                self.uploaded += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::absorb`] after a chunk of `stream` went into `weights`: the blocks the stream has
+    /// moved past (nothing to do until it converts another tensor).
+    pub fn absorb_stream(&mut self, stream: &crate::streaming::WeightStream, weights: &Weights) -> Result<()> {
+        if stream.converted_count() == self.stream_seen {
+            return Ok(());
+        }
+        self.stream_seen = stream.converted_count();
+        self.absorb(weights, &|prefix| stream.settled(prefix))
+    }
+
+    /// Upload what is left (every tensor is in `weights` now) and build the CPU shell: the
+    /// model the CPU keeps, and the GPU backend. Errors when a block is missing, or when the
+    /// GPU reported an error (out of memory, a lost device) at any point of the load.
+    pub async fn finish(mut self, weights: Weights) -> Result<(LlavaModel, DecoderBackend, BackendInfo)> {
+        self.absorb(&weights, &|_| true)?;
+        let vision_on_gpu = self.vision.is_ok();
+        let shell =
+            LlavaModel::shell(&self.config, self.format, weights.into_var_builder(&Device::Cpu), !vision_on_gpu)
+                .context("the weights do not fit the config")?;
+        let Self { ctx, decoder, vision, .. } = self;
+        let (decoder, vision) = ctx
+            .scoped_build("the model", || {
+                let tw = shell.text.weights();
+                let rest = TextRest {
+                    embed_tokens: tw.embed_tokens,
+                    norm: tw.norm,
+                    lm_head: tw.lm_head,
+                    rope_inv_freq: tw.rope_inv_freq,
+                };
+                let decoder = decoder.finish(&rest)?;
+                let vision = match vision {
+                    Ok(builder) => GpuVisionSlot::Gpu(Box::new(
+                        builder.finish(&shell.vision.weights(), shell.projector.weights())?,
+                    )),
+                    Err(why) => GpuVisionSlot::Cpu(why),
+                };
+                Ok((decoder, vision))
+            })
+            .await?;
+        let backend = DecoderBackend::Gpu(Box::new(decoder), vision);
+        let info = BackendInfo { resident: true, ..backend.info() };
+        Ok((shell, backend, info))
+    }
+}
+
+/// Load a checkpoint folder GPU-resident (every block read from the mapped files, uploaded and
+/// dropped in turn): the [`crate::Vlm`] with its CPU shell, the backend and its report.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_dir(
+    dir: &std::path::Path,
+    choice: crate::quant::WeightChoice,
+    ctx: Arc<GpuContext>,
+    gpu_weights: GpuWeights,
+) -> Result<(crate::Vlm, DecoderBackend, BackendInfo)> {
+    let parts = crate::pipeline::DirParts::read(dir, choice)?;
+    let processor = crate::processor::Processor::from_files(&parts.processor, &parts.config)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let load = ResidentLoad::new(ctx, &parts.config, parts.format, gpu_weights)?;
+    let (model, backend, info) =
+        pollster::block_on(load.finish(parts.weights)).with_context(|| format!("loading {}", dir.display()))?;
+    let vlm = crate::Vlm::with_model(model, processor, parts.generation_config.as_deref())?;
+    Ok((vlm, backend, info))
+}
+
+/// Load a checkpoint folder on the backend `backend` asks for: GPU-resident when a GPU context
+/// opens (`auto` falls back to a whole CPU model, with the reason, when the GPU cannot take it),
+/// else on the CPU — with the report of what was chosen.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_dir_on(
+    dir: &std::path::Path,
+    choice: crate::quant::WeightChoice,
+    backend: crate::backend::BackendChoice,
+    gpu_weights: GpuWeights,
+) -> Result<(crate::Vlm, DecoderBackend, BackendInfo)> {
+    let (ctx, info) = pollster::block_on(crate::backend::choose_context(backend))?;
+    let fallback = match ctx {
+        None => info,
+        Some(ctx) => match load_dir(dir, choice, Arc::new(ctx), gpu_weights) {
+            Ok(loaded) => return Ok(loaded),
+            Err(e) if backend == crate::backend::BackendChoice::Auto => BackendInfo::cpu(Some(format!("{e:#}"))),
+            Err(e) => return Err(e.context("--backend webgpu")),
+        },
+    };
+    Ok((crate::Vlm::load_dir_choice(dir, choice)?, DecoderBackend::Cpu, fallback))
+}
