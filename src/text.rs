@@ -410,7 +410,9 @@ impl TextModel {
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
         let lm_head = match tied_head {
             Some(head) => head,
-            None => QLinear::new(vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?, None, format)?,
+            // The file's own blocks when it stores them (a `cmrm quantize` GGUF, a streamed
+            // load): no F32 copy of a 32064×4096 head (525 MB) at the peak, no re-quantizing.
+            None => QLinear::load(cfg.hidden_size, cfg.vocab_size, false, format, vb.pp("lm_head"))?,
         };
         Ok(Self { embed_tokens, layers: Vec::new(), norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
     }

@@ -170,9 +170,9 @@ async function showPlan() {
     showModelFacts(plan);
     if (plan.memoryProblem) { $("download-size").textContent = `${mb(plan.totalBytes)}: ${plan.memoryProblem}`; return; }
     const left = plan.totalBytes - plan.cachedBytes;
-    const inMemory = !plan.weights ? ""
-      : plan.gpuResident ? `; loads with ${plan.weights} weights straight into GPU memory, block by block (${mb(plan.modelBytes[plan.weights])})`
-      : `; loads with ${plan.weights} weights (${mb(plan.modelBytes[plan.weights])} in memory)`;
+    const inMemory = plan.gpuResident
+      ? `; loads${plan.weights ? ` with ${plan.weights} weights` : ""} straight into GPU memory, block by block`
+      : plan.weights ? `; loads with ${plan.weights} weights (${mb(plan.modelBytes[plan.weights])} in memory)` : "";
     $("download-size").textContent = (left > 0
       ? `${mb(left)} to download (${plan.files.length} files${plan.cachedBytes ? `, ${mb(plan.cachedBytes)} already cached` : ""}); kept in the browser cache for next time`
       : `${mb(plan.totalBytes)}, all cached: starts offline`) + inMemory;
@@ -241,6 +241,7 @@ async function loadModel() {
     $("progress").value = 1;
     $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}${info.threadsReason ? ` (one thread: ${info.threadsReason})` : ""}${info.backend === "webgpu" ? (info.visionOn === "webgpu" ? "; image encoded on WebGPU" : `; image encoded on the CPU (${info.visionReason})`) : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     $("model-info").dataset.backend = info.backend;
+    $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);
     $("model-info").dataset.threads = String(info.threads);
     $("model-info").dataset.streamed = String(info.streamedLoad);
     $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);

@@ -4,7 +4,7 @@
 // Chromium is the system one (/usr/bin/chromium, or $CHROMIUM); nothing is downloaded.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, readdirSync, mkdirSync, mkdtempSync, existsSync } from "node:fs";
+import { readFileSync, readdirSync, mkdirSync, mkdtempSync, existsSync, rmSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { tmpdir } from "node:os";
@@ -114,6 +114,32 @@ function realFilesCheckpoint() {
   execFileSync(cli, ["synthesize", "--files", files, "--out", out, "--layers", "2,2"], { stdio: "pipe" });
   return Object.fromEntries(readdirSync(out).map((f) => [`/real-interleave/${f}`, readFileSync(resolve(out, f))]));
 }
+/// The native CLI's greedy ids on the 7B-shaped copy (text only, 4 tokens, unaltered).
+let sevenBNativeIds = null;
+/// Its vector file (`cmrm extract`, native).
+let sevenBVectors = null;
+
+/// A checkpoint with LLaVA-1.5-7B's widths (tests/fixtures/llava-1.5-7b-shaped: Vicuna-7B and
+/// CLIP ViT-L/336 widths, 1 text + 1 vision layer, random weights) as a `cmrm quantize` q4 GGUF
+/// (285 MB), with dataset-level vectors `cmrm extract` computed on it natively (2 prompts).
+function sevenBShaped() {
+  const cli = resolve(repo, "target/debug/cmrm");
+  if (!existsSync(cli)) execFileSync("cargo", ["build", "--bin", "cmrm"], { cwd: repo, stdio: "inherit" });
+  const tmp = mkdtempSync(resolve(tmpdir(), "cmrm-e2e-"));
+  const [bf16, out] = [resolve(tmp, "bf16"), resolve(tmp, "q4")];
+  execFileSync(cli, ["synthesize", "--files", resolve(repo, "tests/fixtures/llava-1.5-7b-shaped"), "--out", bf16, "--layers", "1,1"], { stdio: "pipe" });
+  execFileSync(cli, ["quantize", "--model", bf16, "--format", "q4", "--out", out], { stdio: "pipe" });
+  rmSync(bf16, { recursive: true });
+  const answer = execFileSync(cli, ["generate", "--model", out, "--backend", "cpu", "--json", "--max-new-tokens", "4",
+    "--prompt", "What is in the image?"], { stdio: ["ignore", "pipe", "pipe"] });
+  sevenBNativeIds = JSON.parse(answer.toString("utf8")).generated_ids;
+  const calibration = resolve(tmp, "calibration.jsonl");
+  writeFileSync(calibration, ["Describe the picture.", "What colour is it?"].map((prompt) => JSON.stringify({ prompt })).join("\n"));
+  execFileSync(cli, ["extract", "--model", out, "--calibration", calibration, "--backend", "cpu", "--out", resolve(tmp, "vectors.safetensors")], { stdio: "pipe" });
+  sevenBVectors = resolve(tmp, "vectors.safetensors");
+  return Object.fromEntries(readdirSync(out).map((f) => [`/llava-7b-shaped/${f}`, readFileSync(resolve(out, f))]));
+}
+
 const realRefs = JSON.parse(readFileSync(resolve(repo, "tests/fixtures/real/refs.json"), "utf8"));
 
 /// The bundled model's files under `folder`, with `replace` swapping some of them.
@@ -149,7 +175,7 @@ function safetensorsMetadata(bytes) {
 
 before(async () => {
   site = await serve(dist, 0, {
-    ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet(), ...quantizedCopy(), ...realFilesCheckpoint(),
+    ...oversizedModel(), ...uncataloguedModel(), ...longCalibrationSet(), ...quantizedCopy(), ...realFilesCheckpoint(), ...sevenBShaped(),
     ...hostileFolders(),
   });
   browser = await chromium.launch({
@@ -668,4 +694,34 @@ test("backend: auto skips a software WebGPU adapter; webgpu answers with the ref
   assert.ok((await paneIds("pane-unaltered")).length > 0 && (await paneIds("pane-steered")).length > 0);
   await byTestId("backend").selectOption("auto");
   await byTestId("weights").selectOption("auto");
+});
+
+test("a 7B-shaped q4 model loads GPU-resident on WebGPU in under 1 GB of wasm memory and answers as the native CPU", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  await byTestId("backend").selectOption("webgpu");
+  await page.locator("#model-select").selectOption("custom");
+  await page.locator("#custom-repo").fill(`${site.origin}/llava-7b-shaped/`);
+  await page.locator("#custom-repo").dispatchEvent("change");
+  // The plan counts the shell and one block, not the model, against wasm memory.
+  await page.waitForFunction(() => /straight into GPU memory/.test(document.getElementById("download-size").textContent), null, { timeout: T });
+  await byTestId("load-model").click();
+  await waitStatus("ready", 300_000);
+  assert.equal(await byTestId("error").textContent(), "");
+  const info = page.locator("#model-info");
+  assert.equal(await info.getAttribute("data-backend"), "webgpu");
+  assert.match(await info.textContent(), /1 layers, hidden 4096/);
+  assert.match(await info.textContent(), /q4 weights; backend WebGPU: .*, on the GPU only; image encoded on WebGPU/);
+  const memory = Number(await info.getAttribute("data-wasm-memory"));
+  console.log(`7B-shaped q4 (1+1 layers, 285 MB) GPU-resident: wasm memory ${(memory / 1e6).toFixed(0)} MB`);
+  assert.ok(memory > 0 && memory <= 1e9, `wasm memory ${memory}`);
+  await byTestId("vectors-input").setInputFiles(sevenBVectors);
+  await page.waitForFunction(() => /vectors\.safetensors/.test(document.body.textContent), null, { timeout: T });
+  await byTestId("prompt").fill("What is in the image?");
+  await page.locator("#max-tokens").fill("4");
+  await byTestId("compare").click();
+  await waitStatus("ready", 300_000);
+  assert.equal(await byTestId("error").textContent(), "");
+  assert.deepEqual(await paneIds("pane-unaltered"), sevenBNativeIds);
+  assert.equal((await paneIds("pane-steered")).length, 4);
+  await byTestId("backend").selectOption("auto");
 });
