@@ -239,6 +239,14 @@ impl DecoderBackend {
         }
     }
 
+    /// The GPU context the decoder runs on (`None` on the CPU).
+    pub fn gpu_context(&self) -> Option<&Arc<GpuContext>> {
+        match self {
+            Self::Cpu => None,
+            Self::Gpu(decoder, _) => Some(decoder.context()),
+        }
+    }
+
     /// The GPU vision tower, when the image is encoded there.
     pub fn gpu_vision(&self) -> Option<&GpuVision> {
         match self {

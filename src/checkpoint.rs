@@ -35,10 +35,7 @@ pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 /// A `cmrm quantize` copy: the weights as one quantized GGUF.
 pub const WEIGHTS_GGUF: &str = "model.gguf";
 
-/// Whether a file name is a weight file cmrm reads.
-pub fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors") || name.ends_with(".gguf")
-}
+pub use crate::weights::is_weight_file;
 
 /// The weight files of a checkpoint, given which names it has: the index's shards, else
 /// `model.safetensors`, else `model.gguf`. `read_index` fetches the index's text when needed.

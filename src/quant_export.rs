@@ -18,12 +18,29 @@ pub fn quantize_to_gguf(weights: &Weights, format: WeightFormat) -> anyhow::Resu
     Ok(out)
 }
 
+/// The tensors an export reads: `(saved key, canonical name)` of each, sorted by key, and a
+/// tensor's values by canonical name — a checkpoint's [`Weights`], or a synthetic model's
+/// generator (`synthetic::SyntheticTensors`: a 7B-shaped GGUF without its 14 GB of BF16).
+pub trait TensorSource {
+    fn tensor_keys(&self) -> Vec<(String, String)>;
+    fn tensor(&self, canonical: &str, dtype: candle_core::DType) -> anyhow::Result<candle_core::Tensor>;
+}
+
+impl TensorSource for Weights {
+    fn tensor_keys(&self) -> Vec<(String, String)> {
+        self.keys().into_iter().map(|(k, c)| (k.to_owned(), c.to_owned())).collect()
+    }
+    fn tensor(&self, canonical: &str, dtype: candle_core::DType) -> anyhow::Result<candle_core::Tensor> {
+        Ok(self.load_as(canonical, dtype, &candle_core::Device::Cpu)?)
+    }
+}
+
 /// [`quantize_to_gguf`] written to `out` a tensor at a time: each converted tensor goes to
 /// `spill` (a temporary file natively) as soon as it is made, and `out` gets the header (once
 /// every tensor's type and size is known) followed by `spill`'s bytes. Memory: one tensor and its
 /// conversion, not the whole model. Returns the bytes written.
 pub fn write_quantized_gguf<S: std::io::Read + std::io::Write + std::io::Seek>(
-    weights: &Weights,
+    weights: &dyn TensorSource,
     format: WeightFormat,
     out: &mut impl std::io::Write,
     spill: &mut S,
@@ -31,19 +48,18 @@ pub fn write_quantized_gguf<S: std::io::Read + std::io::Write + std::io::Seek>(
     if format == WeightFormat::F32 {
         anyhow::bail!("quantize to q8_0 or q4 (f32 is the checkpoint itself)");
     }
-    let device = candle_core::Device::Cpu;
     let mut infos = Vec::new();
-    for (key, canonical) in weights.keys() {
+    for (key, canonical) in weights.tensor_keys() {
         // The table as the model loads it: F16 first (its rows are quantized from those values).
         let dtype = if canonical == EMBED_TOKENS { candle_core::DType::F16 } else { candle_core::DType::F32 };
-        let tensor = weights.load_as(canonical, dtype, &device)?;
-        let q = in_memory_form(canonical, &tensor, format).with_context(|| format!("quantizing {key}"))?;
+        let tensor = weights.tensor(&canonical, dtype)?;
+        let q = in_memory_form(&canonical, &tensor, format).with_context(|| format!("quantizing {key}"))?;
         drop(tensor);
         let data = q.data()?;
         spill.write_all(&data).context("writing the converted tensors")?;
         spill.write_all(&vec![0u8; (padded(data.len() as u64) - data.len() as u64) as usize])?;
         infos.push(TensorInfo {
-            name: key.to_owned(),
+            name: key,
             ggml_type: ggml_type_id(q.dtype())?,
             shape: q.shape().dims().to_vec(),
             bytes: data.len() as u64,

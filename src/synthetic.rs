@@ -183,20 +183,57 @@ pub fn write_safetensors(cfg: &LlavaConfig, path: &std::path::Path) -> Result<u6
     Ok(8 + json.len() as u64 + offset)
 }
 
+/// A config's synthetic tensors as an export source: the values [`write_safetensors`] writes
+/// (BF16-rounded), generated when asked for, so `cmrm synthesize --format q4` writes the GGUF
+/// `cmrm quantize` would make of that checkpoint without writing the checkpoint.
+pub struct SyntheticTensors {
+    /// `(llava-hf key, canonical name, shape)`, sorted by key.
+    specs: Vec<(String, String, Vec<usize>)>,
+}
+
+impl SyntheticTensors {
+    pub fn new(cfg: &LlavaConfig) -> Result<Self> {
+        let specs = tensor_specs(cfg)?
+            .into_iter()
+            .filter_map(|(key, shape)| Some((key.clone(), crate::weights::canonical_key(&key)?, shape)))
+            .collect();
+        Ok(Self { specs })
+    }
+}
+
+impl crate::quant_export::TensorSource for SyntheticTensors {
+    fn tensor_keys(&self) -> Vec<(String, String)> {
+        self.specs.iter().map(|(k, c, _)| (k.clone(), c.clone())).collect()
+    }
+
+    fn tensor(&self, canonical: &str, dtype: DType) -> Result<Tensor> {
+        let (key, _, shape) =
+            self.specs.iter().find(|(_, c, _)| c == canonical).with_context(|| format!("no tensor '{canonical}'"))?;
+        let mut values = vec![0f32; shape.iter().product()];
+        fill(key, distribution(key, shape), 0, &mut values);
+        let rounded: Vec<half::bf16> = values.into_iter().map(half::bf16::from_f32).collect();
+        Ok(Tensor::from_vec(rounded, shape.as_slice(), &Device::Cpu)?.to_dtype(dtype)?)
+    }
+}
+
 /// A complete checkpoint folder: the small files of `files` (a `.gz` is decompressed; a README
 /// is not copied), `config.json` with `layers` = `(text, vision)` layers when given (a
-/// reduced-depth copy of a real config), and [`write_safetensors`] weights. Returns the config.
+/// reduced-depth copy of a real config), and weights: [`write_safetensors`] (BF16), or with
+/// `format` the `cmrm quantize` GGUF of those weights (`model.gguf`). Returns the config.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn write_checkpoint(
     files: &std::path::Path,
     out: &std::path::Path,
     layers: Option<(usize, usize)>,
+    format: Option<crate::quant::WeightFormat>,
 ) -> Result<LlavaConfig> {
     std::fs::create_dir_all(out)?;
     for entry in std::fs::read_dir(files)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        if name.ends_with(".md") || !path.is_file() {
+        // (a folder's own weights are not copied: this one gets its own)
+        let weights = crate::weights::is_weight_file(&name) || name.ends_with(".safetensors.index.json");
+        if name.ends_with(".md") || !path.is_file() || weights {
             continue;
         }
         if let Some(plain) = name.strip_suffix(".gz") {
@@ -215,7 +252,19 @@ pub fn write_checkpoint(
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
     }
     let cfg = LlavaConfig::from_value(&config)?;
-    write_safetensors(&cfg, &out.join("model.safetensors"))?;
+    match format {
+        None => {
+            write_safetensors(&cfg, &out.join("model.safetensors"))?;
+        }
+        Some(format) => {
+            let target = out.join("model.gguf");
+            let source = SyntheticTensors::new(&cfg)?;
+            crate::atomic_file::write_with(&target, |file| {
+                let mut spill = crate::atomic_file::TempFile::beside(&target, "tensors")?;
+                crate::quant_export::write_quantized_gguf(&source, format, file, &mut spill.file)
+            })?;
+        }
+    }
     Ok(cfg)
 }
 

@@ -75,6 +75,11 @@ pub struct Weights {
     converted: Vec<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
+/// Whether a file name is a weight file cmrm reads.
+pub fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".gguf")
+}
+
 /// `(canonical name, shape)` of the tensors cmrm uses (what memory estimates take).
 pub fn canonical_shapes(tensors: &[crate::weight_headers::HeaderTensor]) -> Vec<(String, Vec<usize>)> {
     tensors.iter().filter_map(|t| Some((canonical_key(&t.key)?, t.shape.clone()))).collect()

@@ -348,3 +348,42 @@ fn temperature_zero_is_greedy() {
     assert!(ok, "{err}");
     assert_eq!(ids(&v["generated_ids"]), ids(&case["text_only"]["generated_ids"]));
 }
+
+/// `synthesize --format q8_0 | q4` writes, byte for byte, the GGUF that `quantize` makes of the
+/// BF16 checkpoint `synthesize` writes: the 7B-shaped benchmark model needs no 14 GB of BF16.
+#[test]
+fn synthesize_straight_to_gguf_equals_quantize() {
+    let files = s(model_dir("tiny-llava-clip-llama"));
+    let work = std::env::temp_dir().join(format!("cmrm-synth-gguf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let bf16 = s(work.join("bf16"));
+    let (ok, _, err) = cmrm(&["synthesize", "--files", &files, "--out", &bf16, "--layers", "2,1", "--json"]);
+    assert!(ok, "{err}");
+    for format in ["q8_0", "q4"] {
+        let (quantized, direct) =
+            (s(work.join(format!("quantized-{format}"))), s(work.join(format!("direct-{format}"))));
+        let (ok, _, err) = cmrm(&["quantize", "--model", &bf16, "--format", format, "--out", &quantized, "--json"]);
+        assert!(ok, "{err}");
+        let (ok, v, err) =
+            cmrm(&["synthesize", "--files", &files, "--out", &direct, "--layers", "2,1", "--format", format, "--json"]);
+        assert!(ok, "{err}");
+        let a = std::fs::read(work.join(format!("quantized-{format}/model.gguf"))).unwrap();
+        let b = std::fs::read(work.join(format!("direct-{format}/model.gguf"))).unwrap();
+        assert_eq!(v["weights_bytes"].as_u64(), Some(b.len() as u64));
+        // The folder holds one weight file (the input folder's own was not copied).
+        let names: Vec<String> = std::fs::read_dir(work.join(format!("direct-{format}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors") || n.ends_with(".gguf"))
+            .collect();
+        assert_eq!(names, ["model.gguf"]);
+        assert!(
+            a == b,
+            "{format}: {} vs {} bytes, first difference at {:?}",
+            a.len(),
+            b.len(),
+            a.iter().zip(&b).position(|(x, y)| x != y)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}

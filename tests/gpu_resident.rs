@@ -192,3 +192,20 @@ fn load_dir_on_picks_residency_by_backend() {
         cmrm::resident::load_dir_on(&dir, WeightChoice::Auto, BackendChoice::Webgpu, GpuWeights::Auto).unwrap();
     assert!(!vlm.model.runs_on_cpu() && info.resident && matches!(backend, DecoderBackend::Gpu(..)));
 }
+
+/// A lost device (here destroyed) fails the next request with `DeviceLost` under any context,
+/// the marker the page turns into kind `gpu-lost` (it then loads the model again on the CPU).
+#[test]
+fn a_lost_device_is_reported_as_lost() {
+    let Some(ctx) = gpu_ctx() else { return };
+    let dir = model_dir(MODELS[1]);
+    let (vlm, backend, _) = cmrm::resident::load_dir(&dir, WeightChoice::Auto, ctx.clone(), GpuWeights::Auto).unwrap();
+    let prepared = vlm.prepare_text_only("Hello").unwrap();
+    let opts = vlm.default_generate_options(2, Sampling::Greedy);
+    backend.generate(&vlm, &prepared, None, &opts, &mut |_| true).unwrap();
+    ctx.device.destroy();
+    let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+    let err = backend.generate(&vlm, &prepared, None, &opts, &mut |_| true).unwrap_err();
+    assert!(err.downcast_ref::<cmrm::gpu::context::DeviceLost>().is_some(), "{err:#}");
+    assert!(format!("{err:#}").contains("the GPU device was lost"), "{err:#}");
+}

@@ -19,6 +19,7 @@ fn publish_vectors_from_an_offline_hf_cache() {
         &root.join("tests/fixtures/real/llava-interleave-qwen-0.5b-hf"),
         &checkpoint,
         Some((2, 2)),
+        None,
     )
     .unwrap();
     // The cache layout hf-hub reads: refs/main names a snapshot folder holding the files.

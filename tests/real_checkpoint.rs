@@ -36,7 +36,7 @@ fn checkpoint(tag: &str, layers: Option<(usize, usize)>) -> PathBuf {
     let dir = std::env::temp_dir()
         .join(format!("cmrm-real-interleave-{tag}-{}", &refs()["reduced"]["weights_sha256"].as_str().unwrap()[..12]));
     if !dir.join("model.safetensors").exists() {
-        cmrm::synthetic::write_checkpoint(&real_dir(), &dir, layers).unwrap();
+        cmrm::synthetic::write_checkpoint(&real_dir(), &dir, layers, None).unwrap();
     }
     dir
 }

@@ -298,7 +298,7 @@ fn streamed_load_memory_benchmark() {
         // a complete folder, so the page can load it too (tests/e2e/bench.mjs).
         let real =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/llava-interleave-qwen-0.5b-hf");
-        cmrm::synthetic::write_checkpoint(&real, &dir, None).unwrap()
+        cmrm::synthetic::write_checkpoint(&real, &dir, None, None).unwrap()
     };
     let file_bytes = std::fs::metadata(&path).unwrap().len();
     let before = memory_bytes();

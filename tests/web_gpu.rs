@@ -365,4 +365,18 @@ async fn resident_load_streams_blocks_to_webgpu() {
     // A CPU forward on the shell says where the blocks are.
     let err = shell.probe(&pb, None).unwrap_err();
     assert!(format!("{err:#}").contains("GPU only"), "{err:#}");
+
+    // The device lost (destroyed here): the next request fails with `DeviceLost`, the marker the
+    // page turns into kind `gpu-lost` (and loads the model again on the CPU), and nothing panics.
+    resident.gpu_context().unwrap().device.destroy();
+    let tick = js_sys::Promise::new(&mut |resolve, _| {
+        use wasm_bindgen::JsCast;
+        let global = js_sys::global();
+        let set_timeout: js_sys::Function =
+            js_sys::Reflect::get(&global, &"setTimeout".into()).unwrap().unchecked_into();
+        let _ = set_timeout.call2(&global, &resolve, &50.into());
+    });
+    wasm_bindgen_futures::JsFuture::from(tick).await.unwrap();
+    let err = resident.generate_async(&shell, &pb, None, &opts, &mut |_| true).await.unwrap_err();
+    assert!(err.downcast_ref::<cmrm::gpu::context::DeviceLost>().is_some(), "{err:#}");
 }

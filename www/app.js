@@ -125,6 +125,7 @@ function showError(msg, kind = "") {
 const mb = (n) => (n / 1e6).toFixed(n < 1e7 ? 2 : 0) + " MB";
 
 function fail(err) {
+  if (err.kind === "gpu-lost" && state.loaded) return reloadOnCpu(err);
   showError(err.message || String(err), err.kind || "error");
   if (err.crashed) {
     // The wasm instance is dead after a panic: start a fresh worker; the model must be reloaded.
@@ -139,12 +140,23 @@ function fail(err) {
   setStatus(state.loaded ? "ready" : "no model");
 }
 
+/// The GPU device was lost: what was uploaded to it is gone. Load the model again on the CPU (its
+/// files come from the Cache API, nothing is downloaded again) and say so.
+async function reloadOnCpu(err) {
+  state.busy = false;
+  state.loaded = false;
+  if ($("backend")) $("backend").value = "cpu";
+  else state.forceBackend = "cpu"; // (embed.html has no backend picker)
+  await loadModel();
+  if (state.loaded) showError(`${err.message}: the model was loaded again on the CPU, from this browser's cache`, "gpu-lost");
+}
+
 // ---------------------------------------------------------------- model picker and loading
 
 function modelChoice() {
   const v = $("model-select").value;
   const weights = $("weights")?.value ?? "auto"; // embed.html has no weights or backend picker
-  const picked = $("backend")?.value ?? params.get("backend") ?? "auto";
+  const picked = state.forceBackend ?? $("backend")?.value ?? params.get("backend") ?? "auto";
   // "webgpu-f16" / "webgpu-f32": WebGPU with the decoder's matrices stored so; else auto (a
   // quantized model's own blocks, dense matrices f16 on a hardware GPU).
   const [backend, gpuWeights] = picked.startsWith("webgpu-") ? ["webgpu", picked.slice(7)] : [picked, "auto"];
@@ -241,7 +253,6 @@ async function loadModel() {
     $("progress").value = 1;
     $("model-info").textContent = `${choice.label}: ${info.numLayers} layers, hidden ${info.hiddenSize}, ${mb(info.weightBytes)} of weights, ${info.imageTokens} image tokens; ${info.weights} weights; backend ${info.backendDetail}${info.backendFallbackReason ? ` (not WebGPU: ${info.backendFallbackReason})` : ""}${info.threadsReason ? ` (one thread: ${info.threadsReason})` : ""}${info.backend === "webgpu" ? (info.visionOn === "webgpu" ? "; image encoded on WebGPU" : `; image encoded on the CPU (${info.visionReason})`) : ""}; wasm memory ${mb(info.wasmMemoryBytes)}`;
     $("model-info").dataset.backend = info.backend;
-    $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);
     $("model-info").dataset.threads = String(info.threads);
     $("model-info").dataset.streamed = String(info.streamedLoad);
     $("model-info").dataset.wasmMemory = String(info.wasmMemoryBytes);

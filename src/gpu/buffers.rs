@@ -2,7 +2,6 @@
 //! storage binding stays within the adapter's `max_storage_buffer_binding_size`.
 
 use anyhow::{bail, Result};
-use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::MatmulKernels;
@@ -22,11 +21,21 @@ pub fn upload(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<wgpu::Buffe
         bail!("{label}: {bytes} bytes exceed the adapter's largest storage binding ({})", ctx.max_binding());
     }
     let contents: &[u8] = if data.is_empty() { &[0u8; 4] } else { bytemuck::cast_slice(data) };
-    Ok(ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+    Ok(buffer_with(ctx, label, contents, STORAGE))
+}
+
+/// A buffer holding `contents` (a multiple of 4 bytes), written through the queue. Not wgpu's
+/// `create_buffer_init`: its mapped-at-creation range panics when the device is lost, where this
+/// leaves an invalid buffer and the next health check reports the loss.
+fn buffer_with(ctx: &GpuContext, label: &str, contents: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        contents,
-        usage: STORAGE,
-    }))
+        size: contents.len() as u64,
+        usage: usage | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue.write_buffer(&buffer, 0, contents);
+    buffer
 }
 
 /// A zeroed storage buffer of `floats` f32 values (at least one).
@@ -45,11 +54,7 @@ pub fn scratch(ctx: &GpuContext, label: &str, floats: usize) -> Result<wgpu::Buf
 
 /// A uniform buffer holding a kernel's parameter block.
 pub fn uniform(ctx: &GpuContext, params: &impl KernelParams) -> wgpu::Buffer {
-    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("params"),
-        contents: bytemuck::cast_slice(&params.padded_words()),
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-    })
+    buffer_with(ctx, "params", bytemuck::cast_slice(&params.padded_words()), wgpu::BufferUsages::UNIFORM)
 }
 
 /// A `[n, k]` weight (PyTorch `Linear` layout) stored as row chunks in one [`WeightStorage`],

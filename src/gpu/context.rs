@@ -18,6 +18,20 @@ struct DeviceHealth {
     lost: Option<String>,
 }
 
+/// The error of a lost GPU device (a driver reset, `destroy`, the browser reclaiming it):
+/// everything uploaded to it is gone, so the model must be loaded again (the page then loads it
+/// on the CPU). Found with `anyhow::Error::downcast_ref` under any added context.
+#[derive(Debug, Clone)]
+pub struct DeviceLost(pub String);
+
+impl std::fmt::Display for DeviceLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the GPU device was lost ({})", self.0)
+    }
+}
+
+impl std::error::Error for DeviceLost {}
+
 /// A wgpu device with its compiled kernels.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -115,7 +129,7 @@ impl GpuContext {
     pub fn check_health(&self) -> Result<()> {
         let mut h = self.health.lock().map_err(|_| anyhow!("GPU error state poisoned"))?;
         if let Some(lost) = &h.lost {
-            bail!("the GPU device was lost ({lost})");
+            return Err(DeviceLost(lost.clone()).into());
         }
         if !h.errors.is_empty() {
             let errs = std::mem::take(&mut h.errors);

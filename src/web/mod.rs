@@ -96,7 +96,12 @@ pub fn message_of(e: &anyhow::Error) -> String {
 
 /// anyhow error (with its context chain) → JS `Error` with its kind.
 fn to_js(e: anyhow::Error) -> JsValue {
-    js_error_of_kind(&message_of(&e), e.downcast_ref::<ErrorKind>().map_or("error", |k| k.name()))
+    // A lost GPU device is its own kind: the page loads the model again on the CPU.
+    let kind = match e.downcast_ref::<crate::gpu::context::DeviceLost>() {
+        Some(_) => "gpu-lost",
+        None => e.downcast_ref::<ErrorKind>().map_or("error", |k| k.name()),
+    };
+    js_error_of_kind(&message_of(&e), kind)
 }
 
 /// An `Error` named `CmrmError`: a failure cmrm reports (bad input, a download, a refusal), as

@@ -6,7 +6,10 @@
 // CMRM_BENCH_MODEL_DIR: another folder (e.g. a `cmrm quantize` copy, with CMRM_BENCH_FORMATS=auto).
 // CMRM_BENCH_BACKEND=webgpu: the decoder is uploaded to WebGPU (SwiftShader here; a quantized
 // model in its own blocks) and the line adds the backend the page reports. After the load, the
-// page encodes one image (the vision tower, on the CPU) and the line adds its time.
+// page encodes one image (the vision tower, on the CPU) and the line adds its time
+// (CMRM_BENCH_ENCODE=0: no image). CMRM_BENCH_PROMPT (with CMRM_BENCH_VECTORS, a vector file, and
+// CMRM_BENCH_TOKENS, default 4): a Compare on that question, and the line adds the unaltered
+// answer's ids (to compare with `cmrm generate` on the same files) and its seconds.
 //   node tests/e2e/bench.mjs        (scripts/test-browser.sh --bench runs it)
 import { existsSync, symlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -52,16 +55,28 @@ try {
     const streamed = await info.getAttribute("data-streamed");
     const detail = (await info.textContent()).match(/backend ([^;]*)/)?.[1]?.trim() ?? "";
     let encode = "";
-    if (!error) {
+    if (!error && process.env.CMRM_BENCH_ENCODE !== "0") {
       await page.getByTestId("image-input").setInputFiles(resolve(here, "../fixtures/oracle/refs/tiny-llava-siglip-qwen2/red_square.png"));
       await page.waitForFunction(() => /encoded in|error/i.test(document.getElementById("image-info").textContent)
         || !document.getElementById("error").hidden, null, { timeout: 900_000 });
       const ms = (await page.locator("#image-info").textContent()).match(/encoded in (\d+) ms/)?.[1];
       encode = ms ? ` image_encode_seconds=${(ms / 1000).toFixed(1)}` : "";
     }
+    let answer = "";
+    if (!error && process.env.CMRM_BENCH_PROMPT) {
+      await page.getByTestId("vectors-input").setInputFiles(process.env.CMRM_BENCH_VECTORS);
+      await page.getByTestId("prompt").fill(process.env.CMRM_BENCH_PROMPT);
+      await page.locator("#max-tokens").fill(process.env.CMRM_BENCH_TOKENS || "4");
+      const t1 = Date.now();
+      await page.getByTestId("compare").click();
+      await page.waitForFunction(() => document.getElementById("status").textContent === "ready"
+        || !document.getElementById("error").hidden, null, { timeout: 900_000 });
+      const ids = await page.getByTestId("pane-unaltered").getAttribute("data-ids");
+      answer = ` compare_seconds=${((Date.now() - t1) / 1000).toFixed(1)} unaltered_ids=${ids} error=${JSON.stringify(await page.locator("#error").textContent())}`;
+    }
     console.log(error
       ? `cmrm-bench page-load target=chromium weights=${weights} backend=${backend} error=${JSON.stringify(error)}`
-      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}${encode}`);
+      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}${encode}${answer}`);
     await browser.close();
   }
 } finally {
