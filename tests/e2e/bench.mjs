@@ -62,7 +62,10 @@ try {
       const ms = (await page.locator("#image-info").textContent()).match(/encoded in (\d+) ms/)?.[1];
       encode = ms ? ` image_encode_seconds=${(ms / 1000).toFixed(1)}` : "";
     }
-    let answer = "";
+    const line = error
+      ? `cmrm-bench page-load target=chromium weights=${weights} backend=${backend} error=${JSON.stringify(error)}`
+      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}${encode}`;
+    console.log(line);
     if (!error && process.env.CMRM_BENCH_PROMPT) {
       await page.getByTestId("vectors-input").setInputFiles(process.env.CMRM_BENCH_VECTORS);
       await page.getByTestId("prompt").fill(process.env.CMRM_BENCH_PROMPT);
@@ -70,13 +73,10 @@ try {
       const t1 = Date.now();
       await page.getByTestId("compare").click();
       await page.waitForFunction(() => document.getElementById("status").textContent === "ready"
-        || !document.getElementById("error").hidden, null, { timeout: 900_000 });
+        || !document.getElementById("error").hidden, null, { timeout: 3_600_000 });
       const ids = await page.getByTestId("pane-unaltered").getAttribute("data-ids");
-      answer = ` compare_seconds=${((Date.now() - t1) / 1000).toFixed(1)} unaltered_ids=${ids} error=${JSON.stringify(await page.locator("#error").textContent())}`;
+      console.log(`cmrm-bench page-compare weights=${weights} seconds=${((Date.now() - t1) / 1000).toFixed(1)} unaltered_ids=${ids} error=${JSON.stringify(await page.locator("#error").textContent())}`);
     }
-    console.log(error
-      ? `cmrm-bench page-load target=chromium weights=${weights} backend=${backend} error=${JSON.stringify(error)}`
-      : `cmrm-bench page-load target=chromium weights=${weights} backend=${JSON.stringify(detail)} seconds=${seconds.toFixed(1)} streamed=${streamed} wasm_memory_bytes=${memory}${encode}${answer}`);
     await browser.close();
   }
 } finally {
