@@ -114,9 +114,21 @@ pub async fn uses_gpu(choice: BackendChoice) -> bool {
         BackendChoice::Cpu => false,
         BackendChoice::Webgpu => crate::gpu::context::probe_adapter().await.is_some(),
         BackendChoice::Auto => {
-            crate::gpu::context::probe_adapter().await.is_some_and(|info| info.device_type != wgpu::DeviceType::Cpu)
+            crate::gpu::context::probe_adapter().await.is_some_and(|info| auto_declines(&info).is_none())
         }
     }
+}
+
+/// Why `auto` leaves `adapter` for the CPU path, if it does: lavapipe / SwiftShader run the
+/// shaders on the CPU, slower than candle's CPU path (decided from the adapter alone, before
+/// opening a device and compiling kernels).
+fn auto_declines(adapter: &wgpu::AdapterInfo) -> Option<String> {
+    (adapter.device_type == wgpu::DeviceType::Cpu).then(|| {
+        format!(
+            "the adapter '{}' is a software rasterizer; the CPU path is faster (choose the webgpu backend to force it)",
+            crate::gpu::context::adapter_label(adapter)
+        )
+    })
 }
 
 /// `auto` / `webgpu` / `cpu` → a GPU context or `None` (CPU), with what was chosen and why.
@@ -133,14 +145,7 @@ pub async fn choose_context(choice: BackendChoice) -> Result<(Option<GpuContext>
                 Ok(adapter) => adapter,
                 Err(e) => return Ok((None, BackendInfo::cpu(Some(format!("no WebGPU/Vulkan adapter: {e}"))))),
             };
-            let adapter_info = adapter.get_info();
-            // lavapipe / SwiftShader run the shaders on the CPU, slower than candle's CPU path:
-            // decided from the adapter alone, before opening a device and compiling kernels.
-            if adapter_info.device_type == wgpu::DeviceType::Cpu {
-                let reason = format!(
-                    "the adapter '{}' is a software rasterizer; the CPU path is faster (choose the webgpu backend to force it)",
-                    crate::gpu::context::adapter_label(&adapter_info)
-                );
+            if let Some(reason) = auto_declines(&adapter.get_info()) {
                 return Ok((None, BackendInfo::cpu(Some(reason))));
             }
             match GpuContext::from_adapter(adapter).await {

@@ -32,8 +32,7 @@ impl Projector {
 impl Projector {
     /// `(linear_1, activation, linear_2)` (for the GPU tower).
     pub fn weights(&self) -> (crate::text::LinearRef<'_>, Activation, crate::text::LinearRef<'_>) {
-        let (l1, l2) = (&self.linear_1, &self.linear_2);
-        ((l1.matrix(), l1.bias()), self.act, (l2.matrix(), l2.bias()))
+        (self.linear_1.linear_ref(), self.act, self.linear_2.linear_ref())
     }
 }
 

@@ -457,6 +457,11 @@ impl QLinear {
         }
     }
 
+    /// `(matrix, bias)` as held: what other compute backends upload (`text::LinearRef`).
+    pub fn linear_ref(&self) -> (MatrixRef<'_>, Option<&Tensor>) {
+        (self.matrix(), self.bias())
+    }
+
     /// Bytes the weight matrix takes in memory.
     pub fn weight_bytes(&self) -> usize {
         match self {

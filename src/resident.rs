@@ -54,6 +54,19 @@ pub fn cpu_bytes<'a>(format: WeightFormat, shapes: impl Iterator<Item = (&'a str
     crate::quant::estimate_model_bytes(format, shell.into_iter()) + largest
 }
 
+/// Marks an error as the GPU's side of a resident load — the builders refused the model's
+/// shapes, the device ran out of memory or was lost — where the CPU may still load the model
+/// (`auto` then does, in the CLI and the page). An error of the weights themselves (a missing or
+/// misshapen tensor) is not marked: the CPU would fail on it the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuUploadFailed;
+
+impl std::fmt::Display for GpuUploadFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("uploading the model to the GPU failed")
+    }
+}
+
 /// A model being uploaded to a GPU block by block.
 pub struct ResidentLoad {
     ctx: Arc<GpuContext>,
@@ -77,7 +90,7 @@ impl ResidentLoad {
         format: WeightFormat,
         gpu_weights: GpuWeights,
     ) -> Result<Self> {
-        let decoder = GpuDecoderBuilder::new(ctx.clone(), &config.text, gpu_weights)?;
+        let decoder = GpuDecoderBuilder::new(ctx.clone(), &config.text, gpu_weights).context(GpuUploadFailed)?;
         let vision = GpuVisionBuilder::new(ctx.clone(), config, gpu_weights).map_err(|e| format!("{e:#}"));
         Ok(Self { ctx, config: config.clone(), format, decoder, vision, uploaded: 0, stream_seen: 0 })
     }
@@ -100,9 +113,13 @@ impl ResidentLoad {
             }
             let block = TextModel::load_layer(&self.config.text, self.format, l, vb.clone())
                 .with_context(|| format!("decoder block {l}"))?;
-            self.decoder.push_layer(l, &block.weights())?;
+            let ctx = &self.ctx;
+            self.decoder
+                .push_layer(l, &block.weights())
+                .and_then(|()| ctx.check_health())
+                .with_context(|| format!("uploading decoder block {l}"))
+                .context(GpuUploadFailed)?;
             drop(block);
-            self.ctx.check_health().with_context(|| format!("uploading decoder block {l}"))?;
             self.uploaded += 1;
         }
         if let Ok(vision) = &mut self.vision {
@@ -121,9 +138,12 @@ impl ResidentLoad {
                 }
                 let layer = VisionTower::load_layer(cfg, self.format, l, vb.pp("vision"))
                     .with_context(|| format!("vision layer {l}"))?;
-                vision.push_layer(l, &layer.weights())?;
+                vision
+                    .push_layer(l, &layer.weights())
+                    .and_then(|()| self.ctx.check_health())
+                    .with_context(|| format!("uploading vision layer {l}"))
+                    .context(GpuUploadFailed)?;
                 drop(layer);
-                self.ctx.check_health().with_context(|| format!("uploading vision layer {l}"))?;
                 self.uploaded += 1;
             }
         }
@@ -141,8 +161,9 @@ impl ResidentLoad {
     }
 
     /// Upload what is left (every tensor is in `weights` now) and build the CPU shell: the
-    /// model the CPU keeps, and the GPU backend. Errors when a block is missing, or when the
-    /// GPU reported an error (out of memory, a lost device) at any point of the load.
+    /// model the CPU keeps, and the GPU backend. Errors when a block is missing, or (marked
+    /// [`GpuUploadFailed`]) when the GPU reported an error (out of memory, a lost device) at any
+    /// point of the load.
     pub async fn finish(mut self, weights: Weights) -> Result<(LlavaModel, DecoderBackend, BackendInfo)> {
         self.absorb(&weights, &|_| true)?;
         let vision_on_gpu = self.vision.is_ok();
@@ -168,7 +189,8 @@ impl ResidentLoad {
                 };
                 Ok((decoder, vision))
             })
-            .await?;
+            .await
+            .context(GpuUploadFailed)?;
         let backend = DecoderBackend::Gpu(Box::new(decoder), vision);
         let info = BackendInfo { resident: true, ..backend.info() };
         Ok((shell, backend, info))
@@ -195,8 +217,8 @@ pub fn load_dir(
 }
 
 /// Load a checkpoint folder on the backend `backend` asks for: GPU-resident when a GPU context
-/// opens (`auto` falls back to a whole CPU model, with the reason, when the GPU cannot take it),
-/// else on the CPU — with the report of what was chosen.
+/// opens (`auto` falls back to a whole CPU model, with the reason, when the GPU cannot take it:
+/// [`GpuUploadFailed`]), else on the CPU — with the report of what was chosen.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load_dir_on(
     dir: &std::path::Path,
@@ -209,7 +231,11 @@ pub fn load_dir_on(
         None => info,
         Some(ctx) => match load_dir(dir, choice, Arc::new(ctx), gpu_weights) {
             Ok(loaded) => return Ok(loaded),
-            Err(e) if backend == crate::backend::BackendChoice::Auto => BackendInfo::cpu(Some(format!("{e:#}"))),
+            Err(e)
+                if backend == crate::backend::BackendChoice::Auto && e.downcast_ref::<GpuUploadFailed>().is_some() =>
+            {
+                BackendInfo::cpu(Some(format!("{e:#}")))
+            }
             Err(e) => return Err(e.context("--backend webgpu")),
         },
     };

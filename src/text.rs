@@ -220,19 +220,16 @@ impl DecoderLayer {
 
     /// Read-only views of the block's weights as held.
     pub fn weights(&self) -> LayerWeights<'_> {
-        fn lin(l: &QLinear) -> LinearRef<'_> {
-            (l.matrix(), l.bias())
-        }
         LayerWeights {
             input_norm: self.input_layernorm.weight(),
-            q_proj: lin(&self.self_attn.q_proj),
-            k_proj: lin(&self.self_attn.k_proj),
-            v_proj: lin(&self.self_attn.v_proj),
-            o_proj: lin(&self.self_attn.o_proj),
+            q_proj: self.self_attn.q_proj.linear_ref(),
+            k_proj: self.self_attn.k_proj.linear_ref(),
+            v_proj: self.self_attn.v_proj.linear_ref(),
+            o_proj: self.self_attn.o_proj.linear_ref(),
             post_attention_norm: self.post_attention_layernorm.weight(),
-            gate_proj: lin(&self.mlp.gate_proj),
-            up_proj: lin(&self.mlp.up_proj),
-            down_proj: lin(&self.mlp.down_proj),
+            gate_proj: self.mlp.gate_proj.linear_ref(),
+            up_proj: self.mlp.up_proj.linear_ref(),
+            down_proj: self.mlp.down_proj.linear_ref(),
         }
     }
 

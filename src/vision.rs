@@ -93,18 +93,15 @@ impl EncoderLayer {
 
     /// Read-only views of the layer's weights as held.
     pub fn weights(&self) -> VisionLayerWeights<'_> {
-        fn lin(l: &QLinear) -> LinearRef<'_> {
-            (l.matrix(), l.bias())
-        }
         VisionLayerWeights {
             layer_norm1: &self.layer_norm1,
-            q_proj: lin(&self.self_attn.q_proj),
-            k_proj: lin(&self.self_attn.k_proj),
-            v_proj: lin(&self.self_attn.v_proj),
-            out_proj: lin(&self.self_attn.out_proj),
+            q_proj: self.self_attn.q_proj.linear_ref(),
+            k_proj: self.self_attn.k_proj.linear_ref(),
+            v_proj: self.self_attn.v_proj.linear_ref(),
+            out_proj: self.self_attn.out_proj.linear_ref(),
             layer_norm2: &self.layer_norm2,
-            fc1: lin(&self.mlp.fc1),
-            fc2: lin(&self.mlp.fc2),
+            fc1: self.mlp.fc1.linear_ref(),
+            fc2: self.mlp.fc2.linear_ref(),
             act: self.mlp.act,
         }
     }
@@ -229,7 +226,7 @@ impl VisionTower {
     /// the largest index are not run.
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
         let last = indices.iter().copied().max().unwrap_or(0);
-        if self.layers.is_empty() && self.cfg.num_hidden_layers > 0 {
+        if !self.has_layers() {
             candle_core::bail!(
                 "the vision tower's layers are held on the GPU only (a GPU-resident load): the CPU cannot run them; \
                  load the model again with the CPU backend"

@@ -336,11 +336,6 @@ impl Weights {
         VarBuilder::from_backend(Box::new(Borrowed(self)), DType::F32, device.clone())
     }
 
-    /// Whether any tensor's canonical name starts with `prefix`.
-    pub fn has_prefix(&self, prefix: &str) -> bool {
-        self.entries.keys().any(|k| k.starts_with(prefix))
-    }
-
     /// Free the streamed bytes of every tensor under `prefix` without reading them (layers
     /// the model does not use, e.g. vision layers past the selected hidden state).
     pub fn release_prefix(&self, prefix: &str) {

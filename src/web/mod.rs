@@ -67,9 +67,6 @@ pub fn init_panic_hook() {
 pub enum ErrorKind {
     Cancelled,
     OutOfMemory,
-    /// The GPU failed while the model was uploaded to it (out of GPU memory, a lost device):
-    /// the CPU backend may still load it.
-    Gpu,
 }
 
 impl ErrorKind {
@@ -77,7 +74,6 @@ impl ErrorKind {
         match self {
             Self::Cancelled => "cancelled",
             Self::OutOfMemory => "out-of-memory",
-            Self::Gpu => "gpu",
         }
     }
 }
@@ -96,10 +92,14 @@ pub fn message_of(e: &anyhow::Error) -> String {
 
 /// anyhow error (with its context chain) → JS `Error` with its kind.
 fn to_js(e: anyhow::Error) -> JsValue {
-    // A lost GPU device is its own kind: the page loads the model again on the CPU.
-    let kind = match e.downcast_ref::<crate::gpu::context::DeviceLost>() {
-        Some(_) => "gpu-lost",
-        None => e.downcast_ref::<ErrorKind>().map_or("error", |k| k.name()),
+    // A lost GPU device is its own kind: the page loads the model again on the CPU. A GPU that
+    // could not take the model (`gpu`): the CPU backend may.
+    let kind = if e.downcast_ref::<crate::gpu::context::DeviceLost>().is_some() {
+        "gpu-lost"
+    } else if e.downcast_ref::<crate::resident::GpuUploadFailed>().is_some() {
+        "gpu"
+    } else {
+        e.downcast_ref::<ErrorKind>().map_or("error", |k| k.name())
     };
     js_error_of_kind(&message_of(&e), kind)
 }
@@ -484,19 +484,24 @@ impl Assembler {
         Ok(Session::new(name, vlm, SessionState::default(), weight_bytes, streamed))
     }
 
-    /// Build GPU-resident: the blocks not yet uploaded go up now, the CPU keeps the shell.
-    async fn finish_resident(self, name: &str, choice: WeightChoice, gpu: GpuLoad) -> Result<Session> {
+    /// Build GPU-resident on `gpu`: the blocks not yet uploaded go up now (all of them when the
+    /// load was not `started` while the weights streamed in), the CPU keeps the shell.
+    async fn finish_resident(
+        self,
+        name: &str,
+        choice: WeightChoice,
+        (ctx, gpu_weights): (std::sync::Arc<crate::gpu::GpuContext>, GpuWeights),
+        started: Option<crate::resident::ResidentLoad>,
+    ) -> Result<Session> {
         let format = self.format(name, choice, true)?;
         let config = self.config.clone().context("config.json is missing")?;
         let processor = crate::processor::Processor::from_files(&self.processor, &config)?;
-        let load = match gpu {
-            GpuLoad::Started(load) => *load,
-            GpuLoad::Start(ctx, weights) => {
-                crate::resident::ResidentLoad::new(ctx, &config, format, weights).context(ErrorKind::Gpu)?
-            }
+        let load = match started {
+            Some(load) => load,
+            None => crate::resident::ResidentLoad::new(ctx, &config, format, gpu_weights)?,
         };
         let (weight_bytes, streamed) = (self.weight_bytes, self.streamed.is_some());
-        let (model, backend, backend_info) = load.finish(self.weights).await.context(ErrorKind::Gpu)?;
+        let (model, backend, backend_info) = load.finish(self.weights).await?;
         let vlm = Vlm::with_model(model, processor, self.generation_config.as_deref())?;
         let state = SessionState { backend: Rc::new(backend), backend_info, ..SessionState::default() };
         Ok(Session::new(name, vlm, state, weight_bytes, streamed))
@@ -516,14 +521,6 @@ impl Session {
             streamed,
         }
     }
-}
-
-/// How far a GPU-resident load got while the files came in.
-enum GpuLoad {
-    /// GPU-resident, not started (the weights were held as files): every block goes up at the end.
-    Start(std::sync::Arc<crate::gpu::GpuContext>, GpuWeights),
-    /// GPU-resident, blocks uploaded while the weights streamed in.
-    Started(Box<crate::resident::ResidentLoad>),
 }
 
 async fn plan_for(spec: &ModelSpec) -> Result<Plan> {
@@ -873,7 +870,8 @@ impl Session {
                     // `auto`: the GPU could not take the model; the CPU may (a second download,
                     // from the cache when the first one completed).
                     Err(e)
-                        if backend == BackendChoice::Auto && e.downcast_ref::<ErrorKind>() == Some(&ErrorKind::Gpu) =>
+                        if backend == BackendChoice::Auto
+                            && e.downcast_ref::<crate::resident::GpuUploadFailed>().is_some() =>
                     {
                         BackendInfo::cpu(Some(message_of(&e)))
                     }
@@ -887,8 +885,8 @@ impl Session {
         Ok(session)
     }
 
-    /// One load of `options`' model: GPU-resident on `gpu` (its errors marked
-    /// [`ErrorKind::Gpu`]), else whole on the CPU.
+    /// One load of `options`' model: GPU-resident on `gpu` (the GPU's errors marked
+    /// `resident::GpuUploadFailed`), else whole on the CPU.
     async fn load_with(
         options: &LoadOptions,
         on_progress: Option<&Function>,
@@ -954,11 +952,15 @@ impl Session {
                         Some(load) => load,
                         None => {
                             let config = config.context("config.json must come before the weights")?;
-                            let load = crate::resident::ResidentLoad::new(ctx.clone(), config, format, *gpu_weights);
-                            upload.insert(load.context(ErrorKind::Gpu)?)
+                            upload.insert(crate::resident::ResidentLoad::new(
+                                ctx.clone(),
+                                config,
+                                format,
+                                *gpu_weights,
+                            )?)
                         }
                     };
-                    load.absorb_stream(&stream, weights).context(ErrorKind::Gpu)
+                    load.absorb_stream(&stream, weights)
                 };
                 let fetched =
                     fetch::fetch_chunks(&file.url, &file.expect(), &mut on_bytes, &mut |_| Ok(()), &mut on_chunk)
@@ -992,12 +994,9 @@ impl Session {
             assembler.add(&file.name, bytes).with_context(|| format!("{}: {}", plan.model, file.name))?;
         }
         report("backend", "", 0, 0, done_before, false);
-        let session = match (upload, gpu) {
-            (Some(load), _) => assembler.finish_resident(&plan.model, choice, GpuLoad::Started(Box::new(load))).await,
-            (None, Some((ctx, weights))) => {
-                assembler.finish_resident(&plan.model, choice, GpuLoad::Start(ctx, weights)).await
-            }
-            (None, None) => assembler.finish(&plan.model, choice),
+        let session = match gpu {
+            Some(gpu) => assembler.finish_resident(&plan.model, choice, gpu, upload).await,
+            None => assembler.finish(&plan.model, choice),
         };
         let mut session = session.with_context(|| format!("loading {}", plan.model))?;
         session.revision = options.spec.revision.clone().unwrap_or_else(|| "main".to_owned());
