@@ -68,6 +68,7 @@ fn resident_load_answers_as_the_whole_model() {
         "tiny-llava-siglip-qwen2",
         "tiny-llava-next-clip-llama",
         "tiny-llava-onevision-siglip-qwen2",
+        MULTILAYER_MODEL,
     ] {
         for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4] {
             let what = format!("{model} {format:?}");

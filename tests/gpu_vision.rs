@@ -1,9 +1,10 @@
 #![cfg(not(target_arch = "wasm32"))]
 //! The GPU vision tower + projector ([`GpuVision`]) against the CPU path and the Hugging Face
-//! references, on both oracle models (CLIP with CLS dropped and pre-norm; SigLIP without) and
-//! every oracle image: image features within 1e-4 of the CPU's and of transformers', in f32.
-//! With the weights as q8_0 and q4 blocks (dequantized in the kernels): within 1e-4 of the same
-//! blocks dequantized at upload, and of the CPU where the CPU computes the same thing (batches
+//! references, on both oracle models (CLIP with CLS dropped and pre-norm; SigLIP without), the
+//! CLIP model with features from vision layers [-1, 0, -2], and every oracle image: image
+//! features within 1e-4 of the CPU's and of transformers', in f32. With the weights as q8_0 and
+//! q4 blocks (dequantized in the kernels): within 1e-4 of the same blocks dequantized at
+//! upload, and of the CPU where the CPU computes the same thing (batches
 //! of ≥ 32 rows are dequantized there too; smaller ones go through candle's kernels, which
 //! quantize the activations as well). Skips, with a message, only when no WebGPU/Vulkan adapter
 //! exists at all.
@@ -60,13 +61,13 @@ fn gpu_vision_matches_cpu_and_transformers() {
     let Some(ctx) = ctx() else { return };
     let mut c = Checker::default();
     let mut n_cpu = 0;
-    for model in MODELS {
+    for model in MODELS.into_iter().chain([MULTILAYER_MODEL]) {
         for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4] {
             n_cpu += check(model, format, &mut c, &ctx);
         }
     }
-    // Both models in f32 and the SigLIP model (36 image rows) quantized: 4 × 3 images.
-    assert_eq!(n_cpu, 12, "images compared with the CPU");
+    // The three models in f32 and the SigLIP model (36 image rows) quantized: 5 × 3 images.
+    assert_eq!(n_cpu, 15, "images compared with the CPU");
     c.finish("gpu vision");
 }
 

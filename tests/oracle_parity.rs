@@ -210,6 +210,13 @@ fn parity_siglip_qwen2() {
     parity("tiny-llava-siglip-qwen2");
 }
 
+/// Image features from several vision layers (`vision_feature_layer` [-1, 0, -2]: out of order,
+/// and the encoder input), concatenated as transformers does.
+#[test]
+fn parity_multilayer_clip_llama() {
+    parity(MULTILAYER_MODEL);
+}
+
 /// The oracle's `shift_vectors.safetensors` = mean text-only − mean multimodal last-token block
 /// outputs over its 8 calibration pairs; recomputed here from our own forward passes.
 #[test]

@@ -3,7 +3,7 @@
 //! its own `P`), `common.wgsl`, then its file.
 
 use super::params::{
-    ActParams, ArgmaxParams, AttentionParams, CopyRowParams, EmbedRowsParams, KernelParams, LayerNormParams,
+    ActParams, ArgmaxParams, AttentionParams, CopyRowsParams, EmbedRowsParams, KernelParams, LayerNormParams,
     LinearParams, RmsNormParams, RopeKvParams, SteerParams, Step,
 };
 use super::storage::WeightStorage;
@@ -45,7 +45,7 @@ pub struct Kernels {
     pub act: Kernel,
     pub layernorm: Kernel,
     pub steer: Kernel,
-    pub copy_row: Kernel,
+    pub copy_rows: Kernel,
     pub argmax: Kernel,
 }
 
@@ -121,7 +121,7 @@ impl Kernels {
             act: kernel::<ActParams>(device, "act", include_str!("shaders/act.wgsl")),
             layernorm: kernel::<LayerNormParams>(device, "layernorm", include_str!("shaders/layernorm.wgsl")),
             steer: kernel::<SteerParams>(device, "steer", include_str!("shaders/steer.wgsl")),
-            copy_row: kernel::<CopyRowParams>(device, "copy_row", include_str!("shaders/copy_row.wgsl")),
+            copy_rows: kernel::<CopyRowsParams>(device, "copy_rows", include_str!("shaders/copy_rows.wgsl")),
             argmax: kernel::<ArgmaxParams>(device, "argmax", include_str!("shaders/argmax.wgsl")),
         }
     }

@@ -194,12 +194,27 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// `copy_row.wgsl`: one row copied (a capture of the last row's state).
-    CopyRowParams {
+    /// `copy_rows.wgsl`: `rows` rows of width `h` copied to `dst_off`, one every `dst_stride`.
+    CopyRowsParams {
         h: u32,
         dst_off: u32,
-        /// 1: copy row 0 instead of the step's last row.
+        /// 1: start at row 0 instead of the step's last row.
         fixed_zero: u32,
+        rows: u32,
+        dst_stride: u32,
+    }
+}
+
+impl CopyRowsParams {
+    /// One row of width `h` (the step's last, or row 0 with `fixed_zero`) to `dst_off`.
+    pub fn one_row(h: usize, dst_off: usize, fixed_zero: bool) -> Self {
+        Self { h: h as u32, dst_off: dst_off as u32, fixed_zero: u32::from(fixed_zero), rows: 1, dst_stride: 0 }
+    }
+
+    /// Rows `0..rows` of a `[rows, h]` matrix as the columns `col .. col + h` of a
+    /// `[rows, width]` one.
+    pub fn as_columns(rows: usize, h: usize, width: usize, col: usize) -> Self {
+        Self { h: h as u32, dst_off: col as u32, fixed_zero: 1, rows: rows as u32, dst_stride: width as u32 }
     }
 }
 

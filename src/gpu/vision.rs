@@ -6,9 +6,11 @@
 //! (the patches, cut on the CPU, times the conv kernel as a matrix) added to them, CLIP's
 //! pre-norm; then one submission per encoder layer — LayerNorm → fused QKV → full attention →
 //! out_proj (+ residual) → LayerNorm → fc1 → activation → fc2 (+ residual) — for the layers up to
-//! the selected hidden state only; then, in a submission of its own (timed apart), the projector
-//! (linear → activation → linear) on the selected rows (CLS dropped for the `default`
-//! strategy). Only the image features come back.
+//! the last selected hidden state only; with several selected (`vision_feature_layer` a list),
+//! each is copied, as it is produced, into its columns of a `[positions, k·Hv]` matrix (in the
+//! list's order, as transformers concatenates them); then, in a submission of its own (timed
+//! apart), the projector (linear → activation → linear) on the selected rows (CLS dropped for
+//! the `default` strategy). Only the image features come back.
 
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ use super::context::GpuContext;
 use super::decoder::{f32s, GpuWeights, InFlight, Upload};
 use super::kernels::{dispatch, grid};
 use super::ops::{activation_code, attention_params, AttnShape, KvLayout};
-use super::params::{ActParams, LayerNormParams, Step};
+use super::params::{ActParams, CopyRowsParams, LayerNormParams, Step};
 use super::storage::WeightStorage;
 use crate::config::{Activation, FeatureSelect, LlavaConfig, VisionKind};
 use crate::generate::now_seconds;
@@ -66,6 +68,9 @@ pub struct GpuVision {
     features: wgpu::Buffer,
     _scratch: Vec<wgpu::Buffer>,
     _matrices: Vec<GpuMatrix>,
+    /// Per hidden state (0 = the encoder input), the copies of it into the concatenated
+    /// features (none with one selected layer: the projector reads `x`).
+    captures: Vec<Vec<wgpu::BindGroup>>,
     patch_ops: Vec<LinearOp>,
     pre_norm: Option<Norm>,
     layers: Vec<Layer>,
@@ -84,7 +89,8 @@ pub struct GpuVisionBuilder {
     ctx: Arc<GpuContext>,
     dense: WeightStorage,
     keep_blocks: bool,
-    feature_layer: usize,
+    /// The selected hidden states, in the order their features are concatenated.
+    feature_layers: Vec<usize>,
     drop_cls: bool,
     positions: usize,
     hv: usize,
@@ -104,15 +110,15 @@ pub struct GpuVisionBuilder {
 }
 
 impl GpuVisionBuilder {
-    /// Check what the GPU tower does (one selected layer, head_dim ≤ 256) and allocate its
-    /// scratch buffers.
+    /// Check what the GPU tower does (head_dim ≤ 256) and allocate its scratch buffers.
     pub fn new(ctx: Arc<GpuContext>, cfg: &LlavaConfig, weights: GpuWeights) -> Result<Self> {
         let vc = &cfg.vision;
-        let &[feature_layer] = cfg.vision_feature_layers.as_slice() else {
-            bail!("image features from several vision layers ({:?}) are not on the GPU yet", cfg.vision_feature_layers);
+        let feature_layers = cfg.vision_feature_layers.clone();
+        let Some(&last) = feature_layers.iter().max() else {
+            bail!("no vision hidden state is selected (vision_feature_layer is an empty list)");
         };
-        if feature_layer > vc.num_hidden_layers {
-            bail!("vision hidden state {feature_layer} is selected, the tower has {} layers", vc.num_hidden_layers);
+        if last > vc.num_hidden_layers {
+            bail!("vision hidden state {last} is selected, the tower has {} layers", vc.num_hidden_layers);
         }
         let (hv, nh, inter) = (vc.hidden_size, vc.num_attention_heads, vc.intermediate_size);
         let d = vc.head_dim();
@@ -126,7 +132,7 @@ impl GpuVisionBuilder {
         Ok(Self {
             dense: weights.dense_storage(&ctx.adapter_info),
             keep_blocks: weights.keeps_blocks(),
-            feature_layer,
+            feature_layers,
             drop_cls,
             positions,
             hv,
@@ -142,14 +148,14 @@ impl GpuVisionBuilder {
             p_norm: uniform(&ctx, &LayerNormParams { h: hv as u32, eps }),
             p_attn: uniform(&ctx, &attention_params(shape, 0, Some(positions), KvLayout::packed(shape))),
             params: Vec::new(),
-            layers: (0..feature_layer).map(|_| None).collect(),
+            layers: (0..last).map(|_| None).collect(),
             ctx,
         })
     }
 
-    /// Encoder layers the selected hidden state needs (`0 .. n`); later ones are not uploaded.
+    /// Encoder layers the selected hidden states need (`0 .. n`); later ones are not uploaded.
     pub fn layers_needed(&self) -> usize {
-        self.feature_layer
+        self.layers.len()
     }
 
     /// Needed layers not uploaded yet.
@@ -171,7 +177,7 @@ impl GpuVisionBuilder {
     /// Upload encoder layer `l` (< [`Self::layers_needed`]).
     pub fn push_layer(&mut self, l: usize, lw: &VisionLayerWeights) -> Result<()> {
         match self.layers.get(l) {
-            None => bail!("vision layer {l} is past the selected hidden state {}", self.feature_layer),
+            None => bail!("vision layer {l} is past the last selected hidden state {}", self.layers.len()),
             Some(Some(_)) => bail!("vision layer {l} was uploaded twice"),
             Some(None) => {}
         }
@@ -217,7 +223,7 @@ impl GpuVisionBuilder {
     /// Upload the embeddings (`embeddings`' layers are not read) and the projector: the tower,
     /// once every needed layer is in.
     pub fn finish(
-        self,
+        mut self,
         embeddings: &VisionWeights,
         projector: (LinearRef, Activation, LinearRef),
     ) -> Result<GpuVision> {
@@ -244,6 +250,22 @@ impl GpuVisionBuilder {
         // The projector's rows (every position's row is sized: the activation runs over step.t rows).
         let projected = scratch(ctx, "projector_hidden", positions * h)?;
         let features = scratch(ctx, "image_features", n_img * h)?;
+        // Several selected hidden states: each copied into its columns of `selected` as it is
+        // produced; the projector reads that. One: the projector reads the residual stream.
+        let width = hv * self.feature_layers.len();
+        let mut captures: Vec<Vec<wgpu::BindGroup>> = (0..=self.layers.len()).map(|_| Vec::new()).collect();
+        let selected = if self.feature_layers.len() > 1 {
+            let selected = scratch(ctx, "vision_selected", positions * width)?;
+            for (slot, &state) in self.feature_layers.iter().enumerate() {
+                let p = uniform(ctx, &CopyRowsParams::as_columns(positions, hv, width, slot * hv));
+                captures[state].push(k.copy_rows.bind(&ctx.device, &[step, &p, x, &selected]));
+                self.params.push(p);
+            }
+            Some(selected)
+        } else {
+            None
+        };
+        let projector_in = selected.as_ref().unwrap_or(x);
 
         // The residual stream starts as the position embeddings, with the CLS embedding added to row 0.
         let mut init = f32s(w.position_embedding)?;
@@ -262,11 +284,11 @@ impl GpuVisionBuilder {
         let pre_norm = w.pre_layrnorm.map(|ln| self.norm("pre_layrnorm", ln, x, &self.xn)).transpose()?;
 
         let (linear_1, projector_act, linear_2) = projector;
-        let p1 = up.one("projector_linear_1", linear_1, hv)?;
+        let p1 = up.one("projector_linear_1", linear_1, width)?;
         let p2 = up.one("projector_linear_2", linear_2, h)?;
-        let cls_off = if drop_cls { hv } else { 0 };
+        let cls_off = if drop_cls { width } else { 0 };
         let projector_1_ops =
-            bind_linear(ctx, step, &p1, LinearIo::new(x, &projected, h).from(cls_off).rows(n_img), dummy);
+            bind_linear(ctx, step, &p1, LinearIo::new(projector_in, &projected, h).from(cls_off).rows(n_img), dummy);
         let p_projector_act = uniform(ctx, &ActParams { m: h as u32, act: activation_code(projector_act) });
         let projector_act_bind = k.act.bind(&ctx.device, &[step, &p_projector_act, &projected]);
         let projector_2_ops = bind_linear(ctx, step, &p2, LinearIo::new(&projected, &features, h).rows(n_img), dummy);
@@ -286,8 +308,9 @@ impl GpuVisionBuilder {
             x,
             xn,
             features,
-            _scratch: vec![dummy, qkv, attn, mlp, projected],
+            _scratch: [dummy, qkv, attn, mlp, projected].into_iter().chain(selected).collect(),
             _matrices: vec![patch_m, p1, p2],
+            captures,
             patch_ops,
             pre_norm,
             layers: layers.into_iter().flatten().collect(),
@@ -302,9 +325,9 @@ impl GpuVisionBuilder {
 }
 
 impl GpuVision {
-    /// Upload the vision tower (the layers the selected hidden state needs) and the projector.
-    /// Errors (never panics) for what the GPU tower does not do yet (features from several
-    /// layers) or when the adapter cannot hold them; the caller keeps the CPU tower then.
+    /// Upload the vision tower (the layers the selected hidden states need) and the projector.
+    /// Errors (never panics) for what the GPU tower does not do (head_dim over 256) or when the
+    /// adapter cannot hold them; the caller keeps the CPU tower then.
     pub async fn new(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
         ctx.clone().scoped_build("the vision tower", || Self::build(ctx, model, weights)).await
     }
@@ -358,11 +381,15 @@ impl GpuVision {
         if self.pre_norm.is_some() {
             enc.copy_buffer_to_buffer(&self.xn, 0, &self.x, 0, t as u64 * row_bytes);
         }
+        if !self.captures[0].is_empty() {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            self.record_captures(&mut pass, 0);
+        }
         // One submission per encoder layer: a GPU watchdog (Windows' TDR, a browser's) limits
         // how long one command buffer may run, and a whole tower can exceed it on a slow GPU.
         let heads = model.config.vision.num_attention_heads;
         let inter = model.config.vision.intermediate_size;
-        for layer in &self.layers {
+        for (l, layer) in self.layers.iter().enumerate() {
             ctx.submit(enc);
             enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("vision layer") });
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -374,6 +401,7 @@ impl GpuVision {
             layer.fc1_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.act, &layer.act_bind, grid((t * inter).div_ceil(64) as u32));
             layer.fc2_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+            self.record_captures(&mut pass, l + 1);
         }
         ctx.submit_and_read(enc, &self.x, 4).await?;
         let t1 = now_seconds();
@@ -389,6 +417,14 @@ impl GpuVision {
         let features = Tensor::from_vec(values, (self.n_img, self.h), &Device::Cpu)?;
         let t2 = now_seconds();
         Ok(EncodedImage { features, vision: StageTime::webgpu(t1 - t0), projector: StageTime::webgpu(t2 - t1) })
+    }
+
+    /// Copy hidden state `state` (now in `x`) into its columns of the concatenated features.
+    fn record_captures(&self, pass: &mut wgpu::ComputePass, state: usize) {
+        let elems = grid((self.positions * self.hv).div_ceil(64) as u32);
+        for bind in &self.captures[state] {
+            dispatch(pass, &self.ctx.kernels.copy_rows, bind, elems);
+        }
     }
 
     /// Blocking [`Self::new`] (native).

@@ -8,6 +8,9 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 pub const MODELS: [&str; 2] = ["tiny-llava-clip-llama", "tiny-llava-siglip-qwen2"];
+/// tiny-llava-clip-llama's shapes with image features from vision layers [-1, 0, -2]
+/// (`make_multilayer.py`).
+pub const MULTILAYER_MODEL: &str = "tiny-llava-multilayer-clip-llama";
 
 pub fn oracle_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle")

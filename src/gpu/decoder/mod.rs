@@ -386,13 +386,13 @@ impl GpuDecoder {
                 dispatch(&mut pass, &k.steer, bind, elems(t * self.h));
             }
             if last && opts.capture_layers {
-                dispatch(&mut pass, &k.copy_row, &layer.capture_bind, elems(self.h));
+                dispatch(&mut pass, &k.copy_rows, &layer.capture_bind, elems(self.h));
             }
         }
         if last {
             dispatch(&mut pass, &k.rmsnorm, &self.final_norm_bind, (1, 1));
             if opts.capture_layers {
-                dispatch(&mut pass, &k.copy_row, &self.final_capture_bind, elems(self.h));
+                dispatch(&mut pass, &k.copy_rows, &self.final_capture_bind, elems(self.h));
             }
             if opts.readback != Readback::Nothing {
                 self.lm_head_ops.iter().for_each(|op| op.record(ctx, &mut pass, 1));

@@ -13,7 +13,7 @@ use crate::config::TextConfig;
 use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo};
 use crate::gpu::context::GpuContext;
 use crate::gpu::ops::activation_code;
-use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowParams, RmsNormParams};
+use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowsParams, RmsNormParams};
 use crate::gpu::storage::WeightStorage;
 use crate::quant::MatrixRef;
 use crate::text::{LayerWeights, LinearRef, TextModel};
@@ -278,7 +278,7 @@ impl GpuDecoderBuilder {
         let o_m = up.one("o_proj", lw.o_proj, nh * d)?;
         let gu_m = up.stacked("gate_up_proj", &[lw.gate_proj, lw.up_proj], h)?;
         let down_m = up.one("down_proj", lw.down_proj, mi)?;
-        let p_capture = uniform(ctx, &CopyRowParams { h: h as u32, dst_off: (l * h) as u32, fixed_zero: 0 });
+        let p_capture = uniform(ctx, &CopyRowsParams::one_row(h, l * h, false));
         let (k, dev) = (&ctx.kernels, &ctx.device);
         let layer = Layer {
             norm1_bind: k.rmsnorm.bind(dev, &[step, &self.p_norm, &self.x, &norm1, &self.xn]),
@@ -288,7 +288,7 @@ impl GpuDecoderBuilder {
             gate_up_ops: bind_linear(ctx, step, &gu_m, LinearIo::new(&self.xn, &self.gu, 2 * mi), dummy),
             act_bind: k.act_mul.bind(dev, &[step, &self.p_act, &self.gu, &self.act]),
             down_ops: bind_linear(ctx, step, &down_m, LinearIo::new(&self.act, &self.x, h).accumulate(), dummy),
-            capture_bind: k.copy_row.bind(dev, &[step, &p_capture, &self.x, &self.capture]),
+            capture_bind: k.copy_rows.bind(dev, &[step, &p_capture, &self.x, &self.capture]),
             _norm1: norm1,
             _norm2: norm2,
             qkv: qkv_m,
@@ -352,9 +352,8 @@ impl GpuDecoderBuilder {
         let p_norm_last = uniform(&ctx, &RmsNormParams { last_only: 1, ..norm });
         let final_norm = upload(&ctx, "norm", &f32s(rest.norm)?)?;
         let final_norm_bind = k.rmsnorm.bind(dev, &[&step, &p_norm_last, &x, &final_norm, &normed_last]);
-        let p_final_capture =
-            uniform(&ctx, &CopyRowParams { h: h as u32, dst_off: (n_layers * h) as u32, fixed_zero: 1 });
-        let final_capture_bind = k.copy_row.bind(dev, &[&step, &p_final_capture, &normed_last, &capture]);
+        let p_final_capture = uniform(&ctx, &CopyRowsParams::one_row(h, n_layers * h, true));
+        let final_capture_bind = k.copy_rows.bind(dev, &[&step, &p_final_capture, &normed_last, &capture]);
         let lm_head_ops =
             bind_linear(&ctx, &step, &lm_head, LinearIo::new(&normed_last, &logits, vocab).rows(1), &dummy);
         let p_argmax = uniform(&ctx, &ArgmaxParams { n: vocab as u32 });
