@@ -725,3 +725,46 @@ test("a 7B-shaped q4 model loads GPU-resident on WebGPU in under 1 GB of wasm me
   assert.equal((await paneIds("pane-steered")).length, 4);
   await byTestId("backend").selectOption("auto");
 });
+
+// Last: it crashes the browser's GPU process, which Chromium restarts (and stops restarting after a few).
+test("the GPU process crashes mid-session: the page loads the model again on the CPU, from its cache, and answers the same", async () => {
+  await page.goto(`${site.origin}/index.html`);
+  await page.locator("#model-select").selectOption("bundled-random");
+  await byTestId("backend").selectOption("webgpu");
+  await byTestId("load-model").click();
+  await page.waitForFunction(() => document.getElementById("model-info").dataset.backend === "webgpu"
+    || !document.getElementById("error").hidden, null, { timeout: T });
+  await waitStatus("ready");
+  const info = page.locator("#model-info");
+  assert.equal(await info.getAttribute("data-backend"), "webgpu", await byTestId("error").textContent());
+  assert.match(await info.textContent(), /on the GPU only/);
+  await byTestId("image-input").setInputFiles(resolve(refsDir, "tiny-llava-siglip-qwen2/red_square.png"));
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await byTestId("prompt").fill(case0.question);
+  await page.locator("#max-tokens").fill("12");
+  await runCompare();
+  assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+  const steered = await paneIds("pane-steered");
+
+  // A real device loss: the GPU process dies (as on a driver reset); every WebGPU device is lost.
+  const requestsBefore = requests.length;
+  const cdp = await browser.newBrowserCDPSession();
+  await cdp.send("Browser.crashGpuProcess");
+  await page.waitForTimeout(1000);
+  await byTestId("compare").click();
+  await page.waitForFunction(() => document.getElementById("error").dataset.kind === "gpu-lost"
+    && document.getElementById("model-info").dataset.backend === "cpu", null, { timeout: T });
+  await waitStatus("ready");
+  assert.match(await byTestId("error").textContent(), /GPU device was lost.*loaded again on the CPU, from this browser's cache/);
+  assert.match(await info.textContent(), /backend candle on the CPU/);
+  // Nothing was downloaded again: the weights came from the Cache API.
+  const again = requests.slice(requestsBefore).filter((u) => /\.(safetensors|gguf)$/.test(u));
+  assert.deepEqual(again, []);
+  // The image was sent again; the same question answers with the same ids, on the CPU.
+  await page.waitForFunction(() => /image tokens/.test(document.getElementById("image-info").textContent), null, { timeout: T });
+  await runCompare();
+  assert.deepEqual(await paneIds("pane-unaltered"), case0.multimodal.generated_ids);
+  assert.deepEqual(await paneIds("pane-steered"), steered);
+  await cdp.detach();
+  await byTestId("backend").selectOption("auto");
+});
