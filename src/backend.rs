@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 
 use crate::generate::{
     generate_batch_on, BatchSession, CpuSession, GenerateOptions, Generation, OneByOne, Sampling, TokenEvent,
@@ -18,7 +19,7 @@ use crate::gpu::session::GpuSession;
 use crate::gpu::vision::GpuVision;
 use crate::image::RgbImage;
 use crate::models::llava::LlavaModel;
-use crate::pipeline::{EncodedImage, Prepared, Probe, StageTime, Vlm};
+use crate::pipeline::{EncodedImage, Prepared, Probe, PromptText, StageTime, Vlm};
 use crate::steering::Intervention;
 use crate::text::{DecoderOutput, ForwardOptions, TextModel};
 
@@ -258,6 +259,47 @@ impl DecoderBackend {
             Self::Gpu(_, GpuVisionSlot::Gpu(v)) => Some(v),
             _ => None,
         }
+    }
+
+    /// A full prompt tokenized, embedded and each image's features merged in (as
+    /// [`Vlm::prepare_prompt`]). On the GPU the tokens are embedded there, from the GPU's copy
+    /// of the table (a GPU-resident model keeps none on the CPU).
+    pub async fn prepare_prompt_async(&self, vlm: &Vlm, prompt: &str, image_features: &[&Tensor]) -> Result<Prepared> {
+        match self {
+            Self::Cpu => vlm.prepare_prompt(prompt, image_features),
+            Self::Gpu(decoder, _) => {
+                let encoded = vlm.encode_prompt(prompt, image_features)?;
+                let (t, h) = (encoded.input_ids.len(), vlm.config().text.hidden_size);
+                let rows = decoder.embed_tokens(&encoded.input_ids).await.context("embedding the prompt on the GPU")?;
+                let token_embeds = Tensor::from_vec(rows, (1, t, h), &candle_core::Device::Cpu)?;
+                vlm.merge_prompt(prompt, encoded, &token_embeds, image_features)
+            }
+        }
+    }
+
+    /// Chat prompt (or raw prompt) + the features of its images, in order (as
+    /// [`Vlm::prepare_images`]), on this backend.
+    pub async fn prepare_async(&self, vlm: &Vlm, text: &PromptText, image_features: &[&Tensor]) -> Result<Prepared> {
+        let prompt = vlm.prompt_text(text, image_features.len())?;
+        self.prepare_prompt_async(vlm, &prompt, image_features).await
+    }
+
+    /// CMRM's text-only counterpart of a prompt (as [`Vlm::prepare_text_only`]), on this
+    /// backend.
+    pub async fn prepare_text_only_async(&self, vlm: &Vlm, prompt: &str) -> Result<Prepared> {
+        self.prepare_prompt_async(vlm, &vlm.text_only_prompt(prompt), &[]).await
+    }
+
+    /// Blocking [`Self::prepare_async`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn prepare(&self, vlm: &Vlm, text: &PromptText, image_features: &[&Tensor]) -> Result<Prepared> {
+        pollster::block_on(self.prepare_async(vlm, text, image_features))
+    }
+
+    /// Blocking [`Self::prepare_text_only_async`] (native).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn prepare_text_only(&self, vlm: &Vlm, prompt: &str) -> Result<Prepared> {
+        pollster::block_on(self.prepare_text_only_async(vlm, prompt))
     }
 
     /// Image → its features (as [`Vlm::encode_image`]) and the time of each stage, on the GPU

@@ -72,9 +72,9 @@ pub async fn last_token_states_on(
     image_features: Option<&Tensor>,
 ) -> Result<Vec<Vec<f32>>> {
     let prepared = if image_features.is_some() {
-        vlm.prepare_prompt(prompt, image_features.as_slice())?
+        backend.prepare_prompt_async(vlm, prompt, image_features.as_slice()).await?
     } else {
-        vlm.prepare_text_only(prompt)?
+        backend.prepare_text_only_async(vlm, prompt).await?
     };
     backend.layer_outputs_async(vlm, &prepared, None).await
 }

@@ -228,6 +228,14 @@ impl Vlm {
     /// Tokenize a full prompt and merge each image's features (in placeholder order) into its
     /// embeddings.
     pub fn prepare_prompt(&self, prompt: &str, image_features: &[&Tensor]) -> Result<Prepared> {
+        let encoded = self.encode_prompt(prompt, image_features)?;
+        let token_embeds = self.model.text.embed(&encoded.input_ids)?;
+        self.merge_prompt(prompt, encoded, &token_embeds, image_features)
+    }
+
+    /// A full prompt's tokens with room for `image_features` (one placeholder run each),
+    /// checked against the model's context.
+    pub fn encode_prompt(&self, prompt: &str, image_features: &[&Tensor]) -> Result<EncodedPrompt> {
         let image_tokens: Vec<usize> = image_features.iter().map(|f| f.dim(0)).collect::<candle_core::Result<_>>()?;
         let encoded = self.processor.encode(prompt, &image_tokens)?;
         if encoded.input_ids.is_empty() {
@@ -241,9 +249,22 @@ impl Vlm {
                 encoded.n_image_tokens()
             );
         }
+        Ok(encoded)
+    }
+
+    /// [`Prepared`] from the prompt's token embeddings `token_embeds` `[1, T, H]` (the CPU's, or
+    /// the GPU's: [`crate::backend::DecoderBackend::prepare_prompt_async`]) with each image's
+    /// features merged over its placeholders.
+    pub fn merge_prompt(
+        &self,
+        prompt: &str,
+        encoded: EncodedPrompt,
+        token_embeds: &Tensor,
+        image_features: &[&Tensor],
+    ) -> Result<Prepared> {
         let images: Vec<(&Tensor, (usize, usize))> =
             image_features.iter().copied().zip(encoded.image_spans.iter().copied()).collect();
-        let embeds = self.model.embed(&encoded.input_ids, &images)?;
+        let embeds = self.model.merge_images(token_embeds, &images)?;
         Ok(Prepared { prompt: prompt.to_owned(), encoded, embeds })
     }
 
@@ -260,7 +281,12 @@ impl Vlm {
 
     /// CMRM's text-only counterpart of a prompt: the placeholder removed, nothing else changed.
     pub fn prepare_text_only(&self, prompt: &str) -> Result<Prepared> {
-        self.prepare_prompt(&self.processor.text_only(prompt), &[])
+        self.prepare_prompt(&self.text_only_prompt(prompt), &[])
+    }
+
+    /// A full prompt with its image placeholders removed (CMRM's text-only counterpart).
+    pub fn text_only_prompt(&self, prompt: &str) -> String {
+        self.processor.text_only(prompt)
     }
 
     pub fn default_generate_options(&self, max_new_tokens: usize, sampling: Sampling) -> GenerateOptions {

@@ -1,9 +1,10 @@
-//! GPU-resident load: the decoder's blocks and the vision tower's layers go to the GPU one at a
-//! time as their weights arrive, and each CPU copy is dropped as soon as it is uploaded. The CPU
-//! keeps a shell ([`LlavaModel::shell`]): the embedding table (prompts are embedded there), the
-//! final norm and lm_head, the vision embeddings (patches are cut there), the projector and
-//! `image_newline`. Peak CPU memory is that shell plus one block, not the model: what lets a
-//! model larger than wasm32's 4 GiB (LLaVA-1.5-7B as q4) load in a tab.
+//! GPU-resident load: the decoder's blocks, its embedding table, final norm and lm_head, and the
+//! vision tower's layers go to the GPU one at a time as their weights arrive, and each CPU copy
+//! is dropped as soon as it is uploaded (prompts are embedded on the GPU:
+//! [`DecoderBackend::prepare_prompt_async`]). The CPU keeps a shell ([`LlavaModel::shell`]):
+//! the vision embeddings (patches are cut there), the projector and `image_newline`. Peak CPU
+//! memory is that shell plus the largest piece in flight, not the model: what lets a model
+//! larger than wasm32's 4 GiB (LLaVA-1.5-7B as q4) load in a tab.
 //!
 //! The same [`ResidentLoad`] serves a download converted as it streams (the page: after each
 //! chunk, [`ResidentLoad::absorb`] uploads the blocks the stream has moved past) and files on
@@ -16,21 +17,30 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use candle_nn::VarBuilder;
 
 use crate::backend::{BackendInfo, DecoderBackend, GpuVisionSlot};
 use crate::config::LlavaConfig;
 use crate::gpu::context::GpuContext;
-use crate::gpu::decoder::{GpuDecoderBuilder, GpuWeights, TextRest};
+use crate::gpu::decoder::{GpuDecoderBuilder, GpuWeights};
 use crate::gpu::vision::GpuVisionBuilder;
 use crate::models::llava::LlavaModel;
 use crate::quant::WeightFormat;
-use crate::text::TextModel;
+use crate::text::{load_lm_head, TextModel, TokenEmbedding};
 use crate::vision::VisionTower;
 use crate::weights::Weights;
 
-/// The block a canonical tensor name belongs to (`lm.layers.3.`, `vision.encoder.layers.0.`),
-/// or `None` for the shell's tensors.
+/// The decoder's pieces beside its blocks that a resident load uploads on their own as they
+/// arrive (canonical prefixes).
+const TEXT_ENDS: [&str; 3] = ["lm.embed_tokens.", "lm.norm.", "lm_head."];
+
+/// The piece a canonical tensor name is uploaded with (`lm.layers.3.`,
+/// `vision.encoder.layers.0.`, `lm.embed_tokens.`, `lm_head.`), or `None` for the shell's
+/// tensors.
 pub fn block_prefix(name: &str) -> Option<&str> {
+    if let Some(end) = TEXT_ENDS.iter().find(|p| name.starts_with(**p)) {
+        return Some(&name[..end.len()]);
+    }
     ["lm.layers.", "vision.encoder.layers."].iter().find_map(|head| {
         let rest = name.strip_prefix(head)?;
         let dot = rest.find('.')?;
@@ -147,6 +157,30 @@ impl ResidentLoad {
                 self.uploaded += 1;
             }
         }
+        self.absorb_text_ends(weights, &vb, arrived)
+    }
+
+    /// The embedding table, lm_head (when the file has one) and final norm, each as it arrives.
+    fn absorb_text_ends(&mut self, weights: &Weights, vb: &VarBuilder, arrived: &dyn Fn(&str) -> bool) -> Result<()> {
+        let (cfg, format, ctx) = (&self.config.text, self.format, &self.ctx);
+        let gpu = |what: &str, pushed: Result<()>| -> Result<()> {
+            pushed
+                .and_then(|()| ctx.check_health())
+                .with_context(|| format!("uploading {what}"))
+                .context(GpuUploadFailed)
+        };
+        if !self.decoder.has_embed_tokens() && arrived(TEXT_ENDS[0]) {
+            let table = TokenEmbedding::load_table(cfg, format, vb.clone()).context("the embedding table")?;
+            gpu("the embedding table", self.decoder.push_embed_tokens(table.matrix()))?;
+        }
+        if !self.decoder.has_norm() && arrived(TEXT_ENDS[1]) {
+            let norm = vb.pp("lm.norm").get(cfg.hidden_size, "weight").context("the final norm")?;
+            gpu("the final norm", self.decoder.push_norm(&norm))?;
+        }
+        if !self.decoder.has_lm_head() && weights.contains("lm_head.weight") && arrived(TEXT_ENDS[2]) {
+            let head = load_lm_head(cfg, format, vb.clone()).context("lm_head")?;
+            gpu("lm_head", self.decoder.push_lm_head(head.matrix()))?;
+        }
         Ok(())
     }
 
@@ -173,14 +207,7 @@ impl ResidentLoad {
         let Self { ctx, decoder, vision, .. } = self;
         let (decoder, vision) = ctx
             .scoped_build("the model", || {
-                let tw = shell.text.weights();
-                let rest = TextRest {
-                    embed_tokens: tw.embed_tokens,
-                    norm: tw.norm,
-                    lm_head: tw.lm_head,
-                    rope_inv_freq: tw.rope_inv_freq,
-                };
-                let decoder = decoder.finish(&rest)?;
+                let decoder = decoder.finish(shell.text.rope_inv_freq())?;
                 let vision = match vision {
                     Ok(builder) => GpuVisionSlot::Gpu(Box::new(
                         builder.finish(&shell.vision.weights(), shell.projector.weights())?,

@@ -308,12 +308,45 @@ pub struct ForwardOptions<'a> {
 /// The token embedding table: dense (F32, or F16 when the rows are not whole blocks), or
 /// quantized rows dequantized on lookup — which a tied lm_head shares, so a tied quantized model
 /// holds the table once.
-enum TokenEmbedding {
+pub enum TokenEmbedding {
     Dense(Embedding),
     Quantized { table: Arc<QTensor>, hidden: usize },
 }
 
 impl TokenEmbedding {
+    /// The table from the root builder (`lm.embed_tokens.weight`), and the lm_head when it is
+    /// this table ([`lm_head_is_tied`]).
+    fn load(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<(Self, Option<QLinear>)> {
+        let lm = vb.pp("lm");
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let table_dtype = if format == WeightFormat::F32 { DType::F32 } else { DType::F16 };
+        let load_table =
+            || lm.get_with_hints_dtype((vocab, hidden), "embed_tokens.weight", Default::default(), table_dtype);
+        let tied = lm_head_is_tied(cfg, &vb);
+        Ok(match format.ggml_type(hidden) {
+            Some(block) => {
+                let table = match crate::quant::stored_blocks(&lm, "embed_tokens.weight", block, vocab, hidden)? {
+                    Some(stored) => stored,
+                    None => crate::quant::quantize_rows(&load_table()?, block)?,
+                };
+                let table = Arc::new(table);
+                let head = tied.then(|| QLinear::from_qtensor(table.clone())).transpose()?;
+                (Self::Quantized { table, hidden }, head)
+            }
+            None => {
+                let table = load_table()?;
+                let head = tied.then(|| QLinear::new(table.clone(), None, format)).transpose()?;
+                (Self::Dense(Embedding::new(table, hidden)), head)
+            }
+        })
+    }
+
+    /// The table alone (`lm.embed_tokens.weight` under the root builder), held as
+    /// [`TextEnds::new`] holds it.
+    pub fn load_table(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::load(cfg, format, vb)?.0)
+    }
+
     /// Rows `ids` as F32 `[t, H]` (ids already checked against the vocabulary).
     fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         match self {
@@ -333,7 +366,7 @@ impl TokenEmbedding {
         }
     }
 
-    fn matrix(&self) -> MatrixRef<'_> {
+    pub fn matrix(&self) -> MatrixRef<'_> {
         match self {
             Self::Dense(e) => MatrixRef::Dense(e.embeddings()),
             Self::Quantized { table, hidden } => MatrixRef::Blocks { blocks: table, in_dim: *hidden },
@@ -348,13 +381,52 @@ impl TokenEmbedding {
     }
 }
 
-pub struct TextModel {
+/// The decoder's two ends: the token embedding table (prompt in), the final norm and lm_head
+/// (logits out).
+pub struct TextEnds {
     embed_tokens: TokenEmbedding,
-    /// Every block, or none when they were uploaded to the GPU one by one and not kept
-    /// ([`TextModel::without_layers`]).
-    layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: QLinear,
+}
+
+impl TextEnds {
+    /// From the root builder `vb` (canonical `lm.embed_tokens`, `lm.norm`, `lm_head`).
+    ///
+    /// Quantized models load the embedding table straight in F16 and quantize it by rows
+    /// (dequantized on lookup); a tied lm_head is that same quantized table — so a `cmrm
+    /// quantize` GGUF (which stores the table in F16) loads as exactly this model. Rows that are
+    /// not whole blocks stay F16, with a separate quantized lm_head.
+    pub fn new(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        let (embed_tokens, tied_head) = TokenEmbedding::load(cfg, format, vb.clone())?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("lm").pp("norm"))?;
+        let lm_head = match tied_head {
+            Some(head) => head,
+            None => load_lm_head(cfg, format, vb)?,
+        };
+        Ok(Self { embed_tokens, norm, lm_head })
+    }
+}
+
+/// Whether the model's lm_head is its embedding table: tied in the config and no lm_head in the
+/// file (as the CPU model decides, [`TextEnds::new`]).
+pub fn lm_head_is_tied(cfg: &TextConfig, vb: &VarBuilder) -> bool {
+    cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight")
+}
+
+/// An untied lm_head from the root builder: the file's own blocks when it stores them (a `cmrm
+/// quantize` GGUF, a streamed load), so no F32 copy of a 32064×4096 head (525 MB) at the peak
+/// and no re-quantizing.
+pub fn load_lm_head(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(cfg.hidden_size, cfg.vocab_size, false, format, vb.pp("lm_head"))
+}
+
+pub struct TextModel {
+    /// The embedding table, final norm and lm_head, or none when they live on the GPU only
+    /// ([`TextModel::gpu_only`]).
+    ends: Option<TextEnds>,
+    /// Every block, or none when they were uploaded to the GPU one by one and not kept
+    /// ([`TextModel::without_layers`], [`TextModel::gpu_only`]).
+    layers: Vec<DecoderLayer>,
     rope: Rope,
     cfg: TextConfig,
 }
@@ -374,49 +446,28 @@ impl TextModel {
         DecoderLayer::new(cfg, format, i, vb.pp("lm").pp(format!("layers.{i}")))
     }
 
-    /// The embedding table, final norm and lm_head without the blocks: what the CPU keeps when
-    /// the blocks live on the GPU only (it embeds prompts; every forward is the GPU's). A
-    /// forward on it is an error that says so.
+    /// The embedding table, final norm and lm_head without the blocks. A forward on it is an
+    /// error that says the blocks are elsewhere.
     pub fn without_layers(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
-        let lm = vb.pp("lm");
-        // Quantized models load the embedding table straight in F16 and quantize it by rows
-        // (dequantized on lookup); a tied lm_head is that same quantized table — so a `cmrm
-        // quantize` GGUF (which stores the table in F16) loads as exactly this model. Rows that
-        // are not whole blocks stay F16, with a separate quantized lm_head.
-        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        let table_dtype = if format == WeightFormat::F32 { DType::F32 } else { DType::F16 };
-        let load_table =
-            || lm.get_with_hints_dtype((vocab, hidden), "embed_tokens.weight", Default::default(), table_dtype);
-        let tied = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
-        let (embed_tokens, tied_head) = match format.ggml_type(hidden) {
-            Some(block) => {
-                let table = match crate::quant::stored_blocks(&lm, "embed_tokens.weight", block, vocab, hidden)? {
-                    Some(stored) => stored,
-                    None => crate::quant::quantize_rows(&load_table()?, block)?,
-                };
-                let table = Arc::new(table);
-                let head = tied.then(|| QLinear::from_qtensor(table.clone())).transpose()?;
-                (TokenEmbedding::Quantized { table, hidden }, head)
-            }
-            None => {
-                let table = load_table()?;
-                let head = tied.then(|| QLinear::new(table.clone(), None, format)).transpose()?;
-                (TokenEmbedding::Dense(Embedding::new(table, hidden)), head)
-            }
-        };
-        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, lm.pp("norm"))?;
-        let lm_head = match tied_head {
-            Some(head) => head,
-            // The file's own blocks when it stores them (a `cmrm quantize` GGUF, a streamed
-            // load): no F32 copy of a 32064×4096 head (525 MB) at the peak, no re-quantizing.
-            None => QLinear::load(cfg.hidden_size, cfg.vocab_size, false, format, vb.pp("lm_head"))?,
-        };
-        Ok(Self { embed_tokens, layers: Vec::new(), norm, lm_head, rope: Rope::new(cfg), cfg: cfg.clone() })
+        Ok(Self { ends: Some(TextEnds::new(cfg, format, vb)?), ..Self::gpu_only(cfg) })
+    }
+
+    /// No weights at all: what the CPU keeps of a decoder that lives on the GPU only (a
+    /// GPU-resident load: prompts are embedded there too). Every forward and embedding on it is
+    /// an error that says so.
+    pub fn gpu_only(cfg: &TextConfig) -> Self {
+        Self { ends: None, layers: Vec::new(), rope: Rope::new(cfg), cfg: cfg.clone() }
     }
 
     /// Whether the blocks are here (false after a GPU-resident load).
     pub fn has_layers(&self) -> bool {
         self.layers.len() == self.cfg.num_hidden_layers
+    }
+
+    /// Whether the embedding table, final norm and lm_head are here (false after a GPU-resident
+    /// load).
+    pub fn has_ends(&self) -> bool {
+        self.ends.is_some()
     }
 
     fn check_layers(&self) -> Result<()> {
@@ -427,6 +478,16 @@ impl TextModel {
             );
         }
         Ok(())
+    }
+
+    fn ends(&self) -> Result<&TextEnds> {
+        self.ends.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "the decoder's embedding table and lm_head are held on the GPU only (a GPU-resident load): \
+                 embed prompts with the GPU backend, or load the model again with the CPU backend"
+                    .into(),
+            )
+        })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -442,7 +503,7 @@ impl TextModel {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
         }
-        self.embed_tokens.lookup(ids)?.unsqueeze(0)
+        self.ends()?.embed_tokens.lookup(ids)?.unsqueeze(0)
     }
 
     /// Run the decoder over `embeds` `[1, t, H]` at positions `cache.len() ..`, appending to the
@@ -453,8 +514,9 @@ impl TextModel {
             None => Ok(xs.clone()),
         };
         let (last, layer_outputs) = self.run_blocks(embeds, cache, opts.capture_layers, &steer)?;
-        let normed = self.norm.forward(&last)?;
-        let logits = if opts.logits { Some(self.lm_head.forward(&normed)?.flatten_all()?) } else { None };
+        let ends = self.ends()?;
+        let normed = ends.norm.forward(&last)?;
+        let logits = if opts.logits { Some(ends.lm_head.forward(&normed)?.flatten_all()?) } else { None };
         let final_norm = layer_outputs.as_ref().map(|_| normed.flatten_all()).transpose()?;
         Ok(DecoderOutput { logits, layer_outputs, final_norm })
     }
@@ -491,7 +553,8 @@ impl TextModel {
             Tensor::cat(&rows, 0)
         };
         let (last, _) = self.run_blocks(embeds, cache, false, &steer)?;
-        self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)
+        let ends = self.ends()?;
+        ends.lm_head.forward(&ends.norm.forward(&last)?)?.squeeze(1)
     }
 
     /// The blocks over `embeds` `[B, t, H]` at positions `cache.len() ..`, `steer(layer, xs,
@@ -533,22 +596,27 @@ impl TextModel {
             xs = layer.forward(&xs, &cos, &sin, 0, kv)?;
             states.push(xs.get(0)?);
         }
-        let normed = self.norm.forward(&xs)?;
+        let ends = self.ends()?;
+        let normed = ends.norm.forward(&xs)?;
         *states.last_mut().expect("at least one layer") = normed.get(0)?;
-        let logits = self.lm_head.forward(&normed)?.get(0)?;
+        let logits = ends.lm_head.forward(&normed)?.get(0)?;
         Ok((Tensor::stack(&states, 0)?, logits))
     }
 
     /// Read-only views of every weight as held (F32 or quantized blocks), for other compute
     /// backends (`gpu`).
-    pub fn weights(&self) -> TextWeights<'_> {
-        TextWeights {
-            embed_tokens: self.embed_tokens.matrix(),
+    pub fn weights(&self) -> Result<TextWeights<'_>> {
+        let ends = self.ends()?;
+        Ok(TextWeights {
+            ends: ends.weights(),
             layers: self.layers.iter().map(DecoderLayer::weights).collect(),
-            norm: self.norm.weight(),
-            lm_head: self.lm_head.matrix(),
             rope_inv_freq: &self.rope.inv_freq,
-        }
+        })
+    }
+
+    /// RoPE `inv_freq` (`[head_dim / 2]`), exactly the values the CPU path uses.
+    pub fn rope_inv_freq(&self) -> &[f32] {
+        &self.rope.inv_freq
     }
 
     /// Bytes of the matrices one decode step reads: every linear of every block and the lm_head
@@ -564,15 +632,27 @@ impl TextModel {
             })
             .map(QLinear::weight_bytes)
             .sum();
-        linears + self.lm_head.weight_bytes()
+        linears + self.ends.as_ref().map_or(0, |e| e.lm_head.weight_bytes())
     }
 
     /// Bytes of weights held in memory (linears, lm_head, embedding table; a tied lm_head
     /// shares the table's storage, F32 or quantized).
     pub fn weight_bytes(&self) -> usize {
-        let shared_head = self.lm_head.matrix().same_as(&self.embed_tokens.matrix());
-        let head = if shared_head { self.lm_head.weight_bytes() } else { 0 };
-        self.bytes_read_per_token() - head + self.embed_tokens.bytes()
+        let Some(ends) = &self.ends else { return self.bytes_read_per_token() };
+        let shared_head = ends.lm_head.matrix().same_as(&ends.embed_tokens.matrix());
+        let head = if shared_head { ends.lm_head.weight_bytes() } else { 0 };
+        self.bytes_read_per_token() - head + ends.embed_tokens.bytes()
+    }
+}
+
+impl TextEnds {
+    /// Read-only views of the table, norm and head as held.
+    pub fn weights(&self) -> EndWeights<'_> {
+        EndWeights {
+            embed_tokens: self.embed_tokens.matrix(),
+            norm: self.norm.weight(),
+            lm_head: self.lm_head.matrix(),
+        }
     }
 }
 
@@ -592,14 +672,20 @@ pub struct LayerWeights<'a> {
     pub down_proj: LinearRef<'a>,
 }
 
-/// Read-only references to the whole decoder's weights ([`TextModel::weights`]).
-pub struct TextWeights<'a> {
+/// Read-only references to the decoder's ends ([`TextEnds::weights`]).
+#[derive(Clone, Copy)]
+pub struct EndWeights<'a> {
     /// `[V, H]`.
     pub embed_tokens: MatrixRef<'a>,
-    pub layers: Vec<LayerWeights<'a>>,
     pub norm: &'a Tensor,
     /// `[V, H]` (the embedding itself when tied: [`MatrixRef::same_as`]).
     pub lm_head: MatrixRef<'a>,
+}
+
+/// Read-only references to the whole decoder's weights ([`TextModel::weights`]).
+pub struct TextWeights<'a> {
+    pub ends: EndWeights<'a>,
+    pub layers: Vec<LayerWeights<'a>>,
     /// RoPE `inv_freq` (`[head_dim / 2]`), exactly the values the CPU path uses.
     pub rope_inv_freq: &'a [f32],
 }

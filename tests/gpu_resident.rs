@@ -40,10 +40,15 @@ fn compare_backends(
         let b = resident.encode_image(shell, &img).unwrap().features;
         c.equal(&what, "image_features resident-whole", tensor_f32s(&b) == tensor_f32s(&a), true);
         let question = PromptText::Chat(case["question"].as_str().unwrap().into());
-        let pa = full.prepare(&question, Some(&a)).unwrap();
-        let pb = shell.prepare(&question, Some(&b)).unwrap();
+        let pa = whole.prepare(full, &question, &[&a]).unwrap();
+        let pb = resident.prepare(shell, &question, &[&b]).unwrap();
         c.equal(&what, "input_ids", pb.encoded.input_ids.clone(), pa.encoded.input_ids.clone());
         c.equal(&what, "prompt embeds", tensor_f32s(&pb.embeds) == tensor_f32s(&pa.embeds), true);
+        // Embedded on the GPU (the resident model has no table on the CPU): the CPU's rows.
+        if full.model.text.has_ends() {
+            let cpu = full.prepare(&question, Some(&a)).unwrap();
+            c.close(&what, "prompt embeds gpu-cpu", &tensor_f32s(&pb.embeds), &tensor_f32s(&cpu.embeds), 1e-6);
+        }
         let all: Vec<usize> = (0..full.config().text.num_hidden_layers).collect();
         let steer = Intervention::add(&random, 1.5, Some(&all), Positions::All, full.device()).unwrap();
         for steering in [None, Some(&steer)] {
@@ -81,12 +86,14 @@ fn resident_load_answers_as_the_whole_model() {
             assert!(info.resident && info.backend == "webgpu", "{what}: {info:?}");
             assert_eq!(info.vision, "webgpu", "{what}: {info:?}");
             assert_eq!(info.gpu_weights, whole.info().gpu_weights, "{what}");
-            // The shell holds no block: less than the whole model by at least the blocks' bytes,
-            // and a CPU forward says where the blocks are.
+            // The shell holds nothing of the decoder (no block, no table, no lm_head), and a CPU
+            // embedding or forward says where they are.
             assert!(!shell.model.runs_on_cpu() && full.model.runs_on_cpu());
-            let blocks = full.model.text.weight_bytes() - shell.model.text.weight_bytes();
-            assert!(blocks > 0, "{what}: the shell holds the decoder's blocks");
-            let prepared = shell.prepare_text_only("Hello").unwrap();
+            assert!(!shell.model.text.has_ends() && full.model.text.has_ends());
+            assert_eq!(shell.model.text.weight_bytes(), 0, "{what}: the shell holds decoder weights");
+            let err = shell.prepare_text_only("Hello").unwrap_err();
+            assert!(format!("{err:#}").contains("GPU only"), "{what}: {err:#}");
+            let prepared = resident.prepare_text_only(&shell, "Hello").unwrap();
             let err = shell.probe(&prepared, None).unwrap_err();
             assert!(format!("{err:#}").contains("GPU only"), "{what}: {err:#}");
             compare_backends(model, &what, (&full, &whole), (&shell, &resident), &mut c);
@@ -201,7 +208,7 @@ fn a_lost_device_is_reported_as_lost() {
     let Some(ctx) = gpu_ctx() else { return };
     let dir = model_dir(MODELS[1]);
     let (vlm, backend, _) = cmrm::resident::load_dir(&dir, WeightChoice::Auto, ctx.clone(), GpuWeights::Auto).unwrap();
-    let prepared = vlm.prepare_text_only("Hello").unwrap();
+    let prepared = backend.prepare_text_only(&vlm, "Hello").unwrap();
     let opts = vlm.default_generate_options(2, Sampling::Greedy);
     backend.generate(&vlm, &prepared, None, &opts, &mut |_| true).unwrap();
     ctx.device.destroy();

@@ -396,8 +396,15 @@ async fn resident_load_streams_blocks_to_webgpu() {
     let b = resident.encode_image_async(&shell, &img).await.unwrap().features;
     assert_eq!(b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), a.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     let question = PromptText::Chat(o.refs["cases"][0]["question"].as_str().unwrap().into());
-    let pa = full.prepare(&question, Some(&a)).unwrap();
-    let pb = shell.prepare(&question, Some(&b)).unwrap();
+    let pa = whole.prepare_async(full, &question, &[&a]).await.unwrap();
+    // The shell has no embedding table: the prompt is embedded on the GPU, as the CPU would.
+    assert!(!shell.model.text.has_ends());
+    let pb = resident.prepare_async(&shell, &question, &[&b]).await.unwrap();
+    let cpu = full.prepare(&question, Some(&a)).unwrap();
+    assert_eq!(
+        pb.embeds.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        cpu.embeds.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     for steering in [None, Some(&steer)] {
         let x = whole.probe_async(full, &pa, steering).await.unwrap();
         let y = resident.probe_async(&shell, &pb, steering).await.unwrap();

@@ -490,7 +490,7 @@ fn prepare(
     let text =
         if input.raw_prompt { PromptText::Raw(input.prompt.clone()) } else { PromptText::Chat(input.prompt.clone()) };
     let features: Vec<&candle_core::Tensor> = encoded.iter().map(|e| &e.features).collect();
-    Ok((vlm.prepare_images(&text, &features)?, text, stages))
+    Ok((backend.prepare(vlm, &text, &features)?, text, stages))
 }
 
 /// The steering asked for on the command line, with a JSON description for `--json`.

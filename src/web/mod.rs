@@ -1090,10 +1090,10 @@ async fn compare(
     let image = state.borrow().image.as_ref().map(|(f, _)| f.clone());
     let text =
         if opts.raw_prompt { PromptText::Raw(opts.prompt.clone()) } else { PromptText::Chat(opts.prompt.clone()) };
-    let prepared = vlm.prepare(&text, image.as_ref())?;
+    let backend = state.borrow().backend.clone();
+    let prepared = backend.prepare_async(vlm, &text, image.as_ref().as_slice()).await?;
 
     // Vectors: the loaded file, or this prompt's own shift (sample-level).
-    let backend = state.borrow().backend.clone();
     let variant = opts.variant.as_deref().unwrap_or("dataset");
     let (vectors, info) = match variant {
         "dataset" => state
@@ -1192,7 +1192,9 @@ async fn compare(
 
     let gap = if opts.gap && image.is_some() && !stopped {
         yield_to_event_loop().await;
-        let text_only = backend.layer_outputs_async(vlm, &vlm.prepare_text_only(&prepared.prompt)?, None).await?;
+        let text_only = backend
+            .layer_outputs_async(vlm, &backend.prepare_text_only_async(vlm, &prepared.prompt).await?, None)
+            .await?;
         let before = backend.layer_outputs_async(vlm, &prepared, None).await?;
         let after = backend.layer_outputs_async(vlm, &prepared, Some(&steering)).await?;
         let gap = Gap {

@@ -30,7 +30,7 @@ mod upload;
 pub use cache::GpuCache;
 pub use steering::GpuSteering;
 pub(in crate::gpu) use upload::Upload;
-pub use upload::{GpuDecoderBuilder, GpuWeights, TextRest};
+pub use upload::{GpuDecoderBuilder, GpuWeights};
 
 /// Most rows one submission processes (prefill is split into chunks of this many rows).
 const MAX_CHUNK_ROWS: usize = 256;
@@ -246,6 +246,30 @@ impl GpuDecoder {
         }
         table.truncate(self.chunk_rows * half + t * half);
         table
+    }
+
+    /// Token embeddings of `ids`, `[t·H]` row-major (what [`GpuInput::Tokens`] feeds the
+    /// blocks), read back: the prompt's rows, embedded from the GPU's copy of the table (a
+    /// GPU-resident model has no other).
+    pub async fn embed_tokens(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.ctx.check_health()?;
+        let _in_flight = InFlight::enter(&self.in_flight, "another forward is running on this GPU decoder")?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            bail!("token id {bad} is outside the vocabulary ({})", self.vocab);
+        }
+        let mut rows = Vec::with_capacity(ids.len() * self.h);
+        for chunk in ids.chunks(self.chunk_rows) {
+            let q = &self.ctx.queue;
+            let n = chunk.len();
+            q.write_buffer(&self.step, 0, bytemuck::cast_slice(&Step::new(0, n, n).padded_words()));
+            q.write_buffer(&self.ids, 0, bytemuck::cast_slice(chunk));
+            let mut enc =
+                self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("embed tokens") });
+            self.embed_op.record(&self.ctx, &mut enc.begin_compute_pass(&Default::default()), n);
+            let bytes = self.ctx.submit_and_read(enc, &self.x, (n * self.h * 4) as u64).await?;
+            rows.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        }
+        Ok(rows)
     }
 
     /// Run the decoder over new rows at positions `cache.len() ..`, appending to the cache.

@@ -16,7 +16,7 @@ use crate::gpu::ops::activation_code;
 use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowsParams, RmsNormParams};
 use crate::gpu::storage::WeightStorage;
 use crate::quant::MatrixRef;
-use crate::text::{LayerWeights, LinearRef, TextModel};
+use crate::text::{EndWeights, LayerWeights, LinearRef, TextModel};
 
 /// How the decoder's matrices are stored on the GPU. `Auto`: matrices the model holds quantized
 /// keep their GGML blocks (Q8_0 / Q4_0 / Q4_K kernels dequantize on the fly: the model's own
@@ -163,34 +163,22 @@ impl Upload<'_> {
 
 impl GpuDecoder {
     pub(super) fn build(ctx: Arc<GpuContext>, model: &TextModel, weights: GpuWeights) -> Result<Self> {
-        let w = model.weights();
+        let w = model.weights()?;
         let mut builder = GpuDecoderBuilder::new(ctx, model.config(), weights)?;
         for (l, lw) in w.layers.iter().enumerate() {
             builder.push_layer(l, lw)?;
         }
-        builder.finish(&TextRest {
-            embed_tokens: w.embed_tokens,
-            norm: w.norm,
-            lm_head: w.lm_head,
-            rope_inv_freq: w.rope_inv_freq,
-        })
+        builder.push_ends(w.ends)?;
+        builder.finish(w.rope_inv_freq)
     }
-}
-
-/// What the decoder needs beside its blocks ([`GpuDecoderBuilder::finish`]).
-pub struct TextRest<'a> {
-    /// `[V, H]`.
-    pub embed_tokens: MatrixRef<'a>,
-    pub norm: &'a Tensor,
-    /// `[V, H]` (the embedding itself when tied: [`MatrixRef::same_as`]).
-    pub lm_head: MatrixRef<'a>,
-    pub rope_inv_freq: &'a [f32],
 }
 
 /// A [`GpuDecoder`] uploaded a block at a time, in any order: scratch buffers first
 /// ([`Self::new`], from the config alone), then each block as its weights arrive
-/// ([`Self::push_layer`]; the caller may drop them right after), then the embedding table,
-/// final norm and lm_head ([`Self::finish`]). This is how a GPU-resident load keeps no CPU copy.
+/// ([`Self::push_layer`]; the caller may drop them right after), the embedding table, final
+/// norm and lm_head likewise ([`Self::push_embed_tokens`], [`Self::push_norm`],
+/// [`Self::push_lm_head`]), then [`Self::finish`]. This is how a GPU-resident load keeps no CPU
+/// copy.
 pub struct GpuDecoderBuilder {
     ctx: Arc<GpuContext>,
     cfg: TextConfig,
@@ -210,6 +198,9 @@ pub struct GpuDecoderBuilder {
     p_norm: wgpu::Buffer,
     p_act: wgpu::Buffer,
     layers: Vec<Option<Layer>>,
+    embed: Option<Arc<GpuMatrix>>,
+    lm_head: Option<Arc<GpuMatrix>>,
+    final_norm: Option<wgpu::Buffer>,
 }
 
 impl GpuDecoderBuilder {
@@ -249,6 +240,9 @@ impl GpuDecoderBuilder {
             p_norm: uniform(&ctx, &norm),
             p_act: uniform(&ctx, &ActParams { m: mi as u32, act: activation_code(cfg.hidden_act) }),
             layers: (0..cfg.num_hidden_layers).map(|_| None).collect(),
+            embed: None,
+            lm_head: None,
+            final_norm: None,
             step,
             cfg: cfg.clone(),
             ctx,
@@ -306,8 +300,55 @@ impl GpuDecoderBuilder {
         (0..self.layers.len()).filter(|&l| self.layers[l].is_none()).collect()
     }
 
-    /// Upload the embedding table, final norm and lm_head: the decoder, once every block is in.
-    pub fn finish(self, rest: &TextRest) -> Result<GpuDecoder> {
+    /// Upload the token embedding table `[V, H]` (also the lm_head of a tied model that has
+    /// none of its own: [`crate::text::lm_head_is_tied`]).
+    pub fn push_embed_tokens(&mut self, table: MatrixRef) -> Result<()> {
+        if self.embed.is_some() {
+            bail!("the embedding table was uploaded twice");
+        }
+        self.embed = Some(Arc::new(self.upload_as().one("embed_tokens", (table, None), self.cfg.hidden_size)?));
+        Ok(())
+    }
+
+    /// Upload an lm_head `[V, H]` of its own.
+    pub fn push_lm_head(&mut self, head: MatrixRef) -> Result<()> {
+        if self.lm_head.is_some() {
+            bail!("the lm_head was uploaded twice");
+        }
+        self.lm_head = Some(Arc::new(self.upload_as().one("lm_head", (head, None), self.cfg.hidden_size)?));
+        Ok(())
+    }
+
+    /// Upload the final norm's weight `[H]`.
+    pub fn push_norm(&mut self, norm: &Tensor) -> Result<()> {
+        self.final_norm = Some(upload(&self.ctx, "norm", &f32s(norm)?)?);
+        Ok(())
+    }
+
+    /// The table, norm and head of a CPU model (a tied head shares the table's upload).
+    pub fn push_ends(&mut self, ends: EndWeights) -> Result<()> {
+        self.push_embed_tokens(ends.embed_tokens)?;
+        if !ends.lm_head.same_as(&ends.embed_tokens) {
+            self.push_lm_head(ends.lm_head)?;
+        }
+        self.push_norm(ends.norm)
+    }
+
+    pub fn has_embed_tokens(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    pub fn has_lm_head(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    pub fn has_norm(&self) -> bool {
+        self.final_norm.is_some()
+    }
+
+    /// The decoder, once every block, the table and the norm are in; the lm_head is the table
+    /// when none was pushed and the config ties them. `rope_inv_freq` as the CPU computes it.
+    pub fn finish(self, rope_inv_freq: &[f32]) -> Result<GpuDecoder> {
         let missing = self.missing_layers();
         if !missing.is_empty() {
             bail!("decoder blocks {missing:?} never arrived (the weight file lacks them)");
@@ -315,8 +356,6 @@ impl GpuDecoderBuilder {
         let Self {
             ctx,
             cfg,
-            dense,
-            keep_blocks,
             chunk_rows,
             step,
             rope,
@@ -331,26 +370,29 @@ impl GpuDecoderBuilder {
             p_norm,
             p_act,
             layers,
+            embed,
+            lm_head,
+            final_norm,
+            ..
         } = self;
-        let up = Upload { ctx: &ctx, dense, keep_blocks };
+        let Some(embed) = embed else { bail!("the embedding table never arrived") };
+        let lm_head = match (lm_head, cfg.tie_word_embeddings) {
+            (Some(head), _) => head,
+            (None, true) => embed.clone(),
+            (None, false) => bail!("lm_head.weight never arrived (the model's embeddings are not tied)"),
+        };
+        let Some(final_norm) = final_norm else { bail!("the final norm never arrived") };
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let n_layers = cfg.num_hidden_layers;
         let normed_last = scratch(&ctx, "normed_last", h)?;
         let logits = scratch(&ctx, "logits", vocab)?;
         let token = scratch(&ctx, "token", 1)?;
         let ids = scratch(&ctx, "token_ids", chunk_rows)?;
-        let embed = Arc::new(up.one("embed_tokens", (rest.embed_tokens, None), h)?);
-        let lm_head = if rest.lm_head.same_as(&rest.embed_tokens) {
-            embed.clone()
-        } else {
-            Arc::new(up.one("lm_head", (rest.lm_head, None), h)?)
-        };
         let embed_op = bind_embed_rows(&ctx, &step, &embed, &ids, &x);
         let k = &ctx.kernels;
         let dev = &ctx.device;
         let norm = RmsNormParams { h: h as u32, eps: cfg.rms_norm_eps as f32, ..Default::default() };
         let p_norm_last = uniform(&ctx, &RmsNormParams { last_only: 1, ..norm });
-        let final_norm = upload(&ctx, "norm", &f32s(rest.norm)?)?;
         let final_norm_bind = k.rmsnorm.bind(dev, &[&step, &p_norm_last, &x, &final_norm, &normed_last]);
         let p_final_capture = uniform(&ctx, &CopyRowsParams::one_row(h, n_layers * h, true));
         let final_capture_bind = k.copy_rows.bind(dev, &[&step, &p_final_capture, &normed_last, &capture]);
@@ -369,7 +411,7 @@ impl GpuDecoderBuilder {
             mi: cfg.intermediate_size,
             vocab,
             chunk_rows,
-            inv_freq: rest.rope_inv_freq.to_vec(),
+            inv_freq: rope_inv_freq.to_vec(),
             step,
             rope,
             x,

@@ -36,13 +36,13 @@ impl LlavaModel {
         Self::with_parts(config, format, vb, text, vision)
     }
 
-    /// What the CPU keeps when the blocks were uploaded to the GPU one by one and dropped
-    /// (`crate::resident`): the embedding table (prompts are embedded here), final norm and
-    /// lm_head, the vision embeddings, the projector and `image_newline` — and the vision
-    /// layers when `vision_layers` (a tower the GPU does not run stays here). A forward through
-    /// what is missing is an error that says so.
+    /// What the CPU keeps when the decoder and the vision layers were uploaded to the GPU piece
+    /// by piece and dropped (`crate::resident`): the vision embeddings, the projector and
+    /// `image_newline` — and the vision layers when `vision_layers` (a tower the GPU does not
+    /// run stays here). Nothing of the decoder: prompts are embedded on the GPU. A forward or an
+    /// embedding through what is missing is an error that says so.
     pub fn shell(config: &LlavaConfig, format: WeightFormat, vb: VarBuilder, vision_layers: bool) -> Result<Self> {
-        let text = TextModel::without_layers(&config.text, format, vb.clone())?;
+        let text = TextModel::gpu_only(&config.text);
         let vision = match vision_layers {
             true => VisionTower::new(&config.vision, format, vb.pp("vision"))?,
             false => VisionTower::without_layers(&config.vision, vb.pp("vision"))?,
@@ -121,11 +121,15 @@ impl LlavaModel {
     /// Token embeddings `[1, T, H]` with each image's features written over its span (spans in
     /// prompt order, not overlapping).
     pub fn embed(&self, input_ids: &[u32], images: &[(&Tensor, (usize, usize))]) -> Result<Tensor> {
-        let embeds = self.text.embed(input_ids)?;
+        self.merge_images(&self.text.embed(input_ids)?, images)
+    }
+
+    /// Token embeddings `[1, T, H]` with each image's features written over its span.
+    pub fn merge_images(&self, embeds: &Tensor, images: &[(&Tensor, (usize, usize))]) -> Result<Tensor> {
         if images.is_empty() {
-            return Ok(embeds);
+            return Ok(embeds.clone());
         }
-        let t = input_ids.len();
+        let t = embeds.dim(1)?;
         let mut parts = Vec::with_capacity(2 * images.len() + 1);
         let mut done = 0;
         for &(features, (start, end)) in images {
