@@ -152,6 +152,14 @@ impl KvLayout {
     }
 }
 
+/// Query rows one attention workgroup takes (attention.wgsl's `TQ`).
+pub const ATTENTION_ROWS: usize = 8;
+
+/// Workgroups of the attention kernel for `t` query rows and `nh` heads.
+pub fn attention_groups(t: usize, nh: usize) -> (u32, u32) {
+    grid((t.div_ceil(ATTENTION_ROWS) * nh) as u32)
+}
+
 /// The attention kernel's uniform (attention.wgsl `P`). Queries are rows of a packed q|k|v
 /// buffer; `full_keys`: `None` causal (with `window`, 0 = none), `Some(n)` every row sees keys
 /// `0 .. n`.
@@ -189,7 +197,7 @@ pub async fn full_attention(ctx: &GpuContext, s: AttnShape, qkv: &[f32], t: usiz
     let k = &ctx.kernels.attention;
     let bind = k.bind(&ctx.device, &[&step, &p, &qkvb, &qkvb, &qkvb, &out]);
     let mut enc = encoder(ctx);
-    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, grid((t * s.nh) as u32));
+    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, attention_groups(t, s.nh));
     read(ctx, enc, &out, t * s.nh * s.d).await
 }
 
@@ -239,7 +247,7 @@ pub async fn rope_attention(
         let mut pass = enc.begin_compute_pass(&Default::default());
         let threads = t * (s.nh + 2 * s.kvh) * half;
         dispatch(&mut pass, &k.rope_kv, &b_rope, grid(threads.div_ceil(64) as u32));
-        dispatch(&mut pass, &k.attention, &b_att, grid((t * s.nh) as u32));
+        dispatch(&mut pass, &k.attention, &b_att, attention_groups(t, s.nh));
     }
     let attn = read(ctx, enc, &out, t * s.nh * s.d).await?;
     let roped = read(ctx, encoder(ctx), &qkvb, t * width).await?;
@@ -383,4 +391,14 @@ pub async fn self_test(ctx: &GpuContext) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod attention_tile {
+    /// The dispatch size assumes the kernel's tile height.
+    #[test]
+    fn the_kernel_takes_attention_rows_per_workgroup() {
+        let source = include_str!("shaders/attention.wgsl");
+        assert!(source.contains(&format!("const TQ: u32 = {}u;", super::ATTENTION_ROWS)));
+    }
 }

@@ -22,7 +22,7 @@ use super::buffers::{bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo,
 use super::context::GpuContext;
 use super::decoder::{f32s, GpuWeights, InFlight, Upload};
 use super::kernels::{dispatch, grid};
-use super::ops::{activation_code, attention_params, AttnShape, KvLayout};
+use super::ops::{activation_code, attention_groups, attention_params, AttnShape, KvLayout};
 use super::params::{ActParams, CopyRowsParams, LayerNormParams, Step};
 use super::storage::WeightStorage;
 use crate::config::{Activation, FeatureSelect, LlavaConfig, VisionKind};
@@ -395,7 +395,7 @@ impl GpuVision {
             let mut pass = enc.begin_compute_pass(&Default::default());
             dispatch(&mut pass, &k.layernorm, &layer.norm1.bind, rows_grid);
             layer.qkv_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
-            dispatch(&mut pass, &k.attention, &layer.attn_bind, grid((t * heads) as u32));
+            dispatch(&mut pass, &k.attention, &layer.attn_bind, attention_groups(t, heads));
             layer.out_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.layernorm, &layer.norm2.bind, rows_grid);
             layer.fc1_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));

@@ -400,7 +400,7 @@ impl GpuDecoder {
             dispatch(&mut pass, &k.rmsnorm, &layer.norm1_bind, row_groups);
             layer.qkv_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.rope_kv, &cache.rope_binds[l], elems(t * heads * half));
-            dispatch(&mut pass, &k.attention, &cache.attn_binds[l], grid((t * self.nh) as u32));
+            dispatch(&mut pass, &k.attention, &cache.attn_binds[l], crate::gpu::ops::attention_groups(t, self.nh));
             layer.o_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.rmsnorm, &layer.norm2_bind, row_groups);
             layer.gate_up_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));

@@ -1,10 +1,12 @@
-// GQA attention, one workgroup per (row i, query head h), keys in blocks of 64 with an online
-// softmax. Causal (n_keys = 0: the decoder over its KV cache): query row i is position
-// step.start + i and sees keys 0 ..= step.start + i, or with a sliding window w > 0 only the
-// last w of them. Full (n_keys > 0: the vision tower): every row sees keys 0 .. n_keys. Head h
-// reads KV head h / (nh / kvh) (HF repeat_kv). Key j of KV head g is at
-// k_off + g·head_stride + j·row_stride in kc (values likewise in vc): the cache's
-// [kvh, cap, d] layout, or the K and V columns of a packed [rows, q|k|v] buffer.
+// GQA attention, one workgroup per (tile of TQ query rows, query head h), keys in blocks of 64
+// (one per invocation) with an online softmax: each key and value row is read once per tile, not
+// once per query row, and each probability is computed once (by its key's invocation).
+// Causal (n_keys = 0: the decoder over its KV cache): query row i is position step.start + i and
+// sees keys 0 ..= step.start + i, or with a sliding window w > 0 only the last w of them. Full
+// (n_keys > 0: the vision tower): every row sees keys 0 .. n_keys. Head h reads KV head
+// h / (nh / kvh) (HF repeat_kv). Key j of KV head g is at k_off + g·head_stride + j·row_stride
+// in kc (values likewise in vc): the cache's [kvh, cap, d] layout, or the K and V columns of a
+// packed [rows, q|k|v] buffer. Dispatch ceil(t / TQ) · nh workgroups (ops::attention_groups).
 // `P` is AttentionParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
@@ -14,40 +16,62 @@
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 const B: u32 = 64u;
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> sc: array<f32, 64>;
+const TQ: u32 = 8u;
+// The tile's queries, [TQ, d] (d ≤ 256).
+var<workgroup> qs: array<f32, 2048>;
+// The block's scores, then probabilities, [TQ, B].
+var<workgroup> pr: array<f32, 512>;
+
+// Keys row i of the step sees: [first, end).
+fn key_range(i: u32) -> vec2<u32> {
+    var end = p.n_keys;
+    if (end == 0u) {
+        end = step.start + i + 1u;
+    }
+    var first = 0u;
+    if (p.window > 0u && end > p.window) {
+        first = end - p.window;
+    }
+    return vec2<u32>(first, end);
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let wg = wg_linear(wid, nwg);
-    let i = wg / p.nh;
+    let i0 = (wg / p.nh) * TQ;
     let h = wg % p.nh;
-    if (i >= step.t) {
+    if (i0 >= step.t) {
         return;
     }
+    let rows = min(TQ, step.t - i0);
+    // A decode step (one row) takes the one-row loop: the tile's fixed TQ-row loops would do
+    // TQ times its work.
+    if (rows == 1u) {
+        one_row(i0, h, li);
+    } else {
+        tile(i0, h, rows, li);
+    }
+}
+
+// Row i, head h: each invocation scores one key of the block; every invocation then walks the
+// block's scores for its value columns.
+fn one_row(i: u32, h: u32, li: u32) {
     let kv = h / (p.nh / p.kvh);
     for (var e = li; e < p.d; e += 64u) {
         qs[e] = qkv[i * p.q_stride + h * p.d + e];
     }
     workgroupBarrier();
-    var n_keys = p.n_keys;
-    if (n_keys == 0u) {
-        n_keys = step.start + i + 1u;
-    }
+    let range = key_range(i);
     let kbase = p.k_off + kv * p.head_stride;
     let vbase = p.v_off + kv * p.head_stride;
     var m = NEG_BIG;
     var l = 0.0;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    var first = 0u;
-    if (p.window > 0u && n_keys > p.window) {
-        first = n_keys - p.window;
-    }
-    for (var b0 = first; b0 < n_keys; b0 += B) {
+    for (var b0 = range.x; b0 < range.y; b0 += B) {
         let j = b0 + li;
         var s = NEG_BIG;
-        if (j < n_keys) {
+        if (j < range.y) {
             var dot = 0.0;
             let kb = kbase + j * p.row_stride;
             for (var e = 0u; e < p.d; e++) {
@@ -55,31 +79,33 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             s = dot * p.scale;
         }
-        sc[li] = s;
+        pr[li] = s;
         workgroupBarrier();
-        let cnt = min(B, n_keys - b0);
-        var bm = NEG_BIG;
+        let cnt = min(B, range.y - b0);
+        var bm = m;
         for (var r = 0u; r < cnt; r++) {
-            bm = max(bm, sc[r]);
+            bm = max(bm, pr[r]);
         }
-        let m_new = max(m, bm);
-        let corr = exp(m - m_new);
+        let corr = exp(m - bm);
+        m = bm;
+        workgroupBarrier();
+        pr[li] = exp(s - m);
+        workgroupBarrier();
         l *= corr;
         for (var c = 0u; c < 4u; c++) {
             acc[c] *= corr;
         }
         for (var r = 0u; r < cnt; r++) {
-            let pr = exp(sc[r] - m_new);
-            l += pr;
+            let pj = pr[r];
+            l += pj;
             let vb = vbase + (b0 + r) * p.row_stride;
             for (var c = 0u; c < 4u; c++) {
                 let e = li + c * 64u;
                 if (e < p.d) {
-                    acc[c] += pr * vc[vb + e];
+                    acc[c] += pj * vc[vb + e];
                 }
             }
         }
-        m = m_new;
         workgroupBarrier();
     }
     let ob = i * p.nh * p.d + h * p.d;
@@ -87,6 +113,111 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let e = li + c * 64u;
         if (e < p.d) {
             out[ob + e] = acc[c] / l;
+        }
+    }
+}
+
+// Rows i0 .. i0 + rows (2 ≤ rows ≤ TQ), head h: each invocation scores one key for every row
+// and turns those scores into probabilities; every invocation then walks the block for its
+// value columns, for all rows at once.
+fn tile(i0: u32, h: u32, rows: u32, li: u32) {
+    let kv = h / (p.nh / p.kvh);
+    for (var e = li; e < rows * p.d; e += 64u) {
+        qs[e] = qkv[(i0 + e / p.d) * p.q_stride + h * p.d + e % p.d];
+    }
+    workgroupBarrier();
+    // The tile's keys: from the first row's first to the last row's end.
+    let lo = key_range(i0).x;
+    let hi = key_range(i0 + rows - 1u).y;
+    let kbase = p.k_off + kv * p.head_stride;
+    let vbase = p.v_off + kv * p.head_stride;
+    var m: array<f32, 8>;
+    var l: array<f32, 8>;
+    var acc: array<f32, 32>; // [TQ, 4]: this invocation's value columns li + 64·c
+    for (var q = 0u; q < TQ; q++) {
+        m[q] = NEG_BIG;
+        l[q] = 0.0;
+    }
+    for (var c = 0u; c < 32u; c++) {
+        acc[c] = 0.0;
+    }
+    for (var b0 = lo; b0 < hi; b0 += B) {
+        let j = b0 + li;
+        var dots: array<f32, 8>;
+        for (var q = 0u; q < TQ; q++) {
+            dots[q] = 0.0;
+        }
+        if (j < hi) {
+            let kb = kbase + j * p.row_stride;
+            for (var e = 0u; e < p.d; e++) {
+                let k = kc[kb + e];
+                for (var q = 0u; q < TQ; q++) {
+                    if (q < rows) {
+                        dots[q] += qs[q * p.d + e] * k;
+                    }
+                }
+            }
+        }
+        for (var q = 0u; q < TQ; q++) {
+            let range = key_range(i0 + q);
+            var s = NEG_BIG;
+            if (q < rows && j < hi && j >= range.x && j < range.y) {
+                s = dots[q] * p.scale;
+            }
+            pr[q * B + li] = s;
+        }
+        workgroupBarrier();
+        let cnt = min(B, hi - b0);
+        var corr: array<f32, 8>;
+        for (var q = 0u; q < TQ; q++) {
+            var bm = m[q];
+            for (var r = 0u; r < cnt; r++) {
+                bm = max(bm, pr[q * B + r]);
+            }
+            corr[q] = exp(m[q] - bm);
+            m[q] = bm;
+        }
+        workgroupBarrier();
+        // Each invocation turns its own key's scores into probabilities (a masked key: 0).
+        for (var q = 0u; q < TQ; q++) {
+            let s = pr[q * B + li];
+            var pq = 0.0;
+            if (s > NEG_BIG) {
+                pq = exp(s - m[q]);
+            }
+            pr[q * B + li] = pq;
+        }
+        workgroupBarrier();
+        for (var q = 0u; q < TQ; q++) {
+            l[q] *= corr[q];
+            for (var c = 0u; c < 4u; c++) {
+                acc[q * 4u + c] *= corr[q];
+            }
+        }
+        for (var r = 0u; r < cnt; r++) {
+            let vb = vbase + (b0 + r) * p.row_stride;
+            for (var c = 0u; c < 4u; c++) {
+                let e = li + c * 64u;
+                if (e < p.d) {
+                    let v = vc[vb + e];
+                    for (var q = 0u; q < TQ; q++) {
+                        acc[q * 4u + c] += pr[q * B + r] * v;
+                    }
+                }
+            }
+            for (var q = 0u; q < TQ; q++) {
+                l[q] += pr[q * B + r];
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var q = 0u; q < rows; q++) {
+        let ob = (i0 + q) * p.nh * p.d + h * p.d;
+        for (var c = 0u; c < 4u; c++) {
+            let e = li + c * 64u;
+            if (e < p.d) {
+                out[ob + e] = acc[q * 4u + c] / l[q];
+            }
         }
     }
 }
