@@ -200,6 +200,10 @@ impl ResidentLoad {
     /// point of the load.
     pub async fn finish(mut self, weights: Weights) -> Result<(LlavaModel, DecoderBackend, BackendInfo)> {
         self.absorb(&weights, &|_| true)?;
+        // A missing head is the file's fault, not the GPU's: said here, unmarked.
+        if !self.decoder.has_lm_head() && !self.config.text.tie_word_embeddings {
+            anyhow::bail!("the weights lack lm_head.weight (the model's embeddings are not tied)");
+        }
         let vision_on_gpu = self.vision.is_ok();
         let shell =
             LlavaModel::shell(&self.config, self.format, weights.into_var_builder(&Device::Cpu), !vision_on_gpu)

@@ -217,3 +217,34 @@ fn a_lost_device_is_reported_as_lost() {
     assert!(err.downcast_ref::<cmrm::gpu::context::DeviceLost>().is_some(), "{err:#}");
     assert!(format!("{err:#}").contains("the GPU device was lost"), "{err:#}");
 }
+
+/// A folder missing the embedding table or an untied lm_head: the resident load names the
+/// tensor, and the error is the file's (not marked as the GPU's, so `auto` does not retry it on
+/// the CPU).
+#[test]
+fn a_missing_table_or_head_is_named_and_not_blamed_on_the_gpu() {
+    let Some(ctx) = gpu_ctx() else { return };
+    let src = model_dir(MODELS[0]); // tie_word_embeddings = false
+    for (tag, dropped, named) in [("head", "lm_head", "lm_head.weight"), ("table", "embed_tokens", "embed_tokens")] {
+        let dir = std::env::temp_dir().join(format!("cmrm-resident-no-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        let mut tensors =
+            candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let before = tensors.len();
+        tensors.retain(|k, _| !k.contains(dropped));
+        assert_eq!(tensors.len() + 1, before, "{tag}");
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        let err = match cmrm::resident::load_dir(&dir, WeightChoice::Auto, ctx.clone(), GpuWeights::Auto) {
+            Ok(_) => panic!("{tag}: loaded without {dropped}"),
+            Err(e) => e,
+        };
+        assert!(format!("{err:#}").contains(named), "{tag}: {err:#}");
+        assert!(err.downcast_ref::<cmrm::resident::GpuUploadFailed>().is_none(), "{tag}: blamed on the GPU: {err:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
