@@ -211,7 +211,7 @@ impl Vlm {
         let (tiles, pixel_values) = self.pixel_values(img, among)?;
         let selected = self.model.select_vision_features(&pixel_values)?;
         let t1 = crate::generate::now_seconds();
-        let tile_features = candle_core::Module::forward(&self.model.projector, &selected)?;
+        let tile_features = candle_core::Module::forward(self.model.projector()?, &selected)?;
         let features = self.model.pack_image_features(&tile_features, tiles.grid.as_ref())?;
         let t2 = crate::generate::now_seconds();
         Ok(EncodedImage { features, vision: StageTime::cpu(t1 - t0), projector: StageTime::cpu(t2 - t1) })

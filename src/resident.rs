@@ -1,9 +1,9 @@
-//! GPU-resident load: the decoder's blocks, its embedding table, final norm and lm_head, and the
-//! vision tower's layers go to the GPU one at a time as their weights arrive, and each CPU copy
-//! is dropped as soon as it is uploaded (prompts are embedded on the GPU:
-//! [`DecoderBackend::prepare_prompt_async`]). The CPU keeps a shell ([`LlavaModel::shell`]):
-//! the vision embeddings (patches are cut there), the projector and `image_newline`. Peak CPU
-//! memory is that shell plus the largest piece in flight, not the model: what lets a model
+//! GPU-resident load: the decoder's blocks, its embedding table, final norm and lm_head, the
+//! vision tower's layers and embeddings and the projector go to the GPU one piece at a time as
+//! their weights arrive, and each CPU copy is dropped as soon as it is uploaded (prompts are
+//! embedded on the GPU: [`DecoderBackend::prepare_prompt_async`]; patches are cut from the
+//! config alone). The CPU keeps a shell ([`LlavaModel::shell`]): `image_newline`, for anyres
+//! packing. Peak CPU memory is the largest piece in flight, not the model: what lets a model
 //! larger than wasm32's 4 GiB (LLaVA-1.5-7B as q4) load in a tab.
 //!
 //! The same [`ResidentLoad`] serves a download converted as it streams (the page: after each
@@ -25,20 +25,24 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::decoder::{GpuDecoderBuilder, GpuWeights};
 use crate::gpu::vision::GpuVisionBuilder;
 use crate::models::llava::LlavaModel;
+use crate::projector::Projector;
 use crate::quant::WeightFormat;
 use crate::text::{load_lm_head, TextModel, TokenEmbedding};
-use crate::vision::VisionTower;
+use crate::vision::{VisionEmbeddings, VisionTower};
 use crate::weights::Weights;
 
 /// The decoder's pieces beside its blocks that a resident load uploads on their own as they
 /// arrive (canonical prefixes).
 const TEXT_ENDS: [&str; 3] = ["lm.embed_tokens.", "lm.norm.", "lm_head."];
 
+/// Likewise for the vision tower: its embeddings, CLIP's pre-norm, the projector.
+const VISION_ENDS: [&str; 3] = ["vision.embeddings.", "vision.pre_layrnorm.", "projector."];
+
 /// The piece a canonical tensor name is uploaded with (`lm.layers.3.`,
 /// `vision.encoder.layers.0.`, `lm.embed_tokens.`, `lm_head.`), or `None` for the shell's
 /// tensors.
 pub fn block_prefix(name: &str) -> Option<&str> {
-    if let Some(end) = TEXT_ENDS.iter().find(|p| name.starts_with(**p)) {
+    if let Some(end) = TEXT_ENDS.iter().chain(&VISION_ENDS).find(|p| name.starts_with(**p)) {
         return Some(&name[..end.len()]);
     }
     ["lm.layers.", "vision.encoder.layers."].iter().find_map(|head| {
@@ -157,7 +161,31 @@ impl ResidentLoad {
                 self.uploaded += 1;
             }
         }
-        self.absorb_text_ends(weights, &vb, arrived)
+        self.absorb_text_ends(weights, &vb, arrived)?;
+        self.absorb_vision_ends(&vb, arrived)
+    }
+
+    /// The vision embeddings (with CLIP's pre-norm) and the projector, each as it arrives, when
+    /// the tower runs on the GPU (else the shell keeps them).
+    fn absorb_vision_ends(&mut self, vb: &VarBuilder, arrived: &dyn Fn(&str) -> bool) -> Result<()> {
+        let Ok(vision) = &mut self.vision else { return Ok(()) };
+        let (cfg, format, ctx) = (&self.config, self.format, &self.ctx);
+        let gpu = |what: &str, pushed: Result<()>| -> Result<()> {
+            pushed
+                .and_then(|()| ctx.check_health())
+                .with_context(|| format!("uploading {what}"))
+                .context(GpuUploadFailed)
+        };
+        let clip = cfg.vision.kind == crate::config::VisionKind::Clip;
+        if !vision.has_embeddings() && arrived(VISION_ENDS[0]) && (!clip || arrived(VISION_ENDS[1])) {
+            let embeddings = VisionEmbeddings::new(&cfg.vision, vb.pp("vision")).context("the vision embeddings")?;
+            gpu("the vision embeddings", vision.push_embeddings(&embeddings.weights()))?;
+        }
+        if !vision.has_projector() && arrived(VISION_ENDS[2]) {
+            let projector = Projector::new(cfg, format, vb.pp("projector")).context("the projector")?;
+            gpu("the projector", vision.push_projector(projector.weights()))?;
+        }
+        Ok(())
     }
 
     /// The embedding table, lm_head (when the file has one) and final norm, each as it arrives.
@@ -213,9 +241,7 @@ impl ResidentLoad {
             .scoped_build("the model", || {
                 let decoder = decoder.finish(shell.text.rope_inv_freq())?;
                 let vision = match vision {
-                    Ok(builder) => GpuVisionSlot::Gpu(Box::new(
-                        builder.finish(&shell.vision.weights(), shell.projector.weights())?,
-                    )),
+                    Ok(builder) => GpuVisionSlot::Gpu(Box::new(builder.finish()?)),
                     Err(why) => GpuVisionSlot::Cpu(why),
                 };
                 Ok((decoder, vision))

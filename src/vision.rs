@@ -112,13 +112,46 @@ impl EncoderLayer {
     }
 }
 
-pub struct VisionTower {
+/// Patch and position embeddings (+ CLIP's CLS and pre-norm): what makes hidden state 0.
+pub struct VisionEmbeddings {
     /// Patch conv weight flattened to `[3·p·p, H]` (conv with kernel = stride = patch is a matmul).
     patch_weight_t: Tensor,
     patch_bias: Option<Tensor>,
     class_embedding: Option<Tensor>,
     position_embedding: Tensor,
     pre_layrnorm: Option<LayerNorm>,
+}
+
+impl VisionEmbeddings {
+    /// `vb` points at the canonical `vision.` prefix (`embeddings.*`, `pre_layrnorm.*`).
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb.get((h, c, p, p), "patch_embedding.weight")?;
+        let patch_weight_t = patch_weight.reshape((h, c * p * p))?.t()?.contiguous()?;
+        let is_clip = cfg.kind == VisionKind::Clip;
+        let patch_bias = if is_clip { None } else { Some(emb.get(h, "patch_embedding.bias")?) };
+        let class_embedding = if is_clip { Some(emb.get(h, "class_embedding")?) } else { None };
+        let position_embedding = emb.get((cfg.num_positions(), h), "position_embedding.weight")?;
+        let pre_layrnorm = if is_clip { Some(layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?) } else { None };
+        Ok(Self { patch_weight_t, patch_bias, class_embedding, position_embedding, pre_layrnorm })
+    }
+
+    /// Read-only references to the embeddings' weights (for the GPU tower).
+    pub fn weights(&self) -> VisionEmbeddingWeights<'_> {
+        VisionEmbeddingWeights {
+            patch_weight_t: &self.patch_weight_t,
+            patch_bias: self.patch_bias.as_ref(),
+            class_embedding: self.class_embedding.as_ref(),
+            position_embedding: &self.position_embedding,
+            pre_layrnorm: self.pre_layrnorm.as_ref(),
+        }
+    }
+}
+
+pub struct VisionTower {
+    /// The embeddings, or none when they live on the GPU only ([`VisionTower::gpu_only`]).
+    embeddings: Option<VisionEmbeddings>,
     /// Every layer, or none when they live on the GPU only ([`VisionTower::without_layers`]).
     layers: Vec<EncoderLayer>,
     cfg: VisionConfig,
@@ -138,27 +171,15 @@ impl VisionTower {
         EncoderLayer::new(cfg, format, vb.pp(format!("encoder.layers.{i}")))
     }
 
-    /// The embeddings (and CLIP's pre-norm) without the encoder layers: what the CPU keeps when
-    /// the layers live on the GPU only (it cuts patches; the encode is the GPU's).
+    /// The embeddings (and CLIP's pre-norm) without the encoder layers.
     pub fn without_layers(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
-        let emb = vb.pp("embeddings");
-        let patch_weight = emb.get((h, c, p, p), "patch_embedding.weight")?;
-        let patch_weight_t = patch_weight.reshape((h, c * p * p))?.t()?.contiguous()?;
-        let is_clip = cfg.kind == VisionKind::Clip;
-        let patch_bias = if is_clip { None } else { Some(emb.get(h, "patch_embedding.bias")?) };
-        let class_embedding = if is_clip { Some(emb.get(h, "class_embedding")?) } else { None };
-        let position_embedding = emb.get((cfg.num_positions(), h), "position_embedding.weight")?;
-        let pre_layrnorm = if is_clip { Some(layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?) } else { None };
-        Ok(Self {
-            patch_weight_t,
-            patch_bias,
-            class_embedding,
-            position_embedding,
-            pre_layrnorm,
-            layers: Vec::new(),
-            cfg: cfg.clone(),
-        })
+        Ok(Self { embeddings: Some(VisionEmbeddings::new(cfg, vb)?), ..Self::gpu_only(cfg) })
+    }
+
+    /// No weights at all: what the CPU keeps of a tower that lives on the GPU only (it cuts
+    /// patches, which needs the config alone; the encode is the GPU's).
+    pub fn gpu_only(cfg: &VisionConfig) -> Self {
+        Self { embeddings: None, layers: Vec::new(), cfg: cfg.clone() }
     }
 
     /// `pixel_values` `[B, 3, S, S]` as patches `[B, g², 3·p·p]` in raster order, each flattened
@@ -184,18 +205,19 @@ impl VisionTower {
 
     /// Patch + position embeddings (+ CLS and pre-norm for CLIP): hidden state 0, `[B, N, H]`.
     fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let Some(e) = &self.embeddings else { candle_core::bail!("{GPU_ONLY}") };
         let b = pixel_values.dim(0)?;
         let patches = self.patches(pixel_values)?;
-        let mut xs = patches.broadcast_matmul(&self.patch_weight_t)?;
-        if let Some(bias) = &self.patch_bias {
+        let mut xs = patches.broadcast_matmul(&e.patch_weight_t)?;
+        if let Some(bias) = &e.patch_bias {
             xs = xs.broadcast_add(bias)?;
         }
-        if let Some(cls) = &self.class_embedding {
+        if let Some(cls) = &e.class_embedding {
             let cls = cls.reshape((1, 1, self.cfg.hidden_size))?.repeat((b, 1, 1))?;
             xs = Tensor::cat(&[cls, xs], 1)?;
         }
-        xs = xs.broadcast_add(&self.position_embedding)?;
-        if let Some(norm) = &self.pre_layrnorm {
+        xs = xs.broadcast_add(&e.position_embedding)?;
+        if let Some(norm) = &e.pre_layrnorm {
             xs = norm.forward(&xs)?;
         }
         Ok(xs)
@@ -211,15 +233,9 @@ impl VisionTower {
     }
 
     /// Read-only references to the tower's weights (for the GPU tower).
-    pub fn weights(&self) -> VisionWeights<'_> {
-        VisionWeights {
-            patch_weight_t: &self.patch_weight_t,
-            patch_bias: self.patch_bias.as_ref(),
-            class_embedding: self.class_embedding.as_ref(),
-            position_embedding: &self.position_embedding,
-            pre_layrnorm: self.pre_layrnorm.as_ref(),
-            layers: self.layers.iter().map(EncoderLayer::weights).collect(),
-        }
+    pub fn weights(&self) -> Result<VisionWeights<'_>> {
+        let Some(e) = &self.embeddings else { candle_core::bail!("{GPU_ONLY}") };
+        Ok(VisionWeights { embeddings: e.weights(), layers: self.layers.iter().map(EncoderLayer::weights).collect() })
     }
 
     /// The hidden states at the given indices (0 = encoder input), each `[B, N, H]`. Layers past
@@ -227,10 +243,7 @@ impl VisionTower {
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
         let last = indices.iter().copied().max().unwrap_or(0);
         if !self.has_layers() {
-            candle_core::bail!(
-                "the vision tower's layers are held on the GPU only (a GPU-resident load): the CPU cannot run them; \
-                 load the model again with the CPU backend"
-            );
+            candle_core::bail!("{GPU_ONLY}");
         }
         if last > self.layers.len() {
             candle_core::bail!("vision hidden state {last} requested, the tower has {} layers", self.layers.len());
@@ -270,8 +283,8 @@ pub struct VisionLayerWeights<'a> {
     pub act: Activation,
 }
 
-/// Read-only references to the whole tower's weights ([`VisionTower::weights`]).
-pub struct VisionWeights<'a> {
+/// Read-only references to the embeddings' weights ([`VisionEmbeddings::weights`]).
+pub struct VisionEmbeddingWeights<'a> {
     /// `[3·p·p, H]` (the conv kernel flattened and transposed).
     pub patch_weight_t: &'a Tensor,
     pub patch_bias: Option<&'a Tensor>,
@@ -279,5 +292,14 @@ pub struct VisionWeights<'a> {
     /// `[N, H]`, N = patches (+ 1 for CLIP's CLS).
     pub position_embedding: &'a Tensor,
     pub pre_layrnorm: Option<&'a LayerNorm>,
+}
+
+/// Read-only references to the whole tower's weights ([`VisionTower::weights`]).
+pub struct VisionWeights<'a> {
+    pub embeddings: VisionEmbeddingWeights<'a>,
     pub layers: Vec<VisionLayerWeights<'a>>,
 }
+
+/// What a CPU encode on a tower held on the GPU says.
+const GPU_ONLY: &str = "the vision tower is held on the GPU only (a GPU-resident load): the CPU cannot run it; \
+                        load the model again with the CPU backend";

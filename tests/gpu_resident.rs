@@ -91,6 +91,8 @@ fn resident_load_answers_as_the_whole_model() {
             assert!(!shell.model.runs_on_cpu() && full.model.runs_on_cpu());
             assert!(!shell.model.text.has_ends() && full.model.text.has_ends());
             assert_eq!(shell.model.text.weight_bytes(), 0, "{what}: the shell holds decoder weights");
+            // Nor of the vision tower (the config alone cuts patches).
+            assert!(shell.model.vision.weights().is_err() && shell.model.projector().is_err(), "{what}");
             let err = shell.prepare_text_only("Hello").unwrap_err();
             assert!(format!("{err:#}").contains("GPU only"), "{what}: {err:#}");
             let prepared = resident.prepare_text_only(&shell, "Hello").unwrap();

@@ -30,7 +30,7 @@ use crate::generate::now_seconds;
 use crate::models::llava::LlavaModel;
 use crate::pipeline::{EncodedImage, StageTime};
 use crate::text::LinearRef;
-use crate::vision::{VisionLayerWeights, VisionWeights};
+use crate::vision::{VisionEmbeddingWeights, VisionLayerWeights};
 
 struct Norm {
     _w: wgpu::Buffer,
@@ -81,17 +81,41 @@ pub struct GpuVision {
     in_flight: std::sync::atomic::AtomicBool,
 }
 
-/// A [`GpuVision`] uploaded a layer at a time (as [`GpuDecoderBuilder`](super::decoder::GpuDecoderBuilder)):
-/// scratch buffers from the config ([`Self::new`]), each encoder layer up to the selected one
-/// as its weights arrive ([`Self::push_layer`]), then the embeddings and the projector
-/// ([`Self::finish`]).
+/// The embeddings on the GPU ([`GpuVisionBuilder::push_embeddings`]).
+struct Embeddings {
+    patches: wgpu::Buffer,
+    position_init: wgpu::Buffer,
+    _patch_m: GpuMatrix,
+    patch_ops: Vec<LinearOp>,
+    pre_norm: Option<Norm>,
+}
+
+/// The projector on the GPU ([`GpuVisionBuilder::push_projector`]).
+struct ProjectorOps {
+    _matrices: [GpuMatrix; 2],
+    projected: wgpu::Buffer,
+    features: wgpu::Buffer,
+    ops_1: Vec<LinearOp>,
+    _p_act: wgpu::Buffer,
+    act_bind: wgpu::BindGroup,
+    ops_2: Vec<LinearOp>,
+}
+
+/// A [`GpuVision`] uploaded a piece at a time (as [`GpuDecoderBuilder`](super::decoder::GpuDecoderBuilder)):
+/// scratch buffers from the config ([`Self::new`]), then, in any order as their weights arrive,
+/// each encoder layer up to the last selected one ([`Self::push_layer`]), the embeddings
+/// ([`Self::push_embeddings`]) and the projector ([`Self::push_projector`]); then
+/// [`Self::finish`].
 pub struct GpuVisionBuilder {
     ctx: Arc<GpuContext>,
     dense: WeightStorage,
     keep_blocks: bool,
-    /// The selected hidden states, in the order their features are concatenated.
-    feature_layers: Vec<usize>,
+    /// CLIP's CLS row leads the positions (and is dropped for the `default` strategy).
+    has_cls: bool,
     drop_cls: bool,
+    /// Patches per image and values per patch (3·p·p).
+    n_patches: usize,
+    patch_len: usize,
     positions: usize,
     hv: usize,
     inter: usize,
@@ -107,6 +131,15 @@ pub struct GpuVisionBuilder {
     p_attn: wgpu::Buffer,
     params: Vec<wgpu::Buffer>,
     layers: Vec<Option<Layer>>,
+    /// Several selected hidden states are copied, each as it is produced (`captures`, per
+    /// hidden state), into their columns of `selected`, `[positions, k·Hv]`, which the
+    /// projector reads; with one, the projector reads the residual stream.
+    selected: Option<wgpu::Buffer>,
+    captures: Vec<Vec<wgpu::BindGroup>>,
+    /// The projector's input width (k·Hv).
+    width: usize,
+    embeddings: Option<Embeddings>,
+    projector: Option<ProjectorOps>,
 }
 
 impl GpuVisionBuilder {
@@ -126,29 +159,53 @@ impl GpuVisionBuilder {
             bail!("vision head_dim {d} is not supported by the GPU attention kernel (≤ 256)");
         }
         let positions = vc.num_positions();
-        let drop_cls = cfg.feature_select == FeatureSelect::Default && vc.kind == VisionKind::Clip;
+        let has_cls = vc.kind == VisionKind::Clip;
+        let drop_cls = cfg.feature_select == FeatureSelect::Default && has_cls;
         let shape = AttnShape { nh, kvh: nh, d };
         let eps = vc.layer_norm_eps as f32;
+        let step = uniform(&ctx, &Step::new(0, positions, positions));
+        let x = scratch(&ctx, "vision_x", positions * hv)?;
+        let width = hv * feature_layers.len();
+        let mut params = Vec::new();
+        let mut captures: Vec<Vec<wgpu::BindGroup>> = (0..=last).map(|_| Vec::new()).collect();
+        let selected = if feature_layers.len() > 1 {
+            let selected = scratch(&ctx, "vision_selected", positions * width)?;
+            for (slot, &state) in feature_layers.iter().enumerate() {
+                let p = uniform(&ctx, &CopyRowsParams::as_columns(positions, hv, width, slot * hv));
+                captures[state].push(ctx.kernels.copy_rows.bind(&ctx.device, &[&step, &p, &x, &selected]));
+                params.push(p);
+            }
+            Some(selected)
+        } else {
+            None
+        };
         Ok(Self {
             dense: weights.dense_storage(&ctx.adapter_info),
             keep_blocks: weights.keeps_blocks(),
-            feature_layers,
+            has_cls,
             drop_cls,
+            n_patches: positions - usize::from(has_cls),
+            patch_len: vc.num_channels * vc.patch_size * vc.patch_size,
             positions,
             hv,
             inter,
             h: cfg.text.hidden_size,
-            step: uniform(&ctx, &Step::new(0, positions, positions)),
+            step,
             dummy: scratch(&ctx, "dummy", 1)?,
-            x: scratch(&ctx, "vision_x", positions * hv)?,
+            x,
             xn: scratch(&ctx, "vision_xn", positions * hv)?,
             qkv: scratch(&ctx, "vision_qkv", positions * 3 * hv)?,
             attn: scratch(&ctx, "vision_attn", positions * hv)?,
             mlp: scratch(&ctx, "vision_mlp", positions * inter)?,
             p_norm: uniform(&ctx, &LayerNormParams { h: hv as u32, eps }),
             p_attn: uniform(&ctx, &attention_params(shape, 0, Some(positions), KvLayout::packed(shape))),
-            params: Vec::new(),
+            params,
             layers: (0..last).map(|_| None).collect(),
+            selected,
+            captures,
+            width,
+            embeddings: None,
+            projector: None,
             ctx,
         })
     }
@@ -220,53 +277,25 @@ impl GpuVisionBuilder {
         Ok(())
     }
 
-    /// Upload the embeddings (`embeddings`' layers are not read) and the projector: the tower,
-    /// once every needed layer is in.
-    pub fn finish(
-        mut self,
-        embeddings: &VisionWeights,
-        projector: (LinearRef, Activation, LinearRef),
-    ) -> Result<GpuVision> {
-        let missing = self.missing_layers();
-        if !missing.is_empty() {
-            bail!("vision layers {missing:?} never arrived (the weight file lacks them)");
+    /// Upload the patch and position embeddings and CLIP's pre-norm.
+    pub fn push_embeddings(&mut self, w: &VisionEmbeddingWeights) -> Result<()> {
+        if self.embeddings.is_some() {
+            bail!("the vision embeddings were uploaded twice");
         }
-        let w = embeddings;
         let (positions, _) = w.position_embedding.dims2()?;
         if positions != self.positions {
             bail!("{positions} vision position embeddings, the config gives {}", self.positions);
         }
-        let has_cls = w.class_embedding.is_some();
-        let n_patches = positions - usize::from(has_cls);
+        if w.class_embedding.is_some() != self.has_cls {
+            bail!("the vision embeddings do not fit the config's tower (a class embedding only in CLIP)");
+        }
         let (patch_len, _) = w.patch_weight_t.dims2()?;
-        let drop_cls = has_cls && self.drop_cls;
-        let n_img = positions - usize::from(drop_cls);
-        let (hv, h) = (self.hv, self.h);
-        let ctx = &self.ctx;
+        if patch_len != self.patch_len {
+            bail!("patches of {patch_len} values, the config gives {}", self.patch_len);
+        }
+        let (ctx, hv, n_patches) = (&self.ctx, self.hv, self.n_patches);
         let up = Upload { ctx, dense: self.dense, keep_blocks: self.keep_blocks };
-        let k = &ctx.kernels;
-        let (step, dummy, x) = (&self.step, &self.dummy, &self.x);
         let patches = scratch(ctx, "patches", n_patches * patch_len)?;
-        // The projector's rows (every position's row is sized: the activation runs over step.t rows).
-        let projected = scratch(ctx, "projector_hidden", positions * h)?;
-        let features = scratch(ctx, "image_features", n_img * h)?;
-        // Several selected hidden states: each copied into its columns of `selected` as it is
-        // produced; the projector reads that. One: the projector reads the residual stream.
-        let width = hv * self.feature_layers.len();
-        let mut captures: Vec<Vec<wgpu::BindGroup>> = (0..=self.layers.len()).map(|_| Vec::new()).collect();
-        let selected = if self.feature_layers.len() > 1 {
-            let selected = scratch(ctx, "vision_selected", positions * width)?;
-            for (slot, &state) in self.feature_layers.iter().enumerate() {
-                let p = uniform(ctx, &CopyRowsParams::as_columns(positions, hv, width, slot * hv));
-                captures[state].push(k.copy_rows.bind(&ctx.device, &[step, &p, x, &selected]));
-                self.params.push(p);
-            }
-            Some(selected)
-        } else {
-            None
-        };
-        let projector_in = selected.as_ref().unwrap_or(x);
-
         // The residual stream starts as the position embeddings, with the CLS embedding added to row 0.
         let mut init = f32s(w.position_embedding)?;
         if let Some(cls) = w.class_embedding {
@@ -279,45 +308,105 @@ impl GpuVisionBuilder {
         let patch_m =
             up.one("patch_embedding", (crate::quant::MatrixRef::Dense(&patch_weight), w.patch_bias), patch_len)?;
         // Patch rows go after the CLS row (when there is one), added to the position embeddings.
-        let patch_io = LinearIo::new(&patches, x, hv).rows(n_patches).at(if has_cls { hv } else { 0 }).accumulate();
-        let patch_ops = bind_linear(ctx, step, &patch_m, patch_io, dummy);
-        let pre_norm = w.pre_layrnorm.map(|ln| self.norm("pre_layrnorm", ln, x, &self.xn)).transpose()?;
+        let at = if self.has_cls { hv } else { 0 };
+        let patch_io = LinearIo::new(&patches, &self.x, hv).rows(n_patches).at(at).accumulate();
+        let patch_ops = bind_linear(ctx, &self.step, &patch_m, patch_io, &self.dummy);
+        let pre_norm = w.pre_layrnorm.map(|ln| self.norm("pre_layrnorm", ln, &self.x, &self.xn)).transpose()?;
+        self.embeddings = Some(Embeddings { patches, position_init, _patch_m: patch_m, patch_ops, pre_norm });
+        Ok(())
+    }
 
-        let (linear_1, projector_act, linear_2) = projector;
+    /// Upload the projector (linear → activation → linear) over the selected features.
+    pub fn push_projector(&mut self, projector: (LinearRef, Activation, LinearRef)) -> Result<()> {
+        if self.projector.is_some() {
+            bail!("the projector was uploaded twice");
+        }
+        let (ctx, step, dummy) = (&self.ctx, &self.step, &self.dummy);
+        let (positions, width, h) = (self.positions, self.width, self.h);
+        let n_img = positions - usize::from(self.drop_cls);
+        let up = Upload { ctx, dense: self.dense, keep_blocks: self.keep_blocks };
+        // The projector's rows (every position's row is sized: the activation runs over step.t rows).
+        let projected = scratch(ctx, "projector_hidden", positions * h)?;
+        let features = scratch(ctx, "image_features", n_img * h)?;
+        let (linear_1, act, linear_2) = projector;
         let p1 = up.one("projector_linear_1", linear_1, width)?;
         let p2 = up.one("projector_linear_2", linear_2, h)?;
-        let cls_off = if drop_cls { width } else { 0 };
-        let projector_1_ops =
-            bind_linear(ctx, step, &p1, LinearIo::new(projector_in, &projected, h).from(cls_off).rows(n_img), dummy);
-        let p_projector_act = uniform(ctx, &ActParams { m: h as u32, act: activation_code(projector_act) });
-        let projector_act_bind = k.act.bind(&ctx.device, &[step, &p_projector_act, &projected]);
-        let projector_2_ops = bind_linear(ctx, step, &p2, LinearIo::new(&projected, &features, h).rows(n_img), dummy);
-        let Self { ctx, step, dummy, x, xn, qkv, attn, mlp, p_norm, p_attn, mut params, layers, .. } = self;
-        params.extend([p_attn, p_norm, p_projector_act]);
+        let input = self.selected.as_ref().unwrap_or(&self.x);
+        let cls_off = if self.drop_cls { width } else { 0 };
+        let ops_1 = bind_linear(ctx, step, &p1, LinearIo::new(input, &projected, h).from(cls_off).rows(n_img), dummy);
+        let p_act = uniform(ctx, &ActParams { m: h as u32, act: activation_code(act) });
+        let act_bind = ctx.kernels.act.bind(&ctx.device, &[step, &p_act, &projected]);
+        let ops_2 = bind_linear(ctx, step, &p2, LinearIo::new(&projected, &features, h).rows(n_img), dummy);
+        self.projector =
+            Some(ProjectorOps { _matrices: [p1, p2], projected, features, ops_1, _p_act: p_act, act_bind, ops_2 });
+        Ok(())
+    }
 
+    pub fn has_embeddings(&self) -> bool {
+        self.embeddings.is_some()
+    }
+
+    pub fn has_projector(&self) -> bool {
+        self.projector.is_some()
+    }
+
+    /// The tower, once every needed layer, the embeddings and the projector are in.
+    pub fn finish(self) -> Result<GpuVision> {
+        let missing = self.missing_layers();
+        if !missing.is_empty() {
+            bail!("vision layers {missing:?} never arrived (the weight file lacks them)");
+        }
+        let Self {
+            ctx,
+            step,
+            dummy,
+            x,
+            xn,
+            qkv,
+            attn,
+            mlp,
+            p_norm,
+            p_attn,
+            mut params,
+            layers,
+            selected,
+            captures,
+            embeddings,
+            projector,
+            positions,
+            n_patches,
+            patch_len,
+            hv,
+            h,
+            drop_cls,
+            ..
+        } = self;
+        let Some(e) = embeddings else { bail!("the vision embeddings never arrived") };
+        let Some(p) = projector else { bail!("the projector never arrived") };
+        params.extend([p_attn, p_norm]);
         Ok(GpuVision {
             positions,
             n_patches,
             patch_len,
             hv,
-            n_img,
+            n_img: positions - usize::from(drop_cls),
             h,
             _step: step,
-            patches,
-            position_init,
+            patches: e.patches,
+            position_init: e.position_init,
             x,
             xn,
-            features,
-            _scratch: [dummy, qkv, attn, mlp, projected].into_iter().chain(selected).collect(),
-            _matrices: vec![patch_m, p1, p2],
+            features: p.features,
+            _scratch: [dummy, qkv, attn, mlp, p.projected].into_iter().chain(selected).collect(),
+            _matrices: p._matrices.into_iter().chain([e._patch_m]).collect(),
             captures,
-            patch_ops,
-            pre_norm,
+            patch_ops: e.patch_ops,
+            pre_norm: e.pre_norm,
             layers: layers.into_iter().flatten().collect(),
-            projector_1_ops,
-            projector_act_bind,
-            projector_2_ops,
-            _params: params,
+            projector_1_ops: p.ops_1,
+            projector_act_bind: p.act_bind,
+            projector_2_ops: p.ops_2,
+            _params: params.into_iter().chain([p._p_act]).collect(),
             in_flight: std::sync::atomic::AtomicBool::new(false),
             ctx,
         })
@@ -333,12 +422,14 @@ impl GpuVision {
     }
 
     fn build(ctx: Arc<GpuContext>, model: &LlavaModel, weights: GpuWeights) -> Result<Self> {
-        let w = model.vision.weights();
+        let w = model.vision.weights()?;
         let mut builder = GpuVisionBuilder::new(ctx, &model.config, weights)?;
         for (l, lw) in w.layers.iter().enumerate().take(builder.layers_needed()) {
             builder.push_layer(l, lw)?;
         }
-        builder.finish(&w, model.projector.weights())
+        builder.push_embeddings(&w.embeddings)?;
+        builder.push_projector(model.projector()?.weights())?;
+        builder.finish()
     }
 
     /// `pixel_values` `[1, 3, S, S]` → `image_features` `[n_img, H]` (on the CPU).

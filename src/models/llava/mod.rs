@@ -15,7 +15,8 @@ use crate::vision::VisionTower;
 pub struct LlavaModel {
     pub config: LlavaConfig,
     pub vision: VisionTower,
-    pub projector: Projector,
+    /// The projector, or none when it lives on the GPU only ([`Self::shell`]).
+    projector: Option<Projector>,
     pub text: TextModel,
     /// LLaVA-NeXT / OneVision's `image_newline` `[H]`, ending each row of an anyres image.
     pub image_newline: Option<Tensor>,
@@ -33,21 +34,25 @@ impl LlavaModel {
         // the vision tower (peak memory ≈ the model, not the model + the table).
         let text = TextModel::new(&config.text, format, vb.clone())?;
         let vision = VisionTower::new(&config.vision, format, vb.pp("vision"))?;
-        Self::with_parts(config, format, vb, text, vision)
+        let projector = Projector::new(config, format, vb.pp("projector"))?;
+        Self::with_parts(config, format, vb, text, vision, Some(projector))
     }
 
-    /// What the CPU keeps when the decoder and the vision layers were uploaded to the GPU piece
-    /// by piece and dropped (`crate::resident`): the vision embeddings, the projector and
-    /// `image_newline` — and the vision layers when `vision_layers` (a tower the GPU does not
-    /// run stays here). Nothing of the decoder: prompts are embedded on the GPU. A forward or an
-    /// embedding through what is missing is an error that says so.
-    pub fn shell(config: &LlavaConfig, format: WeightFormat, vb: VarBuilder, vision_layers: bool) -> Result<Self> {
+    /// What the CPU keeps when the model was uploaded to the GPU piece by piece and each piece
+    /// dropped (`crate::resident`): `image_newline` (an anyres image is packed here) — and, when
+    /// `vision_on_cpu` (a tower the GPU does not run), the whole vision tower and projector.
+    /// Nothing of the decoder: prompts are embedded on the GPU. A forward or an embedding
+    /// through what is missing is an error that says so.
+    pub fn shell(config: &LlavaConfig, format: WeightFormat, vb: VarBuilder, vision_on_cpu: bool) -> Result<Self> {
         let text = TextModel::gpu_only(&config.text);
-        let vision = match vision_layers {
-            true => VisionTower::new(&config.vision, format, vb.pp("vision"))?,
-            false => VisionTower::without_layers(&config.vision, vb.pp("vision"))?,
+        let (vision, projector) = match vision_on_cpu {
+            true => (
+                VisionTower::new(&config.vision, format, vb.pp("vision"))?,
+                Some(Projector::new(config, format, vb.pp("projector"))?),
+            ),
+            false => (VisionTower::gpu_only(&config.vision), None),
         };
-        Self::with_parts(config, format, vb, text, vision)
+        Self::with_parts(config, format, vb, text, vision, projector)
     }
 
     fn with_parts(
@@ -56,6 +61,7 @@ impl LlavaModel {
         vb: VarBuilder,
         text: TextModel,
         vision: VisionTower,
+        projector: Option<Projector>,
     ) -> Result<Self> {
         let image_newline = match config.anyres {
             Some(_) => Some(vb.get(config.text.hidden_size, "image_newline")?),
@@ -64,11 +70,21 @@ impl LlavaModel {
         Ok(Self {
             image_newline,
             vision,
-            projector: Projector::new(config, format, vb.pp("projector"))?,
+            projector,
             weight_format: format,
             text,
             config: config.clone(),
             device: vb.device().clone(),
+        })
+    }
+
+    /// The projector (an error when it lives on the GPU only).
+    pub fn projector(&self) -> Result<&Projector> {
+        self.projector.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "the projector is held on the GPU only (a GPU-resident load): load the model again with the CPU backend"
+                    .into(),
+            )
         })
     }
 
@@ -98,7 +114,7 @@ impl LlavaModel {
 
     /// `pixel_values` `[n_tiles, 3, S, S]` of one image → `image_features` `[N, H]`.
     pub fn encode_image(&self, pixel_values: &Tensor, grid: Option<&TileGrid>) -> Result<Tensor> {
-        let tile_features = self.projector.forward(&self.select_vision_features(pixel_values)?)?;
+        let tile_features = self.projector()?.forward(&self.select_vision_features(pixel_values)?)?;
         self.pack_image_features(&tile_features, grid)
     }
 
