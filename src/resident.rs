@@ -81,6 +81,12 @@ impl std::fmt::Display for GpuUploadFailed {
     }
 }
 
+/// The result of pushing `what` to a GPU builder, with the device's health after it; an error
+/// is the GPU's ([`GpuUploadFailed`]).
+fn uploaded(ctx: &GpuContext, what: &str, pushed: Result<()>) -> Result<()> {
+    pushed.and_then(|()| ctx.check_health()).with_context(|| format!("uploading {what}")).context(GpuUploadFailed)
+}
+
 /// A model being uploaded to a GPU block by block.
 pub struct ResidentLoad {
     ctx: Arc<GpuContext>,
@@ -127,12 +133,7 @@ impl ResidentLoad {
             }
             let block = TextModel::load_layer(&self.config.text, self.format, l, vb.clone())
                 .with_context(|| format!("decoder block {l}"))?;
-            let ctx = &self.ctx;
-            self.decoder
-                .push_layer(l, &block.weights())
-                .and_then(|()| ctx.check_health())
-                .with_context(|| format!("uploading decoder block {l}"))
-                .context(GpuUploadFailed)?;
+            uploaded(&self.ctx, &format!("decoder block {l}"), self.decoder.push_layer(l, &block.weights()))?;
             drop(block);
             self.uploaded += 1;
         }
@@ -152,11 +153,7 @@ impl ResidentLoad {
                 }
                 let layer = VisionTower::load_layer(cfg, self.format, l, vb.pp("vision"))
                     .with_context(|| format!("vision layer {l}"))?;
-                vision
-                    .push_layer(l, &layer.weights())
-                    .and_then(|()| self.ctx.check_health())
-                    .with_context(|| format!("uploading vision layer {l}"))
-                    .context(GpuUploadFailed)?;
+                uploaded(&self.ctx, &format!("vision layer {l}"), vision.push_layer(l, &layer.weights()))?;
                 drop(layer);
                 self.uploaded += 1;
             }
@@ -170,12 +167,7 @@ impl ResidentLoad {
     fn absorb_vision_ends(&mut self, vb: &VarBuilder, arrived: &dyn Fn(&str) -> bool) -> Result<()> {
         let Ok(vision) = &mut self.vision else { return Ok(()) };
         let (cfg, format, ctx) = (&self.config, self.format, &self.ctx);
-        let gpu = |what: &str, pushed: Result<()>| -> Result<()> {
-            pushed
-                .and_then(|()| ctx.check_health())
-                .with_context(|| format!("uploading {what}"))
-                .context(GpuUploadFailed)
-        };
+        let gpu = |what: &str, pushed: Result<()>| uploaded(ctx, what, pushed);
         let clip = cfg.vision.kind == crate::config::VisionKind::Clip;
         if !vision.has_embeddings() && arrived(VISION_ENDS[0]) && (!clip || arrived(VISION_ENDS[1])) {
             let embeddings = VisionEmbeddings::new(&cfg.vision, vb.pp("vision")).context("the vision embeddings")?;
@@ -191,12 +183,7 @@ impl ResidentLoad {
     /// The embedding table, lm_head (when the file has one) and final norm, each as it arrives.
     fn absorb_text_ends(&mut self, weights: &Weights, vb: &VarBuilder, arrived: &dyn Fn(&str) -> bool) -> Result<()> {
         let (cfg, format, ctx) = (&self.config.text, self.format, &self.ctx);
-        let gpu = |what: &str, pushed: Result<()>| -> Result<()> {
-            pushed
-                .and_then(|()| ctx.check_health())
-                .with_context(|| format!("uploading {what}"))
-                .context(GpuUploadFailed)
-        };
+        let gpu = |what: &str, pushed: Result<()>| uploaded(ctx, what, pushed);
         if !self.decoder.has_embed_tokens() && arrived(TEXT_ENDS[0]) {
             let table = TokenEmbedding::load_table(cfg, format, vb.clone()).context("the embedding table")?;
             gpu("the embedding table", self.decoder.push_embed_tokens(table.matrix()))?;
