@@ -10,12 +10,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
-use crate::generate::{
-    generate_batch_on, BatchSession, CpuSession, GenerateOptions, Generation, OneByOne, Sampling, TokenEvent,
-};
+use crate::generate::{generate_batch_on, BatchSession, CpuSession, GenerateOptions, Generation, Sampling, TokenEvent};
 use crate::gpu::context::GpuContext;
 use crate::gpu::decoder::{GpuDecoder, GpuWeights};
-use crate::gpu::session::GpuSession;
+use crate::gpu::session::GpuBatchSession;
 use crate::gpu::vision::GpuVision;
 use crate::image::RgbImage;
 use crate::models::llava::LlavaModel;
@@ -401,8 +399,9 @@ impl DecoderBackend {
     }
 
     /// Sequences that differ only in their steering (`steering[r]` for sequence `r`), with KV
-    /// caches for `capacity` positions, decoded side by side: one batch on the CPU; one after
-    /// the other on the GPU (steering uploaded once; `greedy`: only the argmax comes back).
+    /// caches for `capacity` positions, decoded side by side as one batch (each weight read once
+    /// a step for all of them), on the CPU or the GPU (steering uploaded once; `greedy`: only
+    /// the argmax comes back).
     pub fn batch_session<'a>(
         &'a self,
         vlm: &'a Vlm,
@@ -413,12 +412,7 @@ impl DecoderBackend {
     ) -> Result<Box<dyn BatchSession + 'a>> {
         Ok(match self {
             Self::Cpu => Box::new(CpuSession::batch(&vlm.model, steering.to_vec(), prompt_len, capacity)),
-            Self::Gpu(decoder, _) => Box::new(OneByOne(
-                steering
-                    .iter()
-                    .map(|s| GpuSession::new(decoder, prompt_len, capacity, *s, greedy))
-                    .collect::<Result<Vec<_>>>()?,
-            )),
+            Self::Gpu(decoder, _) => Box::new(GpuBatchSession::new(decoder, prompt_len, capacity, steering, greedy)?),
         })
     }
 

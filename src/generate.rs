@@ -162,43 +162,14 @@ pub trait DecodeSession {
 pub type BatchFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Option<Next>>>> + 'a>>;
 
 /// Sequences that share a prompt and differ in their steering, decoded side by side: Compare's
-/// unaltered and steered answers. The CPU runs them as one batch ([`CpuSession::batch`]: every
-/// weight is read once a step for all of them); a backend that decodes one sequence at a time
-/// runs them in turn ([`OneByOne`]).
+/// unaltered and steered answers, as one batch (every weight read once a step for all of them):
+/// [`CpuSession::batch`] on the CPU, `gpu::GpuBatchSession` on the GPU.
 pub trait BatchSession {
     /// Run the prompt `embeds` `[1, T, H]` for every sequence.
     fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a>;
     /// Append `ids[r]` to sequence `r`; `None` marks a sequence that has ended (for good: the
     /// session may drop it). A `Next` comes back for each `Some`.
     fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a>;
-}
-
-/// Single-sequence sessions as a [`BatchSession`], each run in turn (the GPU decoder's way).
-pub struct OneByOne<S>(pub Vec<S>);
-
-impl<S: DecodeSession> BatchSession for OneByOne<S> {
-    fn prefill_all<'a>(&'a mut self, embeds: &'a Tensor) -> BatchFuture<'a> {
-        Box::pin(async move {
-            let mut out = Vec::with_capacity(self.0.len());
-            for session in &mut self.0 {
-                out.push(Some(session.prefill(embeds).await?));
-            }
-            Ok(out)
-        })
-    }
-
-    fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a> {
-        Box::pin(async move {
-            let mut out = Vec::with_capacity(self.0.len());
-            for (session, id) in self.0.iter_mut().zip(ids) {
-                out.push(match id {
-                    Some(id) => Some(session.step(*id).await?),
-                    None => None,
-                });
-            }
-            Ok(out)
-        })
-    }
 }
 
 impl<T: BatchSession + ?Sized> BatchSession for Box<T> {
@@ -217,6 +188,17 @@ impl<T: BatchSession + ?Sized> BatchSession for &mut T {
     fn step_all<'a>(&'a mut self, ids: &'a [Option<u32>]) -> BatchFuture<'a> {
         (**self).step_all(ids)
     }
+}
+
+/// How many of a `t`-row prompt's first positions sequences steered by `steering` share (the
+/// positions before the first steered one, and never the last: each sequence needs its own
+/// logits); 0 for one sequence. A batch runs them once and copies their KV cache.
+pub fn shared_prompt(steering: &[Option<&Intervention>], prompt_len: usize, t: usize) -> usize {
+    if steering.len() < 2 {
+        return 0;
+    }
+    let first_steered = |s: &Option<&Intervention>| s.and_then(|s| s.first_position(prompt_len)).unwrap_or(t);
+    steering.iter().map(first_steered).min().unwrap_or(t).min(t.saturating_sub(1))
 }
 
 /// The CPU decoder over a KV cache: one sequence, or a batch of sequences that differ only in
@@ -254,9 +236,7 @@ impl<'a> CpuSession<'a> {
     /// runs as a batch. Logits `[V]` per sequence.
     fn prefill_rows(&mut self, embeds: &Tensor) -> Result<Vec<Tensor>> {
         let (n, t) = (self.steering.len(), embeds.dim(1)?);
-        let first_steered = |s: &Option<&Intervention>| s.and_then(|s| s.first_position(self.prompt_len)).unwrap_or(t);
-        let shared =
-            if n > 1 { self.steering.iter().map(first_steered).min().unwrap_or(t).min(t.saturating_sub(1)) } else { 0 };
+        let shared = shared_prompt(&self.steering, self.prompt_len, t);
         if shared > 0 {
             let opts =
                 ForwardOptions { steering: None, prompt_len: self.prompt_len, capture_layers: false, logits: false };

@@ -50,6 +50,8 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     eprintln!("{what}: max |diff| {worst:e}");
 }
 
+/// Up to four rows take the GEMV kernels (several rows: a batched decode step, each weight read
+/// once for all of them), more the tiled matmul; both GEMV variants; bias and residual.
 #[test]
 fn matmul_and_gemv_match_candle() {
     let Some(mut ctx) = ctx() else { return };
@@ -70,6 +72,7 @@ fn matmul_cases(ctx: &GpuContext) {
         (1, 300, 1000),
         (70, 33, 65),
         (2, 64, 64),
+        (4, 131, 70),
         (129, 17, 200),
     ];
     for (i, &(m, k, n)) in shapes.iter().enumerate() {

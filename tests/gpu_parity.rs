@@ -370,3 +370,141 @@ fn q4k_decoder_matches_its_dequantized_weights() {
         input = vec![cmrm::text::argmax(&la)];
     }
 }
+
+/// Compare's sequences as one batch on the GPU (one KV cache, one batched step for the
+/// sequences still going) give what each sequence gives alone: the same logits at the prefill
+/// and at every step (bit for bit; within 1e-4 when a shared prompt prefix — `last` or
+/// `generated` positions — runs once and is copied to each sequence), when a sequence ends early (also one in the middle of
+/// three: the others then step as two runs), for both GEMV kernels, and the greedy argmax equals
+/// the logits' argmax. The CPU's batch gives the same first tokens.
+#[test]
+fn batched_sequences_equal_each_sequence_alone() {
+    use cmrm::generate::{BatchSession, CpuSession};
+    use cmrm::gpu::GpuBatchSession;
+    for (model, rows_per_invocation) in [(MODELS[0], Some(false)), (MODELS[0], Some(true)), (MODELS[1], None)] {
+        let Some(mut ctx) = ctx() else { return };
+        if let Some(v) = rows_per_invocation {
+            Arc::get_mut(&mut ctx).unwrap().set_rows_per_invocation(v);
+        }
+        let vlm = Vlm::load_dir(&model_dir(model)).unwrap();
+        let dec = GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap();
+        let vectors = SteeringVectors::load(&refs_dir(model).join("steer_random.safetensors")).unwrap();
+        let steer = |alpha: f32, positions| Intervention::add(&vectors, alpha, None, positions, vlm.device()).unwrap();
+        let (all, last, generated) =
+            (steer(1.5, Positions::All), steer(-2.0, Positions::Last), steer(2.5, Positions::Generated));
+        let img = decode_image(&std::fs::read(refs_dir(model).join("gradient.png")).unwrap()).unwrap();
+        let features = vlm.encode_image(&img).unwrap();
+        let prepared = vlm.prepare(&PromptText::Chat("What is in the picture?".into()), Some(&features)).unwrap();
+        let n = prepared.encoded.input_ids.len();
+        let steps = 6;
+        // (steerings, step at which each sequence ends: None = runs to the end)
+        type Case<'a> = (Vec<Option<&'a Intervention>>, Vec<Option<usize>>);
+        let cases: Vec<Case> = vec![
+            (vec![None, Some(&all)], vec![None, None]),
+            (vec![None, Some(&last)], vec![Some(2), None]),
+            (vec![Some(&generated), None], vec![None, Some(3)]),
+            (vec![None, Some(&all), Some(&last)], vec![None, Some(1), None]),
+        ];
+        for (case, (steering, ends)) in cases.iter().enumerate() {
+            let what = format!("{model} rows_per_invocation {rows_per_invocation:?} case {case}");
+            // Each sequence alone: its logits at the prefill and every step (fed its own argmax).
+            let alone: Vec<Vec<Vec<f32>>> = steering
+                .iter()
+                .zip(ends)
+                .map(|(s, end)| {
+                    let mut gpu = GpuSession::new(&dec, n, n + 1, *s, false).unwrap();
+                    let mut logits = vec![logits_of(pollster::block_on(gpu.prefill(&prepared.embeds)).unwrap())];
+                    for _ in 0..end.unwrap_or(steps) {
+                        let id = cmrm::text::argmax(logits.last().unwrap());
+                        logits.push(logits_of(pollster::block_on(gpu.step(id)).unwrap()));
+                    }
+                    logits
+                })
+                .collect();
+            // With a shared prompt prefix, the rest of the prompt runs in other chunks (the
+            // attention's tiles and key blocks fall elsewhere): equal to rounding, not bit for bit.
+            let shared = cmrm::generate::shared_prompt(steering, n, n);
+            let mut worst = 0f32;
+            for greedy in [false, true] {
+                let mut batch = GpuBatchSession::new(&dec, n, n + 1, steering, greedy).unwrap(); // grows
+                let mut outs = pollster::block_on(batch.prefill_all(&prepared.embeds)).unwrap();
+                #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's logits and the ends
+                for step in 0..=steps {
+                    let mut ids = Vec::new();
+                    for (seq, out) in outs.iter_mut().enumerate() {
+                        let ended = ends[seq].is_some_and(|end| step > end);
+                        assert_eq!(out.is_some(), !ended, "{what} step {step} seq {seq}: an output iff going");
+                        let Some(out) = out.take() else {
+                            ids.push(None);
+                            continue;
+                        };
+                        let want = &alone[seq][step];
+                        let id = match out {
+                            Next::Logits(l) => {
+                                let l = l.to_vec1::<f32>().unwrap();
+                                if shared == 0 {
+                                    assert_eq!(l, *want, "{what} step {step} seq {seq} logits");
+                                } else {
+                                    let diff = max_abs_diff(&l, want);
+                                    worst = worst.max(diff);
+                                    assert!(diff < 1e-4, "{what} step {step} seq {seq}: logits differ by {diff}");
+                                }
+                                cmrm::text::argmax(want)
+                            }
+                            Next::Token(id) => {
+                                assert_eq!(id, cmrm::text::argmax(want), "{what} step {step} seq {seq} argmax");
+                                id
+                            }
+                        };
+                        ids.push(if ends[seq] == Some(step) { None } else { Some(id) });
+                    }
+                    if step == steps {
+                        break;
+                    }
+                    outs = pollster::block_on(batch.step_all(&ids)).unwrap();
+                }
+            }
+            eprintln!("{what}: shared prompt {shared} of {n}, largest logit difference {worst:e}");
+            // The CPU's batch: the same first token for each sequence.
+            let mut cpu = CpuSession::batch(&vlm.model, steering.clone(), n, n + steps + 1);
+            let outs = pollster::block_on(cpu.prefill_all(&prepared.embeds)).unwrap();
+            for (seq, out) in outs.into_iter().enumerate() {
+                let cpu_id = cmrm::text::argmax(&logits_of(out.unwrap()));
+                assert_eq!(cpu_id, cmrm::text::argmax(&alone[seq][0]), "{what} seq {seq}: the CPU's first token");
+            }
+        }
+        eprintln!("{model}: batched = alone on {} cases", cases.len());
+    }
+}
+
+/// A batched step refuses what it cannot do, with a message: sequences of different lengths,
+/// steering prepared for a sequence outside the step, more sequences than the cache holds.
+#[test]
+fn batched_step_refuses_mismatched_sequences() {
+    use cmrm::gpu::decoder::{GpuInput, Readback};
+    let Some(ctx) = ctx() else { return };
+    let vlm = Vlm::load_dir(&model_dir(MODELS[0])).unwrap();
+    let dec = GpuDecoder::new_blocking(ctx, &vlm.model.text).unwrap();
+    let vectors = SteeringVectors::load(&refs_dir(MODELS[0]).join("steer_random.safetensors")).unwrap();
+    let iv = Intervention::add(&vectors, 1.0, None, Positions::All, vlm.device()).unwrap();
+    let mut cache = dec.new_batch_cache(2, 8).unwrap();
+    let opts = cmrm::gpu::decoder::GpuForwardOptions {
+        steering: None,
+        prompt_len: 2,
+        capture_layers: false,
+        readback: Readback::Nothing,
+    };
+    pollster::block_on(dec.forward_sequence(0, GpuInput::Tokens(&[1, 2]), &mut cache, &opts)).unwrap();
+    let err = |r: anyhow::Result<Vec<cmrm::gpu::decoder::GpuOutput>>| format!("{:#}", r.expect_err("an error"));
+    let uneven = err(pollster::block_on(dec.forward_batch(&[3, 3], &mut cache, 0, &[], 2, Readback::Argmax)));
+    assert!(uneven.contains("one length"), "{uneven}");
+    let steering = dec.prepare_steering_for(&iv, 1).unwrap();
+    let outside = err(pollster::block_on(dec.forward_batch(&[3], &mut cache, 0, &[&steering], 2, Readback::Argmax)));
+    assert!(outside.contains("steering for sequence 1"), "{outside}");
+    let too_many = err(pollster::block_on(dec.forward_batch(&[3, 3, 3], &mut cache, 0, &[], 2, Readback::Argmax)));
+    assert!(too_many.contains("sequences"), "{too_many}");
+    // The refused steps left the cache as it was: sequence 0 can still go on alone.
+    assert_eq!((cache.sequence_len(0), cache.sequence_len(1)), (2, 0));
+    let one = pollster::block_on(dec.forward_batch(&[3], &mut cache, 0, &[], 2, Readback::Argmax)).unwrap();
+    assert!(one[0].token.is_some());
+}

@@ -45,6 +45,8 @@ pub struct BenchReport {
     pub decode_tokens: usize,
     pub cpu_decode_tokens_per_s: f64,
     pub gpu_decode_tokens_per_s: f64,
+    /// Two sequences decoded as one batch on the GPU (Compare's pair): tokens of both per second.
+    pub gpu_pair_decode_tokens_per_s: f64,
     pub gpu_prefill_tokens_per_s: f64,
     pub cpu_prefill_tokens_per_s: f64,
     pub weight_bytes_per_token: u64,
@@ -52,6 +54,8 @@ pub struct BenchReport {
     pub bandwidth_bound_tokens_per_s: f64,
     /// Greedy tokens equal on both backends.
     pub same_tokens: bool,
+    /// Both sequences of the GPU pair gave the GPU's single-sequence tokens.
+    pub pair_same_tokens: bool,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -72,12 +76,22 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
+            "webgpu pair decode (two sequences, one batch): {:.2} tokens/s = {:.2}x one sequence's",
+            self.gpu_pair_decode_tokens_per_s,
+            self.gpu_pair_decode_tokens_per_s / self.gpu_decode_tokens_per_s
+        )?;
+        writeln!(
+            f,
             "weights read per token: {:.1} MB; measured host read bandwidth {:.1} GB/s -> bound {:.2} tokens/s",
             self.weight_bytes_per_token as f64 / 1e6,
             self.measured_read_bandwidth_gb_s,
             self.bandwidth_bound_tokens_per_s
         )?;
-        write!(f, "greedy tokens identical on both backends: {}", self.same_tokens)
+        write!(
+            f,
+            "greedy tokens identical on both backends: {}; in both sequences of the pair: {}",
+            self.same_tokens, self.pair_same_tokens
+        )
     }
 }
 
@@ -132,6 +146,24 @@ pub fn run(
     }
     let gpu_decode = now_seconds() - t1;
 
+    // GPU, two sequences as one batch (the prompt's shared positions run once).
+    let mut pair =
+        super::session::GpuBatchSession::new(&dec, prompt_len, prompt_len + decode_tokens + 1, &[None, None], true)?;
+    pollster::block_on(pair.prefill_all_async(&embeds))?;
+    let mut pair_tokens = [vec![gpu_tokens[0]], vec![gpu_tokens[0]]];
+    let t2 = now_seconds();
+    for _ in 0..decode_tokens {
+        let ids = [pair_tokens[0].last().copied(), pair_tokens[1].last().copied()];
+        let next = pollster::block_on(pair.step_all_async(&ids))?;
+        for (tokens, next) in pair_tokens.iter_mut().zip(next) {
+            match next {
+                Some(crate::generate::Next::Token(id)) => tokens.push(id),
+                _ => anyhow::bail!("the pair step returned no token"),
+            }
+        }
+    }
+    let gpu_pair_decode = now_seconds() - t2;
+
     let bytes = dec.weight_bytes_per_token();
     let bw = crate::bench::measure_read_bandwidth();
     Ok(BenchReport {
@@ -141,11 +173,13 @@ pub fn run(
         decode_tokens,
         cpu_decode_tokens_per_s: decode_tokens as f64 / cpu_decode,
         gpu_decode_tokens_per_s: decode_tokens as f64 / gpu_decode,
+        gpu_pair_decode_tokens_per_s: 2.0 * decode_tokens as f64 / gpu_pair_decode,
         gpu_prefill_tokens_per_s: prompt_len as f64 / gpu_prefill,
         cpu_prefill_tokens_per_s: prompt_len as f64 / cpu_prefill,
         weight_bytes_per_token: bytes,
         measured_read_bandwidth_gb_s: bw,
         bandwidth_bound_tokens_per_s: bw * 1e9 / bytes as f64,
         same_tokens: cpu_tokens == gpu_tokens,
+        pair_same_tokens: pair_tokens.iter().all(|tokens| *tokens == gpu_tokens),
     })
 }

@@ -173,8 +173,12 @@ impl GpuMatrix {
     }
 }
 
+/// Most rows the GEMV kernels take (`ROWS` in gemv.wgsl and gemv_rows.wgsl): a batched decode
+/// step, one row a sequence, reads each weight once for all of them.
+pub const GEMV_ROWS: usize = 4;
+
 /// One chunk of a linear layer bound to its input and output: both kernels (tiled matmul for
-/// several rows, GEMV for one) with their parameter blocks.
+/// many rows, GEMV for up to [`GEMV_ROWS`]) with their parameter blocks.
 pub struct LinearOp {
     pub rows: usize,
     pub n: usize,
@@ -232,7 +236,7 @@ impl<'a> LinearIo<'a> {
 }
 
 /// Bind `matrix` to `io` (one [`LinearOp`] per row chunk of the matrix). Every linear kernel binds
-/// `[step], params, x, w, bias, out` in that order (`gemv` has no step); `dummy` stands in for a
+/// `step, params, x, w, bias, out` in that order; `dummy` stands in for a
 /// missing bias.
 pub fn bind_linear(
     ctx: &GpuContext,
@@ -268,7 +272,7 @@ pub fn bind_linear(
                 n: *rows,
                 storage: matrix.storage,
                 tiled: kernels.matmul.bind(&ctx.device, &[step, &params, x, w, bias, out]),
-                gemv: kernels.gemv.bind(&ctx.device, &[&params, x, w, bias, out]),
+                gemv: kernels.gemv.bind(&ctx.device, &[step, &params, x, w, bias, out]),
                 gemv_rows: kernels.gemv_rows.bind(&ctx.device, &[step, &params, x, w, bias, out]),
                 _params: params,
             }
@@ -282,14 +286,14 @@ impl LinearOp {
         let rows = if self.rows == 0 { t } else { self.rows };
         let k = &ctx.kernels;
         let MatmulKernels { matmul, gemv, gemv_rows, .. } = k.matmul_kernels(self.storage);
-        if rows == 1 && k.rows_per_invocation {
+        if rows <= GEMV_ROWS && k.rows_per_invocation {
             super::kernels::dispatch(
                 pass,
                 gemv_rows,
                 &self.gemv_rows,
                 super::kernels::grid(self.n.div_ceil(64) as u32),
             );
-        } else if rows == 1 {
+        } else if rows <= GEMV_ROWS {
             super::kernels::dispatch(pass, gemv, &self.gemv, super::kernels::grid(self.n.div_ceil(8) as u32));
         } else {
             pass.set_pipeline(&matmul.pipeline);

@@ -36,7 +36,7 @@ pub struct Kernels {
     /// Per [`WeightStorage`] (index in `WeightStorage::ALL`), compiled on first use: a model
     /// compiles only the storages it holds.
     by_storage: [std::sync::OnceLock<MatmulKernels>; WeightStorage::ALL.len()],
-    /// Use `gemv_rows` for single-row matmuls.
+    /// Use `gemv_rows` (not the cooperative `gemv`) for few-row matmuls.
     pub rows_per_invocation: bool,
     pub rmsnorm: Kernel,
     pub rope_kv: Kernel,
@@ -79,15 +79,19 @@ impl MatmulKernels {
         ) -> Kernel {
             kernel::<P>(device, &format!("{name}_{}", storage.name()), &format!("{body}\n{}", storage.wgsl()))
         }
-        Self {
-            matmul: with_storage::<LinearParams>(device, storage, "matmul", include_str!("shaders/matmul.wgsl")),
-            gemv: with_storage::<LinearParams>(device, storage, "gemv", include_str!("shaders/gemv.wgsl")),
-            gemv_rows: with_storage::<LinearParams>(
+        /// A linear kernel: linear.wgsl (bindings, output rule) then `body`.
+        fn linear(device: &wgpu::Device, storage: WeightStorage, name: &str, body: &str) -> Kernel {
+            with_storage::<LinearParams>(
                 device,
                 storage,
-                "gemv_rows",
-                include_str!("shaders/gemv_rows.wgsl"),
-            ),
+                name,
+                &format!("{}\n{body}", include_str!("shaders/linear.wgsl")),
+            )
+        }
+        Self {
+            matmul: linear(device, storage, "matmul", include_str!("shaders/matmul.wgsl")),
+            gemv: linear(device, storage, "gemv", include_str!("shaders/gemv.wgsl")),
+            gemv_rows: linear(device, storage, "gemv_rows", include_str!("shaders/gemv_rows.wgsl")),
             embed_rows: with_storage::<EmbedRowsParams>(
                 device,
                 storage,

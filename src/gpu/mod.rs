@@ -14,8 +14,9 @@
 //! - [`decoder`]: [`GpuDecoder`], the same outputs as `TextModel::forward`;
 //! - [`vision`]: [`GpuVision`], the vision tower and projector: the same image features as
 //!   `LlavaModel::encode_image`;
-//! - [`session`]: one sequence decoded on the GPU ([`GpuSession`]; the choice of backend a
-//!   request runs on is `crate::backend`);
+//! - [`session`]: sequences decoded on the GPU: one ([`GpuSession`]) or several that differ in
+//!   their steering, as one batch ([`GpuBatchSession`]); the choice of backend a request runs
+//!   on is `crate::backend`;
 //! - [`params`]: each kernel's parameter block, one `#[repr(C)]` struct that also writes its WGSL;
 //! - [`ops`]: single kernels on host data (the self-test and per-kernel tests);
 //! - [`bench`]: decode tokens/s on CPU and GPU, and the memory-bandwidth bound.
@@ -62,5 +63,5 @@ pub fn new_blocking() -> anyhow::Result<GpuContext> {
     pollster::block_on(GpuContext::new())
 }
 pub use decoder::{GpuCache, GpuDecoder, GpuForwardOptions, GpuInput, GpuOutput, GpuSteering, GpuWeights, Readback};
-pub use session::GpuSession;
+pub use session::{GpuBatchSession, GpuSession};
 pub use vision::GpuVision;

@@ -155,9 +155,10 @@ impl KvLayout {
 /// Query rows one attention workgroup takes (attention.wgsl's `TQ`).
 pub const ATTENTION_ROWS: usize = 8;
 
-/// Workgroups of the attention kernel for `t` query rows and `nh` heads.
-pub fn attention_groups(t: usize, nh: usize) -> (u32, u32) {
-    grid((t.div_ceil(ATTENTION_ROWS) * nh) as u32)
+/// Workgroups of the attention kernel for `seqs` sequences of `seq_rows` query rows each
+/// (`Step::seq_rows`) and `nh` heads: a tile never spans two sequences.
+pub fn attention_groups(seqs: usize, seq_rows: usize, nh: usize) -> (u32, u32) {
+    grid((seqs * seq_rows.div_ceil(ATTENTION_ROWS) * nh) as u32)
 }
 
 /// The attention kernel's uniform (attention.wgsl `P`). Queries are rows of a packed q|k|v
@@ -197,7 +198,7 @@ pub async fn full_attention(ctx: &GpuContext, s: AttnShape, qkv: &[f32], t: usiz
     let k = &ctx.kernels.attention;
     let bind = k.bind(&ctx.device, &[&step, &p, &qkvb, &qkvb, &qkvb, &out]);
     let mut enc = encoder(ctx);
-    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, attention_groups(t, s.nh));
+    dispatch(&mut enc.begin_compute_pass(&Default::default()), k, &bind, attention_groups(1, t, s.nh));
     read(ctx, enc, &out, t * s.nh * s.d).await
 }
 
@@ -247,7 +248,7 @@ pub async fn rope_attention(
         let mut pass = enc.begin_compute_pass(&Default::default());
         let threads = t * (s.nh + 2 * s.kvh) * half;
         dispatch(&mut pass, &k.rope_kv, &b_rope, grid(threads.div_ceil(64) as u32));
-        dispatch(&mut pass, &k.attention, &b_att, attention_groups(t, s.nh));
+        dispatch(&mut pass, &k.attention, &b_att, attention_groups(1, t, s.nh));
     }
     let attn = read(ctx, enc, &out, t * s.nh * s.d).await?;
     let roped = read(ctx, encoder(ctx), &qkvb, t * width).await?;
@@ -331,7 +332,7 @@ pub async fn steer(
     let h = delta.len();
     let (xb, db) = (upload(ctx, "x", x)?, upload(ctx, "delta", delta)?);
     let step = uniform(ctx, &Step::new(start, t, prompt_len));
-    let p = uniform(ctx, &SteerParams { h: h as u32, mode });
+    let p = uniform(ctx, &SteerParams { h: h as u32, mode, seq: 0 });
     let k = &ctx.kernels.steer;
     let bind = k.bind(&ctx.device, &[&step, &p, &xb, &db]);
     let mut enc = encoder(ctx);

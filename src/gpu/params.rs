@@ -80,12 +80,36 @@ kernel_params! {
         prompt_len: u32,
         /// `t − 1`.
         last: u32,
+        /// Rows per sequence: row `i` is position `start + i % seq_rows` of the cache's sequence
+        /// `seq0 + i / seq_rows` (`t` for a step of one sequence).
+        seq_rows: u32,
+        /// The cache's sequence of the step's first row.
+        seq0: u32,
     }
 }
 
 impl Step {
+    /// `t` rows of one sequence (the cache's first), at positions `start ..`.
     pub fn new(start: usize, t: usize, prompt_len: usize) -> Self {
-        Self { start: start as u32, t: t as u32, prompt_len: prompt_len as u32, last: t.saturating_sub(1) as u32 }
+        Self::of_sequence(0, start, t, prompt_len)
+    }
+
+    /// `t` rows of the cache's sequence `seq`, at positions `start ..`.
+    pub fn of_sequence(seq: usize, start: usize, t: usize, prompt_len: usize) -> Self {
+        Self {
+            start: start as u32,
+            t: t as u32,
+            prompt_len: prompt_len as u32,
+            last: t.saturating_sub(1) as u32,
+            seq_rows: t as u32,
+            seq0: seq as u32,
+        }
+    }
+
+    /// One row for each of the cache's sequences `seq0 .. seq0 + n`, all at position `start`
+    /// (a batched decode step).
+    pub fn batch(seq0: usize, n: usize, start: usize, prompt_len: usize) -> Self {
+        Self { seq_rows: 1, ..Self::of_sequence(seq0, start, n, prompt_len) }
     }
 }
 
@@ -190,6 +214,8 @@ kernel_params! {
         h: u32,
         /// `ops::steer_mode`.
         mode: u32,
+        /// The cache's sequence whose rows are steered (the others pass through).
+        seq: u32,
     }
 }
 

@@ -486,7 +486,7 @@ impl GpuVision {
             let mut pass = enc.begin_compute_pass(&Default::default());
             dispatch(&mut pass, &k.layernorm, &layer.norm1.bind, rows_grid);
             layer.qkv_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
-            dispatch(&mut pass, &k.attention, &layer.attn_bind, attention_groups(t, heads));
+            dispatch(&mut pass, &k.attention, &layer.attn_bind, attention_groups(1, t, heads));
             layer.out_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.layernorm, &layer.norm2.bind, rows_grid);
             layer.fc1_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));

@@ -1152,8 +1152,8 @@ async fn compare(
     }
     let gen_opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids: vlm.eos_ids.clone() };
     let greedy = sampling == Sampling::Greedy;
-    // Both answers side by side: one batch on the CPU (each weight read once a step for the
-    // two), one after the other on the GPU.
+    // Both answers side by side, as one batch on the CPU and on the GPU (each weight read once a
+    // step for the two).
     let session = backend.batch_session(vlm, &[None, Some(&steering)], prompt_len, prompt_len + max_new, greedy)?;
     let mut generator = Generator::new(session, 2, ids, max_new, &gen_opts);
     const PANES: [&str; 2] = ["unaltered", "steered"];

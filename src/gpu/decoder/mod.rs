@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::context::GpuContext;
 use crate::config::TextConfig;
-use crate::gpu::buffers::{EmbedOp, GpuMatrix, LinearOp};
+use crate::gpu::buffers::{EmbedOp, GpuMatrix, LinearOp, GEMV_ROWS};
 use crate::gpu::kernels::{dispatch, grid};
 use crate::gpu::params::{KernelParams, Step};
 use crate::gpu::storage::WeightStorage;
@@ -68,6 +68,17 @@ pub enum Readback {
     Argmax,
     /// Nothing (e.g. a prefill whose logits are not needed).
     Nothing,
+}
+
+/// What a step records after the blocks.
+#[derive(Clone, Copy)]
+enum Tail {
+    /// Nothing (a prefill chunk before the last).
+    Nothing,
+    /// The final norm of the last row, its captures and `readback`.
+    LastRow { capture: bool, readback: Readback },
+    /// The final norm of every row (one a sequence: a batched step) and `readback` for each.
+    EveryRow(Readback),
 }
 
 /// The rows a forward pass appends.
@@ -144,6 +155,10 @@ pub struct GpuDecoder {
     final_norm_bind: wgpu::BindGroup,
     final_capture_bind: wgpu::BindGroup,
     lm_head_ops: Vec<LinearOp>,
+    /// A batched step's final norm and lm_head: every row (one a sequence) into `[n, H]` and
+    /// `[n, V]`.
+    final_norm_rows_bind: wgpu::BindGroup,
+    lm_head_rows_ops: Vec<LinearOp>,
     argmax_bind: wgpu::BindGroup,
     _params: Vec<wgpu::Buffer>,
     _dummy: wgpu::Buffer,
@@ -272,22 +287,61 @@ impl GpuDecoder {
         Ok(rows)
     }
 
-    /// Run the decoder over new rows at positions `cache.len() ..`, appending to the cache.
+    /// Run the decoder over new rows at positions `cache.len() ..`, appending to the cache (its
+    /// first sequence).
     pub async fn forward(
         &self,
         input: GpuInput<'_>,
         cache: &mut GpuCache,
         opts: &GpuForwardOptions<'_>,
     ) -> Result<GpuOutput> {
-        self.ctx.check_health()?;
-        let _in_flight = InFlight::enter(&self.in_flight, "another forward is running on this GPU decoder")?;
+        self.forward_sequence(0, input, cache, opts).await
+    }
+
+    /// Checks that `cache` and `steerings` were made by this decoder, for sequences of the cache.
+    fn check_owned(&self, cache: &GpuCache, steerings: &[&GpuSteering]) -> Result<()> {
         if cache.owner != self.id {
             bail!("this KV cache belongs to another GPU decoder");
         }
-        if let Some(s) = opts.steering {
+        for s in steerings {
             if s.owner != self.id {
                 bail!("these steering deltas were prepared for another GPU decoder");
             }
+            if s.seq >= cache.sequences() {
+                bail!("steering for sequence {} of a cache of {} sequences", s.seq, cache.sequences());
+            }
+        }
+        Ok(())
+    }
+
+    /// Grow `cache` to hold `needed` positions a sequence.
+    fn reserve(&self, cache: &mut GpuCache, needed: usize) -> Result<()> {
+        if needed > cache.cap {
+            let new_cap = needed.max(cache.cap * 2).max(16);
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.allocate_cache(cache, new_cap, Some(&mut enc))?;
+            self.ctx.submit(enc);
+        }
+        Ok(())
+    }
+
+    /// [`Self::forward`] for the cache's sequence `seq` (its steering, if any, prepared for it).
+    pub async fn forward_sequence(
+        &self,
+        seq: usize,
+        input: GpuInput<'_>,
+        cache: &mut GpuCache,
+        opts: &GpuForwardOptions<'_>,
+    ) -> Result<GpuOutput> {
+        self.ctx.check_health()?;
+        let _in_flight = InFlight::enter(&self.in_flight, "another forward is running on this GPU decoder")?;
+        let steerings: Vec<&GpuSteering> = opts.steering.into_iter().collect();
+        self.check_owned(cache, &steerings)?;
+        if seq >= cache.sequences() {
+            bail!("sequence {seq} of a KV cache of {} sequences", cache.sequences());
+        }
+        if let Some(s) = steerings.iter().find(|s| s.seq != seq) {
+            bail!("steering prepared for sequence {} used on sequence {seq}", s.seq);
         }
         let t = match input {
             GpuInput::Embeds(e) => {
@@ -306,24 +360,18 @@ impl GpuDecoder {
         if t == 0 {
             bail!("a forward pass needs at least one position");
         }
-        let needed = cache.len + t;
-        if needed > cache.cap {
-            let new_cap = needed.max(cache.cap * 2).max(16);
-            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.allocate_cache(cache, new_cap, Some(&mut enc))?;
-            self.ctx.submit(enc);
-        }
+        self.reserve(cache, cache.lens[seq] + t)?;
         let n_chunks = t.div_ceil(self.chunk_rows);
         for c in 0..n_chunks {
             let r0 = c * self.chunk_rows;
             let rows = self.chunk_rows.min(t - r0);
-            let start = cache.len;
+            let start = cache.lens[seq];
             let last = c + 1 == n_chunks;
             let q = &self.ctx.queue;
             q.write_buffer(
                 &self.step,
                 0,
-                bytemuck::cast_slice(&Step::new(start, rows, opts.prompt_len).padded_words()),
+                bytemuck::cast_slice(&Step::of_sequence(seq, start, rows, opts.prompt_len).padded_words()),
             );
             q.write_buffer(&self.rope, 0, bytemuck::cast_slice(&self.rope_table(start, rows)));
             let mut enc =
@@ -337,8 +385,13 @@ impl GpuDecoder {
                     self.embed_op.record(&self.ctx, &mut enc.begin_compute_pass(&Default::default()), rows);
                 }
             }
-            self.record(&mut enc, cache, rows, last, opts);
-            cache.len += rows;
+            let tail = if last {
+                Tail::LastRow { capture: opts.capture_layers, readback: opts.readback }
+            } else {
+                Tail::Nothing
+            };
+            self.record(&mut enc, cache, (1, rows), &steerings, tail);
+            cache.lens[seq] += rows;
             if !last {
                 self.ctx.submit(enc);
                 continue;
@@ -380,18 +433,90 @@ impl GpuDecoder {
         unreachable!("at least one chunk")
     }
 
+    /// One decode step for the cache's sequences `seq0 .. seq0 + ids.len()`, all of the same
+    /// length: `ids[s]` appended to sequence `seq0 + s`, one row each, as one batch (every
+    /// weight read once for all of them; at most [`GEMV_ROWS`] sequences). `steerings`: each
+    /// prepared for its sequence ([`Self::prepare_steering_for`]). One output a sequence (its
+    /// logits or its argmax).
+    pub async fn forward_batch(
+        &self,
+        ids: &[u32],
+        cache: &mut GpuCache,
+        seq0: usize,
+        steerings: &[&GpuSteering],
+        prompt_len: usize,
+        readback: Readback,
+    ) -> Result<Vec<GpuOutput>> {
+        self.ctx.check_health()?;
+        let _in_flight = InFlight::enter(&self.in_flight, "another forward is running on this GPU decoder")?;
+        self.check_owned(cache, steerings)?;
+        let n = ids.len();
+        if n == 0 || n > GEMV_ROWS.min(self.chunk_rows) || seq0 + n > cache.sequences() {
+            bail!(
+                "a batched step takes 1 to {} of the cache's {} sequences (got {seq0} + {n})",
+                GEMV_ROWS.min(self.chunk_rows),
+                cache.sequences()
+            );
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            bail!("token id {bad} is outside the vocabulary ({})", self.vocab);
+        }
+        let start = cache.lens[seq0];
+        if cache.lens[seq0..seq0 + n].iter().any(|&len| len != start) {
+            bail!("a batched step needs sequences of one length (they hold {:?})", &cache.lens[seq0..seq0 + n]);
+        }
+        if let Some(s) = steerings.iter().find(|s| s.seq < seq0 || s.seq >= seq0 + n) {
+            bail!("steering for sequence {} in a step of sequences {seq0}..{}", s.seq, seq0 + n);
+        }
+        self.reserve(cache, start + 1)?;
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.step, 0, bytemuck::cast_slice(&Step::batch(seq0, n, start, prompt_len).padded_words()));
+        q.write_buffer(&self.rope, 0, bytemuck::cast_slice(&self.rope_table(start, 1)));
+        q.write_buffer(&self.ids, 0, bytemuck::cast_slice(ids));
+        let mut enc =
+            self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("batched step") });
+        self.embed_op.record(&self.ctx, &mut enc.begin_compute_pass(&Default::default()), n);
+        self.record(&mut enc, cache, (n, 1), steerings, Tail::EveryRow(readback));
+        for len in &mut cache.lens[seq0..seq0 + n] {
+            *len += 1;
+        }
+        let (src, width) = match readback {
+            Readback::Logits => (&self.logits, self.vocab),
+            Readback::Argmax => (&self.token, 1),
+            Readback::Nothing => {
+                self.ctx.submit(enc);
+                self.ctx.check_health()?;
+                return Ok(vec![GpuOutput::default(); n]);
+            }
+        };
+        let bytes = self.ctx.submit_and_read(enc, src, (n * width * 4) as u64).await.context("GPU batched step")?;
+        let values: &[u32] = bytemuck::cast_slice(&bytes);
+        Ok(values
+            .chunks(width)
+            .map(|row| match readback {
+                Readback::Argmax => GpuOutput { token: Some(row[0]), ..Default::default() },
+                _ => GpuOutput { logits: Some(bytemuck::cast_slice(row).to_vec()), ..Default::default() },
+            })
+            .collect())
+    }
+
+    /// Record the blocks over the step's rows — `layout`: (sequences, rows a sequence) — each
+    /// steering added to its sequence's rows, then `tail`.
     fn record(
         &self,
         enc: &mut wgpu::CommandEncoder,
         cache: &GpuCache,
-        t: usize,
-        last: bool,
-        opts: &GpuForwardOptions<'_>,
+        layout: (usize, usize),
+        steerings: &[&GpuSteering],
+        tail: Tail,
     ) {
         let k = &self.ctx.kernels;
         let ctx = &*self.ctx;
         let half = self.d / 2;
         let heads = self.nh + 2 * self.kvh;
+        let (seqs, seq_rows) = layout;
+        let t = seqs * seq_rows;
+        let capture = matches!(tail, Tail::LastRow { capture: true, .. });
         let mut pass =
             enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decoder"), timestamp_writes: None });
         let row_groups = grid(t as u32);
@@ -400,29 +525,44 @@ impl GpuDecoder {
             dispatch(&mut pass, &k.rmsnorm, &layer.norm1_bind, row_groups);
             layer.qkv_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.rope_kv, &cache.rope_binds[l], elems(t * heads * half));
-            dispatch(&mut pass, &k.attention, &cache.attn_binds[l], crate::gpu::ops::attention_groups(t, self.nh));
+            let attention_groups = crate::gpu::ops::attention_groups(seqs, seq_rows, self.nh);
+            dispatch(&mut pass, &k.attention, &cache.attn_binds[l], attention_groups);
             layer.o_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.rmsnorm, &layer.norm2_bind, row_groups);
             layer.gate_up_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
             dispatch(&mut pass, &k.act_mul, &layer.act_bind, elems(t * self.mi));
             layer.down_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
-            if let Some((_, bind)) = opts.steering.and_then(|s| s.layers.get(&l)) {
-                dispatch(&mut pass, &k.steer, bind, elems(t * self.h));
+            for steering in steerings {
+                if let Some((_, bind)) = steering.layers.get(&l) {
+                    dispatch(&mut pass, &k.steer, bind, elems(t * self.h));
+                }
             }
-            if last && opts.capture_layers {
+            if capture {
                 dispatch(&mut pass, &k.copy_rows, &layer.capture_bind, elems(self.h));
             }
         }
-        if last {
-            dispatch(&mut pass, &k.rmsnorm, &self.final_norm_bind, (1, 1));
-            if opts.capture_layers {
-                dispatch(&mut pass, &k.copy_rows, &self.final_capture_bind, elems(self.h));
+        match tail {
+            Tail::Nothing => {}
+            Tail::LastRow { capture, readback } => {
+                dispatch(&mut pass, &k.rmsnorm, &self.final_norm_bind, (1, 1));
+                if capture {
+                    dispatch(&mut pass, &k.copy_rows, &self.final_capture_bind, elems(self.h));
+                }
+                if readback != Readback::Nothing {
+                    self.lm_head_ops.iter().for_each(|op| op.record(ctx, &mut pass, 1));
+                }
+                if readback == Readback::Argmax {
+                    dispatch(&mut pass, &k.argmax, &self.argmax_bind, (1, 1));
+                }
             }
-            if opts.readback != Readback::Nothing {
-                self.lm_head_ops.iter().for_each(|op| op.record(ctx, &mut pass, 1));
-            }
-            if opts.readback == Readback::Argmax {
-                dispatch(&mut pass, &k.argmax, &self.argmax_bind, (1, 1));
+            Tail::EveryRow(readback) => {
+                if readback != Readback::Nothing {
+                    dispatch(&mut pass, &k.rmsnorm, &self.final_norm_rows_bind, row_groups);
+                    self.lm_head_rows_ops.iter().for_each(|op| op.record(ctx, &mut pass, t));
+                }
+                if readback == Readback::Argmax {
+                    dispatch(&mut pass, &k.argmax, &self.argmax_bind, (t as u32, 1));
+                }
             }
         }
     }

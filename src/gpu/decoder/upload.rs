@@ -10,10 +10,10 @@ use candle_core::{Device, Tensor};
 
 use super::{f32s, next_id, GpuDecoder, Layer, MAX_CHUNK_ROWS};
 use crate::config::TextConfig;
-use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo};
+use crate::gpu::buffers::{bind_embed_rows, bind_linear, scratch, uniform, upload, GpuMatrix, LinearIo, GEMV_ROWS};
 use crate::gpu::context::GpuContext;
 use crate::gpu::ops::activation_code;
-use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowsParams, RmsNormParams};
+use crate::gpu::params::{ActParams, ArgmaxParams, CopyRowsParams, KernelParams, RmsNormParams, Step};
 use crate::gpu::storage::WeightStorage;
 use crate::quant::MatrixRef;
 use crate::text::{EndWeights, LayerWeights, LinearRef, TextModel};
@@ -219,7 +219,7 @@ impl GpuDecoderBuilder {
         let chunk_rows = ((ctx.max_binding() / widest) as usize).clamp(1, MAX_CHUNK_ROWS);
         let step = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step"),
-            size: 16,
+            size: (Step::default().padded_words().len() * 4) as u64,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -384,20 +384,24 @@ impl GpuDecoderBuilder {
         let Some(final_norm) = final_norm else { bail!("the final norm never arrived") };
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let n_layers = cfg.num_hidden_layers;
-        let normed_last = scratch(&ctx, "normed_last", h)?;
-        let logits = scratch(&ctx, "logits", vocab)?;
-        let token = scratch(&ctx, "token", 1)?;
+        // Room for a batched step's rows (one a sequence).
+        let normed_last = scratch(&ctx, "normed_last", GEMV_ROWS * h)?;
+        let logits = scratch(&ctx, "logits", GEMV_ROWS * vocab)?;
+        let token = scratch(&ctx, "token", GEMV_ROWS)?;
         let ids = scratch(&ctx, "token_ids", chunk_rows)?;
         let embed_op = bind_embed_rows(&ctx, &step, &embed, &ids, &x);
         let k = &ctx.kernels;
         let dev = &ctx.device;
         let norm = RmsNormParams { h: h as u32, eps: cfg.rms_norm_eps as f32, ..Default::default() };
         let p_norm_last = uniform(&ctx, &RmsNormParams { last_only: 1, ..norm });
+        let p_norm_rows = uniform(&ctx, &norm);
         let final_norm_bind = k.rmsnorm.bind(dev, &[&step, &p_norm_last, &x, &final_norm, &normed_last]);
         let p_final_capture = uniform(&ctx, &CopyRowsParams::one_row(h, n_layers * h, true));
         let final_capture_bind = k.copy_rows.bind(dev, &[&step, &p_final_capture, &normed_last, &capture]);
         let lm_head_ops =
             bind_linear(&ctx, &step, &lm_head, LinearIo::new(&normed_last, &logits, vocab).rows(1), &dummy);
+        let final_norm_rows_bind = k.rmsnorm.bind(dev, &[&step, &p_norm_rows, &x, &final_norm, &normed_last]);
+        let lm_head_rows_ops = bind_linear(&ctx, &step, &lm_head, LinearIo::new(&normed_last, &logits, vocab), &dummy);
         let p_argmax = uniform(&ctx, &ArgmaxParams { n: vocab as u32 });
         let argmax_bind = k.argmax.bind(dev, &[&p_argmax, &logits, &token]);
         let layers = layers.into_iter().flatten().collect();
@@ -431,8 +435,10 @@ impl GpuDecoderBuilder {
             final_norm_bind,
             final_capture_bind,
             lm_head_ops,
+            final_norm_rows_bind,
+            lm_head_rows_ops,
             argmax_bind,
-            _params: vec![p_norm, p_norm_last, p_act, p_final_capture, p_argmax],
+            _params: vec![p_norm, p_norm_last, p_norm_rows, p_act, p_final_capture, p_argmax],
             _dummy: dummy,
             in_flight: std::sync::atomic::AtomicBool::new(false),
             embed_op,

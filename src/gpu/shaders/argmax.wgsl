@@ -1,4 +1,5 @@
-// Index of the first maximal value (torch's tie rule), one workgroup.
+// Index of the first maximal value (torch's tie rule) of each n-wide row of v: one workgroup
+// per row (workgroup x = the row).
 // `P` is ArgmaxParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> v: array<f32>;
@@ -8,15 +9,16 @@ var<workgroup> bv: array<f32, 256>;
 var<workgroup> bi: array<u32, 256>;
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let base = wid.x * p.n;
     var best = NEG_BIG;
     var idx = 0xffffffffu;
     if (li < p.n) {
-        best = v[li];
+        best = v[base + li];
         idx = li;
     }
     for (var e = li + 256u; e < p.n; e += 256u) {
-        let x = v[e];
+        let x = v[base + e];
         if (x > best) {
             best = x;
             idx = e;
@@ -37,6 +39,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
         workgroupBarrier();
     }
     if (li == 0u) {
-        out[0] = bi[0];
+        out[wid.x] = bi[0];
     }
 }

@@ -1,12 +1,15 @@
 // GQA attention, one workgroup per (tile of TQ query rows, query head h), keys in blocks of 64
 // (one per invocation) with an online softmax: each key and value row is read once per tile, not
 // once per query row, and each probability is computed once (by its key's invocation).
-// Causal (n_keys = 0: the decoder over its KV cache): query row i is position step.start + i and
-// sees keys 0 ..= step.start + i, or with a sliding window w > 0 only the last w of them. Full
-// (n_keys > 0: the vision tower): every row sees keys 0 .. n_keys. Head h reads KV head
-// h / (nh / kvh) (HF repeat_kv). Key j of KV head g is at k_off + g·head_stride + j·row_stride
-// in kc (values likewise in vc): the cache's [kvh, cap, d] layout, or the K and V columns of a
-// packed [rows, q|k|v] buffer. Dispatch ceil(t / TQ) · nh workgroups (ops::attention_groups).
+// Causal (n_keys = 0: the decoder over its KV cache): query row i is position step.start + r of
+// sequence step.seq0 + s (r = i % step.seq_rows, s = i / step.seq_rows) and sees that
+// sequence's keys 0 ..= step.start + r, or with a sliding window w > 0 only the last w of them.
+// Full (n_keys > 0: the vision tower, one sequence): every row sees keys 0 .. n_keys. Head h
+// reads KV head h / (nh / kvh) (HF repeat_kv). Key j of KV head g of sequence q is at
+// k_off + (q·kvh + g)·head_stride + j·row_stride in kc (values likewise in vc): the cache's
+// [sequences, kvh, cap, d] layout, or the K and V columns of a packed [rows, q|k|v] buffer.
+// A tile never spans two sequences. Dispatch (t / seq_rows) · ceil(seq_rows / TQ) · nh
+// workgroups (ops::attention_groups).
 // `P` is AttentionParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
@@ -22,11 +25,11 @@ var<workgroup> qs: array<f32, 2048>;
 // The block's scores, then probabilities, [TQ, B].
 var<workgroup> pr: array<f32, 512>;
 
-// Keys row i of the step sees: [first, end).
-fn key_range(i: u32) -> vec2<u32> {
+// Keys the row at position step.start + r of its sequence sees: [first, end).
+fn key_range(r: u32) -> vec2<u32> {
     var end = p.n_keys;
     if (end == 0u) {
-        end = step.start + i + 1u;
+        end = step.start + r + 1u;
     }
     var first = 0u;
     if (p.window > 0u && end > p.window) {
@@ -39,32 +42,36 @@ fn key_range(i: u32) -> vec2<u32> {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let wg = wg_linear(wid, nwg);
-    let i0 = (wg / p.nh) * TQ;
+    let tiles = (step.seq_rows + TQ - 1u) / TQ;
     let h = wg % p.nh;
-    if (i0 >= step.t) {
+    let s = (wg / p.nh) / tiles;
+    let r0 = ((wg / p.nh) % tiles) * TQ;
+    if (s * step.seq_rows >= step.t) {
         return;
     }
-    let rows = min(TQ, step.t - i0);
-    // A decode step (one row) takes the one-row loop: the tile's fixed TQ-row loops would do
-    // TQ times its work.
+    let rows = min(TQ, step.seq_rows - r0);
+    let i0 = s * step.seq_rows + r0;
+    // This sequence's KV head of h: its first key (values likewise).
+    let head = (step.seq0 + s) * p.kvh + h / (p.nh / p.kvh);
+    // A decode step (one row a sequence) takes the one-row loop: the tile's fixed TQ-row loops
+    // would do TQ times its work.
     if (rows == 1u) {
-        one_row(i0, h, li);
+        one_row(i0, r0, h, head, li);
     } else {
-        tile(i0, h, rows, li);
+        tile(i0, r0, h, head, rows, li);
     }
 }
 
-// Row i, head h: each invocation scores one key of the block; every invocation then walks the
-// block's scores for its value columns.
-fn one_row(i: u32, h: u32, li: u32) {
-    let kv = h / (p.nh / p.kvh);
+// Row i (position step.start + r), head h over KV head `head`: each invocation scores one key of
+// the block; every invocation then walks the block's scores for its value columns.
+fn one_row(i: u32, r: u32, h: u32, head: u32, li: u32) {
     for (var e = li; e < p.d; e += 64u) {
         qs[e] = qkv[i * p.q_stride + h * p.d + e];
     }
     workgroupBarrier();
-    let range = key_range(i);
-    let kbase = p.k_off + kv * p.head_stride;
-    let vbase = p.v_off + kv * p.head_stride;
+    let range = key_range(r);
+    let kbase = p.k_off + head * p.head_stride;
+    let vbase = p.v_off + head * p.head_stride;
     var m = NEG_BIG;
     var l = 0.0;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
@@ -117,20 +124,20 @@ fn one_row(i: u32, h: u32, li: u32) {
     }
 }
 
-// Rows i0 .. i0 + rows (2 ≤ rows ≤ TQ), head h: each invocation scores one key for every row
-// and turns those scores into probabilities; every invocation then walks the block for its
-// value columns, for all rows at once.
-fn tile(i0: u32, h: u32, rows: u32, li: u32) {
-    let kv = h / (p.nh / p.kvh);
+// Rows i0 .. i0 + rows (2 ≤ rows ≤ TQ; positions step.start + r0 ..), head h over KV head
+// `head`: each invocation scores one key for every row and turns those scores into
+// probabilities; every invocation then walks the block for its value columns, for all rows at
+// once.
+fn tile(i0: u32, r0: u32, h: u32, head: u32, rows: u32, li: u32) {
     for (var e = li; e < rows * p.d; e += 64u) {
         qs[e] = qkv[(i0 + e / p.d) * p.q_stride + h * p.d + e % p.d];
     }
     workgroupBarrier();
     // The tile's keys: from the first row's first to the last row's end.
-    let lo = key_range(i0).x;
-    let hi = key_range(i0 + rows - 1u).y;
-    let kbase = p.k_off + kv * p.head_stride;
-    let vbase = p.v_off + kv * p.head_stride;
+    let lo = key_range(r0).x;
+    let hi = key_range(r0 + rows - 1u).y;
+    let kbase = p.k_off + head * p.head_stride;
+    let vbase = p.v_off + head * p.head_stride;
     var m: array<f32, 8>;
     var l: array<f32, 8>;
     var acc: array<f32, 32>; // [TQ, 4]: this invocation's value columns li + 64·c
@@ -159,7 +166,7 @@ fn tile(i0: u32, h: u32, rows: u32, li: u32) {
             }
         }
         for (var q = 0u; q < TQ; q++) {
-            let range = key_range(i0 + q);
+            let range = key_range(r0 + q);
             var s = NEG_BIG;
             if (q < rows && j < hi && j >= range.x && j < range.y) {
                 s = dots[q] * p.scale;

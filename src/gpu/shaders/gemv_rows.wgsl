@@ -1,43 +1,55 @@
-// Matmul with one output element per invocation (no workgroup memory, no barriers): the better shape
-// for CPU-backed adapters (lavapipe, SwiftShader), where invocations are SIMD lanes.
-// `P` is LinearParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> p: P;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> w: array<WeightWord>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+// Few rows of x (m ≤ 4, GEMV_ROWS) with one output column per invocation for all rows (no
+// workgroup memory, no barriers; each weight read once for all rows): the better shape for
+// CPU-backed adapters (lavapipe, SwiftShader), where invocations are SIMD lanes.
+// Bindings, x4 and store: linear.wgsl.
+
+// Row r's dot product with column col from its four partial sums and the last k % 4 weights
+// (from kk).
+fn finish(s: vec4<f32>, r: u32, col: u32, kk: u32) -> f32 {
+    var v = (s.x + s.y) + (s.z + s.w);
+    for (var k2 = kk; k2 < p.k; k2++) {
+        v += w_at(col, k2) * x[p.x_off + r * p.k + k2];
+    }
+    return v;
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    var m = p.m;
-    if (m == 0u) {
-        m = step.t;
-    }
-    let g = wg_linear(wid, nwg) * 64u + li;
-    if (g >= m * p.n) {
+    let m = rows_m();
+    let col = wg_linear(wid, nwg) * 64u + li;
+    if (col >= p.n) {
         return;
     }
-    let r = g / p.n;
-    let row = g % p.n;
-    let xb = p.x_off + r * p.k;
-    // Four weights at a time (one decode per four for quantized storages), four partial sums.
-    var s = vec4<f32>(0.0);
+    // Four weights at a time (one decode per four for quantized storages), four partial sums
+    // per row, one register accumulator per row (no dynamically indexed arrays: CPU-backed
+    // drivers spill those to memory).
+    var s0 = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var s3 = vec4<f32>(0.0);
     var kk = 0u;
     for (; kk + 3u < p.k; kk += 4u) {
-        s += w4_at(row, kk) * vec4<f32>(x[xb + kk], x[xb + kk + 1u], x[xb + kk + 2u], x[xb + kk + 3u]);
+        let wv = w4_at(col, kk);
+        s0 += wv * x4(0u, kk);
+        if (m > 1u) {
+            s1 += wv * x4(1u, kk);
+        }
+        if (m > 2u) {
+            s2 += wv * x4(2u, kk);
+        }
+        if (m > 3u) {
+            s3 += wv * x4(3u, kk);
+        }
     }
-    var v = (s.x + s.y) + (s.z + s.w);
-    for (; kk < p.k; kk++) {
-        v += w_at(row, kk) * x[xb + kk];
+    store(0u, col, finish(s0, 0u, col, kk));
+    if (m > 1u) {
+        store(1u, col, finish(s1, 1u, col, kk));
     }
-    if ((p.flags & 1u) != 0u) {
-        v += bias[p.bias_off + row];
+    if (m > 2u) {
+        store(2u, col, finish(s2, 2u, col, kk));
     }
-    let o = r * p.out_stride + p.out_off + row;
-    if ((p.flags & 2u) != 0u) {
-        v = out[o] + v;
+    if (m > 3u) {
+        store(3u, col, finish(s3, 3u, col, kk));
     }
-    out[o] = v;
 }

@@ -1,13 +1,7 @@
 // out[r, out_off + c] (+)= sum_k x[x_off + r*k + kk] * w_at(c, kk) + bias[bias_off + c]
-// (w_at and the type of w come from the weight storage prepended: storage/*.wgsl).
+// (w_at and the type of w come from the weight storage appended: storage/*.wgsl).
 // Tiled: 64×64 outputs per workgroup of 16×16 threads, 4×4 per thread, K in tiles of 16.
-// `P` is LinearParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> p: P;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> w: array<WeightWord>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+// Bindings and store: linear.wgsl.
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -21,17 +15,8 @@ fn store_row(r: u32, m: u32, col: u32, v: vec4<f32>) {
         return;
     }
     for (var j = 0u; j < 4u; j++) {
-        let c = col + j;
-        if (c < p.n) {
-            var y = v[j];
-            if ((p.flags & 1u) != 0u) {
-                y += bias[p.bias_off + c];
-            }
-            let o = r * p.out_stride + p.out_off + c;
-            if ((p.flags & 2u) != 0u) {
-                y = out[o] + y;
-            }
-            out[o] = y;
+        if (col + j < p.n) {
+            store(r, col + j, v[j]);
         }
     }
 }
@@ -39,10 +24,7 @@ fn store_row(r: u32, m: u32, col: u32, v: vec4<f32>) {
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    var m = p.m;
-    if (m == 0u) {
-        m = step.t;
-    }
+    let m = rows_m();
     let row0 = wid.y * TM;
     let col0 = wid.x * TN;
     // 4×4 outputs per thread in vec4 registers (no dynamically indexed arrays: CPU-backed

@@ -1,5 +1,7 @@
 // RoPE (HF rotate-half) on q and k in the fused qkv rows, k and v written into the cache
-// (layout [kv_heads, cap, d]) at positions step.start + i. rope holds cos [rows, d/2] then sin.
+// (layout [sequences, kv_heads, cap, d]): row i is position step.start + r of sequence
+// step.seq0 + s (r = i % step.seq_rows, s = i / step.seq_rows). rope holds cos [rows, d/2]
+// then sin, row r for position step.start + r.
 // `P` is RopeKvParams and `Step` is Step, declared in src/gpu/params.rs and prepended.
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: P;
@@ -21,10 +23,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let hh = (g / half) % heads;
     let i = g / (half * heads);
     let base = i * heads * p.d + hh * p.d;
-    let pos = step.start + i;
+    let r = i % step.seq_rows;
+    let pos = step.start + r;
+    let seq_base = (step.seq0 + i / step.seq_rows) * p.kvh * p.cap;
     if (hh < p.nh + p.kvh) {
-        let c = rope[i * half + j];
-        let s = rope[p.rope_rows * half + i * half + j];
+        let c = rope[r * half + j];
+        let s = rope[p.rope_rows * half + r * half + j];
         let x1 = qkv[base + j];
         let x2 = qkv[base + j + half];
         let y1 = x1 * c - x2 * s;
@@ -33,12 +37,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             qkv[base + j] = y1;
             qkv[base + j + half] = y2;
         } else {
-            let cb = ((hh - p.nh) * p.cap + pos) * p.d;
+            let cb = (seq_base + (hh - p.nh) * p.cap + pos) * p.d;
             kc[cb + j] = y1;
             kc[cb + j + half] = y2;
         }
     } else {
-        let cb = ((hh - p.nh - p.kvh) * p.cap + pos) * p.d;
+        let cb = (seq_base + (hh - p.nh - p.kvh) * p.cap + pos) * p.d;
         vc[cb + j] = qkv[base + j];
         vc[cb + j + half] = qkv[base + j + half];
     }
