@@ -29,6 +29,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var s2 = vec4<f32>(0.0);
     var s3 = vec4<f32>(0.0);
     var kk = 0u;
+    if (m == 1u) {
+        // One row (a single sequence's decode step): the loop without the other rows' tests.
+        for (; kk + 3u < p.k; kk += 4u) {
+            s0 += w4_at(col, kk) * x4(0u, kk);
+        }
+        store(0u, col, finish(s0, 0u, col, kk));
+        return;
+    }
     for (; kk + 3u < p.k; kk += 4u) {
         let wv = w4_at(col, kk);
         s0 += wv * x4(0u, kk);
